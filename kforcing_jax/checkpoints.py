@@ -1,0 +1,138 @@
+"""Orbax checkpoints of a run: train state, data-iterator state, metadata.
+
+Layout: `<run_dir>/checkpoints/<step>/{state,data,meta}`. `meta` holds the
+model config and the experiment config so a run can be reloaded (generate,
+distill) without the config file, and so a resumed run with a different
+model is refused before anything is computed or written.
+"""
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from kforcing_jax import model as model_lib
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint is missing, unreadable, or does not fit the config."""
+
+
+def run_meta(model_cfg: model_lib.ModelConfig, config) -> dict[str, Any]:
+  return {'model': model_cfg.to_dict(),
+          'config': json.loads(config.to_json_best_effort())}
+
+
+def _state_to_dict(state) -> dict[str, Any]:
+  d = {'step': state.step, 'params': state.params,
+       'opt_state': state.opt_state, 'rng': state.rng}
+  if state.ema_params is not None:
+    d['ema_params'] = state.ema_params
+  return d
+
+
+class Manager:
+  """A thin wrapper over ocp.CheckpointManager with clear errors."""
+
+  def __init__(self, run_dir: str, keep: int = 2):
+    self.directory = os.path.abspath(os.path.join(run_dir, 'checkpoints'))
+    self._keep = keep
+    self._manager = None
+
+  @property
+  def manager(self) -> ocp.CheckpointManager:
+    if self._manager is None:
+      self._manager = ocp.CheckpointManager(
+          self.directory,
+          options=ocp.CheckpointManagerOptions(max_to_keep=self._keep,
+                                               create=True))
+    return self._manager
+
+  def latest_step(self) -> int | None:
+    if not os.path.isdir(self.directory):
+      return None
+    return self.manager.latest_step()
+
+  def read_meta(self, step: int | None = None) -> dict[str, Any]:
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f'no checkpoint in {self.directory}')
+    try:
+      out = self.manager.restore(
+          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    except Exception as e:  # Orbax raises many types for damaged files.
+      raise CheckpointError(
+          f'checkpoint {self.directory}/{step} is unreadable (corrupt or '
+          f'incomplete): {type(e).__name__}: {e}') from e
+    return out['meta']
+
+  def check_compatible(self, meta: dict[str, Any]):
+    """Refuses to resume a run whose checkpoint has another model config."""
+    if self.latest_step() is None:
+      return
+    saved = self.read_meta()['model']
+    diff = {k: (saved.get(k), v) for k, v in meta['model'].items()
+            if saved.get(k) != v}
+    if diff:
+      fields = ', '.join(f'model.{k}: checkpoint={a!r} vs config={b!r}'
+                         for k, (a, b) in sorted(diff.items()))
+      raise CheckpointError(
+          f'{self.directory} holds a checkpoint of a different model ({fields})'
+          '. Use another --workdir or the original config; nothing was '
+          'changed.')
+
+  def restore_latest(self, abstract_state, shardings):
+    """(state, data_state) of the latest step, or None when there is none."""
+    step = self.latest_step()
+    if step is None:
+      return None
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        _state_to_dict(abstract_state), _state_to_dict(shardings))
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target),
+          data=ocp.args.JsonRestore()))
+    except Exception as e:
+      raise CheckpointError(
+          f'checkpoint {self.directory}/{step} is unreadable (corrupt or '
+          f'incomplete): {type(e).__name__}: {e}') from e
+    d = out['state']
+    state = abstract_state.replace(
+        step=d['step'], params=d['params'], opt_state=d['opt_state'],
+        rng=d['rng'], ema_params=d.get('ema_params'))
+    return state, out['data']
+
+  def save(self, state, data_state: dict, meta: dict):
+    self.manager.save(int(state.step), args=ocp.args.Composite(
+        state=ocp.args.StandardSave(_state_to_dict(state)),
+        data=ocp.args.JsonSave(data_state),
+        meta=ocp.args.JsonSave(meta)))
+
+  def wait(self):
+    if self._manager is not None:
+      self._manager.wait_until_finished()
+
+
+def load_params(run_dir: str, use_ema: bool = True):
+  """(ModelConfig, params, meta) of the latest checkpoint in run_dir."""
+  manager = Manager(run_dir)
+  step = manager.latest_step()
+  if step is None:
+    raise CheckpointError(
+        f'no checkpoint found in {manager.directory}; train it first')
+  meta = manager.read_meta(step)
+  cfg = model_lib.ModelConfig(**meta['model'])
+  try:
+    out = manager.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))
+  except Exception as e:
+    raise CheckpointError(
+        f'checkpoint {manager.directory}/{step} is unreadable (corrupt or '
+        f'incomplete): {type(e).__name__}: {e}') from e
+  state = out['state']
+  params = state['ema_params'] if use_ema and 'ema_params' in state else (
+      state['params'])
+  return cfg, params, meta

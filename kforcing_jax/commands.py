@@ -1,0 +1,121 @@
+"""What each CLI subcommand does, callable from Python with a flags object."""
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from kforcing_jax import checkpoints
+from kforcing_jax import data as data_lib
+from kforcing_jax import decode
+from kforcing_jax import defaults
+from kforcing_jax import model as model_lib
+from kforcing_jax import teacher as teacher_lib
+from kforcing_jax import train as train_lib
+
+
+def _require_config(flags_obj):
+  if flags_obj.config is None:
+    raise ValueError('--config is required, e.g. --config=configs/demo.py')
+  config = flags_obj.config
+  defaults.validate(config)
+  return config
+
+
+def train_teacher(flags_obj):
+  """Trains (or resumes) the AR teacher in WORKDIR/teacher."""
+  config = _require_config(flags_obj)
+  result = run_teacher(config, flags_obj.workdir)
+  print(json.dumps(summary_of(result), indent=1))
+
+
+def run_teacher(config, workdir: str) -> train_lib.TrainResult:
+  os.makedirs(workdir, exist_ok=True)
+  task = teacher_lib.teacher_task(config)
+  # Refuse a mismatched workdir before tokenizing or compiling anything.
+  checkpoints.Manager(os.path.join(workdir, task.name)).check_compatible(
+      checkpoints.run_meta(task.model_cfg, config))
+  tokenizer = data_lib.get_tokenizer(config, workdir)
+  train_iter = data_lib.make_train_iterator(
+      config, tokenizer, workdir, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  eval_batches = data_lib.make_eval_batches(
+      config, tokenizer, workdir, batch_size=config.train.batch_size,
+      num_batches=config.train.eval_batches)
+  n = model_lib.count_params(
+      jax.eval_shape(task.init_params, jax.random.PRNGKey(0)))
+  print(f'[teacher] {n / 1e6:.2f}M parameters, {jax.device_count()} '
+        f'device(s), batch {config.train.batch_size} x {config.model.seq_len}')
+  return train_lib.train(task, config, workdir, train_iter, eval_batches)
+
+
+def summary_of(result: train_lib.TrainResult) -> dict:
+  out = {'run_dir': result.run_dir, 'step': int(result.state.step),
+         'preempted': result.preempted}
+  if result.tokens_per_s:
+    out['train_tokens_per_s'] = round(result.tokens_per_s, 1)
+  if result.last_eval:
+    out.update(result.last_eval)
+  return out
+
+
+def load_run_config(workdir: str, run: str = teacher_lib.TEACHER):
+  """The experiment config saved with a run's latest checkpoint."""
+  meta = checkpoints.Manager(os.path.join(workdir, run)).read_meta()
+  return ml_collections.ConfigDict(meta['config'])
+
+
+def pick_run(workdir: str, k: int, model: str = '') -> str:
+  """Run directory name to decode with: explicit, or by k."""
+  if model:
+    return model
+  if k == 1:
+    return teacher_lib.TEACHER
+  windows = sorted(
+      int(d[len('student_k'):]) for d in os.listdir(workdir)
+      if d.startswith('student_k') and d[len('student_k'):].isdigit())
+  fits = [w for w in windows if w >= k]
+  if not fits:
+    raise ValueError(f'k={k}: no student in {workdir} was trained with a '
+                     f'window >= {k} (found windows {windows}); run distill')
+  return f'student_k{fits[0]}'
+
+
+def generate(flags_obj):
+  """Decodes continuations of --prompt texts with a trained run."""
+  workdir = flags_obj.workdir
+  if not os.path.isdir(workdir):
+    raise ValueError(f'--workdir={workdir} does not exist; train first')
+  run = pick_run(workdir, flags_obj.k, flags_obj.model)
+  cfg, params, meta = checkpoints.load_params(os.path.join(workdir, run))
+  config = ml_collections.ConfigDict(meta['config'])
+  tokenizer = data_lib.get_tokenizer(config, workdir)
+  dc = config.decode
+
+  def pick(flag_value, default):
+    return default if flag_value is None else flag_value
+
+  prompts = flags_obj.prompt or ['The']
+  ids = [tokenizer.encode(p) for p in prompts]
+  empty = [p for p, i in zip(prompts, ids) if not i]
+  if empty:
+    raise ValueError(f'prompt {empty[0]!r} encodes to no tokens')
+  max_new = pick(flags_obj.max_new_tokens, dc.max_new_tokens)
+  max_new = min(max_new, cfg.seq_len - max(len(i) for i in ids))
+  seed = pick(flags_obj.seed, dc.seed)
+  out = decode.generate(
+      params, cfg, ids, max_new_tokens=max_new, k=flags_obj.k,
+      rng=jax.random.PRNGKey(seed),
+      temperature=pick(flags_obj.temperature, dc.temperature),
+      greedy=pick(flags_obj.greedy, dc.greedy),
+      frequency_penalty=pick(flags_obj.frequency_penalty,
+                             dc.frequency_penalty),
+      eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+  for prompt, prompt_ids, row, n in zip(prompts, ids, out.tokens,
+                                       out.lengths):
+    # Decode prompt and continuation together so word boundaries survive.
+    text = tokenizer.decode(prompt_ids + np.asarray(row[:n]).tolist())
+    print(json.dumps({'model': run, 'k': flags_obj.k, 'prompt': prompt,
+                      'text': text}))

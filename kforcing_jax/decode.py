@@ -1,0 +1,296 @@
+"""Decoding that advances k positions per forward pass (k = 1: AR teacher).
+
+Layout of one step, for a batch of left-padded prompts:
+  prefill:  [prompt | k noise slots]  -> the first k tokens (AR: logits of
+            the last prompt position give the first token)
+  step:     [k tokens emitted last step | k fresh noise slots] -> k tokens
+The cache holds K/V of prompt and emitted tokens only; the noise slots' K/V
+land in slack slots past the valid index and are overwritten by the next
+step's tokens (see `Transformer.cached_step`).
+
+Noise: one uniform u per generated token, an array (B, max_new_tokens). The
+AR teacher samples token n by inverse CDF of u[:, n]; a student emits token n
+from the noise slot fed u[:, n]. The same noise therefore couples teacher and
+student: a perfect student reproduces the teacher's tokens exactly.
+
+Public step-level API (for callers that drive their own loop):
+  `init_cache`, `prefill`, `decode_step`; and `generate` for the whole loop.
+"""
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kforcing_jax import layouts
+from kforcing_jax import model as model_lib
+from kforcing_jax import noise as noise_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSpec:
+  """Static (hashable) description of a decoding loop; a jit static arg."""
+  model: model_lib.ModelConfig
+  k: int  # Tokens per step: 1 for an AR teacher, <= noise_window for students.
+  num_steps: int  # Steps including prefill; emits num_steps * k tokens.
+  prompt_len: int  # Padded prompt length P.
+  greedy: bool = False  # AR only: argmax instead of inverse-CDF sampling.
+  use_penalty: bool = False  # Track token counts for the frequency penalty.
+  eos_id: int = -1  # Stop a row after this token (-1: never).
+  pad_id: int = 0  # Written after a row stops.
+
+  @property
+  def is_student(self) -> bool:
+    return self.model.noise_window > 0
+
+  @property
+  def cache_size(self) -> int:
+    # Valid slots P + (num_steps - 1) * k, plus 2k for the last step's input.
+    return self.prompt_len + (self.num_steps + 1) * self.k
+
+  @property
+  def max_new_tokens(self) -> int:
+    return self.num_steps * self.k
+
+
+@flax.struct.dataclass
+class DecodeState:
+  """Loop carry of the decoding while_loop."""
+  cache: Any  # Tuple of per-layer {'k', 'v'}: (B, cache_size, H, K).
+  index: jax.Array  # Slots [0, index) hold valid K/V (incl. left padding).
+  pad: jax.Array  # (B,) left-padding of each prompt.
+  pending: jax.Array  # (B, k) tokens emitted last step, not yet cached.
+  tokens: jax.Array  # (B, max_new) emitted tokens; pad_id after a stop.
+  step: jax.Array  # Steps done (prefill counts as one).
+  done: jax.Array  # (B,) row has emitted eos.
+  lengths: jax.Array  # (B,) tokens emitted up to and including eos.
+  counts: Any  # (B, V) int32 token counts (frequency penalty) or None.
+
+
+def init_cache(spec: DecodeSpec, batch_size: int):
+  """Zeroed per-layer KV cache for `spec`."""
+  cfg = spec.model
+  shape = (batch_size, spec.cache_size, cfg.num_heads, cfg.head_dim)
+  return tuple({'k': jnp.zeros(shape, cfg.compute_dtype),
+                'v': jnp.zeros(shape, cfg.compute_dtype)}
+               for _ in range(cfg.num_layers))
+
+
+def _select(spec, logits_BxKxV, u_BxK, counts, temperature, penalty):
+  """Turns k rows of logits into k tokens, slot by slot.
+
+  Student: argmax (its output is a deterministic function of the noise).
+  Teacher: inverse CDF of u, or argmax when greedy. The frequency penalty
+  subtracts penalty * count from the logits; counts include earlier slots of
+  the same step.
+  """
+  tokens = []
+  for i in range(spec.k):
+    logits = logits_BxKxV[:, i]
+    if counts is not None:
+      logits = logits - penalty * counts.astype(logits.dtype)
+    if spec.is_student or spec.greedy:
+      tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    else:
+      tok = noise_lib.inverse_cdf(logits, u_BxK[:, i], temperature=temperature)
+    if counts is not None:
+      counts = counts.at[jnp.arange(tok.shape[0]), tok].add(1)
+    tokens.append(tok)
+  return jnp.stack(tokens, axis=1), counts
+
+
+def _record(spec, state, new_BxK):
+  """Writes emitted tokens into the output, applying per-row eos stops."""
+  is_eos = new_BxK == spec.eos_id
+  # A token is kept if no eos came before it in this row.
+  eos_before = jnp.cumsum(is_eos, axis=1) - is_eos
+  keep = ~state.done[:, None] & (eos_before == 0)
+  out = jnp.where(keep, new_BxK, spec.pad_id)
+  tokens = jax.lax.dynamic_update_slice(
+      state.tokens, out, (0, state.step * spec.k))
+  return state.replace(
+      tokens=tokens, pending=new_BxK, step=state.step + 1,
+      lengths=state.lengths + keep.sum(axis=1).astype(jnp.int32),
+      done=state.done | jnp.any(is_eos & keep, axis=1))
+
+
+def _forward(spec, params, tokens_BxT, u_BxK, state_cache, index, pad):
+  """Cached forward of [tokens | noise slots]; logits of the emitting rows."""
+  model = model_lib.Transformer(spec.model)
+  num_new = tokens_BxT.shape[1] + (u_BxK.shape[1] if spec.is_student else 0)
+  positions, mask = layouts.decode_layout(pad, index, num_new,
+                                          spec.cache_size)
+  h, cache = model.apply(
+      {'params': params}, tokens_BxT,
+      u_BxK if spec.is_student else None, positions, mask, state_cache,
+      index, method=model_lib.Transformer.cached_step)
+  h_emit = h[:, -spec.k:]  # Student: the k noise slots. AR: the last token.
+  logits = model.apply({'params': params}, h_emit,
+                       method=model_lib.Transformer.project)
+  return logits, cache
+
+
+def prefill(spec: DecodeSpec, params, prompts_BxP, pad_B, noise_BxK,
+            temperature=1.0, penalty=0.0) -> DecodeState:
+  """Runs the prompts (and, for a student, the first k noise slots).
+
+  Returns the loop state after the first k tokens have been emitted.
+  """
+  b = prompts_BxP.shape[0]
+  counts = None
+  if spec.use_penalty:
+    counts = jnp.zeros((b, spec.model.vocab_size), jnp.int32)
+    valid = jnp.arange(spec.prompt_len)[None] >= pad_B[:, None]
+    counts = counts.at[jnp.arange(b)[:, None], prompts_BxP].add(
+        valid.astype(jnp.int32))
+  logits, cache = _forward(spec, params, prompts_BxP, noise_BxK,
+                           init_cache(spec, b), 0, pad_B)
+  new, counts = _select(spec, logits, noise_BxK, counts, temperature, penalty)
+  state = DecodeState(
+      cache=cache, index=jnp.int32(spec.prompt_len), pad=pad_B,
+      pending=new, tokens=jnp.full((b, spec.max_new_tokens), spec.pad_id,
+                                   jnp.int32),
+      step=jnp.int32(0), done=jnp.zeros((b,), bool),
+      lengths=jnp.zeros((b,), jnp.int32), counts=counts)
+  return _record(spec, state, new)
+
+
+def decode_step(spec: DecodeSpec, params, state: DecodeState, noise_BxK,
+                temperature=1.0, penalty=0.0) -> DecodeState:
+  """Feeds the pending k tokens (+ k noise slots) and emits k more tokens."""
+  logits, cache = _forward(spec, params, state.pending, noise_BxK,
+                           state.cache, state.index, state.pad)
+  new, counts = _select(spec, logits, noise_BxK, state.counts, temperature,
+                        penalty)
+  state = state.replace(cache=cache, index=state.index + spec.k,
+                        counts=counts)
+  return _record(spec, state, new)
+
+
+def _loop(spec, params, prompts_BxP, pad_B, noise_BxN, temperature, penalty):
+  k = spec.k
+  state = prefill(spec, params, prompts_BxP, pad_B, noise_BxN[:, :k],
+                  temperature, penalty)
+
+  def cond(state):
+    # Stop reasons: every step done, or every row has emitted eos.
+    return (state.step < spec.num_steps) & ~jnp.all(state.done)
+
+  def body(state):
+    u = jax.lax.dynamic_slice_in_dim(noise_BxN, state.step * k, k, axis=1)
+    return decode_step(spec, params, state, u, temperature, penalty)
+
+  state = jax.lax.while_loop(cond, body, state)
+  return state.tokens, state.lengths
+
+
+_loop_jit = jax.jit(_loop, static_argnums=0)
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+  tokens: np.ndarray  # (B, max_new_tokens) int32, pad_id after eos.
+  lengths: np.ndarray  # (B,) number of valid tokens (eos included).
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0):
+  """Left-pads a list of token lists -> (prompts_BxP, pad_B) numpy arrays."""
+  lens = [len(p) for p in prompts]
+  if not prompts or min(lens) == 0:
+    raise ValueError('every prompt needs at least one token; got lengths '
+                     f'{lens}')
+  width = max(lens)
+  out = np.full((len(prompts), width), pad_id, np.int32)
+  for i, p in enumerate(prompts):
+    out[i, width - len(p):] = np.asarray(p, np.int32)
+  return out, np.asarray([width - n for n in lens], np.int32)
+
+
+def check_request(cfg: model_lib.ModelConfig, prompts_BxP, pad_B,
+                  max_new_tokens: int, k: int):
+  """Validates a decode request before any compute; raises ValueError."""
+  window = max(cfg.noise_window, 1)
+  if not isinstance(k, int) or k < 1 or k > window:
+    kind = ('a student trained with window %d' % cfg.noise_window
+            if cfg.noise_window else 'an AR teacher')
+    raise ValueError(f'k={k} not allowed for {kind}: k must be in '
+                     f'[1, {window}]')
+  if max_new_tokens < 1:
+    raise ValueError(f'max_new_tokens={max_new_tokens} must be >= 1')
+  bad = (prompts_BxP < 0) | (prompts_BxP >= cfg.vocab_size)
+  if bad.any():
+    raise ValueError(f'token id {int(prompts_BxP[bad][0])} outside the '
+                     f'vocabulary [0, {cfg.vocab_size})')
+  longest = int(prompts_BxP.shape[1] - pad_B.min())
+  steps = -(-max_new_tokens // k)
+  if longest + steps * k > cfg.seq_len:
+    raise ValueError(
+        f'prompt length {longest} + {steps * k} new tokens exceeds '
+        f'model.seq_len={cfg.seq_len}; shorten the prompt or max_new_tokens')
+
+
+def generate(params, cfg: model_lib.ModelConfig, prompts, *,
+             max_new_tokens: int, k: int = 1, noise=None, rng=None,
+             temperature: float = 1.0, greedy: bool = False,
+             frequency_penalty: float = 0.0, eos_id: int | None = None,
+             pad_id: int = 0) -> GenerateOutput:
+  """Decodes `max_new_tokens` per prompt, k tokens per forward pass.
+
+  Args:
+    params: model parameters (teacher or student pytree).
+    cfg: its ModelConfig. noise_window == 0 means AR teacher (k must be 1).
+    prompts: list of token-id lists (any lengths), or a left-padded
+      (B, P) int array; then every row is taken as a full prompt.
+    max_new_tokens: new tokens per row (<= seq_len - longest prompt).
+    k: tokens per forward pass; 1 <= k <= cfg.noise_window for a student.
+    noise: (B, max_new_tokens) uniforms in [0, 1): token n uses noise[:, n].
+      If None, drawn from `rng` (default PRNGKey(0)).
+    temperature: AR sampling temperature (> 0); ignored by students, whose
+      noise encoder is fed tau = 1.
+    greedy: AR argmax decoding.
+    frequency_penalty: lambda of METHOD.md (logit - lambda * count of the
+      token so far, prompt included, slot by slot); 0 disables.
+    eos_id: stop a row after this token; None never stops early.
+    pad_id: written after a row stops and used to left-pad prompts.
+  Returns:
+    GenerateOutput(tokens (B, max_new_tokens), lengths (B,)).
+  """
+  if isinstance(prompts, np.ndarray) or isinstance(prompts, jax.Array):
+    prompts_BxP = np.asarray(prompts, np.int32)
+    if prompts_BxP.ndim != 2:
+      raise ValueError(f'prompt array must be (B, P); got {prompts_BxP.shape}')
+    pad_B = np.zeros((prompts_BxP.shape[0],), np.int32)
+  else:
+    prompts_BxP, pad_B = pad_prompts(prompts, pad_id)
+  check_request(cfg, prompts_BxP, pad_B, max_new_tokens, k)
+  if not greedy and not cfg.noise_window and not temperature > 0:
+    raise ValueError(f'temperature={temperature} must be > 0 (or greedy)')
+  b = prompts_BxP.shape[0]
+  steps = -(-max_new_tokens // k)
+  if noise is None:
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    noise = jax.random.uniform(rng, (b, max_new_tokens))
+  noise = np.asarray(noise, np.float32)
+  if noise.shape != (b, max_new_tokens):
+    raise ValueError(f'noise shape {noise.shape} != (batch, max_new_tokens)'
+                     f' = {(b, max_new_tokens)}')
+  noise_lib.check_noise(noise)
+  # Tokens past max_new_tokens in the last step are discarded; their noise
+  # value is irrelevant.
+  noise = np.pad(noise, ((0, 0), (0, steps * k - max_new_tokens)),
+                 constant_values=0.5)
+  spec = DecodeSpec(model=cfg, k=k, num_steps=steps,
+                    prompt_len=prompts_BxP.shape[1], greedy=greedy,
+                    use_penalty=frequency_penalty != 0.0,
+                    eos_id=-1 if eos_id is None else eos_id, pad_id=pad_id)
+  tokens, lengths = _loop_jit(spec, params, jnp.asarray(prompts_BxP),
+                              jnp.asarray(pad_B), jnp.asarray(noise),
+                              jnp.float32(temperature),
+                              jnp.float32(frequency_penalty))
+  tokens = np.asarray(tokens)[:, :max_new_tokens]
+  return GenerateOutput(tokens=tokens,
+                        lengths=np.minimum(np.asarray(lengths),
+                                           max_new_tokens))

@@ -1,0 +1,146 @@
+"""The full experiment ConfigDict with every field documented.
+
+Config files in `configs/` start from `base_config()` and override what they
+need, so every field exists (and is type-checked by ml_collections) in every
+config. Override any field from the command line: `--config.train.lr=1e-3`.
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = 'base'  # Free-form name, written into metrics and reports.
+  c.seed = 0  # Seed for parameter init, dropout and distillation noise.
+
+  # --- Model (turned into model.ModelConfig, a frozen dataclass). ---
+  c.model = m = ml_collections.ConfigDict()
+  m.vocab_size = 4096  # Model vocabulary; must be >= the tokenizer's size.
+  m.seq_len = 128  # Maximum sequence length (training length, decode limit).
+  m.num_layers = 4  # Transformer blocks.
+  m.d_model = 256  # Residual width.
+  m.num_heads = 4  # Attention heads; must divide d_model.
+  m.mlp_dim = 1024  # Hidden width of the GELU MLP.
+  m.dropout_rate = 0.0  # Dropout on attention output and MLP output.
+  m.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (params stay f32).
+  m.rope_base = 10000.0  # RoPE frequency base.
+  m.noise_mlp_dim = 0  # Student noise-encoder MLP width; 0 means 2 * d_model.
+
+  # --- Data. ---
+  c.data = d = ml_collections.ConfigDict()
+  d.source = 'sotu'  # 'sotu' (embedded corpus), 'text' (local files) or 'tfds'.
+  d.text_glob = ''  # For source='text': glob of UTF-8 files, one document each.
+  d.max_documents = 0  # Use at most this many training documents (0 = all).
+  d.tfds_name = 'lm1b'  # For source='tfds': dataset name for tfds.data_source.
+  d.tfds_data_dir = ''  # For source='tfds': data_dir holding the built dataset.
+  d.text_feature = 'text'  # For source='tfds': the feature holding the text.
+  d.train_split = 'train'  # Training split name.
+  d.eval_split = 'validation'  # Held-out split for eval loss / prefixes.
+  d.tokenizer_path = ''  # '' trains SentencePiece on the train split (cached
+  #                        in the workdir); else a .model or tokenizers .json.
+  d.shuffle_seed = 0  # Seed of the deterministic example shuffle.
+
+  # --- Teacher training (and the optimizer shared by distillation). ---
+  c.train = t = ml_collections.ConfigDict()
+  t.batch_size = 32  # Global batch size in sequences.
+  t.num_steps = 1000  # Total optimizer steps.
+  t.lr = 3e-4  # Peak learning rate.
+  t.warmup_steps = 100  # Linear warm-up steps.
+  t.schedule = 'cosine'  # 'cosine' decay to 10% of peak, or 'constant'.
+  t.weight_decay = 0.1  # AdamW decoupled weight decay.
+  t.b1 = 0.9  # Adam beta1.
+  t.b2 = 0.95  # Adam beta2.
+  t.grad_clip = 1.0  # Global-norm gradient clipping (0 disables).
+  t.ema_decay = 0.0  # EMA of params (0 disables); EMA params used for eval.
+  t.log_every = 10  # Steps between metric lines in metrics.jsonl.
+  t.eval_every = 200  # Steps between held-out evaluations (0 disables).
+  t.eval_batches = 8  # Held-out batches per evaluation.
+  t.checkpoint_every = 200  # Steps between checkpoints.
+  t.keep_checkpoints = 2  # Checkpoints kept per run directory.
+
+  # --- K-Forcing distillation (progressive self-forcing). ---
+  c.distill = ds = ml_collections.ConfigDict()
+  ds.windows = (1, 2, 4)  # Stage windows; each stage 2m learns from stage m.
+  ds.method = 'self_forcing'  # 'self_forcing' or 'noise_inversion' (baseline).
+  ds.steps_per_stage = 300  # Optimizer steps per stage.
+  ds.batch_size = 16  # Sequences per step (contexts come from real data).
+  ds.num_windows = 16  # Windows (context positions t) sampled per sequence;
+  #                      0 = every valid t. Memory grows with windows * k.
+  ds.lr = 1e-3  # Peak learning rate (Adam, constant after warm-up).
+  ds.warmup_steps = 20  # Linear warm-up steps per stage.
+  ds.ema_decay = 0.0  # EMA of student params (paper: 0.999); 0 disables.
+  ds.precision = 'auto'  # Coupling precision: 'auto' (float64 if x64 is
+  #                        enabled, else blocked float32), 'float32', 'float64'.
+  ds.checkpoint_every = 100  # Steps between checkpoints of a stage.
+  ds.eval_every = 100  # Steps between held-out per-slot accuracy evals.
+
+  # --- Device mesh. ---
+  c.mesh = ms = ml_collections.ConfigDict()
+  ms.data = -1  # Size of the 'data' axis; -1 uses every device.
+  ms.fsdp = False  # Shard parameters and optimizer state over 'data'.
+
+  # --- Decoding defaults (generate subcommand). ---
+  c.decode = dc = ml_collections.ConfigDict()
+  dc.max_new_tokens = 64  # New tokens per prompt (capped by model.seq_len).
+  dc.temperature = 1.0  # Softmax temperature for AR sampling.
+  dc.greedy = False  # Argmax instead of inverse-CDF sampling (AR only).
+  dc.frequency_penalty = 0.0  # Push-forward frequency penalty lambda.
+  dc.seed = 0  # Seed of the uniform decoding noise.
+  return c
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Checks values ml_collections' type checks can't; raises ValueError.
+
+  Runs before any compute so a bad flag never costs a compile or touches a
+  checkpoint.
+  """
+  from kforcing_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  model_lib.ModelConfig.from_config(c.model)  # Checks the model fields.
+  if c.model.seq_len < 2:
+    raise ValueError(f'model.seq_len={c.model.seq_len}: need >= 2 tokens to '
+                     'train on next-token prediction')
+  t = c.train
+  for name in ('batch_size', 'num_steps', 'log_every', 'checkpoint_every',
+               'keep_checkpoints'):
+    if t[name] < 1:
+      raise ValueError(f'train.{name}={t[name]} must be >= 1')
+  for name in ('warmup_steps', 'eval_every', 'eval_batches'):
+    if t[name] < 0:
+      raise ValueError(f'train.{name}={t[name]} must be >= 0')
+  if not t.lr > 0:
+    raise ValueError(f'train.lr={t.lr} must be > 0')
+  if t.schedule not in ('cosine', 'constant'):
+    raise ValueError(f"train.schedule={t.schedule!r}; expected 'cosine' or "
+                     "'constant'")
+  if not 0.0 <= t.ema_decay < 1.0:
+    raise ValueError(f'train.ema_decay={t.ema_decay} not in [0, 1)')
+  if c.data.source not in ('sotu', 'text', 'tfds'):
+    raise ValueError(f"data.source={c.data.source!r}; expected 'sotu', "
+                     "'text' or 'tfds'")
+  ds = c.distill
+  if ds.method not in ('self_forcing', 'noise_inversion'):
+    raise ValueError(f"distill.method={ds.method!r}; expected 'self_forcing' "
+                     "or 'noise_inversion'")
+  windows = tuple(ds.windows)
+  if not windows or any(not isinstance(w, int) or w < 1 for w in windows):
+    raise ValueError(f'distill.windows={windows}: need positive ints')
+  if ds.method == 'self_forcing':
+    chain = (1,) + tuple(2 * w for w in windows[:-1])
+    if windows != chain:
+      raise ValueError(f'distill.windows={windows}: self-forcing needs 1 '
+                       'then doublings, e.g. (1, 2, 4)')
+  if max(windows) >= c.model.seq_len:
+    raise ValueError(f'distill.windows={windows}: the largest window must be '
+                     f'< model.seq_len={c.model.seq_len}')
+  for name in ('steps_per_stage', 'batch_size', 'checkpoint_every'):
+    if ds[name] < 1:
+      raise ValueError(f'distill.{name}={ds[name]} must be >= 1')
+  if ds.num_windows < 0:
+    raise ValueError(f'distill.num_windows={ds.num_windows} must be >= 0')
+  if ds.precision not in ('auto', 'float32', 'float64'):
+    raise ValueError(f'distill.precision={ds.precision!r}; expected auto, '
+                     'float32 or float64')
+  if c.mesh.data == 0 or c.mesh.data < -1:
+    raise ValueError(f'mesh.data={c.mesh.data}: use -1 (all devices) or a '
+                     'positive device count')

@@ -1,0 +1,272 @@
+"""Causal Transformer shared by the AR teacher and the K-Forcing student.
+
+Pre-norm blocks, RoPE, GELU MLP, untied input/output embeddings. Every call
+shape goes through `Transformer.backbone`, which takes an explicit attention
+mask and explicit RoPE positions, so the same weights serve:
+  * the full causal forward (teacher training, `__call__`),
+  * the push-forward training layout [context | windows of noise slots]
+    (`pf_hidden`, built in `layouts.py`),
+  * cached decoding steps of any number of new positions (`cached_step`).
+Parameters are a plain pytree; `apply` has no hidden state.
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kforcing_jax import noise as noise_lib
+
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Model hyperparameters; `noise_window > 0` makes it a K-Forcing student."""
+  vocab_size: int
+  seq_len: int
+  num_layers: int
+  d_model: int
+  num_heads: int
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  dtype: str = 'float32'
+  rope_base: float = 10000.0
+  noise_window: int = 0
+  noise_mlp_dim: int = 0
+
+  def __post_init__(self):
+    positive = ('vocab_size', 'seq_len', 'num_layers', 'd_model', 'num_heads',
+                'mlp_dim')
+    for name in positive:
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f'model.{name} must be a positive int, got {value!r}')
+    if self.d_model % self.num_heads:
+      raise ValueError(f'model.num_heads={self.num_heads} must divide '
+                       f'model.d_model={self.d_model}')
+    if self.head_dim % 2:
+      raise ValueError(f'head dim d_model/num_heads={self.head_dim} must be '
+                       'even for RoPE')
+    if self.dtype not in _DTYPES:
+      raise ValueError(f'model.dtype={self.dtype!r}; expected one of '
+                       f'{sorted(_DTYPES)}')
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ValueError(f'model.dropout_rate={self.dropout_rate} not in [0, 1)')
+    if self.noise_window < 0:
+      raise ValueError(f'noise_window={self.noise_window} must be >= 0')
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  @property
+  def compute_dtype(self):
+    return _DTYPES[self.dtype]
+
+  @classmethod
+  def from_config(cls, model_cfg, noise_window: int = 0) -> 'ModelConfig':
+    """Builds from the `config.model` ConfigDict."""
+    fields = {f.name for f in dataclasses.fields(cls)} - {'noise_window'}
+    return cls(**{k: model_cfg[k] for k in fields if k in model_cfg},
+               noise_window=noise_window)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def apply_rope(x_BxLxHxK, positions_BxL, base: float):
+  """Rotary embedding (rotate-half form) at explicit integer positions."""
+  half = x_BxLxHxK.shape[-1] // 2
+  freqs_K = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles_BxLxK = positions_BxL[..., None].astype(jnp.float32) * freqs_K
+  sin = jnp.sin(angles_BxLxK)[:, :, None, :]
+  cos = jnp.cos(angles_BxLxK)[:, :, None, :]
+  x1, x2 = jnp.split(x_BxLxHxK.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxHxK.dtype)
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, kv_cache=None,
+               cache_index=None, deterministic=True):
+    """Masked attention; with `kv_cache`, new K/V are written at cache_index.
+
+    Without a cache the keys are the L inputs and the mask is (B, L, L).
+    With a cache {'k','v': (B, S, H, K)} the L new keys are written at slots
+    [cache_index, cache_index + L) first and queries attend over all S slots,
+    so the mask is (B, L, S); the caller's mask decides which slots count.
+    """
+    cfg = self.cfg
+    dense = lambda name: nn.DenseGeneral(
+        (cfg.num_heads, cfg.head_dim), use_bias=False, dtype=cfg.compute_dtype,
+        name=name)
+    q = apply_rope(dense('query')(x_BxLxD), positions_BxL, cfg.rope_base)
+    k = apply_rope(dense('key')(x_BxLxD), positions_BxL, cfg.rope_base)
+    v = dense('value')(x_BxLxD)
+    new_cache = None
+    if kv_cache is not None:
+      start = (0, cache_index, 0, 0)
+      k_cache = jax.lax.dynamic_update_slice(
+          kv_cache['k'], k.astype(kv_cache['k'].dtype), start)
+      v_cache = jax.lax.dynamic_update_slice(
+          kv_cache['v'], v.astype(kv_cache['v'].dtype), start)
+      new_cache = {'k': k_cache, 'v': v_cache}
+      k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
+    scores = jnp.einsum('blhk,bshk->bhls', q, k,
+                        preferred_element_type=jnp.float32)
+    scores = scores / jnp.sqrt(jnp.float32(cfg.head_dim))
+    scores = jnp.where(mask_BxLxS[:, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
+    out = jnp.einsum('bhls,bshk->blhk', probs, v)
+    out = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=False,
+                          dtype=cfg.compute_dtype, name='out')(out)
+    out = nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
+    return out, new_cache
+
+
+class Block(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, mask, kv_cache=None, cache_index=None,
+               deterministic=True):
+    cfg = self.cfg
+    h = nn.LayerNorm(dtype=cfg.compute_dtype, name='attn_norm')(x)
+    h, new_cache = Attention(cfg, name='attn')(
+        h, positions, mask, kv_cache, cache_index, deterministic)
+    x = x + h
+    h = nn.LayerNorm(dtype=cfg.compute_dtype, name='mlp_norm')(x)
+    h = nn.Dense(cfg.mlp_dim, dtype=cfg.compute_dtype, name='mlp_in')(h)
+    h = nn.gelu(h)
+    h = nn.Dense(cfg.d_model, dtype=cfg.compute_dtype, name='mlp_out')(h)
+    h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+    return x + h, new_cache
+
+
+def causal_mask(length: int):
+  """(1, L, L) lower-triangular boolean mask."""
+  return jnp.tril(jnp.ones((length, length), bool))[None]
+
+
+class Transformer(nn.Module):
+  """Teacher (noise_window == 0) or student (noise_window > 0) Transformer."""
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.embed = nn.Embed(cfg.vocab_size, cfg.d_model,
+                          embedding_init=nn.initializers.normal(0.02),
+                          name='embed')
+    self.blocks = [Block(cfg, name=f'block_{i}')
+                   for i in range(cfg.num_layers)]
+    self.final_norm = nn.LayerNorm(dtype=cfg.compute_dtype, name='final_norm')
+    self.unembed = nn.Dense(cfg.vocab_size, use_bias=False,
+                            dtype=cfg.compute_dtype, name='unembed')
+    if cfg.noise_window:
+      self.noise_encoder = noise_lib.NoiseEncoder(
+          d_model=cfg.d_model, mlp_dim=cfg.noise_mlp_dim,
+          dtype=cfg.compute_dtype, name='noise_encoder')
+
+  def embed_tokens(self, tokens_BxL):
+    return self.embed(tokens_BxL).astype(self.cfg.compute_dtype)
+
+  def embed_noise(self, u):
+    """Noise slots: one d_model vector per uniform u (student only)."""
+    if not self.cfg.noise_window:
+      raise ValueError('this model has no noise encoder (noise_window=0): '
+                       'it is an AR teacher, not a K-Forcing student')
+    return self.noise_encoder(u).astype(self.cfg.compute_dtype)
+
+  def backbone(self, x_BxLxD, positions_BxL, mask, kv_caches=None,
+               cache_index=None, deterministic=True):
+    """Blocks + final norm. Returns (hidden_BxLxD, new_kv_caches or None)."""
+    new_caches = []
+    for i, block in enumerate(self.blocks):
+      cache = None if kv_caches is None else kv_caches[i]
+      x_BxLxD, new_cache = block(x_BxLxD, positions_BxL, mask, cache,
+                                 cache_index, deterministic)
+      new_caches.append(new_cache)
+    h = self.final_norm(x_BxLxD)
+    return h, (None if kv_caches is None else tuple(new_caches))
+
+  def project(self, h_BxLxD):
+    """Unembedding to float32 logits."""
+    return self.unembed(h_BxLxD).astype(jnp.float32)
+
+  def __call__(self, tokens_BxL, deterministic=True):
+    """Full causal forward: next-token logits (B, L, V)."""
+    length = tokens_BxL.shape[1]
+    positions = jnp.broadcast_to(jnp.arange(length), tokens_BxL.shape)
+    h, _ = self.backbone(self.embed_tokens(tokens_BxL), positions,
+                         causal_mask(length), deterministic=deterministic)
+    return self.project(h)
+
+  def pf_hidden(self, tokens_BxN, slot_tokens_BxMxT, u_BxMxK, positions_BxL,
+                mask_BxLxL, deterministic=True):
+    """Push-forward training layout: hidden states of the M*K noise slots.
+
+    The input is [N context tokens | M windows of (T tokens, K noise slots)];
+    positions and the staircase mask come from `layouts.pf_train_layout`
+    with window size T+K. T=0 is the plain student layout; T=m feeds the
+    m tokens a previous stage emitted, which is the second pass of the
+    self-forcing double forward. Returns (B, M, K, D).
+    """
+    b, m, k = u_BxMxK.shape
+    window = self.embed_noise(u_BxMxK)
+    if slot_tokens_BxMxT is not None and slot_tokens_BxMxT.shape[-1]:
+      window = jnp.concatenate(
+          [self.embed_tokens(slot_tokens_BxMxT), window], axis=2)
+    t = window.shape[2] - k
+    x = jnp.concatenate([self.embed_tokens(tokens_BxN),
+                         window.reshape(b, m * (t + k), -1)], axis=1)
+    h, _ = self.backbone(x, positions_BxL, mask_BxLxL,
+                         deterministic=deterministic)
+    h = h[:, tokens_BxN.shape[1]:].reshape(b, m, t + k, -1)
+    return h[:, :, t:]
+
+  def cached_step(self, tokens_BxT, u_BxK, positions_BxL, mask_BxLxS,
+                  kv_caches, cache_index):
+    """One decoding pass over [T tokens | K noise slots] with a KV cache.
+
+    T or K may be zero (AR: K=0; first push-forward step: T=0). K/V of all
+    T+K positions are written at slots [cache_index, cache_index+T+K); the
+    caller advances its index by T only, so noise-slot K/V are never part of
+    the valid cache and the next step's tokens overwrite them.
+    Returns (hidden_BxLxD, new_kv_caches).
+    """
+    parts = []
+    if tokens_BxT is not None and tokens_BxT.shape[1]:
+      parts.append(self.embed_tokens(tokens_BxT))
+    if u_BxK is not None and u_BxK.shape[1]:
+      parts.append(self.embed_noise(u_BxK))
+    x = jnp.concatenate(parts, axis=1)
+    return self.backbone(x, positions_BxL, mask_BxLxS, kv_caches, cache_index)
+
+  def init_all(self, tokens_BxN, u_BxMxK, positions_BxL, mask_BxLxL):
+    """Touches every parameter (used to initialise students)."""
+    h = self.pf_hidden(tokens_BxN, None, u_BxMxK, positions_BxL, mask_BxLxL)
+    return self.project(h)
+
+
+def init_params(cfg: ModelConfig, rng):
+  """Initialises a parameter pytree for a teacher or a student."""
+  model = Transformer(cfg)
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  if not cfg.noise_window:
+    return model.init(rng, tokens)['params']
+  from kforcing_jax import layouts  # pylint: disable=g-import-not-at-top
+  u = jnp.zeros((1, 4, cfg.noise_window), jnp.float32)
+  positions, mask = layouts.pf_train_layout(jnp.arange(4)[None], 4,
+                                            cfg.noise_window)
+  return model.init(rng, tokens, u, positions, mask,
+                    method=Transformer.init_all)['params']
+
+
+def count_params(params) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))

@@ -1,0 +1,306 @@
+"""One training loop for the AR teacher and every distillation stage.
+
+A `Task` says what is trained (init, loss, optional frozen teacher); `train`
+does the rest: optimizer, sharded step jitted once with donation, held-out
+eval, metrics JSONL + progress bar, NaN/Inf guard, orbax checkpoints with the
+data-iterator state (re-running resumes), SIGTERM -> save and exit.
+"""
+
+import dataclasses
+import json
+import os
+import signal
+import threading
+import time
+import warnings
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
+
+from kforcing_jax import checkpoints
+from kforcing_jax import model as model_lib
+from kforcing_jax import sharding as sharding_lib
+
+# Integer batches can't be reused as outputs; donating them is still right
+# (frees the buffer early) but XLA warns about it.
+warnings.filterwarnings('ignore', message='Some donated buffers were not usable')
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+  ema_params: Any  # None when train.ema_decay == 0.
+
+
+@dataclasses.dataclass
+class Task:
+  """What one training run optimises.
+
+  loss_fn(params, batch, extras, rng, frozen) -> (scalar loss, metrics dict)
+    is evaluated on a device-local shard when `shard_map` is set, so it must
+    only take means over its own batch (they are averaged across devices).
+  extras_fn(rng, batch, frozen) -> pytree with a leading batch axis, computed
+    on the global batch before the loss (e.g. distillation noise and teacher
+    targets), so results do not depend on the number of devices.
+  eval_fn(params, batch, frozen) -> dict of (sum, count) pairs.
+  """
+  name: str  # Run directory under the workdir, e.g. 'teacher', 'student_k2'.
+  model_cfg: model_lib.ModelConfig
+  init_params: Callable[[jax.Array], Any]
+  loss_fn: Callable[..., Any]
+  eval_fn: Callable[..., Any] | None = None
+  extras_fn: Callable[..., Any] | None = None
+  frozen: Any = None  # Frozen teacher params: inputs, never optimised.
+  shard_map: bool = False  # Explicit per-device loss + gradient pmean.
+
+
+def make_optimizer(tc) -> optax.GradientTransformation:
+  if tc.schedule == 'cosine':
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, tc.lr, max(tc.warmup_steps, 1), max(tc.num_steps, 2),
+        end_value=0.1 * tc.lr)
+  elif tc.schedule == 'constant':
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, tc.lr, max(tc.warmup_steps, 1)),
+         optax.constant_schedule(tc.lr)], [max(tc.warmup_steps, 1)])
+  else:
+    raise ValueError(f"train.schedule={tc.schedule!r}; expected 'cosine' or "
+                     "'constant'")
+  parts = [optax.clip_by_global_norm(tc.grad_clip)] if tc.grad_clip else []
+  parts.append(optax.adamw(schedule, b1=tc.b1, b2=tc.b2,
+                           weight_decay=tc.weight_decay))
+  return optax.chain(*parts)
+
+
+def init_state(task: Task, optimizer, rng, ema: bool) -> TrainState:
+  init_rng, rng = jax.random.split(rng)
+  params = task.init_params(init_rng)
+  return TrainState(step=jnp.int32(0), params=params,
+                    opt_state=optimizer.init(params), rng=rng,
+                    ema_params=params if ema else None)
+
+
+def make_step(task: Task, optimizer, ema_decay: float, mesh):
+  """The pure step (state, batch) -> (state, metrics), not yet jitted."""
+
+  def grads_and_metrics(params, batch, extras, rng, frozen):
+    (loss, metrics), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(
+        params, batch, extras, rng, frozen)
+    return grads, dict(metrics, loss=loss)
+
+  if task.shard_map:
+    def local(params, batch, extras, rng, frozen):
+      grads, metrics = grads_and_metrics(params, batch, extras, rng, frozen)
+      # Equal-size shards: the mean of per-device means is the global mean.
+      return jax.lax.pmean((grads, metrics), sharding_lib.DATA)
+
+    data = P(sharding_lib.DATA)
+    grads_and_metrics = jax.shard_map(
+        local, mesh=mesh, in_specs=(P(), data, data, P(), P()),
+        out_specs=(P(), P()))
+
+  def step(state: TrainState, batch, frozen):
+    rng, step_rng, extras_rng = jax.random.split(state.rng, 3)
+    extras = (task.extras_fn(extras_rng, batch, frozen)
+              if task.extras_fn else None)
+    grads, metrics = grads_and_metrics(state.params, batch, extras, step_rng,
+                                       frozen)
+    updates, opt_state = optimizer.update(grads, state.opt_state,
+                                          state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema_params
+    if ema is not None:
+      ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p,
+                         ema, params)
+    metrics['grad_norm'] = optax.global_norm(grads)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                      rng=rng, ema_params=ema), metrics
+
+  return step
+
+
+def _is_main() -> bool:
+  return jax.process_index() == 0
+
+
+class _Preemption:
+  """Turns SIGTERM (TPU VM preemption) into a flag read at step boundaries."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+@dataclasses.dataclass
+class TrainResult:
+  state: TrainState
+  run_dir: str
+  preempted: bool = False
+  last_eval: dict | None = None
+  tokens_per_s: float = 0.0
+
+
+def train(task: Task, config, workdir: str, data_iter, eval_batches=(),
+          *, num_steps: int | None = None, train_cfg=None,
+          tokens_per_example: int | None = None) -> TrainResult:
+  """Trains (or resumes) `task` in `workdir/task.name` up to num_steps."""
+  tc = train_cfg or config.train
+  num_steps = tc.num_steps if num_steps is None else num_steps
+  run_dir = os.path.join(workdir, task.name)
+  mesh = sharding_lib.make_mesh(config.mesh)
+  sharding_lib.check_batch_divisible(tc.batch_size, mesh)
+  if task.shard_map and config.mesh.fsdp:
+    raise ValueError('mesh.fsdp=True is not supported with the shard_map '
+                     'distillation step; set --config.mesh.fsdp=False')
+  manager = checkpoints.Manager(run_dir, keep=tc.keep_checkpoints)
+  meta = checkpoints.run_meta(task.model_cfg, config)
+  manager.check_compatible(meta)  # Before any compute or write.
+
+  optimizer = make_optimizer(tc)
+  ema = tc.ema_decay > 0
+  rng = jax.random.PRNGKey(config.seed)
+  abstract = jax.eval_shape(lambda r: init_state(task, optimizer, r, ema), rng)
+  shardings = TrainState(
+      step=sharding_lib.replicated(mesh),
+      params=sharding_lib.state_shardings(abstract.params, mesh,
+                                          config.mesh.fsdp),
+      opt_state=sharding_lib.state_shardings(abstract.opt_state, mesh,
+                                             config.mesh.fsdp),
+      rng=sharding_lib.replicated(mesh),
+      ema_params=(None if not ema else sharding_lib.state_shardings(
+          abstract.ema_params, mesh, config.mesh.fsdp)))
+  frozen_sh = jax.tree.map(lambda _: sharding_lib.replicated(mesh),
+                           task.frozen)
+  frozen = jax.device_put(task.frozen, frozen_sh)
+
+  restored = manager.restore_latest(abstract, shardings)
+  if restored is None:
+    state = jax.jit(lambda r: init_state(task, optimizer, r, ema),
+                    out_shardings=shardings)(rng)
+  else:
+    state, data_state = restored
+    data_iter.set_state(data_state)
+  start = int(state.step)
+  metrics_path = os.path.join(run_dir, 'metrics.jsonl')
+  if _is_main():
+    os.makedirs(run_dir, exist_ok=True)
+    _truncate_metrics(metrics_path, start)
+  if start >= num_steps:
+    return TrainResult(state=state, run_dir=run_dir)
+
+  step_fn = jax.jit(
+      make_step(task, optimizer, tc.ema_decay, mesh),
+      in_shardings=(shardings, sharding_lib.batch_sharding(mesh), frozen_sh),
+      out_shardings=(shardings, sharding_lib.replicated(mesh)),
+      donate_argnums=(0, 1))
+  eval_step = None
+  if task.eval_fn is not None:
+    eval_step = jax.jit(task.eval_fn)
+
+  tokens_per_example = tokens_per_example or config.model.seq_len
+  bar = tqdm(total=num_steps, initial=start, desc=task.name,
+             disable=not _is_main(), dynamic_ncols=True, mininterval=1.0)
+  last_eval = None
+  pending = None  # (step, metrics) of the previous step, pulled one late.
+  t0, tokens_done = time.time(), 0
+  preempted = False
+  with _Preemption() as preemption, jax.set_mesh(mesh):
+    for step in range(start + 1, num_steps + 1):
+      batch = sharding_lib.global_batch(next(data_iter), mesh)
+      state, metrics = step_fn(state, batch, frozen)
+      tokens_done += tc.batch_size * tokens_per_example
+      if pending is not None:
+        _log(pending, metrics_path, bar, tc, tokens_done, t0, manager)
+      pending = (step, metrics)
+      is_last = step == num_steps
+      if eval_step is not None and tc.eval_every and (
+          step % tc.eval_every == 0 or is_last):
+        params = state.ema_params if ema else state.params
+        last_eval = _evaluate(eval_step, params, eval_batches, frozen, step,
+                              metrics_path)
+        bar.write(f'[{task.name}] step {step}: ' + ', '.join(
+            f'{k}={v:.4g}' for k, v in last_eval.items() if k != 'step'))
+      if step % tc.checkpoint_every == 0 or is_last or preemption.requested:
+        # Never save a state whose step produced a non-finite loss.
+        _log(pending, metrics_path, bar, tc, tokens_done, t0, manager)
+        pending = None
+        manager.save(state, data_iter.get_state(), meta)
+      if preemption.requested and not is_last:
+        bar.write(f'[{task.name}] SIGTERM: saved step {step}; re-run the '
+                  'same command to resume')
+        preempted = True
+        break
+  manager.wait()
+  bar.close()
+  elapsed = max(time.time() - t0, 1e-9)
+  return TrainResult(state=state, run_dir=run_dir, preempted=preempted,
+                     last_eval=last_eval,
+                     tokens_per_s=tokens_done / elapsed)
+
+
+def _log(pending, path, bar, tc, tokens_done, t0, manager):
+  step, metrics = pending
+  metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  if not all(np.isfinite(v) for v in metrics.values()):
+    bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
+    raise FloatingPointError(
+        f'non-finite training metrics at step {step}: {bad}. Stopped without '
+        f'saving; the last good checkpoint (step {manager.latest_step()}) is '
+        f'kept in {manager.directory}. Lower train.lr or check the data.')
+  rate = tokens_done / max(time.time() - t0, 1e-9)
+  bar.update(step - bar.n)
+  bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f'{rate:,.0f}',
+                  refresh=False)
+  if _is_main() and (step % tc.log_every == 0 or step == 1):
+    with open(path, 'a') as f:
+      f.write(json.dumps(dict(step=step, tokens_per_s=rate, **metrics)) + '\n')
+
+
+def _evaluate(eval_step, params, batches, frozen, step, path):
+  totals = {}
+  for batch in batches:
+    for name, (s, n) in jax.device_get(eval_step(params, batch, frozen)).items():
+      acc = totals.setdefault(name, [0.0, 0.0])
+      acc[0] += float(s)
+      acc[1] += float(n)
+  result = {f'eval_{k}': s / max(n, 1) for k, (s, n) in totals.items()}
+  if 'eval_loss' in result:
+    result['eval_perplexity'] = float(np.exp(result['eval_loss']))
+  result['step'] = step
+  if _is_main():
+    with open(path, 'a') as f:
+      f.write(json.dumps(result) + '\n')
+  return result
+
+
+def _truncate_metrics(path: str, step: int):
+  """Drops metric lines past the restored step (they will be redone)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [l for l in f if l.strip() and json.loads(l).get('step', 0) <= step]
+  with open(path, 'w') as f:
+    f.writelines(lines)

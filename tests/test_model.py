@@ -1,0 +1,162 @@
+"""Model invariants: causality, cached step == full forward, layouts."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kforcing_jax import layouts
+from kforcing_jax import model as model_lib
+
+# f32 on CPU: the cached and the full forward reduce in different orders, so
+# logits agree to rounding only. 1e-5 absolute on O(1) logits is far below
+# any real bug (a wrong mask or position moves logits by >1e-2).
+ATOL = 1e-5
+
+
+def _setup(cfg, seed=0, batch=2, length=20):
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(seed))
+  tokens = jax.random.randint(jax.random.PRNGKey(seed + 1), (batch, length),
+                              0, cfg.vocab_size)
+  return model_lib.Transformer(cfg), params, tokens
+
+
+def test_full_forward_is_causal_by_gradient(small_cfg):
+  model, params, tokens = _setup(small_cfg)
+  t = 7
+
+  def logit_at_t(emb):
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    h, _ = model.apply({'params': params}, emb, positions,
+                       model_lib.causal_mask(tokens.shape[1]),
+                       method=model_lib.Transformer.backbone)
+    return h[:, t].sum()
+
+  emb = model.apply({'params': params}, tokens,
+                    method=model_lib.Transformer.embed_tokens)
+  grad = jax.grad(logit_at_t)(emb)
+  norms = jnp.abs(grad).sum(axis=(0, 2))
+  assert float(norms[t + 1:].max()) == 0.0
+  assert float(norms[:t + 1].min()) > 0.0  # Everything before t matters.
+
+
+def test_full_forward_is_causal_by_perturbation(small_cfg):
+  model, params, tokens = _setup(small_cfg)
+  t = 11
+  changed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 5) % 61)
+  a = model.apply({'params': params}, tokens)
+  b = model.apply({'params': params}, changed)
+  np.testing.assert_allclose(a[:, :t + 1], b[:, :t + 1], atol=ATOL)
+  assert float(jnp.abs(a[:, t + 1:] - b[:, t + 1:]).max()) > 1e-3
+
+
+def _run_cached(model, params, tokens, chunks, cache_size):
+  """Feeds tokens in chunks through cached_step; returns all logits."""
+  cfg = model.cfg
+  b = tokens.shape[0]
+  shape = (b, cache_size, cfg.num_heads, cfg.head_dim)
+  cache = tuple({'k': jnp.zeros(shape), 'v': jnp.zeros(shape)}
+                for _ in range(cfg.num_layers))
+  pad = jnp.zeros((b,), jnp.int32)
+  outs, index = [], 0
+  for n in chunks:
+    positions, mask = layouts.decode_layout(pad, index, n, cache_size)
+    h, cache = model.apply({'params': params}, tokens[:, index:index + n],
+                           None, positions, mask, cache, index,
+                           method=model_lib.Transformer.cached_step)
+    outs.append(model.apply({'params': params}, h,
+                            method=model_lib.Transformer.project))
+    index += n
+  return jnp.concatenate(outs, axis=1)
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_cached_steps_equal_full_forward(small_cfg, dtype):
+  cfg = dataclasses.replace(small_cfg, dtype=dtype)
+  model, params, tokens = _setup(cfg, length=20)
+  full = model.apply({'params': params}, tokens)
+  # Prefill 8, then steps of several new positions at once, then single ones.
+  cached = _run_cached(model, params, tokens, [8, 3, 4, 1, 1, 3], 24)
+  atol = ATOL if dtype == 'float32' else 5e-2  # bf16: ~3 significant digits.
+  np.testing.assert_allclose(cached, full, atol=atol)
+
+
+def test_cached_step_is_causal(small_cfg):
+  model, params, tokens = _setup(small_cfg, length=12)
+  a = _run_cached(model, params, tokens, [6, 6], 12)
+  changed = tokens.at[:, 9:].set((tokens[:, 9:] + 3) % 61)
+  b = _run_cached(model, params, changed, [6, 6], 12)
+  np.testing.assert_allclose(a[:, :9], b[:, :9], atol=ATOL)
+  assert float(jnp.abs(a[:, 9:] - b[:, 9:]).max()) > 1e-3
+
+
+def test_left_padded_prompt_matches_unpadded(small_cfg):
+  model, params, tokens = _setup(small_cfg, batch=1, length=10)
+  b = 1
+  size = 13
+  pad = jnp.array([3], jnp.int32)
+  padded = jnp.concatenate([jnp.zeros((b, 3), jnp.int32), tokens], axis=1)
+  shape = (b, size, small_cfg.num_heads, small_cfg.head_dim)
+  cache = tuple({'k': jnp.zeros(shape), 'v': jnp.zeros(shape)}
+                for _ in range(small_cfg.num_layers))
+  positions, mask = layouts.decode_layout(pad, 0, 13, size)
+  h, _ = model.apply({'params': params}, padded, None, positions, mask, cache,
+                     0, method=model_lib.Transformer.cached_step)
+  got = model.apply({'params': params}, h[:, 3:],
+                    method=model_lib.Transformer.project)
+  np.testing.assert_allclose(got, model.apply({'params': params}, tokens),
+                             atol=ATOL)
+
+
+def test_pf_train_layout_matches_brute_force():
+  windows = np.array([[0, 3, 5], [4, 4, 1]])
+  n, k = 6, 3
+  positions, mask = layouts.pf_train_layout(windows, n, k)
+  positions, mask = np.asarray(positions), np.asarray(mask)
+  for b in range(2):
+    kinds = [('ctx', i, None) for i in range(n)] + [
+        ('slot', m, i) for m in range(3) for i in range(k)]
+    for q, (qk, qa, qb) in enumerate(kinds):
+      expected_pos = qa if qk == 'ctx' else windows[b, qa] + 1 + qb
+      assert positions[b, q] == expected_pos
+      for s, (sk, sa, sb) in enumerate(kinds):
+        if qk == 'ctx':
+          want = sk == 'ctx' and sa <= qa
+        elif sk == 'ctx':
+          want = sa <= windows[b, qa]
+        else:
+          want = sa == qa and sb <= qb
+        assert mask[b, q, s] == want, (b, kinds[q], kinds[s])
+
+
+def test_dropout_only_in_training_mode(small_cfg):
+  cfg = dataclasses.replace(small_cfg, dropout_rate=0.5)
+  model, params, tokens = _setup(cfg)
+  a = model.apply({'params': params}, tokens)
+  b = model.apply({'params': params}, tokens)
+  np.testing.assert_array_equal(a, b)
+  c = model.apply({'params': params}, tokens, deterministic=False,
+                  rngs={'dropout': jax.random.PRNGKey(3)})
+  assert float(jnp.abs(a - c).max()) > 1e-3
+
+
+@pytest.mark.parametrize('field,value,needle', [
+    ('num_heads', 5, 'num_heads=5'),
+    ('d_model', 0, 'd_model'),
+    ('dtype', 'float16', "dtype='float16'"),
+    ('dropout_rate', 1.5, 'dropout_rate=1.5'),
+])
+def test_model_config_errors_name_the_value(small_cfg, field, value, needle):
+  with pytest.raises(ValueError, match=needle.replace('(', r'\(')):
+    dataclasses.replace(small_cfg, **{field: value})
+
+
+def test_student_init_touches_noise_encoder(small_cfg):
+  cfg = dataclasses.replace(small_cfg, noise_window=2)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
+  assert 'noise_encoder' in params
+  teacher = model_lib.init_params(small_cfg, jax.random.PRNGKey(0))
+  assert 'noise_encoder' not in teacher
+  assert set(teacher) < set(params)
