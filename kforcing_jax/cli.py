@@ -2,15 +2,20 @@
 
 Subcommands:
   train-teacher  --config=configs/X.py --workdir=W   train (or resume) the AR teacher
+  distill        --config=configs/X.py --workdir=W   students of window 1, 2, 4 from W/teacher
   generate       --workdir=W --prompt=TEXT [--k=4]   decode from a trained model
 """
 
+import importlib.util
+import os
 import sys
 
 from absl import app
+from absl import logging
 from absl import flags
 from ml_collections import config_flags
 
+from kforcing_jax import checkpoints
 from kforcing_jax import commands
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -36,6 +41,7 @@ FLAGS = flags.FLAGS
 SUBCOMMANDS = {
     'train-teacher': commands.train_teacher,
     'generate': commands.generate,
+    'distill': commands.distill_cmd,
 }
 
 
@@ -45,6 +51,8 @@ def _usage() -> str:
 
 
 def _run(argv):
+  # Orbax logs every file rename at INFO; keep the console for progress.
+  logging.set_verbosity(logging.WARNING)
   if len(argv) != 2 or argv[1] not in SUBCOMMANDS:
     got = ' '.join(argv[1:]) or '(none)'
     raise app.UsageError(f'unknown or missing subcommand: {got}\n{_usage()}')
@@ -53,5 +61,59 @@ def _run(argv):
   SUBCOMMANDS[argv[1]](FLAGS)
 
 
+def _config_path(argv):
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return arg.split('=', 1)[1]
+    if arg == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _unknown_config_fields(argv) -> list[str]:
+  """--config.a.b overrides whose field does not exist in the config file."""
+  path = _config_path(argv)
+  if not path or not os.path.exists(path):
+    return []
+  spec = importlib.util.spec_from_file_location('_user_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  unknown = []
+  for arg in argv:
+    if not arg.startswith('--config.'):
+      continue
+    field = arg[len('--config.'):].split('=', 1)[0]
+    node = config
+    for part in field.split('.'):
+      if not hasattr(node, 'keys') or part not in node:
+        unknown.append(field)
+        break
+      node = node[part]
+  return unknown
+
+
+def _fail(message: str):
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
 def main():
-  app.run(_run, argv=sys.argv)
+  argv = sys.argv
+  try:
+    argv = FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    unknown = _unknown_config_fields(argv)
+    if unknown:
+      _fail(f'unknown config field(s): {", ".join(unknown)} (see '
+            'kforcing_jax/defaults.py for every field)')
+    _fail(f'bad flag: {e}')
+  except flags.Error as e:
+    _fail(f'{e}\n{_usage()}')
+  try:
+    _run(argv)
+  except app.UsageError as e:
+    _fail(str(e))
+  except (ValueError, checkpoints.CheckpointError, FileNotFoundError,
+          FloatingPointError) as e:
+    _fail(str(e))

@@ -1,5 +1,6 @@
 """What each CLI subcommand does, callable from Python with a flags object."""
 
+import dataclasses
 import json
 import os
 
@@ -56,6 +57,7 @@ def summary_of(result: train_lib.TrainResult) -> dict:
          'preempted': result.preempted}
   if result.tokens_per_s:
     out['train_tokens_per_s'] = round(result.tokens_per_s, 1)
+    out['seconds'] = round(result.seconds, 1)
   if result.last_eval:
     out.update(result.last_eval)
   return out
@@ -119,3 +121,69 @@ def generate(flags_obj):
     text = tokenizer.decode(prompt_ids + np.asarray(row[:n]).tolist())
     print(json.dumps({'model': run, 'k': flags_obj.k, 'prompt': prompt,
                       'text': text}))
+
+
+def stage_config(config):
+  """A copy of `config` whose `train` section is the distillation recipe."""
+  out = config.copy_and_resolve_references()
+  out.unlock()
+  ds, tc = out.distill, out.train
+  tc.batch_size = ds.batch_size
+  tc.num_steps = ds.steps_per_stage
+  tc.lr = ds.lr
+  tc.warmup_steps = ds.warmup_steps
+  tc.schedule = 'constant'  # Paper: constant schedule, Adam (0.9, 0.999).
+  tc.b2 = 0.999
+  tc.weight_decay = 0.0
+  tc.ema_decay = ds.ema_decay
+  tc.checkpoint_every = ds.checkpoint_every
+  tc.eval_every = ds.eval_every
+  return out
+
+
+def distill_cmd(flags_obj):
+  """Distils students of every window in distill.windows (resumable)."""
+  config = _require_config(flags_obj)
+  results = run_distill(config, flags_obj.workdir)
+  print(json.dumps([summary_of(r) for r in results], indent=1))
+
+
+def run_distill(config, workdir: str) -> list[train_lib.TrainResult]:
+  """Runs the chain of stages; finished stages are loaded, not redone."""
+  from kforcing_jax import distill as distill_lib  # pylint: disable=g-import-not-at-top
+  teacher_dir = os.path.join(workdir, teacher_lib.TEACHER)
+  teacher_cfg, teacher_params, _ = checkpoints.load_params(teacher_dir)
+  requested = model_lib.ModelConfig.from_config(config.model)
+  distill_lib.check_fit(teacher_cfg, dataclasses.replace(
+      requested, noise_window=max(config.distill.windows)))
+  sconfig = stage_config(config)
+  tokenizer = data_lib.get_tokenizer(config, workdir)
+  eval_batches = data_lib.make_eval_batches(
+      sconfig, tokenizer, workdir, batch_size=sconfig.train.batch_size,
+      num_batches=max(1, min(config.train.eval_batches, 4)))
+  ds = config.distill
+  results = []
+  prev_params = teacher_params
+  for window in ds.windows:
+    student_cfg = distill_lib.student_config(teacher_cfg, window)
+    if ds.method == 'self_forcing':
+      source_cfg, frozen = (
+          (teacher_cfg, teacher_params) if window == ds.windows[0] else
+          (distill_lib.student_config(teacher_cfg, window // 2), prev_params))
+    else:  # Noise inversion always targets data under the AR teacher.
+      source_cfg, frozen = teacher_cfg, teacher_params
+    stage = distill_lib.Stage(
+        window=window, method=ds.method, student_cfg=student_cfg,
+        source_cfg=source_cfg, num_windows=ds.num_windows,
+        precision=ds.precision)
+    task = distill_lib.stage_task(stage, init_from=prev_params, frozen=frozen)
+    print(f'[{task.name}] stage k={window} ({ds.method}) from '
+          f"{'the AR teacher' if source_cfg.noise_window == 0 else 'student_k%d' % source_cfg.noise_window}"
+          f'; {distill_lib.describe_transfer(prev_params, student_cfg)}')
+    train_iter = data_lib.make_train_iterator(
+        sconfig, tokenizer, workdir, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    result = train_lib.train(task, sconfig, workdir, train_iter, eval_batches)
+    results.append(result)
+    _, prev_params, _ = checkpoints.load_params(result.run_dir)
+  return results

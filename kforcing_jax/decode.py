@@ -14,7 +14,8 @@ from the noise slot fed u[:, n]. The same noise therefore couples teacher and
 student: a perfect student reproduces the teacher's tokens exactly.
 
 Public step-level API (for callers that drive their own loop):
-  `init_cache`, `prefill`, `decode_step`; and `generate` for the whole loop.
+  `init_cache`, `prefill`, `decode_step` (and `forward`, the raw cached
+  pass returning logits); `generate` runs the whole loop.
 """
 
 import dataclasses
@@ -117,8 +118,11 @@ def _record(spec, state, new_BxK):
       done=state.done | jnp.any(is_eos & keep, axis=1))
 
 
-def _forward(spec, params, tokens_BxT, u_BxK, state_cache, index, pad):
-  """Cached forward of [tokens | noise slots]; logits of the emitting rows."""
+def forward(spec, params, tokens_BxT, u_BxK, state_cache, index, pad):
+  """Cached forward of [tokens | noise slots] written at slot `index`.
+
+  Returns (logits of the k emitting positions (B, k, V), new cache).
+  """
   model = model_lib.Transformer(spec.model)
   num_new = tokens_BxT.shape[1] + (u_BxK.shape[1] if spec.is_student else 0)
   positions, mask = layouts.decode_layout(pad, index, num_new,
@@ -146,7 +150,7 @@ def prefill(spec: DecodeSpec, params, prompts_BxP, pad_B, noise_BxK,
     valid = jnp.arange(spec.prompt_len)[None] >= pad_B[:, None]
     counts = counts.at[jnp.arange(b)[:, None], prompts_BxP].add(
         valid.astype(jnp.int32))
-  logits, cache = _forward(spec, params, prompts_BxP, noise_BxK,
+  logits, cache = forward(spec, params, prompts_BxP, noise_BxK,
                            init_cache(spec, b), 0, pad_B)
   new, counts = _select(spec, logits, noise_BxK, counts, temperature, penalty)
   state = DecodeState(
@@ -161,7 +165,7 @@ def prefill(spec: DecodeSpec, params, prompts_BxP, pad_B, noise_BxK,
 def decode_step(spec: DecodeSpec, params, state: DecodeState, noise_BxK,
                 temperature=1.0, penalty=0.0) -> DecodeState:
   """Feeds the pending k tokens (+ k noise slots) and emits k more tokens."""
-  logits, cache = _forward(spec, params, state.pending, noise_BxK,
+  logits, cache = forward(spec, params, state.pending, noise_BxK,
                            state.cache, state.index, state.pad)
   new, counts = _select(spec, logits, noise_BxK, state.counts, temperature,
                         penalty)

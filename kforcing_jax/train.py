@@ -93,14 +93,14 @@ def init_state(task: Task, optimizer, rng, ema: bool) -> TrainState:
 def make_step(task: Task, optimizer, ema_decay: float, mesh):
   """The pure step (state, batch) -> (state, metrics), not yet jitted."""
 
-  def grads_and_metrics(params, batch, extras, rng, frozen):
+  def local_grads(params, batch, extras, rng, frozen):
     (loss, metrics), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(
         params, batch, extras, rng, frozen)
     return grads, dict(metrics, loss=loss)
 
   if task.shard_map:
     def local(params, batch, extras, rng, frozen):
-      grads, metrics = grads_and_metrics(params, batch, extras, rng, frozen)
+      grads, metrics = local_grads(params, batch, extras, rng, frozen)
       # Equal-size shards: the mean of per-device means is the global mean.
       return jax.lax.pmean((grads, metrics), sharding_lib.DATA)
 
@@ -108,6 +108,8 @@ def make_step(task: Task, optimizer, ema_decay: float, mesh):
     grads_and_metrics = jax.shard_map(
         local, mesh=mesh, in_specs=(P(), data, data, P(), P()),
         out_specs=(P(), P()))
+  else:
+    grads_and_metrics = local_grads
 
   def step(state: TrainState, batch, frozen):
     rng, step_rng, extras_rng = jax.random.split(state.rng, 3)
@@ -161,6 +163,7 @@ class TrainResult:
   preempted: bool = False
   last_eval: dict | None = None
   tokens_per_s: float = 0.0
+  seconds: float = 0.0  # Wall time of this call (0 when nothing to do).
 
 
 def train(task: Task, config, workdir: str, data_iter, eval_batches=(),
@@ -258,7 +261,7 @@ def train(task: Task, config, workdir: str, data_iter, eval_batches=(),
   elapsed = max(time.time() - t0, 1e-9)
   return TrainResult(state=state, run_dir=run_dir, preempted=preempted,
                      last_eval=last_eval,
-                     tokens_per_s=tokens_done / elapsed)
+                     tokens_per_s=tokens_done / elapsed, seconds=elapsed)
 
 
 def _log(pending, path, bar, tc, tokens_done, t0, manager):
@@ -287,7 +290,8 @@ def _evaluate(eval_step, params, batches, frozen, step, path):
       acc[0] += float(s)
       acc[1] += float(n)
   result = {f'eval_{k}': s / max(n, 1) for k, (s, n) in totals.items()}
-  if 'eval_loss' in result:
+  if 'eval_loss' in result and 'eval_acc_slot1' not in result:
+    # Perplexity of the AR teacher; a student's loss is against hard targets.
     result['eval_perplexity'] = float(np.exp(result['eval_loss']))
   result['step'] = step
   if _is_main():

@@ -1,0 +1,233 @@
+"""Progressive self-forcing distillation (METHOD.md) as training `Task`s.
+
+Stage k=1: targets are the frozen AR teacher's inverse-CDF tokens
+  y = F_T^-1(u | x_<=t).
+Stage k=2m: targets are the frozen window-m student's own rollout, the
+  double forward: pass 1 emits y_1..y_m from (x_<=t, u_1..u_m); pass 2 feeds
+  y_1..y_m back as tokens at t+1..t+m with noise u_(m+1)..u_2m after them.
+Noise inversion (baseline): targets are the real data tokens, each u drawn
+  inside its token's CDF interval under the AR teacher.
+Contexts are real training sequences; each sampled window t of a sequence
+gets its own fresh noise.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from kforcing_jax import layouts
+from kforcing_jax import model as model_lib
+from kforcing_jax import noise as noise_lib
+from kforcing_jax import train as train_lib
+
+_BACKBONE_FIELDS = ('vocab_size', 'seq_len', 'num_layers', 'd_model',
+                    'num_heads', 'mlp_dim', 'rope_base')
+
+
+def stage_name(window: int) -> str:
+  return f'student_k{window}'
+
+
+def student_config(teacher_cfg: model_lib.ModelConfig, window: int):
+  return dataclasses.replace(teacher_cfg, noise_window=window)
+
+
+def check_fit(teacher_cfg: model_lib.ModelConfig,
+              student_cfg: model_lib.ModelConfig):
+  """Student and teacher must share the backbone; raises ValueError."""
+  diff = [f'{f}: teacher={getattr(teacher_cfg, f)!r} vs '
+          f'student={getattr(student_cfg, f)!r}'
+          for f in _BACKBONE_FIELDS
+          if getattr(teacher_cfg, f) != getattr(student_cfg, f)]
+  if diff:
+    raise ValueError('student and teacher configs do not fit together: '
+                     + '; '.join(diff))
+  if not student_cfg.noise_window:
+    raise ValueError('the student config has noise_window=0 (no noise slots)')
+
+
+def transfer_params(source, target):
+  """Copies every source leaf whose path and shape match into target.
+
+  Returns (params, copied_paths, new_paths).
+  """
+  src = {jax.tree_util.keystr(p): v
+         for p, v in jax.tree_util.tree_leaves_with_path(source)}
+  copied, new = [], []
+
+  def pick(path, leaf):
+    key = jax.tree_util.keystr(path)
+    if key in src and src[key].shape == leaf.shape:
+      copied.append(key)
+      return jnp.asarray(src[key], leaf.dtype)
+    new.append(key)
+    return leaf
+
+  params = jax.tree_util.tree_map_with_path(pick, target)
+  return params, copied, new
+
+
+def sample_windows(rng, batch: int, num_context: int, k: int,
+                   num_windows: int):
+  """(B, M) context positions t, distinct per row, with t + k <= N - 1.
+
+  num_windows=0 (or more than available) takes every valid t in order.
+  """
+  valid = num_context - k
+  if valid < 1:
+    raise ValueError(f'window k={k} needs sequences longer than {k + 1} '
+                     f'tokens; got {num_context}')
+  if num_windows == 0 or num_windows >= valid:
+    return jnp.broadcast_to(jnp.arange(valid, dtype=jnp.int32),
+                            (batch, valid))
+  scores = jax.random.uniform(rng, (batch, valid))
+  return jnp.argsort(scores, axis=1)[:, :num_windows].astype(jnp.int32)
+
+
+def pf_slot_logits(cfg, params, tokens_BxN, windows_BxM, u_BxMxK,
+                   slot_tokens_BxMxT=None, deterministic=True, rng=None):
+  """Student logits (B, M, K, V) in the training layout."""
+  t = 0 if slot_tokens_BxMxT is None else slot_tokens_BxMxT.shape[-1]
+  positions, mask = layouts.pf_train_layout(
+      windows_BxM, tokens_BxN.shape[1], t + u_BxMxK.shape[-1])
+  model = model_lib.Transformer(cfg)
+  rngs = None if rng is None else {'dropout': rng}
+  h = model.apply({'params': params}, tokens_BxN, slot_tokens_BxMxT, u_BxMxK,
+                  positions, mask, deterministic, rngs=rngs,
+                  method=model_lib.Transformer.pf_hidden)
+  return model.apply({'params': params}, h,
+                     method=model_lib.Transformer.project)
+
+
+def ar_targets(teacher_cfg, teacher_params, tokens_BxN, windows_BxM, u_BxMx1,
+               precision='auto'):
+  """Stage k=1: the AR teacher's inverse-CDF token after each window t."""
+  logits = model_lib.Transformer(teacher_cfg).apply(
+      {'params': teacher_params}, tokens_BxN)
+  at_t = jnp.take_along_axis(logits, windows_BxM[..., None], axis=1)
+  return noise_lib.inverse_cdf(at_t, u_BxMx1[..., 0],
+                               precision=precision)[..., None]
+
+
+def self_forcing_targets(prev_cfg, prev_params, tokens_BxN, windows_BxM,
+                         u_BxMxK):
+  """Stage 2m: the window-m student's double forward, 2m tokens per window."""
+  m = prev_cfg.noise_window
+  if u_BxMxK.shape[-1] != 2 * m:
+    raise ValueError(f'double forward of a window-{m} model needs {2 * m} '
+                     f'noise values per window, got {u_BxMxK.shape[-1]}')
+  first = pf_slot_logits(prev_cfg, prev_params, tokens_BxN, windows_BxM,
+                         u_BxMxK[..., :m]).argmax(-1).astype(jnp.int32)
+  second = pf_slot_logits(prev_cfg, prev_params, tokens_BxN, windows_BxM,
+                          u_BxMxK[..., m:], slot_tokens_BxMxT=first)
+  return jnp.concatenate([first, second.argmax(-1).astype(jnp.int32)], -1)
+
+
+def inversion_targets(rng, teacher_cfg, teacher_params, tokens_BxN,
+                      windows_BxM, k):
+  """Baseline: data tokens x_(t+1..t+k), u inside each one's CDF interval."""
+  logits = model_lib.Transformer(teacher_cfg).apply(
+      {'params': teacher_params}, tokens_BxN)
+  # Slot i of window t predicts x_(t+1+i) from the teacher at position t+i.
+  pos_BxMxK = windows_BxM[..., None] + jnp.arange(k)
+  b, m = windows_BxM.shape
+  at = jnp.take_along_axis(logits, pos_BxMxK.reshape(b, m * k)[..., None],
+                           axis=1)
+  targets = jnp.take_along_axis(tokens_BxN, pos_BxMxK.reshape(b, m * k) + 1,
+                                axis=1)
+  u = noise_lib.sample_u_in_interval(rng, at, targets)
+  return u.reshape(b, m, k), targets.reshape(b, m, k).astype(jnp.int32)
+
+
+def slot_metrics(logits_BxMxKxV, targets_BxMxK):
+  """Per-slot cross-entropy and accuracy (means over batch and windows)."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(
+      logits_BxMxKxV, targets_BxMxK)
+  hits = logits_BxMxKxV.argmax(-1) == targets_BxMxK
+  return losses, hits
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One distillation stage: a student of `window` learning from `source`."""
+  window: int
+  method: str  # 'self_forcing' | 'noise_inversion'
+  student_cfg: model_lib.ModelConfig
+  source_cfg: model_lib.ModelConfig  # AR teacher or previous-stage student.
+  num_windows: int
+  precision: str = 'auto'
+
+  def extras(self, rng, tokens_BxN, frozen):
+    """Windows, noise and targets for a global batch (device-count free)."""
+    b, n = tokens_BxN.shape
+    w_rng, u_rng = jax.random.split(rng)
+    windows = sample_windows(w_rng, b, n, self.window, self.num_windows)
+    if self.method == 'noise_inversion':
+      u, targets = inversion_targets(u_rng, self.source_cfg, frozen,
+                                     tokens_BxN, windows, self.window)
+      return {'windows': windows, 'u': u, 'targets': targets}
+    u = jax.random.uniform(u_rng, windows.shape + (self.window,))
+    if self.source_cfg.noise_window == 0:
+      targets = ar_targets(self.source_cfg, frozen, tokens_BxN, windows, u,
+                           self.precision)
+    else:
+      targets = self_forcing_targets(self.source_cfg, frozen, tokens_BxN,
+                                     windows, u)
+    return {'windows': windows, 'u': u, 'targets': targets}
+
+  def loss(self, params, tokens_BxN, extras, rng, frozen):
+    del frozen
+    logits = pf_slot_logits(self.student_cfg, params, tokens_BxN,
+                            extras['windows'], extras['u'],
+                            deterministic=False, rng=rng)
+    losses, hits = slot_metrics(logits, extras['targets'])
+    metrics = {}
+    for i in range(self.window):
+      metrics[f'loss_slot{i + 1}'] = losses[..., i].mean()
+      metrics[f'acc_slot{i + 1}'] = hits[..., i].mean()
+    return losses.mean(), metrics
+
+  def evaluate(self, params, tokens_BxN, frozen):
+    # Fixed noise: eval numbers are comparable across steps and runs.
+    extras = self.extras(jax.random.PRNGKey(1234), tokens_BxN, frozen)
+    logits = pf_slot_logits(self.student_cfg, params, tokens_BxN,
+                            extras['windows'], extras['u'])
+    losses, hits = slot_metrics(logits, extras['targets'])
+    n = losses[..., 0].size
+    out = {'loss': (losses.mean(-1).sum(), n)}
+    for i in range(self.window):
+      out[f'acc_slot{i + 1}'] = (hits[..., i].sum(), n)
+    return out
+
+
+def stage_task(stage: Stage, init_from, frozen) -> train_lib.Task:
+  """Training task of a stage.
+
+  The student starts from `init_from` (matching names and shapes copied);
+  `frozen` are the target model's params: an input of every step, never in
+  the optimizer state and never differentiated.
+  """
+
+  def init_params(rng):
+    fresh = model_lib.init_params(stage.student_cfg, rng)
+    params, _, _ = transfer_params(init_from, fresh)
+    return params
+
+  return train_lib.Task(
+      name=stage_name(stage.window), model_cfg=stage.student_cfg,
+      init_params=init_params, loss_fn=stage.loss, eval_fn=stage.evaluate,
+      extras_fn=stage.extras, frozen=frozen, shard_map=True)
+
+
+def describe_transfer(init_from, student_cfg) -> str:
+  """Human-readable summary of which parameters are copied vs new."""
+  fresh = jax.eval_shape(lambda r: model_lib.init_params(student_cfg, r),
+                         jax.random.PRNGKey(0))
+  _, copied, new = transfer_params(
+      jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), init_from), fresh)
+  groups = sorted({p.split("']")[0].strip("['") for p in new})
+  return (f'copied {len(copied)} parameter arrays from the source model; '
+          f'new: {len(new)} arrays' + (f' in {groups}' if groups else ''))
