@@ -25,6 +25,8 @@ def base_config() -> ml_collections.ConfigDict:
   m.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (params stay f32).
   m.rope_base = 10000.0  # RoPE frequency base.
   m.noise_mlp_dim = 0  # Student noise-encoder MLP width; 0 means 2 * d_model.
+  m.noise_scale = 1000.0  # Ours: u is scaled by this before its sinusoidal
+  #                         features, so the encoder resolves narrow intervals.
 
   # --- Data. ---
   c.data = d = ml_collections.ConfigDict()

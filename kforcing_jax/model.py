@@ -36,6 +36,7 @@ class ModelConfig:
   rope_base: float = 10000.0
   noise_window: int = 0
   noise_mlp_dim: int = 0
+  noise_scale: float = 1000.0
 
   def __post_init__(self):
     positive = ('vocab_size', 'seq_len', 'num_layers', 'd_model', 'num_heads',
@@ -171,7 +172,8 @@ class Transformer(nn.Module):
     if cfg.noise_window:
       self.noise_encoder = noise_lib.NoiseEncoder(
           d_model=cfg.d_model, mlp_dim=cfg.noise_mlp_dim,
-          dtype=cfg.compute_dtype, name='noise_encoder')
+          scale=cfg.noise_scale, dtype=cfg.compute_dtype,
+          name='noise_encoder')
 
   def embed_tokens(self, tokens_BxL):
     return self.embed(tokens_BxL).astype(self.cfg.compute_dtype)
