@@ -114,7 +114,8 @@ def generate(flags_obj):
       greedy=pick(flags_obj.greedy, dc.greedy),
       frequency_penalty=pick(flags_obj.frequency_penalty,
                              dc.frequency_penalty),
-      eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+      eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+      kernel_impl=config.get('kernels', {}).get('impl', 'auto'))
   for prompt, prompt_ids, row, n in zip(prompts, ids, out.tokens,
                                        out.lengths):
     # Decode prompt and continuation together so word boundaries survive.
@@ -175,7 +176,7 @@ def run_distill(config, workdir: str) -> list[train_lib.TrainResult]:
     stage = distill_lib.Stage(
         window=window, method=ds.method, student_cfg=student_cfg,
         source_cfg=source_cfg, num_windows=ds.num_windows,
-        precision=ds.precision)
+        precision=ds.precision, kernel_impl=config.kernels.impl)
     task = distill_lib.stage_task(stage, init_from=prev_params, frozen=frozen)
     print(f'[{task.name}] stage k={window} ({ds.method}) from '
           f"{'the AR teacher' if source_cfg.noise_window == 0 else 'student_k%d' % source_cfg.noise_window}"

@@ -29,6 +29,7 @@ import numpy as np
 from kforcing_jax import layouts
 from kforcing_jax import model as model_lib
 from kforcing_jax import noise as noise_lib
+from kforcing_jax import projection
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,7 @@ class DecodeSpec:
   use_penalty: bool = False  # Track token counts for the frequency penalty.
   eos_id: int = -1  # Stop a row after this token (-1: never).
   pad_id: int = 0  # Written after a row stops.
+  kernel_impl: str = 'auto'  # Vocabulary projection: see projection.py.
 
   @property
   def is_student(self) -> bool:
@@ -80,23 +82,23 @@ def init_cache(spec: DecodeSpec, batch_size: int):
                for _ in range(cfg.num_layers))
 
 
-def _select(spec, logits_BxKxV, u_BxK, counts, temperature, penalty):
-  """Turns k rows of logits into k tokens, slot by slot.
+def _select(spec, params, h_BxKxD, u_BxK, counts, temperature, penalty):
+  """Turns the k emitting hidden states into k tokens, slot by slot.
 
   Student: argmax (its output is a deterministic function of the noise).
   Teacher: inverse CDF of u, or argmax when greedy. The frequency penalty
   subtracts penalty * count from the logits; counts include earlier slots of
-  the same step.
+  the same step. The projection goes through `projection` (kernels.impl).
   """
+  w_DxV = params['unembed']['kernel']
   tokens = []
   for i in range(spec.k):
-    logits = logits_BxKxV[:, i]
-    if counts is not None:
-      logits = logits - penalty * counts.astype(logits.dtype)
+    h = h_BxKxD[:, i]
     if spec.is_student or spec.greedy:
-      tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+      tok = projection.argmax(h, w_DxV, spec.kernel_impl, counts, penalty)
     else:
-      tok = noise_lib.inverse_cdf(logits, u_BxK[:, i], temperature=temperature)
+      tok = projection.inverse_cdf(h, w_DxV, u_BxK[:, i], spec.kernel_impl,
+                                   temperature, counts, penalty)
     if counts is not None:
       counts = counts.at[jnp.arange(tok.shape[0]), tok].add(1)
     tokens.append(tok)
@@ -118,23 +120,27 @@ def _record(spec, state, new_BxK):
       done=state.done | jnp.any(is_eos & keep, axis=1))
 
 
-def forward(spec, params, tokens_BxT, u_BxK, state_cache, index, pad):
-  """Cached forward of [tokens | noise slots] written at slot `index`.
-
-  Returns (logits of the k emitting positions (B, k, V), new cache).
-  """
+def _hidden(spec, params, tokens_BxT, u_BxK, cache, index, pad):
+  """Cached pass over [tokens | noise slots]; hidden states of the k
+  emitting positions (student: the noise slots; AR: the last token)."""
   model = model_lib.Transformer(spec.model)
   num_new = tokens_BxT.shape[1] + (u_BxK.shape[1] if spec.is_student else 0)
   positions, mask = layouts.decode_layout(pad, index, num_new,
                                           spec.cache_size)
   h, cache = model.apply(
       {'params': params}, tokens_BxT,
-      u_BxK if spec.is_student else None, positions, mask, state_cache,
+      u_BxK if spec.is_student else None, positions, mask, cache,
       index, method=model_lib.Transformer.cached_step)
-  h_emit = h[:, -spec.k:]  # Student: the k noise slots. AR: the last token.
-  logits = model.apply({'params': params}, h_emit,
-                       method=model_lib.Transformer.project)
-  return logits, cache
+  return h[:, -spec.k:], cache
+
+
+def forward(spec, params, tokens_BxT, u_BxK, cache, index, pad):
+  """Cached forward of [tokens | noise slots] written at slot `index`.
+
+  Returns (logits of the k emitting positions (B, k, V), new cache).
+  """
+  h, cache = _hidden(spec, params, tokens_BxT, u_BxK, cache, index, pad)
+  return projection.logits(h, params['unembed']['kernel']), cache
 
 
 def prefill(spec: DecodeSpec, params, prompts_BxP, pad_B, noise_BxK,
@@ -150,9 +156,10 @@ def prefill(spec: DecodeSpec, params, prompts_BxP, pad_B, noise_BxK,
     valid = jnp.arange(spec.prompt_len)[None] >= pad_B[:, None]
     counts = counts.at[jnp.arange(b)[:, None], prompts_BxP].add(
         valid.astype(jnp.int32))
-  logits, cache = forward(spec, params, prompts_BxP, noise_BxK,
-                           init_cache(spec, b), 0, pad_B)
-  new, counts = _select(spec, logits, noise_BxK, counts, temperature, penalty)
+  h, cache = _hidden(spec, params, prompts_BxP, noise_BxK,
+                     init_cache(spec, b), 0, pad_B)
+  new, counts = _select(spec, params, h, noise_BxK, counts, temperature,
+                        penalty)
   state = DecodeState(
       cache=cache, index=jnp.int32(spec.prompt_len), pad=pad_B,
       pending=new, tokens=jnp.full((b, spec.max_new_tokens), spec.pad_id,
@@ -165,10 +172,10 @@ def prefill(spec: DecodeSpec, params, prompts_BxP, pad_B, noise_BxK,
 def decode_step(spec: DecodeSpec, params, state: DecodeState, noise_BxK,
                 temperature=1.0, penalty=0.0) -> DecodeState:
   """Feeds the pending k tokens (+ k noise slots) and emits k more tokens."""
-  logits, cache = forward(spec, params, state.pending, noise_BxK,
-                           state.cache, state.index, state.pad)
-  new, counts = _select(spec, logits, noise_BxK, state.counts, temperature,
-                        penalty)
+  h, cache = _hidden(spec, params, state.pending, noise_BxK, state.cache,
+                     state.index, state.pad)
+  new, counts = _select(spec, params, h, noise_BxK, state.counts,
+                        temperature, penalty)
   state = state.replace(cache=cache, index=state.index + spec.k,
                         counts=counts)
   return _record(spec, state, new)
@@ -191,7 +198,12 @@ def _loop(spec, params, prompts_BxP, pad_B, noise_BxN, temperature, penalty):
   return state.tokens, state.lengths
 
 
-_loop_jit = jax.jit(_loop, static_argnums=0)
+# The whole decode (prefill + while_loop) as one jitted program:
+# decode_loop(spec, params, prompts_BxP, pad_B, noise_BxN, temperature,
+#             penalty) -> (tokens (B, num_steps * k), lengths (B,)).
+# noise_BxN must have num_steps * k columns. Benchmarks lower and compile it
+# once per spec; `generate` is the validating front end.
+decode_loop = jax.jit(_loop, static_argnums=0)
 
 
 @dataclasses.dataclass
@@ -240,7 +252,7 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
              max_new_tokens: int, k: int = 1, noise=None, rng=None,
              temperature: float = 1.0, greedy: bool = False,
              frequency_penalty: float = 0.0, eos_id: int | None = None,
-             pad_id: int = 0) -> GenerateOutput:
+             pad_id: int = 0, kernel_impl: str = 'auto') -> GenerateOutput:
   """Decodes `max_new_tokens` per prompt, k tokens per forward pass.
 
   Args:
@@ -259,6 +271,8 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
       token so far, prompt included, slot by slot); 0 disables.
     eos_id: stop a row after this token; None never stops early.
     pad_id: written after a row stops and used to left-pad prompts.
+    kernel_impl: vocabulary projection, 'auto' | 'pallas' | 'chunked' |
+      'reference' (see projection.py); argmax tokens are identical for all.
   Returns:
     GenerateOutput(tokens (B, max_new_tokens), lengths (B,)).
   """
@@ -270,6 +284,7 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
   else:
     prompts_BxP, pad_B = pad_prompts(prompts, pad_id)
   check_request(cfg, prompts_BxP, pad_B, max_new_tokens, k)
+  projection.check_impl(kernel_impl)
   if not greedy and not cfg.noise_window and not temperature > 0:
     raise ValueError(f'temperature={temperature} must be > 0 (or greedy)')
   b = prompts_BxP.shape[0]
@@ -289,8 +304,9 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
   spec = DecodeSpec(model=cfg, k=k, num_steps=steps,
                     prompt_len=prompts_BxP.shape[1], greedy=greedy,
                     use_penalty=frequency_penalty != 0.0,
-                    eos_id=-1 if eos_id is None else eos_id, pad_id=pad_id)
-  tokens, lengths = _loop_jit(spec, params, jnp.asarray(prompts_BxP),
+                    eos_id=-1 if eos_id is None else eos_id, pad_id=pad_id,
+                    kernel_impl=kernel_impl)
+  tokens, lengths = decode_loop(spec, params, jnp.asarray(prompts_BxP),
                               jnp.asarray(pad_B), jnp.asarray(noise),
                               jnp.float32(temperature),
                               jnp.float32(frequency_penalty))

@@ -76,6 +76,11 @@ def base_config() -> ml_collections.ConfigDict:
   ds.checkpoint_every = 100  # Steps between checkpoints of a stage.
   ds.eval_every = 100  # Steps between held-out per-slot accuracy evals.
 
+  # --- Vocabulary projection kernels (kforcing_jax/kernels). ---
+  c.kernels = kn = ml_collections.ConfigDict()
+  kn.impl = 'auto'  # 'auto' (Pallas on TPU, chunked XLA elsewhere), 'pallas',
+  #                   'chunked' or 'reference' (full logits).
+
   # --- Device mesh. ---
   c.mesh = ms = ml_collections.ConfigDict()
   ms.data = -1  # Size of the 'data' axis; -1 uses every device.
@@ -143,6 +148,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if ds.precision not in ('auto', 'float32', 'float64'):
     raise ValueError(f'distill.precision={ds.precision!r}; expected auto, '
                      'float32 or float64')
+  if c.kernels.impl not in ('auto', 'pallas', 'chunked', 'reference'):
+    raise ValueError(f'kernels.impl={c.kernels.impl!r}; expected auto, '
+                     'pallas, chunked or reference')
   if c.mesh.data == 0 or c.mesh.data < -1:
     raise ValueError(f'mesh.data={c.mesh.data}: use -1 (all devices) or a '
                      'positive device count')

@@ -16,11 +16,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from kforcing_jax import layouts
 from kforcing_jax import model as model_lib
 from kforcing_jax import noise as noise_lib
+from kforcing_jax import projection
 from kforcing_jax import train as train_lib
 
 _BACKBONE_FIELDS = ('vocab_size', 'seq_len', 'num_layers', 'd_model',
@@ -87,43 +87,60 @@ def sample_windows(rng, batch: int, num_context: int, k: int,
   return jnp.argsort(scores, axis=1)[:, :num_windows].astype(jnp.int32)
 
 
-def pf_slot_logits(cfg, params, tokens_BxN, windows_BxM, u_BxMxK,
+def pf_slot_hidden(cfg, params, tokens_BxN, windows_BxM, u_BxMxK,
                    slot_tokens_BxMxT=None, deterministic=True, rng=None):
-  """Student logits (B, M, K, V) in the training layout."""
+  """Student hidden states (B, M, K, D) of the noise slots, training layout."""
   t = 0 if slot_tokens_BxMxT is None else slot_tokens_BxMxT.shape[-1]
   positions, mask = layouts.pf_train_layout(
       windows_BxM, tokens_BxN.shape[1], t + u_BxMxK.shape[-1])
-  model = model_lib.Transformer(cfg)
   rngs = None if rng is None else {'dropout': rng}
-  h = model.apply({'params': params}, tokens_BxN, slot_tokens_BxMxT, u_BxMxK,
-                  positions, mask, deterministic, rngs=rngs,
-                  method=model_lib.Transformer.pf_hidden)
-  return model.apply({'params': params}, h,
-                     method=model_lib.Transformer.project)
+  return model_lib.Transformer(cfg).apply(
+      {'params': params}, tokens_BxN, slot_tokens_BxMxT, u_BxMxK, positions,
+      mask, deterministic, rngs=rngs, method=model_lib.Transformer.pf_hidden)
+
+
+def pf_slot_logits(cfg, params, tokens_BxN, windows_BxM, u_BxMxK,
+                   slot_tokens_BxMxT=None):
+  """Student logits (B, M, K, V) in the training layout."""
+  h = pf_slot_hidden(cfg, params, tokens_BxN, windows_BxM, u_BxMxK,
+                     slot_tokens_BxMxT)
+  return projection.logits(h, params['unembed']['kernel'])
+
+
+def _argmax_slots(params, h_BxMxKxD, impl):
+  *lead, d = h_BxMxKxD.shape
+  tokens = projection.argmax(h_BxMxKxD.reshape(-1, d),
+                             params['unembed']['kernel'], impl)
+  return tokens.reshape(lead)
 
 
 def ar_targets(teacher_cfg, teacher_params, tokens_BxN, windows_BxM, u_BxMx1,
-               precision='auto'):
+               precision='auto', impl='reference'):
   """Stage k=1: the AR teacher's inverse-CDF token after each window t."""
-  logits = model_lib.Transformer(teacher_cfg).apply(
-      {'params': teacher_params}, tokens_BxN)
-  at_t = jnp.take_along_axis(logits, windows_BxM[..., None], axis=1)
-  return noise_lib.inverse_cdf(at_t, u_BxMx1[..., 0],
-                               precision=precision)[..., None]
+  h = model_lib.Transformer(teacher_cfg).apply(
+      {'params': teacher_params}, tokens_BxN,
+      method=model_lib.Transformer.hidden)
+  h_at_t = jnp.take_along_axis(h, windows_BxM[..., None], axis=1)
+  b, m, d = h_at_t.shape
+  tokens = projection.inverse_cdf(
+      h_at_t.reshape(b * m, d), teacher_params['unembed']['kernel'],
+      u_BxMx1.reshape(b * m), impl, precision=precision)
+  return tokens.reshape(b, m, 1)
 
 
 def self_forcing_targets(prev_cfg, prev_params, tokens_BxN, windows_BxM,
-                         u_BxMxK):
+                         u_BxMxK, impl='reference'):
   """Stage 2m: the window-m student's double forward, 2m tokens per window."""
   m = prev_cfg.noise_window
   if u_BxMxK.shape[-1] != 2 * m:
     raise ValueError(f'double forward of a window-{m} model needs {2 * m} '
                      f'noise values per window, got {u_BxMxK.shape[-1]}')
-  first = pf_slot_logits(prev_cfg, prev_params, tokens_BxN, windows_BxM,
-                         u_BxMxK[..., :m]).argmax(-1).astype(jnp.int32)
-  second = pf_slot_logits(prev_cfg, prev_params, tokens_BxN, windows_BxM,
-                          u_BxMxK[..., m:], slot_tokens_BxMxT=first)
-  return jnp.concatenate([first, second.argmax(-1).astype(jnp.int32)], -1)
+  first = _argmax_slots(prev_params, pf_slot_hidden(
+      prev_cfg, prev_params, tokens_BxN, windows_BxM, u_BxMxK[..., :m]), impl)
+  second = _argmax_slots(prev_params, pf_slot_hidden(
+      prev_cfg, prev_params, tokens_BxN, windows_BxM, u_BxMxK[..., m:],
+      slot_tokens_BxMxT=first), impl)
+  return jnp.concatenate([first, second], -1)
 
 
 def inversion_targets(rng, teacher_cfg, teacher_params, tokens_BxN,
@@ -142,12 +159,13 @@ def inversion_targets(rng, teacher_cfg, teacher_params, tokens_BxN,
   return u.reshape(b, m, k), targets.reshape(b, m, k).astype(jnp.int32)
 
 
-def slot_metrics(logits_BxMxKxV, targets_BxMxK):
-  """Per-slot cross-entropy and accuracy (means over batch and windows)."""
-  losses = optax.softmax_cross_entropy_with_integer_labels(
-      logits_BxMxKxV, targets_BxMxK)
-  hits = logits_BxMxKxV.argmax(-1) == targets_BxMxK
-  return losses, hits
+def slot_losses(params, h_BxMxKxD, targets_BxMxK, impl):
+  """Per-slot cross-entropy and hits (B, M, K), fused projection + loss."""
+  *lead, d = h_BxMxKxD.shape
+  losses, top = projection.cross_entropy(
+      h_BxMxKxD.reshape(-1, d), params['unembed']['kernel'],
+      targets_BxMxK.reshape(-1), impl)
+  return losses.reshape(lead), top.reshape(lead) == targets_BxMxK
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +177,7 @@ class Stage:
   source_cfg: model_lib.ModelConfig  # AR teacher or previous-stage student.
   num_windows: int
   precision: str = 'auto'
+  kernel_impl: str = 'auto'  # Vocabulary projection (projection.py).
 
   def extras(self, rng, tokens_BxN, frozen):
     """Windows, noise and targets for a global batch (device-count free)."""
@@ -172,18 +191,18 @@ class Stage:
     u = jax.random.uniform(u_rng, windows.shape + (self.window,))
     if self.source_cfg.noise_window == 0:
       targets = ar_targets(self.source_cfg, frozen, tokens_BxN, windows, u,
-                           self.precision)
+                           self.precision, self.kernel_impl)
     else:
       targets = self_forcing_targets(self.source_cfg, frozen, tokens_BxN,
-                                     windows, u)
+                                     windows, u, self.kernel_impl)
     return {'windows': windows, 'u': u, 'targets': targets}
 
   def loss(self, params, tokens_BxN, extras, rng, frozen):
     del frozen
-    logits = pf_slot_logits(self.student_cfg, params, tokens_BxN,
-                            extras['windows'], extras['u'],
-                            deterministic=False, rng=rng)
-    losses, hits = slot_metrics(logits, extras['targets'])
+    h = pf_slot_hidden(self.student_cfg, params, tokens_BxN,
+                       extras['windows'], extras['u'], deterministic=False,
+                       rng=rng)
+    losses, hits = slot_losses(params, h, extras['targets'], self.kernel_impl)
     metrics = {}
     for i in range(self.window):
       metrics[f'loss_slot{i + 1}'] = losses[..., i].mean()
@@ -193,9 +212,9 @@ class Stage:
   def evaluate(self, params, tokens_BxN, frozen):
     # Fixed noise: eval numbers are comparable across steps and runs.
     extras = self.extras(jax.random.PRNGKey(1234), tokens_BxN, frozen)
-    logits = pf_slot_logits(self.student_cfg, params, tokens_BxN,
-                            extras['windows'], extras['u'])
-    losses, hits = slot_metrics(logits, extras['targets'])
+    h = pf_slot_hidden(self.student_cfg, params, tokens_BxN,
+                       extras['windows'], extras['u'])
+    losses, hits = slot_losses(params, h, extras['targets'], self.kernel_impl)
     n = losses[..., 0].size
     out = {'loss': (losses.mean(-1).sum(), n)}
     for i in range(self.window):

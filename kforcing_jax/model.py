@@ -201,13 +201,17 @@ class Transformer(nn.Module):
     """Unembedding to float32 logits."""
     return self.unembed(h_BxLxD).astype(jnp.float32)
 
-  def __call__(self, tokens_BxL, deterministic=True):
-    """Full causal forward: next-token logits (B, L, V)."""
+  def hidden(self, tokens_BxL, deterministic=True):
+    """Full causal forward up to the final norm: (B, L, D)."""
     length = tokens_BxL.shape[1]
     positions = jnp.broadcast_to(jnp.arange(length), tokens_BxL.shape)
     h, _ = self.backbone(self.embed_tokens(tokens_BxL), positions,
                          causal_mask(length), deterministic=deterministic)
-    return self.project(h)
+    return h
+
+  def __call__(self, tokens_BxL, deterministic=True):
+    """Full causal forward: next-token logits (B, L, V)."""
+    return self.project(self.hidden(tokens_BxL, deterministic))
 
   def pf_hidden(self, tokens_BxN, slot_tokens_BxMxT, u_BxMxK, positions_BxL,
                 mask_BxLxL, deterministic=True):

@@ -105,9 +105,12 @@ def make_step(task: Task, optimizer, ema_decay: float, mesh):
       return jax.lax.pmean((grads, metrics), sharding_lib.DATA)
 
     data = P(sharding_lib.DATA)
+    # check_vma=False: with it, JAX would already psum the gradients of the
+    # replicated params (8 devices -> 8x the mean); here each device keeps
+    # its local gradient and the pmean above is the one explicit reduction.
     grads_and_metrics = jax.shard_map(
         local, mesh=mesh, in_specs=(P(), data, data, P(), P()),
-        out_specs=(P(), P()))
+        out_specs=(P(), P()), check_vma=False)
   else:
     grads_and_metrics = local_grads
 

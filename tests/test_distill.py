@@ -207,6 +207,38 @@ def test_sharded_distillation_step_equals_one_device(small_cfg, tmp_path,
   assert helpers.max_abs_diff(results[0]['embed'], source['embed']) > 1e-4
 
 
+@pytest.mark.parametrize('window', [1, 2])
+def test_sharded_step_gradients_equal_one_device(small_cfg, window):
+  """With SGD(lr=1) the update is the gradient itself: no Adam rescaling
+  can hide a wrong cross-device reduction (e.g. a sum instead of a mean)."""
+  import optax  # pylint: disable=g-import-not-at-top
+  from kforcing_jax import sharding  # pylint: disable=g-import-not-at-top
+  cfg = dataclasses.replace(small_cfg, seq_len=16)
+  source_cfg = cfg if window == 1 else distill.student_config(cfg, 1)
+  source = model_lib.init_params(source_cfg, jax.random.PRNGKey(9))
+  stage = distill.Stage(window=window, method='self_forcing',
+                        student_cfg=distill.student_config(cfg, window),
+                        source_cfg=source_cfg, num_windows=4)
+  task = distill.stage_task(stage, init_from=source, frozen=source)
+  batch = jax.random.randint(jax.random.PRNGKey(1), (8, 16), 0, 61)
+  out = []
+  for size in (1, 8):
+    config = _stage_config(size)
+    mesh = sharding.make_mesh(config.mesh)
+    opt = optax.sgd(1.0)
+    state = train_lib.init_state(task, opt, jax.random.PRNGKey(0), ema=False)
+    step = jax.jit(train_lib.make_step(task, opt, 0.0, mesh))
+    with jax.set_mesh(mesh):
+      new_state, metrics = step(state, sharding.global_batch(
+          np.asarray(batch), mesh), source)
+    out.append((jax.tree.map(lambda a, b: a - b, new_state.params,
+                             state.params), metrics))
+  assert helpers.max_abs_diff(out[0][0], out[1][0]) < 1e-6
+  for name in out[0][1]:
+    np.testing.assert_allclose(out[0][1][name], out[1][1][name], rtol=1e-5,
+                               err_msg=name)
+
+
 def test_teacher_is_not_in_the_optimizer_state(small_cfg):
   teacher = model_lib.init_params(small_cfg, jax.random.PRNGKey(0))
   stage = distill.Stage(window=1, method='self_forcing',

@@ -1,0 +1,70 @@
+"""Where the vocabulary projection meets the kernels: one switch, `impl`.
+
+Decoding, the distillation loss and the stage-1 teacher targets call these
+functions with hidden states and the unembedding matrix. `impl` is the
+`kernels.impl` config value:
+  'reference'  full logits (the model's own projection) then argmax /
+               inverse CDF / softmax cross-entropy;
+  'chunked'    XLA loop over vocabulary chunks, never the full logits;
+  'pallas'     the Pallas kernels (interpret mode on CPU);
+  'auto'       Pallas on TPU, chunked elsewhere.
+Inverse-CDF sampling keeps the high-precision coupling of `noise.py` unless
+the resolved implementation is Pallas (TPU), whose f32 two-pass kernel
+disagrees with it only on draws within a few f32 ulps of a CDF step.
+"""
+
+import jax.numpy as jnp
+import optax
+
+from kforcing_jax import kernels
+from kforcing_jax import noise as noise_lib
+from kforcing_jax.kernels import _common
+
+IMPLS = ('auto', 'pallas', 'chunked', 'reference')
+
+
+def check_impl(impl: str) -> str:
+  if impl not in IMPLS:
+    raise ValueError(f'kernels.impl={impl!r}; expected one of {IMPLS}')
+  return impl
+
+
+def resolved(impl: str) -> str:
+  return _common.resolve_impl(check_impl(impl), 'kernels.impl')
+
+
+def logits(h_MxD, w_DxV):
+  return _common.projection_logits(h_MxD, w_DxV)
+
+
+def argmax(h_MxD, w_DxV, impl, counts_MxV=None, penalty=0.0):
+  """Greedy token per row (frequency-penalised when counts are given)."""
+  if resolved(impl) == 'reference':
+    lg = logits(h_MxD, w_DxV)
+    if counts_MxV is not None:
+      lg = lg - penalty * counts_MxV.astype(lg.dtype)
+    return jnp.argmax(lg, axis=-1).astype(jnp.int32)
+  return kernels.projected_argmax(h_MxD, w_DxV, counts_MxV=counts_MxV,
+                                  penalty=penalty, impl=impl)
+
+
+def inverse_cdf(h_MxD, w_DxV, u_M, impl, temperature=1.0, counts_MxV=None,
+                penalty=0.0, precision='auto'):
+  """Inverse-CDF token per row; see the module docstring for precision."""
+  if resolved(impl) == 'pallas' and counts_MxV is None:
+    return kernels.projected_inverse_cdf(h_MxD, w_DxV, u_M,
+                                         temperature=temperature, impl=impl)
+  lg = logits(h_MxD, w_DxV)
+  if counts_MxV is not None:
+    lg = lg - penalty * counts_MxV.astype(lg.dtype)
+  return noise_lib.inverse_cdf(lg, u_M, temperature=temperature,
+                               precision=precision)
+
+
+def cross_entropy(h_MxD, w_DxV, targets_M, impl):
+  """(per-row loss, per-row argmax); fused unless impl is 'reference'."""
+  if resolved(impl) == 'reference':
+    lg = logits(h_MxD, w_DxV)
+    loss = optax.softmax_cross_entropy_with_integer_labels(lg, targets_M)
+    return loss, jnp.argmax(lg, axis=-1).astype(jnp.int32)
+  return kernels.projected_cross_entropy(h_MxD, w_DxV, targets_M, impl=impl)
