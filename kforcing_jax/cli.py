@@ -1,9 +1,12 @@
 """Command-line entry point: `python -m kforcing_jax SUBCOMMAND [flags]`.
 
 Subcommands:
+  pipeline       --config=configs/X.py --workdir=W   the main job: everything below + W/report.md
   train-teacher  --config=configs/X.py --workdir=W   train (or resume) the AR teacher
   distill        --config=configs/X.py --workdir=W   students of window 1, 2, 4 from W/teacher
   generate       --workdir=W --prompt=TEXT [--k=4]   decode from a trained model
+  evaluate       --config=configs/X.py --workdir=W   quality metrics -> W/eval.json, W/samples/
+  bench          --config=configs/X.py --workdir=W   AR vs k-token decoding speed -> W/bench.json/png
 """
 
 import importlib.util
@@ -42,6 +45,9 @@ SUBCOMMANDS = {
     'train-teacher': commands.train_teacher,
     'generate': commands.generate,
     'distill': commands.distill_cmd,
+    'evaluate': commands.evaluate_cmd,
+    'bench': commands.bench_cmd,
+    'pipeline': commands.pipeline_cmd,
 }
 
 

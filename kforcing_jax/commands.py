@@ -188,3 +188,21 @@ def run_distill(config, workdir: str) -> list[train_lib.TrainResult]:
     results.append(result)
     _, prev_params, _ = checkpoints.load_params(result.run_dir)
   return results
+
+
+def evaluate_cmd(flags_obj):
+  """Samples every trained model and writes W/eval.json, W/samples/."""
+  from kforcing_jax import evaluate  # pylint: disable=g-import-not-at-top
+  evaluate.run_evaluate(_require_config(flags_obj), flags_obj.workdir)
+
+
+def bench_cmd(flags_obj):
+  """Times AR vs push-forward decoding; writes W/bench.json, W/bench.png."""
+  from kforcing_jax import bench  # pylint: disable=g-import-not-at-top
+  bench.run_bench(_require_config(flags_obj), flags_obj.workdir)
+
+
+def pipeline_cmd(flags_obj):
+  """Teacher, distillation, evaluation, benchmark and W/report.md."""
+  from kforcing_jax import pipeline  # pylint: disable=g-import-not-at-top
+  pipeline.run_pipeline(_require_config(flags_obj), flags_obj.workdir)

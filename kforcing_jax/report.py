@@ -1,0 +1,107 @@
+"""W/report.md: the tables of a pipeline run, from the files it wrote.
+
+Everything here is read back from disk (metrics.jsonl of each run,
+eval.json, bench.json, pipeline.json), so the report can be rebuilt at any
+time and every number in it points at the file it came from.
+"""
+
+import json
+import os
+
+
+def _read_jsonl(path):
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _read_json(path):
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _last_eval(run_dir):
+  evals = [r for r in _read_jsonl(os.path.join(run_dir, 'metrics.jsonl'))
+           if any(k.startswith('eval_') for k in r)]
+  return evals[-1] if evals else None
+
+
+def _stat(s, digits=1):
+  if not s or s.get('mean') is None:
+    return 'n/a'
+  return (f"{s['mean']:.{digits}f} [{s['lo']:.{digits}f}, "
+          f"{s['hi']:.{digits}f}]")
+
+
+def training_section(workdir):
+  lines = ['## Training', '',
+           '| run | steps | eval | seconds |', '|---|---|---|---|']
+  timing = (_read_json(os.path.join(workdir, 'pipeline.json')) or {}).get(
+      'runs', {})
+  runs = sorted(d for d in os.listdir(workdir)
+                if d == 'teacher' or d.startswith('student_k'))
+  for run in runs:
+    ev = _last_eval(os.path.join(workdir, run))
+    if ev is None:
+      continue
+    shown = ', '.join(f'{k[5:]}={v:.4g}' for k, v in sorted(ev.items())
+                      if k.startswith('eval_'))
+    secs = timing.get(run, {}).get('seconds')
+    lines.append(f"| {run} | {ev['step']} | {shown} | "
+                 f"{'' if secs is None else f'{secs:.0f}'} |")
+  return lines
+
+
+def quality_section(workdir):
+  ev = _read_json(os.path.join(workdir, 'eval.json'))
+  if ev is None:
+    return []
+  s = ev['settings']
+  lines = ['## Quality (eval.json)', '',
+           f"{s['num_samples']} samples, {s['prefix_len']}-token held-out "
+           f"prefixes completed to {s['seq_len']} tokens, one shared noise "
+           f"array (seed {s['seed']}); mean [95% bootstrap CI].", '',
+           '| model | k | penalty | gen. ppl (teacher) | gen. ppl '
+           '(evaluator) | entropy | distinct-4 | rep-4 | agreement with '
+           'teacher |', '|---|---|---|---|---|---|---|---|---|']
+  for name, m in ev['models'].items():
+    x = m['metrics']
+    coupling = m.get('coupling') or {}
+    lines.append(
+        f"| {name} | {m['k']} | {m['penalty']:g} | "
+        f"{_stat(x['teacher_ppl'])} | {_stat(x.get('evaluator_ppl'))} | "
+        f"{_stat(x['entropy'], 3)} | {_stat(x['distinct_4'], 3)} | "
+        f"{_stat(x['repetition_4'], 3)} | "
+        f"{_stat(coupling.get('agreement'), 3)} |")
+  lines += [''] + [f'- {n}' for n in ev.get('notes', [])]
+  return lines
+
+
+def speed_section(workdir):
+  from kforcing_jax import bench  # pylint: disable=g-import-not-at-top
+  b = _read_json(os.path.join(workdir, 'bench.json'))
+  if b is None:
+    return []
+  m = b['machine']
+  return ['## Decoding speed (bench.json)', '',
+          f"Machine: {m.get('cpu_model')} x{m.get('cpu_count')}, "
+          f"{m.get('backend')} ({m.get('device_kind')}), jax "
+          f"{m.get('jax_version')}.", '', '```',
+          bench.format_tables(b).rstrip(), '```', '',
+          '![speedup over AR](bench.png)']
+
+
+def write_report(workdir: str) -> str:
+  lines = ['# K-Forcing pipeline report', '',
+           f'Work directory: `{os.path.abspath(workdir)}`.', '']
+  for section in (training_section, quality_section, speed_section):
+    part = section(workdir)
+    if part:
+      lines += part + ['']
+  path = os.path.join(workdir, 'report.md')
+  with open(path, 'w') as f:
+    f.write('\n'.join(lines))
+  return path
