@@ -76,6 +76,23 @@ def base_config() -> ml_collections.ConfigDict:
   ds.checkpoint_every = 100  # Steps between checkpoints of a stage.
   ds.eval_every = 100  # Steps between held-out per-slot accuracy evals.
 
+  # --- Sample-quality evaluation (evaluate subcommand). ---
+  c.eval = e = ml_collections.ConfigDict()
+  e.num_samples = 256  # Held-out prefixes completed by every model.
+  e.prefix_len = 6  # Prefix tokens (paper: 6); completed to model.seq_len.
+  e.batch_size = 32  # Samples per decode / teacher-scoring batch.
+  e.seed = 0  # Seed of the shared decoding noise (couples all models) and
+  #             of the bootstrap.
+  e.ks = ()  # Student k values to evaluate; () = 1..largest trained window.
+  e.penalties = {'k2': 0.2, 'k3': 0.4, 'k4': 0.5}  # Frequency-penalty lambda
+  #   per k (METHOD.md); each such k also gets an unpenalised row.
+  e.evaluator = ''  # Local save_pretrained dir of an HF causal LM (paper:
+  #                   GPT-2 Large); '' skips the evaluator perplexity.
+  e.evaluator_batch_size = 8  # Texts per evaluator forward pass.
+  e.bootstrap = 1000  # Bootstrap resamples per CI (0: lo = hi = mean).
+  e.ci_level = 0.95  # Two-sided CI coverage.
+  e.split = ''  # Split the prefixes come from; '' = data.eval_split.
+
   # --- Vocabulary projection kernels (kforcing_jax/kernels). ---
   c.kernels = kn = ml_collections.ConfigDict()
   kn.impl = 'auto'  # 'auto' (Pallas on TPU, chunked XLA elsewhere), 'pallas',

@@ -1,0 +1,479 @@
+"""Tests of kforcing_jax.evaluate: metrics by hand, bootstrap, HF evaluator,
+fixed-length decoding, eval.json schema and an end-to-end run."""
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from kforcing_jax import decode
+from kforcing_jax import defaults
+from kforcing_jax import evaluate as ev
+from kforcing_jax import model as model_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SETTINGS = ev.eval_settings(ml_collections.ConfigDict())
+
+
+# --------------------------------------------------------------------------
+# Text statistics against hand-computed values.
+# --------------------------------------------------------------------------
+
+
+def test_unigram_entropy_hand_values():
+  assert ev.unigram_entropy([0, 0, 1, 1]) == pytest.approx(math.log(2))
+  assert ev.unigram_entropy([5, 5, 5]) == 0.0
+  assert ev.unigram_entropy([3, 1, 2, 0]) == pytest.approx(math.log(4))
+  # p = (1/2, 1/4, 1/4): H = 1.5 ln 2.
+  assert ev.unigram_entropy([7, 7, 8, 9]) == pytest.approx(1.5 * math.log(2))
+  assert math.isnan(ev.unigram_entropy([]))
+
+
+def test_distinct_n_hand_values():
+  t = [1, 2, 1, 2]
+  assert ev.distinct_n(t, 1) == pytest.approx(2 / 4)
+  assert ev.distinct_n(t, 2) == pytest.approx(2 / 3)  # 12, 21, 12.
+  assert ev.distinct_n(t, 3) == pytest.approx(1.0)  # 121, 212.
+  assert ev.distinct_n(t, 4) == pytest.approx(1.0)
+  assert math.isnan(ev.distinct_n(t, 5))
+
+
+def test_repetition_rate_hand_values():
+  # The 4-gram 1234 recurs at position 4 and covers tokens 4..7.
+  assert ev.repetition_rate([1, 2, 3, 4, 1, 2, 3, 4]) == pytest.approx(0.5)
+  assert ev.repetition_rate([1, 2, 3, 4, 5, 6]) == 0.0
+  # Eight equal tokens: 4-grams at 1..4 repeat the one at 0 -> tokens 1..7.
+  assert ev.repetition_rate([9] * 8) == pytest.approx(7 / 8)
+  assert ev.repetition_rate([1, 2, 3]) == 0.0  # Too short for a 4-gram.
+
+
+def test_text_stats_rows_and_keys():
+  stats = ev.text_stats(np.array([[0, 0, 1, 1], [5, 5, 5, 5]]))
+  assert set(stats) == {'entropy', 'distinct_1', 'distinct_2', 'distinct_3',
+                        'distinct_4', 'repetition_4'}
+  np.testing.assert_allclose(stats['entropy'], [math.log(2), 0.0])
+  np.testing.assert_allclose(stats['distinct_1'], [0.5, 0.25])
+
+
+def test_coupling_stats_hand_values():
+  teacher = np.array([[1, 2, 3, 4, 5], [1, 2, 3, 4, 5]])
+  student = np.array([[1, 2, 9, 4, 5], [1, 2, 3, 4, 5]])
+  c = ev.coupling_stats(student, teacher, k=2)
+  np.testing.assert_allclose(c['agreement'], [0.8, 1.0])
+  # Slot 0: positions 0, 2, 4; slot 1: positions 1, 3.
+  np.testing.assert_allclose(c['per_slot'], [[2 / 3, 1.0], [1.0, 1.0]])
+  np.testing.assert_allclose(c['first_divergence'], [2, 5])
+  with pytest.raises(ValueError, match='student tokens'):
+    ev.coupling_stats(student[:, :4], teacher, k=2)
+
+
+# --------------------------------------------------------------------------
+# Perplexity with analytic log-prob functions.
+# --------------------------------------------------------------------------
+
+# A fixed 3-token bigram teacher: P[prev, next].
+_BIGRAM = np.array([[0.5, 0.25, 0.25],
+                    [0.1, 0.2, 0.7],
+                    [0.6, 0.3, 0.1]])
+
+
+def _bigram_logprob_fn(tokens):
+  tokens = np.asarray(tokens)
+  return np.log(_BIGRAM[tokens[:, :-1], tokens[:, 1:]])
+
+
+def test_sequence_nll_bigram_hand_values():
+  tokens = np.array([[0, 1, 2, 1], [2, 0, 0, 1], [1, 1, 1, 1]])
+  # batch_size=2 also exercises the padded last batch.
+  nll, count = ev.sequence_nll(_bigram_logprob_fn, tokens, start=2,
+                               batch_size=2)
+  want = -np.log([0.7 * 0.3, 0.5 * 0.25, 0.2 * 0.2])
+  np.testing.assert_allclose(nll, want)
+  np.testing.assert_array_equal(count, [2, 2, 2])
+  ppl = ev.perplexity_ci(nll, count, _SETTINGS)
+  assert ppl['mean'] == pytest.approx(math.exp(want.sum() / 6))
+  with pytest.raises(ValueError, match='start=0'):
+    ev.sequence_nll(_bigram_logprob_fn, tokens, start=0, batch_size=2)
+
+
+def test_uniform_model_has_perplexity_vocab_size():
+  uniform = lambda t: np.full((t.shape[0], t.shape[1] - 1), -math.log(4))
+  tokens = np.random.default_rng(0).integers(0, 4, (5, 10))
+  ppl = ev.perplexity_ci(*ev.sequence_nll(uniform, tokens, 6, 4), _SETTINGS)
+  assert ppl['mean'] == pytest.approx(4.0)
+  assert ppl['lo'] == pytest.approx(4.0) and ppl['hi'] == pytest.approx(4.0)
+
+
+def test_perplexity_is_token_weighted():
+  # Per-token NLL 2 over 1 token and 2 over 3 tokens -> exp(8 / 4).
+  ppl = ev.perplexity_ci([2.0, 6.0], [1, 3], _SETTINGS)
+  assert ppl['mean'] == pytest.approx(math.exp(2.0))
+  # A sample with no scored tokens is dropped, not a division by zero.
+  ppl = ev.perplexity_ci([2.0, 0.0], [1, 0], _SETTINGS)
+  assert ppl['n'] == 1 and ppl['mean'] == pytest.approx(math.exp(2.0))
+
+
+def test_teacher_logprob_fn_matches_full_forward(small_cfg):
+  params = model_lib.init_params(small_cfg, jax.random.PRNGKey(0))
+  tokens = np.random.default_rng(1).integers(0, small_cfg.vocab_size, (3, 9))
+  got = np.asarray(ev.teacher_logprob_fn(small_cfg, params)(tokens))
+  logits = model_lib.Transformer(small_cfg).apply({'params': params},
+                                                  jnp.asarray(tokens))
+  lp = np.asarray(jax.nn.log_softmax(logits, -1))
+  want = np.take_along_axis(lp[:, :-1], tokens[:, 1:, None], -1)[..., 0]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------
+# Bootstrap.
+# --------------------------------------------------------------------------
+
+
+def test_bootstrap_contains_mean_and_shrinks_with_data():
+  rng = np.random.default_rng(0)
+  small = ev.bootstrap_ci(rng.normal(size=30), num_resamples=500)
+  large = ev.bootstrap_ci(rng.normal(size=3000), num_resamples=500)
+  for ci in (small, large):
+    assert ci['lo'] < ci['mean'] < ci['hi']
+  assert large['hi'] - large['lo'] < 0.3 * (small['hi'] - small['lo'])
+  assert small['n'] == 30
+
+
+def test_bootstrap_width_matches_normal_theory():
+  # Mean of 400 standard normals: 95% CI half-width ~ 1.96 / sqrt(400).
+  values = np.random.default_rng(2).normal(size=400)
+  ci = ev.bootstrap_ci(values, num_resamples=2000)
+  assert (ci['hi'] - ci['lo']) / 2 == pytest.approx(1.96 / 20, rel=0.15)
+  narrow = ev.bootstrap_ci(values, num_resamples=2000, level=0.5)
+  assert (narrow['hi'] - narrow['lo']) / 2 == pytest.approx(0.674 / 20,
+                                                             rel=0.15)
+
+
+def test_bootstrap_is_deterministic_by_seed():
+  values = np.random.default_rng(1).exponential(size=200)
+  a = ev.bootstrap_ci(values, seed=3)
+  assert a == ev.bootstrap_ci(values, seed=3)
+  b = ev.bootstrap_ci(values, seed=4)
+  assert a['mean'] == b['mean'] and (a['lo'], a['hi']) != (b['lo'], b['hi'])
+
+
+def test_bootstrap_edge_cases():
+  assert ev.bootstrap_ci([]) == {'mean': None, 'lo': None, 'hi': None,
+                                 'n': 0}
+  assert ev.bootstrap_ci([2.0]) == {'mean': 2.0, 'lo': 2.0, 'hi': 2.0,
+                                    'n': 1}
+  ci = ev.bootstrap_ci([1.0, float('nan'), 3.0], num_resamples=0)
+  assert ci == {'mean': 2.0, 'lo': 2.0, 'hi': 2.0, 'n': 2}
+  # Weighted, transformed statistic: exp((1*1 + 3*3) / 4).
+  ci = ev.bootstrap_ci([1.0, 3.0], [1, 3], transform=np.exp)
+  assert ci['mean'] == pytest.approx(math.exp(2.5))
+  assert math.exp(1.0) <= ci['lo'] <= ci['hi'] <= math.exp(3.0)
+
+
+# --------------------------------------------------------------------------
+# Settings and the model plan.
+# --------------------------------------------------------------------------
+
+
+def test_settings_defaults_and_overrides():
+  assert _SETTINGS.prefix_len == 6 and _SETTINGS.evaluator == ''
+  assert _SETTINGS.penalty(4) == 0.5 and _SETTINGS.penalty(1) == 0.0
+  config = ml_collections.ConfigDict({'eval': {
+      'num_samples': 3, 'penalties': {'k2': 0.3, '3': 0.1}}})
+  s = ev.eval_settings(config)
+  assert s.num_samples == 3 and s.penalties == ((2, 0.3), (3, 0.1))
+  assert ev.eval_settings({'eval': {'penalties': {4: 0.5}}}).penalty(4) == 0.5
+  for bad, needle in (({'prefix_len': 0}, 'eval.prefix_len=0'),
+                      ({'penalties': {'x': 1.0}}, "key 'x'"),
+                      ({'ci_level': 1.5}, 'eval.ci_level')):
+    with pytest.raises(ValueError, match=needle):
+      ev.eval_settings(ml_collections.ConfigDict({'eval': bad}))
+
+
+def test_plan_models_picks_smallest_window():
+  plan = ev.plan_models([1, 2, 4], _SETTINGS)
+  names = [e.name for e in plan]
+  assert names == ['data', 'teacher', 'student_k1', 'student_k2',
+                   'student_k2_penalty', 'student_k3', 'student_k3_penalty',
+                   'student_k4', 'student_k4_penalty']
+  by_name = {e.name: e for e in plan}
+  assert by_name['student_k3'].run == 'student_k4'
+  assert by_name['student_k3_penalty'].penalty == 0.4
+  assert by_name['student_k2'].run == 'student_k2'
+  assert [e.name for e in ev.plan_models([], _SETTINGS)] == ['data',
+                                                              'teacher']
+  s = dataclasses.replace(_SETTINGS, ks=(8,))
+  with pytest.raises(ValueError, match='k=8'):
+    ev.plan_models([1, 2, 4], s)
+
+
+# --------------------------------------------------------------------------
+# Fixed-length decoding when k does not divide the length.
+# --------------------------------------------------------------------------
+
+
+def test_generate_fixed_equals_a_longer_decode_cut_short():
+  cfg = model_lib.ModelConfig(vocab_size=23, seq_len=12, num_layers=1,
+                              d_model=16, num_heads=2, mlp_dim=32,
+                              noise_window=4)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
+  prefixes = np.array([[3, 4, 5], [7, 1, 2]], np.int32)
+  noise = np.asarray(jax.random.uniform(jax.random.PRNGKey(1), (2, 9)))
+  # k=3 over 9 tokens fits; over 8 it needs a 2-token last pass. A model
+  # with room for 9 decodes the same first 8 tokens (RoPE has no length).
+  got = ev.generate_fixed(cfg, params, prefixes, noise[:, :8], k=3,
+                          penalty=0.5)
+  want = decode.generate(params, cfg, prefixes, max_new_tokens=9, k=3,
+                         noise=noise, frequency_penalty=0.5).tokens
+  assert got.shape == (2, 8)
+  np.testing.assert_array_equal(got, want[:, :8])
+
+
+# --------------------------------------------------------------------------
+# Independent HF evaluator (tiny random GPT-2, built offline).
+# --------------------------------------------------------------------------
+
+_WORDS = ('the cat sat on a mat while dogs ran far away from home and birds '
+          'sang songs of old days in green fields under blue skies').split()
+
+
+def _corpus(num_docs, words_per_doc, seed=0):
+  rng = np.random.default_rng(seed)
+  return [' '.join(rng.choice(_WORDS, words_per_doc)) + '.'
+          for _ in range(num_docs)]
+
+
+@pytest.fixture(scope='module')
+def hf_dir(tmp_path_factory):
+  """A saved tiny GPT-2 + BPE tokenizer; also `tokenizer.json` for data."""
+  with pytest.MonkeyPatch.context() as mp:
+    # The evaluator must never reach a hub: everything here is local.
+    mp.setenv('HF_HUB_OFFLINE', '1')
+    mp.setenv('TRANSFORMERS_OFFLINE', '1')
+    yield _save_tiny_gpt2(tmp_path_factory.mktemp('hf'))
+
+
+def _save_tiny_gpt2(out):
+  pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(
+      add_prefix_space=False)
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  trainer = tokenizers.trainers.BpeTrainer(
+      vocab_size=300, special_tokens=['<|endoftext|>', '[PAD]'],
+      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(_corpus(50, 40), trainer)
+  tok.save(str(out / 'tokenizer.json'))
+  fast = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, eos_token='<|endoftext|>', pad_token='[PAD]')
+  fast.save_pretrained(str(out))
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+      n_layer=1, n_embd=32, n_head=2, n_positions=64,
+      vocab_size=tok.get_vocab_size()))
+  model.save_pretrained(str(out))
+  return str(out)
+
+
+def test_continuation_start():
+  assert ev.continuation_start([5, 6], [5, 6, 7, 8]) == 2
+  assert ev.continuation_start([5, 6], [5, 9, 7]) == 1  # Merged boundary.
+  assert ev.continuation_start([], [5, 6]) == 1  # First token: no context.
+
+
+def test_hf_evaluator_nll_matches_hand_computation(hf_dir):
+  import torch  # pylint: disable=g-import-not-at-top
+  evaluator = ev.HFEvaluator(hf_dir, batch_size=2)
+  prefixes = ['the cat', 'dogs ran', 'blue']
+  texts = ['the cat sat on a mat.', 'dogs ran far away from home and birds',
+           'blue skies']
+  nll, count = evaluator.nll(prefixes, texts)  # 3 rows: padded 2nd batch.
+  assert np.all(count > 0) and np.all(np.isfinite(nll))
+  for prefix, text, got_nll, got_count in zip(prefixes, texts, nll, count):
+    ids = evaluator.tokenizer(text)['input_ids']
+    start = ev.continuation_start(evaluator.tokenizer(prefix)['input_ids'],
+                                  ids)
+    with torch.no_grad():
+      logits = evaluator.model(torch.tensor([ids]).to(evaluator.device))
+      logits = logits.logits[0].double().cpu()
+    lp = torch.log_softmax(logits, -1)
+    want = -sum(float(lp[j - 1, ids[j]]) for j in range(start, len(ids)))
+    assert got_count == len(ids) - start
+    assert got_nll == pytest.approx(want, rel=1e-4)
+  ppl = ev.perplexity_ci(nll, count, _SETTINGS)['mean']
+  assert ppl == pytest.approx(math.exp(nll.sum() / count.sum()))
+  assert 1.0 < ppl < 1e4
+
+
+def test_missing_transformers_names_the_extra(monkeypatch, tmp_path):
+  monkeypatch.setitem(sys.modules, 'transformers', None)
+  with pytest.raises(ImportError, match=r'kforcing_jax\[eval\]'):
+    ev.HFEvaluator(str(tmp_path))
+  with pytest.raises(FileNotFoundError, match='eval.evaluator'):
+    ev.HFEvaluator(str(tmp_path / 'nope'))
+
+
+# --------------------------------------------------------------------------
+# eval.json schema.
+# --------------------------------------------------------------------------
+
+
+def _stat(mean=1.0):
+  return {'mean': mean, 'lo': mean, 'hi': mean, 'n': 2}
+
+
+def _entry(kind, k=1):
+  metrics = {key: _stat() for key in ev.METRIC_KEYS}
+  metrics['evaluator_ppl'] = None
+  coupling = None
+  if kind == 'student':
+    coupling = {'agreement': _stat(), 'per_slot': [_stat()] * k,
+                'first_divergence': _stat()}
+  return {'kind': kind, 'run': kind, 'k': k, 'penalty': 0.0,
+          'samples_file': f'samples/{kind}.jsonl',
+          'decode': {'seconds': 1.0, 'tokens_per_s': 2.0,
+                     'includes_compile': True},
+          'metrics': metrics, 'coupling': coupling}
+
+
+def _minimal_eval_json():
+  settings = {key: (0.95 if typ is float else '' if typ is str else 1)
+              for key, typ in ev.SETTINGS_TYPES.items()}
+  return {'schema_version': ev.SCHEMA_VERSION, 'name': 'x',
+          'settings': settings, 'notes': [],
+          'models': {'teacher': _entry('teacher'),
+                     'student_k2': _entry('student', 2)}}
+
+
+@pytest.mark.parametrize('mutate,needle', [
+    (lambda d: d.pop('settings'), "'settings'"),
+    (lambda d: d['settings'].pop('prefix_len'), 'settings.prefix_len'),
+    (lambda d: d['models'].pop('teacher'), 'models.teacher'),
+    (lambda d: d['models']['teacher']['metrics'].pop('entropy'),
+     'models.teacher.metrics.entropy'),
+    (lambda d: d['models']['teacher']['metrics']['entropy'].update(lo=5.0),
+     'models.teacher.metrics.entropy'),
+    (lambda d: d['models']['student_k2']['coupling']['per_slot'].pop(),
+     'models.student_k2.coupling.per_slot'),
+    (lambda d: d['models']['student_k2'].update(coupling=None),
+     'models.student_k2.coupling'),
+    (lambda d: d['models']['teacher'].update(k='1'), 'models.teacher.k'),
+    (lambda d: d['models']['teacher']['metrics']['teacher_ppl'].update(
+        mean=None), 'models.teacher.metrics.teacher_ppl'),
+])
+def test_validate_eval_json_names_the_bad_key(mutate, needle):
+  d = _minimal_eval_json()
+  ev.validate_eval_json(d)
+  mutate(d)
+  with pytest.raises(ValueError, match=needle.replace('[', r'\[')):
+    ev.validate_eval_json(d)
+
+
+# --------------------------------------------------------------------------
+# End to end.
+# --------------------------------------------------------------------------
+
+
+def _check_outputs(workdir, result, names):
+  with open(os.path.join(workdir, 'eval.json')) as f:
+    on_disk = json.load(f)
+  ev.validate_eval_json(on_disk)
+  assert on_disk == json.loads(json.dumps(result))
+  assert list(on_disk['models']) == names
+  for name in names:
+    path = os.path.join(workdir, 'samples', f'{name}.jsonl')
+    with open(path) as f:
+      rows = [json.loads(line) for line in f]
+    assert len(rows) == on_disk['settings']['num_samples']
+    for row in rows:
+      assert {'prefix', 'text', 'prefix_ids', 'token_ids'} <= set(row)
+      assert len(row['prefix_ids']) == on_disk['settings']['prefix_len']
+      assert len(row['token_ids']) == on_disk['settings']['max_new_tokens']
+  return on_disk
+
+
+def _fake_run(root, name):
+  os.makedirs(os.path.join(root, name, 'checkpoints'))
+
+
+def test_run_evaluate_untrained_models(hf_dir, tmp_path, monkeypatch):
+  """Full driver on random-init models, a text corpus and the HF evaluator."""
+  docs = tmp_path / 'docs'
+  docs.mkdir()
+  for i, text in enumerate(_corpus(11, 120, seed=1)):
+    (docs / f'{i:02d}.txt').write_text(text)  # Document 10 is validation.
+  config = defaults.base_config()
+  config.model.update(dict(vocab_size=320, seq_len=14, num_layers=1,
+                           d_model=16, num_heads=2, mlp_dim=32))
+  config.data.update(dict(source='text', text_glob=str(docs / '*.txt'),
+                          tokenizer_path=os.path.join(hf_dir,
+                                                      'tokenizer.json')))
+  config.eval = ml_collections.ConfigDict(dict(
+      num_samples=5, batch_size=4, prefix_len=6, ks=(2,), penalties={},
+      evaluator=hf_dir, bootstrap=50))
+  teacher_cfg = model_lib.ModelConfig.from_config(config.model)
+  student_cfg = dataclasses.replace(teacher_cfg, noise_window=2)
+  runs = {'teacher': teacher_cfg, 'student_k2': student_cfg}
+  for name in runs:
+    _fake_run(str(tmp_path / 'w'), name)
+  monkeypatch.setattr(ev.checkpoints, 'load_params', lambda d: (
+      runs[os.path.basename(d)],
+      model_lib.init_params(runs[os.path.basename(d)],
+                            jax.random.PRNGKey(0)), {}))
+  workdir = str(tmp_path / 'w')
+  result = ev.run_evaluate(config, workdir)
+  d = _check_outputs(workdir, result, ['data', 'teacher', 'student_k2'])
+  assert d['settings']['max_new_tokens'] == 8
+  for entry in d['models'].values():
+    assert entry['metrics']['evaluator_ppl']['n'] == 5
+  # The 'data' row scores the held-out continuation itself.
+  with open(os.path.join(workdir, 'samples', 'data.jsonl')) as f:
+    first = json.loads(f.readline())
+  assert first['text'].startswith(first['prefix'].rstrip())
+
+
+@pytest.fixture(scope='module')
+def trained_workdir(tmp_path_factory):
+  """Tiny teacher + students k=1,2,4 trained once (about a minute)."""
+  workdir = str(tmp_path_factory.mktemp('trained'))
+  env = dict(os.environ, XLA_FLAGS='')  # One CPU device: faster here.
+  for cmd in (['train-teacher'],
+              ['distill', '--config.distill.steps_per_stage=20']):
+    subprocess.run([sys.executable, '-m', 'kforcing_jax', cmd[0],
+                    '--config=configs/tiny.py', f'--workdir={workdir}',
+                    *cmd[1:]], cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=600)
+  return workdir
+
+
+@pytest.mark.slow
+def test_run_evaluate_tiny_trained(trained_workdir, hf_dir, capsys):
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.eval = ml_collections.ConfigDict(dict(
+      num_samples=6, batch_size=4, evaluator=hf_dir, bootstrap=100))
+  result = ev.run_evaluate(config, trained_workdir)
+  names = ['data', 'teacher', 'student_k1', 'student_k2',
+           'student_k2_penalty', 'student_k3', 'student_k3_penalty',
+           'student_k4', 'student_k4_penalty']
+  d = _check_outputs(trained_workdir, result, names)
+  models = d['models']
+  assert models['student_k3']['run'] == 'student_k4'
+  assert len(models['student_k4']['coupling']['per_slot']) == 4
+  assert models['teacher']['coupling'] is None
+  assert models['teacher']['decode']['tokens_per_s'] > 0
+  assert d['settings']['max_new_tokens'] == 26
+  out = capsys.readouterr().out
+  assert all(f'[eval] {name}:' in out for name in names)
+  assert 'tok/s' in out
