@@ -1,0 +1,409 @@
+"""Tests of launch/: the TPU pod helper and the local multi-process script.
+
+Nothing here reaches a cloud: tpu_pod.py runs with --dry-run, or with a fake
+`gcloud` first on PATH; the remote shell scripts it builds run in a temporary
+HOME with a fake interpreter; local_multiprocess.sh runs a fake interpreter.
+"""
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TPU_POD = os.path.join(ROOT, 'launch', 'tpu_pod.py')
+LOCAL_MP = os.path.join(ROOT, 'launch', 'local_multiprocess.sh')
+
+POD = ['--name=kf-pod', '--zone=us-central1-a']
+KF_ARGS = ['train-teacher', '--config=configs/demo.py', '--workdir=/mnt/kf',
+           '--config.train.num_steps=1000', "--prompt=Hello 'big' \"$world\""]
+
+
+def _write_exe(path, text):
+  path.write_text(textwrap.dedent(text).lstrip())
+  path.chmod(0o755)
+  return path
+
+
+@pytest.fixture
+def fake_bin(tmp_path):
+  """A PATH folder whose `gcloud` logs its argv and fails on FAIL_VERB."""
+  folder = tmp_path / 'bin'
+  folder.mkdir()
+  _write_exe(folder / 'gcloud', f"""
+      #!{sys.executable}
+      import json, os, sys
+      with open(os.environ['GCLOUD_LOG'], 'a') as f:
+        f.write(json.dumps(sys.argv[1:]) + '\\n')
+      sys.exit(7 if os.environ.get('FAIL_VERB') in sys.argv[1:] else 0)
+      """)
+  return folder
+
+
+def pod(*args, env=None, tmp_path=None):
+  """Runs tpu_pod.py; PATH has no gcloud unless `env` says otherwise."""
+  run_env = dict(os.environ)
+  run_env['PATH'] = os.path.dirname(sys.executable)  # No gcloud here.
+  if tmp_path is not None:
+    run_env['TMPDIR'] = str(tmp_path)  # Where copy stages the repo.
+  run_env.update(env or {})
+  return subprocess.run([sys.executable, TPU_POD, *args], env=run_env,
+                        capture_output=True, text=True, timeout=60)
+
+
+def shell_words(text: str) -> list[str]:
+  """The words bash makes of `text` (shlex leaves \\$ escaped in "...")."""
+  out = subprocess.run(['bash', '-c', f"printf '%s\\0' {text}"],
+                       capture_output=True, text=True, check=True).stdout
+  return out.split('\0')[:-1]
+
+
+def remote_script(line: str) -> str:
+  """The shell script of a printed `gcloud ... ssh ... --command=S` line."""
+  words = shlex.split(line)
+  (command,) = [w for w in words if w.startswith('--command=')]
+  return command[len('--command='):]
+
+
+# ------------------------------------------------------------ tpu_pod.py
+
+
+def test_all_dry_run_prints_every_step_and_runs_nothing(tmp_path, fake_bin):
+  log = tmp_path / 'gcloud.log'
+  r = pod('all', '--dry-run', *POD, '--accelerator-type=v5litepod-16',
+          '--spot', '--project=my-proj', '--', *KF_ARGS, tmp_path=tmp_path,
+          env={'PATH': f'{fake_bin}{os.pathsep}{os.environ["PATH"]}',
+               'GCLOUD_LOG': str(log)})
+  assert r.returncode == 0, r.stderr
+  lines = r.stdout.splitlines()
+  assert len(lines) == 5, r.stdout
+  create, stage, scp, install, run = lines
+  assert not log.exists()  # gcloud was never called,
+  assert not list(tmp_path.glob('kforcing_pod_stage_*'))  # nor staged.
+
+  words = shlex.split(create)
+  assert words[:6] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'create',
+                       'kf-pod']
+  for flag in ('--zone=us-central1-a', '--accelerator-type=v5litepod-16',
+               '--version=v2-alpha-tpuv5-lite', '--spot',
+               '--project=my-proj'):
+    assert flag in words
+  assert '--preemptible' not in words
+
+  assert stage.startswith('# stage ')
+  words = shlex.split(scp)
+  assert words[:5] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'scp']
+  assert {'--recurse', '--worker=all', '--zone=us-central1-a',
+          '--project=my-proj'} <= set(words)
+  assert words[-1] == 'kf-pod:'
+  assert words[-2].endswith(os.sep + 'kforcing_jax')
+
+  for line in (install, run):
+    words = shlex.split(line)
+    assert words[:6] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh',
+                         'kf-pod']
+    assert {'--worker=all', '--zone=us-central1-a',
+            '--project=my-proj'} <= set(words)
+  assert 'pip install' in remote_script(install)
+  assert '".[demo]" "jax[tpu]"' in remote_script(install)
+  script = remote_script(run)
+  assert 'nohup ' in script
+  assert '"$HOME/kforcing_logs/train-teacher.log"' in script
+  # The kforcing_jax command survives both levels of quoting.
+  assert '-m kforcing_jax train-teacher --config=configs/demo.py' in script
+  after_module = script.split('-m kforcing_jax ', 1)[1].split(' > ', 1)[0]
+  assert shell_words(after_module) == KF_ARGS
+
+
+def test_remote_scripts_run_and_stop(tmp_path):
+  """The run/stop/logs/install scripts, run by bash in a fake $HOME."""
+  home = tmp_path / 'home'
+  (home / 'kforcing_jax').mkdir(parents=True)
+  (home / 'kforcing_venv' / 'bin').mkdir(parents=True)
+  _write_exe(home / 'kforcing_venv' / 'bin' / 'python', f"""
+      #!{sys.executable}
+      import json, os, sys, time
+      with open(os.path.join(os.environ['HOME'], 'argv.json'), 'w') as f:
+        json.dump({{'argv': sys.argv[1:], 'cwd': os.getcwd(),
+                   'A': os.environ.get('A')}}, f)
+      print('training...', flush=True)
+      time.sleep(60)
+      """)
+  env = dict(os.environ, HOME=str(home))
+
+  def bash(script):
+    return subprocess.run(['bash', '-c', script], env=env, capture_output=True,
+                          text=True, timeout=30)
+
+  r = pod('run', '--dry-run', *POD, '--env', 'A=b c', '--', *KF_ARGS)
+  assert r.returncode == 0, r.stderr
+  run_script = remote_script(r.stdout.strip())
+  out = bash(run_script)
+  assert out.returncode == 0, out.stderr
+  assert 'started train-teacher' in out.stdout
+  argv_file = home / 'argv.json'
+  for _ in range(100):
+    if argv_file.exists() and argv_file.stat().st_size:
+      break
+    time.sleep(0.1)
+  got = json.loads(argv_file.read_text())
+  assert got == {'argv': ['-m', 'kforcing_jax', *KF_ARGS],
+                 'cwd': str(home / 'kforcing_jax'), 'A': 'b c'}
+  pid = int((home / 'kforcing_logs' / 'train-teacher.pid').read_text())
+  try:
+    # A second start of the same run is refused while it is alive.
+    again = bash(run_script)
+    assert again.returncode != 0
+    assert 'already running' in again.stderr
+
+    r = pod('logs', '--dry-run', *POD, '--run-name=train-teacher',
+            '--no-follow')
+    out = bash(remote_script(r.stdout.strip()))
+    assert 'training...' in out.stdout
+
+    r = pod('stop', '--dry-run', *POD, '--run-name=train-teacher')
+    out = bash(remote_script(r.stdout.strip()))
+    assert 'sent SIGTERM to train-teacher' in out.stdout
+    for _ in range(100):
+      try:
+        os.kill(pid, 0)
+      except ProcessLookupError:
+        break
+      time.sleep(0.1)
+    else:
+      pytest.fail('the run was not stopped')
+    out = bash(remote_script(r.stdout.strip()))
+    assert 'train-teacher is not running' in out.stdout
+  finally:
+    try:
+      os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+
+  r = pod('install', '--dry-run', *POD)
+  syntax = subprocess.run(['bash', '-n', '-c', remote_script(r.stdout)],
+                          capture_output=True, text=True)
+  assert syntax.returncode == 0, syntax.stderr
+
+
+@pytest.mark.parametrize('accelerator,version', [
+    ('v4-32', 'tpu-ubuntu2204-base'),
+    ('v5litepod-16', 'v2-alpha-tpuv5-lite'),
+    ('v5p-8', 'v2-alpha-tpuv5'),
+    ('v6e-16', 'v2-alpha-tpuv6e'),
+])
+def test_create_default_runtime_version(accelerator, version):
+  r = pod('create', '--dry-run', *POD, f'--accelerator-type={accelerator}',
+          '--preemptible')
+  assert r.returncode == 0, r.stderr
+  words = shlex.split(r.stdout)
+  assert f'--version={version}' in words
+  assert '--preemptible' in words and '--spot' not in words
+  assert '--project' not in r.stdout  # Only when given.
+
+
+def test_other_subcommands_dry_run():
+  r = pod('logs', '--dry-run', *POD, '--run-name=distill', '--worker=3')
+  assert r.returncode == 0, r.stderr
+  words = shlex.split(r.stdout)
+  assert words[4] == 'ssh' and '--worker=3' in words
+  assert remote_script(r.stdout) == (
+      'tail -n 100 -F "$HOME/kforcing_logs/distill.log"')
+  r = pod('logs', '--dry-run', *POD, '--run-name=distill')
+  assert '--worker=0' in shlex.split(r.stdout)
+
+  r = pod('stop', '--dry-run', *POD, '--run-name=distill', '--signal=KILL')
+  assert '--worker=all' in shlex.split(r.stdout)
+  assert 'kill -KILL' in remote_script(r.stdout)
+
+  r = pod('delete', '--dry-run', *POD)
+  assert shlex.split(r.stdout) == [
+      'gcloud', 'compute', 'tpus', 'tpu-vm', 'delete', 'kf-pod',
+      '--zone=us-central1-a']
+  r = pod('delete', '--dry-run', *POD, '--yes')
+  assert shlex.split(r.stdout)[-1] == '--quiet'
+
+  r = pod('create', '--dry-run', *POD, '--accelerator-type=v9-8',
+          '--version=some-runtime')
+  assert '--version=some-runtime' in shlex.split(r.stdout)
+
+
+@pytest.mark.parametrize('args,message', [
+    (['create', '--zone=us-central1-a', '--accelerator-type=v4-8'],
+     '--name'),
+    (['create', *POD, '--accelerator-type=tpu-v4'], 'FAMILY-SIZE'),
+    (['create', *POD, '--accelerator-type=a100'], 'FAMILY-SIZE'),
+    (['create', *POD, '--accelerator-type=v9-8'], 'no default --version'),
+    (['create', *POD, '--accelerator-type=v4-8', '--spot', '--preemptible'],
+     'not allowed with'),
+    (['create', '--name=Bad_Name', '--zone=us-central1-a',
+      '--accelerator-type=v4-8'], '--name'),
+    (['create', '--name=kf', '--zone=uscentral', '--accelerator-type=v4-8'],
+     '--zone'),
+    (['run', *POD], 'expected a kforcing_jax command'),
+    (['run', *POD, '--', 'train', '--workdir=w'],
+     'expected a kforcing_jax command'),
+    (['run', *POD, '--', 'distill', '--config=configs/demo.py'],
+     '--workdir'),
+    (['run', *POD, '--env=1A=b', '--', 'distill', '--workdir=w'], '--env'),
+    (['logs', *POD], '--run-name is required'),
+    (['logs', *POD, '--run-name=x', '--worker=first'], '--worker'),
+    (['launch', *POD], 'invalid choice'),
+])
+def test_bad_input_exits_2_with_a_clear_message(args, message):
+  r = pod(*args, '--dry-run')
+  assert r.returncode == 2, (r.stdout, r.stderr)
+  assert message in r.stderr
+  assert r.stdout == ''
+
+
+def test_runs_steps_and_stops_at_the_first_failure(tmp_path, fake_bin):
+  # A small "repository" to stage and copy.
+  source = tmp_path / 'repo'
+  for rel in ('kforcing_jax/__init__.py', 'configs/tiny.py', '.git/HEAD',
+              'kforcing_jax/__pycache__/x.pyc', 'workdirs/run/ckpt'):
+    (source / rel).parent.mkdir(parents=True, exist_ok=True)
+    (source / rel).write_text('x')
+  log = tmp_path / 'gcloud.log'
+  env = {'PATH': f'{fake_bin}{os.pathsep}{os.environ["PATH"]}',
+         'GCLOUD_LOG': str(log), 'FAIL_VERB': 'scp'}
+  r = pod('all', *POD, '--accelerator-type=v4-8', f'--source={source}', '--',
+          *KF_ARGS, env=env, tmp_path=tmp_path)
+  assert r.returncode == 1
+  assert 'error: step 3/5 failed with exit status 7' in r.stderr
+  assert 'later steps were not run' in r.stderr
+  calls = [json.loads(line) for line in log.read_text().splitlines()]
+  assert [c[3] for c in calls] == ['create', 'scp']  # No ssh after the fail.
+  (staged,) = tmp_path.glob('kforcing_pod_stage_*/kforcing_jax')
+  files = sorted(str(p.relative_to(staged)) for p in staged.rglob('*')
+                 if p.is_file())
+  assert files == ['configs/tiny.py', 'kforcing_jax/__init__.py']
+
+  env['FAIL_VERB'] = 'none'
+  log.unlink()
+  r = pod('stop', *POD, '--run-name=train-teacher', env=env)
+  assert r.returncode == 0, r.stderr
+  assert json.loads(log.read_text())[3] == 'ssh'
+
+
+def test_missing_gcloud_is_a_clear_error():
+  r = pod('delete', *POD)  # PATH without gcloud, not a dry run.
+  assert r.returncode == 1
+  assert 'gcloud not found on PATH' in r.stderr
+
+
+# ------------------------------------------------------------ local script
+
+
+def local(*args, env=None, timeout=60):
+  return subprocess.run(['bash', LOCAL_MP, *args],
+                        env=dict(os.environ, **(env or {})),
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_local_dry_run_prints_env_per_process():
+  r = local('--dry-run', '-n', '3', '-p', '5432', '--', *KF_ARGS,
+            env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8 '
+                              '--xla_dump_to=/tmp/d', 'PYTHON': 'python3'})
+  assert r.returncode == 0, r.stderr
+  lines = r.stdout.splitlines()
+  assert len(lines) == 3
+  for i, line in enumerate(lines):
+    words = shlex.split(line)
+    assert words[0] == 'env'
+    cut = words.index('python3')
+    env = dict(w.split('=', 1) for w in words[1:cut])
+    assert env['KFORCING_COORDINATOR'] == '127.0.0.1:5432'
+    assert env['KFORCING_NUM_PROCESSES'] == '3'
+    assert env['KFORCING_PROCESS_ID'] == str(i)
+    assert env['JAX_PLATFORMS'] == 'cpu'
+    assert env['XLA_FLAGS'] == ('--xla_dump_to=/tmp/d '
+                                '--xla_force_host_platform_device_count=4')
+    assert env['PYTHONPATH'].split(os.pathsep)[0] == ROOT
+    assert words[cut:] == ['python3', '-m', 'kforcing_jax', *KF_ARGS]
+
+
+@pytest.fixture
+def fake_python(tmp_path):
+  """Prints its rank and args; FAIL_ID fails, SLEEP_S sleeps, then exits."""
+  return _write_exe(tmp_path / 'python', """
+      #!/usr/bin/env bash
+      echo "id=$KFORCING_PROCESS_ID of $KFORCING_NUM_PROCESSES args=$*"
+      echo "from stderr" >&2
+      if [[ "${FAIL_ID:-}" == "$KFORCING_PROCESS_ID" ]]; then exit 3; fi
+      sleep "${SLEEP_S:-0}"
+      printf 'last line without newline'
+      """)
+
+
+def test_local_runs_all_processes_with_prefixed_output(fake_python):
+  r = local('-n', '2', '--', 'generate', '--workdir=w', '--prompt=a b',
+            env={'PYTHON': str(fake_python)})
+  assert r.returncode == 0, r.stdout + r.stderr
+  lines = r.stdout.splitlines()
+  for i in (0, 1):
+    assert f'[p{i}] id={i} of 2 args=-m kforcing_jax generate --workdir=w ' \
+           '--prompt=a b' in lines
+    assert f'[p{i}] from stderr' in lines
+    assert f'[p{i}] last line without newline' in lines
+  assert all(line.startswith(('[p0] ', '[p1] ')) for line in lines)
+
+
+def test_local_failure_stops_the_others(fake_python):
+  start = time.time()
+  r = local('-n', '3', '--', 'distill', '--workdir=w',
+            env={'PYTHON': str(fake_python), 'FAIL_ID': '1',
+                 'SLEEP_S': '60'})
+  assert r.returncode == 3
+  assert 'process 1 failed with exit status 3' in r.stderr
+  assert time.time() - start < 30  # The sleeping ones were stopped.
+
+
+def test_local_timeout(fake_python):
+  r = local('-t', '1', '--', 'distill', '--workdir=w',
+            env={'PYTHON': str(fake_python), 'SLEEP_S': '60'})
+  assert r.returncode == 124
+  assert 'timeout after 1s' in r.stderr
+
+
+@pytest.mark.parametrize('args', [
+    ['-n', '0', 'generate'], ['-d', 'x', 'generate'], ['-p', '70000',
+                                                       'generate'],
+    ['--bogus', 'generate'], [],
+])
+def test_local_bad_input_exits_2(args):
+  r = local(*args, '--dry-run')
+  assert r.returncode == 2
+  assert r.stderr.startswith('error: ')
+
+
+@pytest.mark.slow
+def test_local_processes_form_one_jax_cluster(tmp_path):
+  """Real JAX: the KFORCING_* variables join 2 processes x 4 CPU devices."""
+  check = textwrap.dedent("""
+      from kforcing_jax import sharding
+      assert sharding.maybe_initialize_distributed()
+      import jax, jax.numpy as jnp, numpy as np
+      from jax.experimental import multihost_utils
+      ranks = multihost_utils.process_allgather(jnp.array([jax.process_index()]))
+      print('rank', jax.process_index(), 'of', jax.process_count(),
+            'devices', jax.local_device_count(), jax.device_count(),
+            'gathered', np.asarray(ranks).ravel().tolist())
+      """)
+  # Stands in for the interpreter: runs the check instead of `-m kforcing_jax`.
+  wrapper = _write_exe(tmp_path / 'python', f"""
+      #!/usr/bin/env bash
+      exec {shlex.quote(sys.executable)} -c {shlex.quote(check)}
+      """)
+  r = local('-n', '2', '-t', '240', '--', 'train-teacher',
+            env={'PYTHON': str(wrapper)}, timeout=300)
+  assert r.returncode == 0, r.stdout + r.stderr
+  for i in (0, 1):
+    assert (f'[p{i}] rank {i} of 2 devices 4 8 gathered [0, 1]'
+            in r.stdout.splitlines()), r.stdout

@@ -1,0 +1,80 @@
+"""Runs notebooks/colab_demo.ipynb top to bottom on CPU with the tiny config.
+
+Slow (a couple of minutes on 2 cores): train, distil, decode and benchmark.
+Needs nbclient, nbformat and ipykernel (the `test` extra); skipped without.
+"""
+
+import os
+
+import pytest
+
+nbclient = pytest.importorskip('nbclient')
+nbformat = pytest.importorskip('nbformat')
+pytest.importorskip('ipykernel')
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOK = os.path.join(ROOT, 'notebooks', 'colab_demo.ipynb')
+
+
+def _text_outputs(cell) -> str:
+  """Everything a code cell printed (streams and text/plain results)."""
+  parts = []
+  for out in cell.get('outputs', []):
+    if out.output_type == 'stream':
+      parts.append(out.text)
+    elif 'data' in out and 'text/plain' in out.data:
+      parts.append(out.data['text/plain'])
+  return ''.join(parts)
+
+
+def _has_image(cell) -> bool:
+  return any('image/png' in out.get('data', {})
+             for out in cell.get('outputs', []))
+
+
+@pytest.mark.slow
+def test_colab_demo_runs_on_cpu(tmp_path, monkeypatch):
+  workdir = tmp_path / 'workdir'
+  run_dir = tmp_path / 'cwd'  # The kernel's working directory.
+  run_dir.mkdir()
+  # The kernel inherits this environment: the package from this checkout,
+  # one CPU device, the tiny config with few steps, a private workdir.
+  env = {
+      'PYTHONPATH': os.pathsep.join(
+          [ROOT] + [p for p in [os.environ.get('PYTHONPATH', '')] if p]),
+      'JAX_PLATFORMS': 'cpu',
+      'XLA_FLAGS': '',  # Undo the test suite's 8 fake devices: faster.
+      'MPLBACKEND': 'module://matplotlib_inline.backend_inline',
+      'KFORCING_NOTEBOOK_CONFIG': 'tiny',
+      'KFORCING_NOTEBOOK_WORKDIR': str(workdir),
+      'KFORCING_NOTEBOOK_TEACHER_STEPS': '20',
+      'KFORCING_NOTEBOOK_DISTILL_STEPS': '8',
+  }
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  client = nbclient.NotebookClient(
+      nb, timeout=600, kernel_name='python3',
+      resources={'metadata': {'path': str(run_dir)}})
+  # Raises CellExecutionError (with the traceback) if any cell fails.
+  client.execute()
+
+  code_cells = [c for c in nb.cells if c.cell_type == 'code']
+  for cell in code_cells:
+    errors = [o for o in cell.get('outputs', []) if o.output_type == 'error']
+    assert not errors, f'cell failed:\n{cell.source}\n{errors}'
+  printed = [_text_outputs(c) for c in code_cells]
+  everything = '\n'.join(printed)
+
+  assert 'nothing to install' in printed[0]  # The install cell was skipped.
+  assert "config 'tiny'" in everything
+  # The side-by-side decode: both k values, for every prompt.
+  decode_text = next(p for p in printed if 'Prompt:' in p)
+  assert decode_text.count('  k=1 (teacher') == 2, decode_text
+  assert decode_text.count('  k=4 (student_k4') == 2, decode_text
+  assert 'speedup of k=4 over k=1' in everything
+  # The speed chart (and the bench figure when kforcing_jax.bench exists).
+  assert any(_has_image(c) for c in code_cells)
+  assert (workdir / 'teacher').is_dir()
+  assert (workdir / 'student_k4').is_dir()
