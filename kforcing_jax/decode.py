@@ -241,10 +241,11 @@ def check_request(cfg: model_lib.ModelConfig, prompts_BxP, pad_B,
     raise ValueError(f'token id {int(prompts_BxP[bad][0])} outside the '
                      f'vocabulary [0, {cfg.vocab_size})')
   longest = int(prompts_BxP.shape[1] - pad_B.min())
-  steps = -(-max_new_tokens // k)
-  if longest + steps * k > cfg.seq_len:
+  # When k does not divide max_new_tokens the last step runs past it; those
+  # surplus tokens are dropped, so only the kept ones must fit in seq_len.
+  if longest + max_new_tokens > cfg.seq_len:
     raise ValueError(
-        f'prompt length {longest} + {steps * k} new tokens exceeds '
+        f'prompt length {longest} + {max_new_tokens} new tokens exceeds '
         f'model.seq_len={cfg.seq_len}; shorten the prompt or max_new_tokens')
 
 
