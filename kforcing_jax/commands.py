@@ -186,6 +186,8 @@ def run_distill(config, workdir: str) -> list[train_lib.TrainResult]:
         process_count=jax.process_count())
     result = train_lib.train(task, sconfig, workdir, train_iter, eval_batches)
     results.append(result)
+    if result.preempted:  # SIGTERM: saved; later stages wait for a re-run.
+      break
     _, prev_params, _ = checkpoints.load_params(result.run_dir)
   return results
 

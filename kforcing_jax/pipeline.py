@@ -23,6 +23,11 @@ def _save_timing(workdir, timing):
     json.dump(timing, f, indent=1)
 
 
+def _stopped(workdir):
+  print('SIGTERM: stopped after saving; re-run the same command to resume')
+  return os.path.join(workdir, 'report.md')
+
+
 def run_pipeline(config, workdir: str) -> str:
   """Runs (or resumes) every stage; returns the report path."""
   from kforcing_jax import bench  # pylint: disable=g-import-not-at-top
@@ -42,11 +47,16 @@ def run_pipeline(config, workdir: str) -> str:
     timing['runs']['teacher'] = {'seconds': r.seconds,
                                  'tokens_per_s': r.tokens_per_s}
   _save_timing(workdir, timing)
+  if r.preempted:
+    return _stopped(workdir)
 
   _banner(2, n, f'distillation, windows {tuple(config.distill.windows)}')
   for r in commands.run_distill(config, workdir):
     if r.seconds:
       timing['runs'][os.path.basename(r.run_dir)] = {'seconds': r.seconds}
+    if r.preempted:
+      _save_timing(workdir, timing)
+      return _stopped(workdir)
   _save_timing(workdir, timing)
 
   for i, (name, fn, out) in enumerate(
