@@ -20,6 +20,7 @@ from ml_collections import config_flags
 
 from kforcing_jax import checkpoints
 from kforcing_jax import commands
+from kforcing_jax import sharding
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file (configs/*.py); override fields '
@@ -105,6 +106,12 @@ def _fail(message: str):
 
 
 def main():
+  try:
+    # First of all: JAX joins a multi-process run only before its backends
+    # start (KFORCING_COORDINATOR/..., or KFORCING_DISTRIBUTED=auto).
+    sharding.maybe_initialize_distributed()
+  except ValueError as e:
+    _fail(str(e))
   argv = sys.argv
   try:
     argv = FLAGS(argv)

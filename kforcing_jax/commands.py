@@ -29,7 +29,7 @@ def train_teacher(flags_obj):
   """Trains (or resumes) the AR teacher in WORKDIR/teacher."""
   config = _require_config(flags_obj)
   result = run_teacher(config, flags_obj.workdir)
-  print(json.dumps(summary_of(result), indent=1))
+  _print_main(json.dumps(summary_of(result), indent=1))
 
 
 def run_teacher(config, workdir: str) -> train_lib.TrainResult:
@@ -47,9 +47,16 @@ def run_teacher(config, workdir: str) -> train_lib.TrainResult:
       num_batches=config.train.eval_batches)
   n = model_lib.count_params(
       jax.eval_shape(task.init_params, jax.random.PRNGKey(0)))
-  print(f'[teacher] {n / 1e6:.2f}M parameters, {jax.device_count()} '
-        f'device(s), batch {config.train.batch_size} x {config.model.seq_len}')
+  _print_main(f'[teacher] {n / 1e6:.2f}M parameters, {jax.device_count()} '
+              f'device(s) in {jax.process_count()} process(es), batch '
+              f'{config.train.batch_size} x {config.model.seq_len}')
   return train_lib.train(task, config, workdir, train_iter, eval_batches)
+
+
+def _print_main(*args):
+  """Prints once per run, not once per process."""
+  if jax.process_index() == 0:
+    print(*args)
 
 
 def summary_of(result: train_lib.TrainResult) -> dict:
@@ -146,7 +153,7 @@ def distill_cmd(flags_obj):
   """Distils students of every window in distill.windows (resumable)."""
   config = _require_config(flags_obj)
   results = run_distill(config, flags_obj.workdir)
-  print(json.dumps([summary_of(r) for r in results], indent=1))
+  _print_main(json.dumps([summary_of(r) for r in results], indent=1))
 
 
 def run_distill(config, workdir: str) -> list[train_lib.TrainResult]:
@@ -178,9 +185,10 @@ def run_distill(config, workdir: str) -> list[train_lib.TrainResult]:
         source_cfg=source_cfg, num_windows=ds.num_windows,
         precision=ds.precision, kernel_impl=config.kernels.impl)
     task = distill_lib.stage_task(stage, init_from=prev_params, frozen=frozen)
-    print(f'[{task.name}] stage k={window} ({ds.method}) from '
-          f"{'the AR teacher' if source_cfg.noise_window == 0 else 'student_k%d' % source_cfg.noise_window}"
-          f'; {distill_lib.describe_transfer(prev_params, student_cfg)}')
+    _print_main(
+        f'[{task.name}] stage k={window} ({ds.method}) from '
+        f"{'the AR teacher' if source_cfg.noise_window == 0 else 'student_k%d' % source_cfg.noise_window}"
+        f'; {distill_lib.describe_transfer(prev_params, student_cfg)}')
     train_iter = data_lib.make_train_iterator(
         sconfig, tokenizer, workdir, process_index=jax.process_index(),
         process_count=jax.process_count())

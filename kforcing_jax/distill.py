@@ -230,15 +230,16 @@ def stage_task(stage: Stage, init_from, frozen) -> train_lib.Task:
   the optimizer state and never differentiated.
   """
 
-  def init_params(rng):
+  def init_params(rng, source):
     fresh = model_lib.init_params(stage.student_cfg, rng)
-    params, _, _ = transfer_params(init_from, fresh)
+    params, _, _ = transfer_params(source, fresh)
     return params
 
   return train_lib.Task(
       name=stage_name(stage.window), model_cfg=stage.student_cfg,
       init_params=init_params, loss_fn=stage.loss, eval_fn=stage.evaluate,
-      extras_fn=stage.extras, frozen=frozen, shard_map=True)
+      extras_fn=stage.extras, frozen=frozen, shard_map=True,
+      init_source=init_from)
 
 
 def describe_transfer(init_from, student_cfg) -> str:

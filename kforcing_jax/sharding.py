@@ -4,11 +4,105 @@ Sharding rules live here, never in the model: the model is written for one
 device and `jax.jit` partitions it from the shardings chosen below.
 """
 
+import os
+
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA = 'data'
+
+# Explicit multi-process setup (any cluster, or local processes in tests).
+ENV_COORDINATOR = 'KFORCING_COORDINATOR'  # host:port of process 0.
+ENV_NUM_PROCESSES = 'KFORCING_NUM_PROCESSES'
+ENV_PROCESS_ID = 'KFORCING_PROCESS_ID'
+# 'auto': let JAX detect the cluster (Cloud TPU pod, Slurm, Open MPI);
+# 'off': never initialise, even on a TPU pod.
+ENV_DISTRIBUTED = 'KFORCING_DISTRIBUTED'
+# Set on Cloud TPU VMs; a comma-separated list means a multi-host slice.
+_TPU_HOSTS_ENV = 'TPU_WORKER_HOSTNAMES'
+
+
+def _env_int(name: str, lo: int, hi: int | None = None) -> int:
+  raw = os.environ[name]
+  try:
+    value = int(raw)
+  except ValueError:
+    value = None
+  if value is None or value < lo or (hi is not None and value >= hi):
+    bound = f'>= {lo}' if hi is None else f'in [{lo}, {hi})'
+    raise ValueError(f'{name}={raw!r}: expected an integer {bound}')
+  return value
+
+
+def distributed_settings() -> dict | None:
+  """What `maybe_initialize_distributed` would do, read from the environment.
+
+  Returns None (single process), {} (auto-detect the cluster) or the
+  explicit keyword arguments of `jax.distributed.initialize`.
+  Raises ValueError naming the bad environment variable.
+  """
+  mode = os.environ.get(ENV_DISTRIBUTED, '').strip().lower()
+  if mode not in ('', 'auto', 'off'):
+    raise ValueError(f'{ENV_DISTRIBUTED}={os.environ[ENV_DISTRIBUTED]!r}: '
+                     "expected 'auto', 'off' or unset")
+  explicit = (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID)
+  present = [n for n in explicit if os.environ.get(n, '').strip()]
+  if mode == 'off':
+    return None
+  if present:
+    if len(present) != len(explicit):
+      missing = [n for n in explicit if n not in present]
+      raise ValueError(f'{", ".join(present)} set but {", ".join(missing)} '
+                       'not: set all three for a multi-process run')
+    address = os.environ[ENV_COORDINATOR].strip()
+    host, _, port = address.rpartition(':')
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+      raise ValueError(f'{ENV_COORDINATOR}={address!r}: expected host:port '
+                       "of process 0, e.g. '10.0.0.1:8476'")
+    num = _env_int(ENV_NUM_PROCESSES, 1)
+    return dict(coordinator_address=address, num_processes=num,
+                process_id=_env_int(ENV_PROCESS_ID, 0, num))
+  if mode == 'auto':
+    return {}
+  # Multi-host Cloud TPU slices list every worker; one host needs no setup.
+  if ',' in os.environ.get(_TPU_HOSTS_ENV, ''):
+    return {}
+  return None
+
+
+def maybe_initialize_distributed() -> bool:
+  """Joins the multi-process JAX job the environment describes, if any.
+
+  Call it first, before any other JAX call (devices, arrays, jit): JAX can
+  only join a cluster before its backends start. Idempotent. Uses
+  KFORCING_COORDINATOR / KFORCING_NUM_PROCESSES / KFORCING_PROCESS_ID when
+  set, auto-detection with KFORCING_DISTRIBUTED=auto or on a multi-host
+  Cloud TPU slice, and nothing otherwise.
+
+  Returns:
+    Whether jax.distributed is initialised when it returns.
+  Raises:
+    ValueError: an environment variable above has a bad value.
+  """
+  if jax.distributed.is_initialized():
+    return True
+  settings = distributed_settings()
+  if settings is None:
+    return False
+  # Cross-process collectives of the CPU backend (tests, CPU clusters);
+  # other backends ignore it. An explicit JAX_ setting wins.
+  if 'JAX_CPU_COLLECTIVES_IMPLEMENTATION' not in os.environ:
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  try:
+    jax.distributed.initialize(**settings)
+  except RuntimeError as e:
+    if 'must be called before' in str(e):
+      raise RuntimeError('maybe_initialize_distributed() ran after JAX had '
+                         'started its backends; call it first in main()'
+                         ) from e
+    raise
+  return True
 
 
 def make_mesh(mesh_cfg) -> Mesh:
@@ -64,3 +158,41 @@ def check_batch_divisible(batch_size: int, mesh: Mesh):
   if batch_size % size:
     raise ValueError(f'train.batch_size={batch_size} is not divisible by the '
                      f'{size} devices of the data axis')
+
+
+def shard_full_batch(full_batch: np.ndarray, mesh: Mesh) -> jax.Array:
+  """A batch that every process holds in full -> a global array over 'data'.
+
+  For held-out batches, which every process reads whole: each process puts
+  only the rows of its own devices, so this also works multi-process.
+  """
+  full_batch = np.asarray(full_batch)
+  return jax.make_array_from_callback(full_batch.shape, batch_sharding(mesh),
+                                      lambda index: full_batch[index])
+
+
+def to_host(tree):
+  """Full numpy copies of a pytree of (possibly sharded) global arrays.
+
+  Every process must call it (it is a collective when arrays span
+  processes); fully-addressable arrays are simply fetched.
+  """
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+  return jax.tree.map(one, tree)
+
+
+def gather_for_compute(params, mesh: Mesh):
+  """All-gathers (FSDP-sharded) params where they are used in a step.
+
+  Without it XLA may follow the weights' sharding into the activations
+  (split d_model, replicate the batch): the LM1B teacher step then needs
+  3.4x the per-device temp memory (42.9 vs 12.8 GiB, 8 CPU devices, batch
+  64/device). A no-op for replicated params.
+  """
+  return jax.lax.with_sharding_constraint(params, replicated(mesh))

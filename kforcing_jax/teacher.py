@@ -1,6 +1,5 @@
 """The AR teacher as a training `Task`: next-token cross-entropy."""
 
-import jax
 import jax.numpy as jnp
 import optax
 

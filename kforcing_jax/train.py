@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
@@ -56,18 +55,25 @@ class Task:
   """
   name: str  # Run directory under the workdir, e.g. 'teacher', 'student_k2'.
   model_cfg: model_lib.ModelConfig
-  init_params: Callable[[jax.Array], Any]
+  # init_params(rng), or init_params(rng, init_source) when init_source is set.
+  init_params: Callable[..., Any]
   loss_fn: Callable[..., Any]
   eval_fn: Callable[..., Any] | None = None
   extras_fn: Callable[..., Any] | None = None
   frozen: Any = None  # Frozen teacher params: inputs, never optimised.
   shard_map: bool = False  # Explicit per-device loss + gradient pmean.
+  # Params the new model starts from (a distillation stage: the previous
+  # run's). A jit argument of the init, never a closure: closed-over arrays
+  # become HLO constants, and jit refuses ones spanning several processes.
+  init_source: Any = None
 
 
 def make_optimizer(tc) -> optax.GradientTransformation:
   if tc.schedule == 'cosine':
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, tc.lr, max(tc.warmup_steps, 1), max(tc.num_steps, 2),
+        # optax needs decay_steps > warmup_steps (it counts the warm-up).
+        0.0, tc.lr, max(tc.warmup_steps, 1),
+        max(tc.num_steps, tc.warmup_steps + 1, 2),
         end_value=0.1 * tc.lr)
   elif tc.schedule == 'constant':
     schedule = optax.join_schedules(
@@ -82,9 +88,13 @@ def make_optimizer(tc) -> optax.GradientTransformation:
   return optax.chain(*parts)
 
 
-def init_state(task: Task, optimizer, rng, ema: bool) -> TrainState:
+def init_state(task: Task, optimizer, rng, ema: bool,
+               init_source=None) -> TrainState:
   init_rng, rng = jax.random.split(rng)
-  params = task.init_params(init_rng)
+  # train() passes task.init_source traced; direct callers may omit it.
+  source = task.init_source if init_source is None else init_source
+  params = (task.init_params(init_rng) if source is None else
+            task.init_params(init_rng, source))
   return TrainState(step=jnp.int32(0), params=params,
                     opt_state=optimizer.init(params), rng=rng,
                     ema_params=params if ema else None)
@@ -93,8 +103,13 @@ def init_state(task: Task, optimizer, rng, ema: bool) -> TrainState:
 def make_step(task: Task, optimizer, ema_decay: float, mesh):
   """The pure step (state, batch) -> (state, metrics), not yet jitted."""
 
+  def loss_fn(params, *args):
+    if not task.shard_map:  # shard_map's P() in_spec gathers them already.
+      params = sharding_lib.gather_for_compute(params, mesh)
+    return task.loss_fn(params, *args)
+
   def local_grads(params, batch, extras, rng, frozen):
-    (loss, metrics), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         params, batch, extras, rng, frozen)
     return grads, dict(metrics, loss=loss)
 
@@ -188,7 +203,8 @@ def train(task: Task, config, workdir: str, data_iter, eval_batches=(),
   optimizer = make_optimizer(tc)
   ema = tc.ema_decay > 0
   rng = jax.random.PRNGKey(config.seed)
-  abstract = jax.eval_shape(lambda r: init_state(task, optimizer, r, ema), rng)
+  init_fn = lambda r, source: init_state(task, optimizer, r, ema, source)
+  abstract = jax.eval_shape(init_fn, rng, task.init_source)
   shardings = TrainState(
       step=sharding_lib.replicated(mesh),
       params=sharding_lib.state_shardings(abstract.params, mesh,
@@ -204,8 +220,7 @@ def train(task: Task, config, workdir: str, data_iter, eval_batches=(),
 
   restored = manager.restore_latest(abstract, shardings)
   if restored is None:
-    state = jax.jit(lambda r: init_state(task, optimizer, r, ema),
-                    out_shardings=shardings)(rng)
+    state = jax.jit(init_fn, out_shardings=shardings)(rng, task.init_source)
   else:
     state, data_state = restored
     data_iter.set_state(data_state)
@@ -224,7 +239,15 @@ def train(task: Task, config, workdir: str, data_iter, eval_batches=(),
       donate_argnums=(0, 1))
   eval_step = None
   if task.eval_fn is not None:
-    eval_step = jax.jit(task.eval_fn)
+    eval_step = jax.jit(
+        lambda p, b, f: task.eval_fn(
+            sharding_lib.gather_for_compute(p, mesh), b, f),
+        in_shardings=(shardings.ema_params if ema else shardings.params,
+                      sharding_lib.batch_sharding(mesh), frozen_sh),
+        out_shardings=sharding_lib.replicated(mesh))
+    # Every process holds whole eval batches; each places its devices' rows.
+    eval_batches = [sharding_lib.shard_full_batch(b, mesh)
+                    for b in eval_batches]
 
   tokens_per_example = tokens_per_example or config.model.seq_len
   bar = tqdm(total=num_steps, initial=start, desc=task.name,
@@ -247,16 +270,18 @@ def train(task: Task, config, workdir: str, data_iter, eval_batches=(),
         params = state.ema_params if ema else state.params
         last_eval = _evaluate(eval_step, params, eval_batches, frozen, step,
                               metrics_path)
-        bar.write(f'[{task.name}] step {step}: ' + ', '.join(
-            f'{k}={v:.4g}' for k, v in last_eval.items() if k != 'step'))
+        if _is_main():
+          bar.write(f'[{task.name}] step {step}: ' + ', '.join(
+              f'{k}={v:.4g}' for k, v in last_eval.items() if k != 'step'))
       if step % tc.checkpoint_every == 0 or is_last or preemption.requested:
         # Never save a state whose step produced a non-finite loss.
         _log(pending, metrics_path, bar, tc, tokens_done, t0, manager)
         pending = None
         manager.save(state, data_iter.get_state(), meta)
       if preemption.requested and not is_last:
-        bar.write(f'[{task.name}] SIGTERM: saved step {step}; re-run the '
-                  'same command to resume')
+        if _is_main():
+          bar.write(f'[{task.name}] SIGTERM: saved step {step}; re-run the '
+                    'same command to resume')
         preempted = True
         break
   manager.wait()

@@ -1,6 +1,5 @@
 """AR decoding: jitted loop == full forward, padding, eos, noise coupling."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp

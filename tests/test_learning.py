@@ -1,6 +1,5 @@
 """Distillation actually learns, and learns the right joint distribution."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp

@@ -1,0 +1,115 @@
+"""AOT compile of the paper-scale steps from abstract inputs only.
+
+configs/lm1b.py at its real width, vocabulary, length and batch (512 x 128,
+64 sequences per device), with num_layers cut to 2 so that the compiles fit
+in about a minute on two CPU cores; the depth does not change what is
+checked (FSDP vs replicated state bytes, positive memory analysis).
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from kforcing_jax import aot
+from kforcing_jax import sharding
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVICES = 8
+
+
+def _lm1b(num_layers=2):
+  spec = importlib.util.spec_from_file_location(
+      'lm1b_config', os.path.join(ROOT, 'configs', 'lm1b.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.model.num_layers = num_layers
+  return config
+
+
+@pytest.fixture(scope='module')
+def teacher_rows():
+  mesh = aot.cpu_mesh(DEVICES)
+  config = _lm1b()
+  return {fsdp: aot.compile_step(config, aot.TEACHER, mesh, fsdp=fsdp,
+                                 batch_size=config.train.batch_size)
+          for fsdp in (True, False)}
+
+
+def _check_positive(row):
+  for field in ('argument_size_in_bytes', 'output_size_in_bytes',
+                'temp_size_in_bytes', 'peak_estimate_bytes'):
+    assert row[field] > 0, (field, row)
+  # The XLA CPU backend reports 0 generated-code bytes; TPU reports > 0.
+  assert row['generated_code_size_in_bytes'] >= 0
+
+
+@pytest.mark.slow
+def test_teacher_fsdp_divides_state_bytes_by_device_count(teacher_rows):
+  fsdp, rep = teacher_rows[True], teacher_rows[False]
+  for row in (fsdp, rep):
+    _check_positive(row)
+    assert row['per_device_batch'] == 512 // DEVICES
+  # Arguments are the state (params, Adam moments, EMA) and the batch.
+  assert rep['argument_size_in_bytes'] >= rep['state_bytes_global']
+  ratio = rep['argument_size_in_bytes'] / fsdp['argument_size_in_bytes']
+  # Scalars, the rng and the batch stay replicated/small: close to 8.
+  assert 0.9 * DEVICES < ratio <= DEVICES, ratio
+  # Donation: the new state reuses the old state's buffers.
+  assert fsdp['alias_size_in_bytes'] >= 0.99 * fsdp['output_size_in_bytes']
+
+
+@pytest.mark.slow
+def test_teacher_fsdp_keeps_activations_batch_sharded(teacher_rows):
+  # Same per-device activations as replicated params, not ~5x more.
+  fsdp, rep = teacher_rows[True], teacher_rows[False]
+  assert fsdp['temp_size_in_bytes'] < 1.2 * rep['temp_size_in_bytes']
+
+
+@pytest.mark.slow
+def test_distill_step_compiles_with_fsdp_state():
+  config = _lm1b()
+  row = aot.compile_step(config, aot.DISTILL, aot.cpu_mesh(DEVICES),
+                         fsdp=True, batch_size=config.distill.batch_size)
+  _check_positive(row)
+  assert row['num_windows'] == config.distill.num_windows
+  # The frozen k=2 student is replicated; the k=4 student's state is split.
+  expected = row['frozen_bytes_global'] + row['state_bytes_global'] / DEVICES
+  assert abs(row['argument_size_in_bytes'] - expected) < 0.05 * expected
+
+
+def test_mesh_needs_enough_devices():
+  with pytest.raises(ValueError, match='xla_force_host_platform_device_count'):
+    aot.cpu_mesh(jax.device_count('cpu') + 1)
+
+
+@pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
+                    reason='libtpu not installed (pip install libtpu)')
+@pytest.mark.slow
+def test_compiles_for_a_tpu_slice_without_a_tpu(tmp_path):
+  # A fresh process: the TPU plugin must load before JAX's backends start.
+  out = tmp_path / 'tpu.json'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'kforcing_jax.aot',
+       f'--config={ROOT}/configs/lm1b.py', '--config.model.num_layers=2',
+       '--tpu_topology=v5e:2x4', '--steps=teacher', f'--out={out}'],
+      cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  import json  # pylint: disable=g-import-not-at-top
+  row = json.loads(out.read_text())['rows'][0]
+  assert row['platform'] == 'tpu' and row['devices'] == 8
+  _check_positive(row)
+  assert row['generated_code_size_in_bytes'] > 0
+
+
+def test_gather_for_compute_all_gathers_sharded_params():
+  mesh = aot.cpu_mesh(DEVICES)
+  x = jax.ShapeDtypeStruct((DEVICES * 16, 4), jax.numpy.float32,
+                           sharding=sharding.batch_sharding(mesh))
+  hlo = jax.jit(lambda a: sharding.gather_for_compute(a, mesh) * 2).lower(
+      x).compile().as_text()
+  assert 'all-gather' in hlo

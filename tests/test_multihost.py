@@ -1,0 +1,202 @@
+"""Multi-process training: 2 local processes x 4 CPU devices == 1 x 8.
+
+The slow test starts tests/multihost_worker.py twice with the KFORCING_*
+variables (one coordinator, a shared workdir as on a TPU pod), trains the
+tiny teacher (FSDP: its state spans both processes) and a k=1 distillation
+stage, and compares every parameter with one process of 8 devices doing
+the same. The fast tests cover the environment parsing.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from kforcing_jax import sharding
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, 'tests', 'multihost_worker.py')
+# Every process, whatever happens, is killed after this.
+DEADLINE_S = 420
+
+OVERRIDES = {
+    'train.num_steps': 4, 'train.warmup_steps': 1, 'train.eval_every': 2,
+    'train.checkpoint_every': 2, 'distill.windows': [1],
+    'distill.steps_per_stage': 3, 'distill.warmup_steps': 1,
+    'distill.eval_every': 3, 'distill.checkpoint_every': 2,
+}
+TEACHER_OVERRIDES = {'mesh.fsdp': True}
+# Teacher: only the cross-device/cross-process reduction order differs (f32
+# rounding). Students: Adam normalises each update, so f32 noise in a
+# near-zero gradient can move a weight by a fraction of lr (1e-3) per step;
+# a real bug (wrong rows, unaveraged gradients) shows at >= lr.
+TEACHER_ATOL = 1e-5
+STUDENT_ATOL = 2e-4
+
+_DIST_VARS = (sharding.ENV_COORDINATOR, sharding.ENV_NUM_PROCESSES,
+              sharding.ENV_PROCESS_ID, sharding.ENV_DISTRIBUTED,
+              'TPU_WORKER_HOSTNAMES')
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def _env(devices: int, **extra) -> dict:
+  env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
+  env.update(XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
+  env.update({k: str(v) for k, v in extra.items()})
+  return env
+
+
+def _kill(procs):
+  for p in procs:
+    if p.poll() is None:
+      try:
+        os.killpg(p.pid, signal.SIGKILL)  # The worker's own process group.
+      except ProcessLookupError:
+        pass
+  for p in procs:
+    p.wait()
+
+
+def _run_workers(envs, workdir, out, logs, deadline):
+  """Runs one worker per env; all killed at the first failure or deadline."""
+  args = [sys.executable, WORKER, str(workdir), str(out),
+          json.dumps(OVERRIDES), json.dumps(TEACHER_OVERRIDES)]
+  procs, files = [], []
+  try:
+    for env, log in zip(envs, logs):
+      f = open(log, 'w')
+      files.append(f)
+      procs.append(subprocess.Popen(args, env=env, cwd=ROOT, stdout=f,
+                                    stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL,
+                                    start_new_session=True))
+    while any(p.poll() is None for p in procs):
+      # A dead peer leaves the others blocked in a collective: stop them.
+      if any(p.poll() not in (None, 0) for p in procs):
+        break
+      if time.monotonic() > deadline:
+        break
+      time.sleep(0.5)
+  finally:
+    _kill(procs)
+    for f in files:
+      f.close()
+  codes = [p.returncode for p in procs]
+  if codes != [0] * len(procs):
+    tails = '\n'.join(f'--- {log} (exit {c}) ---\n' + open(log).read()[-3000:]
+                      for log, c in zip(logs, codes))
+    pytest.fail(f'workers failed or timed out: exit codes {codes}\n{tails}')
+
+
+def _metrics(run_dir):
+  with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
+    return [json.loads(l) for l in f if l.strip()]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+  deadline = time.monotonic() + DEADLINE_S
+  port = _free_port()
+  multi, single = tmp_path / 'multi', tmp_path / 'single'
+  _run_workers(
+      [_env(4, KFORCING_COORDINATOR=f'localhost:{port}',
+            KFORCING_NUM_PROCESSES=2, KFORCING_PROCESS_ID=i)
+       for i in range(2)],
+      multi, tmp_path / 'multi.npz',
+      [tmp_path / 'multi0.log', tmp_path / 'multi1.log'], deadline)
+  log1 = open(tmp_path / 'multi1.log').read()
+  assert 'process 1/2 done, 8 devices' in log1
+  _run_workers([_env(8)], single, tmp_path / 'single.npz',
+               [tmp_path / 'single.log'], deadline)
+
+  got, want = np.load(tmp_path / 'multi.npz'), np.load(tmp_path / 'single.npz')
+  assert sorted(got) == sorted(want)
+  assert any(k.startswith('student_k1') for k in want)
+  for key in want:
+    atol = TEACHER_ATOL if key.startswith('teacher') else STUDENT_ATOL
+    np.testing.assert_allclose(got[key], want[key], rtol=0, atol=atol,
+                               err_msg=key)
+
+  for run in ('teacher', 'student_k1'):
+    # One process wrote the metrics (no duplicated lines); same values.
+    m, s = _metrics(multi / run), _metrics(single / run)
+    assert [r['step'] for r in m] == [r['step'] for r in s]
+    for a, b in zip(m, s):
+      for k in b:
+        if k != 'tokens_per_s':
+          np.testing.assert_allclose(a[k], b[k], rtol=1e-4, err_msg=k)
+    # Checkpoints were written collectively, to the shared workdir.
+    steps = os.listdir(multi / run / 'checkpoints')
+    assert str(OVERRIDES['train.num_steps'] if run == 'teacher' else
+               OVERRIDES['distill.steps_per_stage']) in steps
+
+
+@pytest.fixture
+def dist_env(monkeypatch):
+  for name in _DIST_VARS:
+    monkeypatch.delenv(name, raising=False)
+  return monkeypatch
+
+
+def test_no_variables_means_single_process(dist_env):
+  assert sharding.distributed_settings() is None
+  assert not sharding.maybe_initialize_distributed()
+
+
+def test_explicit_variables(dist_env):
+  dist_env.setenv(sharding.ENV_COORDINATOR, '10.0.0.1:8476')
+  dist_env.setenv(sharding.ENV_NUM_PROCESSES, '4')
+  dist_env.setenv(sharding.ENV_PROCESS_ID, '3')
+  assert sharding.distributed_settings() == dict(
+      coordinator_address='10.0.0.1:8476', num_processes=4, process_id=3)
+  dist_env.setenv(sharding.ENV_DISTRIBUTED, 'off')
+  assert sharding.distributed_settings() is None
+
+
+def test_auto_and_tpu_pod_detection(dist_env):
+  dist_env.setenv('TPU_WORKER_HOSTNAMES', 'w0')  # One host: nothing to do.
+  assert sharding.distributed_settings() is None
+  dist_env.setenv('TPU_WORKER_HOSTNAMES', 'w0,w1')
+  assert sharding.distributed_settings() == {}
+  dist_env.delenv('TPU_WORKER_HOSTNAMES')
+  dist_env.setenv(sharding.ENV_DISTRIBUTED, 'auto')
+  assert sharding.distributed_settings() == {}
+
+
+@pytest.mark.parametrize('values, needle', [
+    ({sharding.ENV_COORDINATOR: 'h:1'}, sharding.ENV_NUM_PROCESSES),
+    ({sharding.ENV_COORDINATOR: 'nohost', sharding.ENV_NUM_PROCESSES: '2',
+      sharding.ENV_PROCESS_ID: '0'}, "KFORCING_COORDINATOR='nohost'"),
+    ({sharding.ENV_COORDINATOR: 'h:1', sharding.ENV_NUM_PROCESSES: 'two',
+      sharding.ENV_PROCESS_ID: '0'}, "KFORCING_NUM_PROCESSES='two'"),
+    ({sharding.ENV_COORDINATOR: 'h:1', sharding.ENV_NUM_PROCESSES: '2',
+      sharding.ENV_PROCESS_ID: '2'}, "KFORCING_PROCESS_ID='2'"),
+    ({sharding.ENV_DISTRIBUTED: 'yes'}, "KFORCING_DISTRIBUTED='yes'"),
+])
+def test_bad_variables_are_named(dist_env, values, needle):
+  for name, value in values.items():
+    dist_env.setenv(name, value)
+  with pytest.raises(ValueError, match=needle):
+    sharding.maybe_initialize_distributed()
+
+
+def test_too_late_is_a_clear_error(dist_env):
+  jax.devices()  # Backends are up: joining a cluster is no longer possible.
+  dist_env.setenv(sharding.ENV_COORDINATOR, f'localhost:{_free_port()}')
+  dist_env.setenv(sharding.ENV_NUM_PROCESSES, '2')
+  dist_env.setenv(sharding.ENV_PROCESS_ID, '0')
+  with pytest.raises(RuntimeError, match='call it first'):
+    sharding.maybe_initialize_distributed()
