@@ -1,0 +1,207 @@
+"""bench: run_bench end to end on the tiny config, roofline arithmetic, schema.
+
+No test asserts on a timing: the machine may be shared.
+"""
+
+import copy
+import dataclasses
+import functools
+import importlib.util
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from kforcing_jax import bench
+from kforcing_jax import model as model_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tiny_config(**bench_fields):
+  spec = importlib.util.spec_from_file_location(
+      'tiny_config', os.path.join(ROOT, 'configs', 'tiny.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  with config.unlocked():
+    if 'bench' not in config:
+      config.bench = ml_collections.ConfigDict()
+    for name, value in bench_fields.items():
+      config.bench[name] = value
+  return config
+
+
+# Small measurement sizes keep the roofline probe to a fraction of a second.
+_FAST = dict(batch_sizes=(1, 2), repeats=1, warmup=1, random_weights=True,
+             peer=False, matmul_size=128, copy_mib=4)
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('bench'))
+  lines = []
+  out = bench.run_bench(_tiny_config(**_FAST), workdir, log=lines.append)
+  return workdir, out, lines
+
+
+def test_run_bench_writes_valid_json_and_png(tiny_run):
+  workdir, out, lines = tiny_run
+  with open(os.path.join(workdir, 'bench.png'), 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  on_disk = bench.load_bench_json(os.path.join(workdir, 'bench.json'))
+  assert on_disk['results'] == json.loads(json.dumps(out['results']))
+  # k = 1 (AR) + ks (2, 3, 4), each at batch 1 and 2.
+  cells = sorted((r['k'], r['batch']) for r in out['results'])
+  assert cells == [(k, b) for k in (1, 2, 3, 4) for b in (1, 2)]
+  for r in out['results']:
+    assert r['new_tokens'] == 32 - 6  # seq_len - prefix_len.
+    assert r['num_steps'] == -(-26 // r['k'])
+    assert len(r['times_s']) == 1
+    assert r['weights'] == 'random'
+    if r['k'] == 1:
+      assert r['speedup'] == 1.0
+      assert r['predicted_speedup'] == pytest.approx(1.0)
+  # One random student (window 4) serves every k; the teacher is separate.
+  assert [(m['name'], m['serves_k'], m['noise_window'])
+          for m in out['models']] == [('random_teacher', [1], 0),
+                                      ('random_student', [2, 3, 4], 4)]
+  assert not out['peer']['available']
+  # One progress line per (model, batch) cell.
+  assert sum(l.startswith('[bench]') and 'batch=' in l for l in lines) == 8
+  table = lines[-2]
+  assert 'meas/pred' in table and 'H100 SXM' in table and 'TPU v5e' in table
+
+
+def test_accelerator_rows_cover_both_models(tiny_run):
+  _, out, _ = tiny_run
+  rows = out['accelerators']
+  assert {(a['name'], a['model']) for a in rows} == {
+      (n, m) for n in ('H100 SXM', 'TPU v5e') for m in ('lm1b', 'config')}
+  for a in rows:
+    # A PF step never beats k (ideal) and costs more than an AR step.
+    assert 0 < a['predicted_speedup'] <= a['k'] + 1e-9
+
+
+@pytest.mark.parametrize('breakage,key', [
+    (lambda d: d['results'][0].pop('tokens_per_s'), r'results\[0\]\.'
+     'tokens_per_s is missing'),
+    (lambda d: d['machine'].update(cpu_count='two'), 'machine.cpu_count'),
+    (lambda d: d['results'][3]['memory'].update(host_rss_delta_mib=None),
+     r'results\[3\]\.memory\.host_rss_delta_mib'),
+    (lambda d: d['roofline'].update(mode='guess'), 'roofline.mode'),
+    (lambda d: d['results'].pop(), 'no row for k=4, batch=2'),
+    (lambda d: d.pop('peer'), 'bench.peer is missing'),
+    (lambda d: d['results'][1].update(times_s=[]), r'results\[1\]\.times_s'),
+])
+def test_validate_rejects_broken_dicts(tiny_run, breakage, key):
+  _, out, _ = tiny_run
+  broken = copy.deepcopy(out)
+  broken['results'].sort(key=lambda r: (r['k'], r['batch']))
+  breakage(broken)
+  with pytest.raises(ValueError, match=key):
+    bench.validate_bench_json(broken)
+
+
+# A model small enough to cost by hand: 1 layer, width 2, vocabulary 3,
+# 10 dense params, 5 noise-encoder params, 1 byte per weight and KV element.
+_HAND = bench.ModelShape(num_layers=1, d_model=2, vocab_size=3,
+                         dense_params=10, noise_params=5, weight_bytes=1,
+                         kv_bytes=1)
+
+
+def test_roofline_memory_bound_matches_hand_count():
+  # Prompt 2, 4 new tokens. AR: prefill (2 tokens) + 3 one-token steps at
+  # cache index 2, 3, 4. PF k=2: prefill (2 tokens + 2 slots) + one step.
+  # bytes = weights (10 + 2 * tokens [+ 5 noise]) + KV 4 * (index + q)
+  #         + unembed (6 + 8 * 3 * emit).
+  ar = (10 + 4 + 8 + 30) + (12 + 12 + 30) + (12 + 16 + 30) + (12 + 20 + 30)
+  pf = (10 + 4 + 5 + 16 + 54) + (10 + 4 + 5 + 24 + 54)
+  assert (ar, pf) == (226, 186)
+  got = bench.predicted_speedup(_HAND, _HAND, 1, 2, 2, 4, peak_flops=1e30,
+                                bandwidth=1.0, mode='max')
+  assert got == pytest.approx(ar / pf)
+  assert bench.predict_decode_time(_HAND, 1, 2, 1, 4, 1e30, 1.0) == (
+      pytest.approx(ar))
+
+
+def test_roofline_compute_bound_matches_hand_count():
+  # FLOPs = 2*10*q (+ 2*5*slots) + 8*q*(index + q) + 12*emit.
+  ar = (40 + 32 + 12) + (20 + 24 + 12) + (20 + 32 + 12) + (20 + 40 + 12)
+  pf = (80 + 20 + 128 + 24) + (80 + 20 + 192 + 24)
+  got = bench.predicted_speedup(_HAND, _HAND, 1, 2, 2, 4, peak_flops=1.0,
+                                bandwidth=1e30, mode='max')
+  assert got == pytest.approx(ar / pf)
+
+
+def test_weight_bound_regime_gives_k():
+  # When reading the weights dominates every step, each pass costs the
+  # same, so the speedup is the ratio of pass counts: exactly k.
+  heavy = dataclasses.replace(_HAND, dense_params=10 ** 12)
+  for k in (2, 4):
+    got = bench.predicted_speedup(heavy, heavy, 1, 2, k, 8, peak_flops=1e30,
+                                  bandwidth=1.0)
+    assert got == pytest.approx(k, rel=1e-6)
+
+
+def test_roofline_modes_are_ordered():
+  shape = bench.ModelShape.of(model_lib.ModelConfig(
+      vocab_size=512, seq_len=32, num_layers=2, d_model=64, num_heads=4,
+      mlp_dim=128, noise_window=4))
+  p = bench.Pass(index=10, tokens=4, noise=4, emit=4)
+  costs = bench.pass_costs(shape, 8, p)
+  t = {m: bench.pass_time(costs, 1e10, 1e9, m) for m in bench.MODES}
+  assert t['max'] <= t['per_op'] <= t['sum']
+  # Reading the whole cache never costs less than reading the valid part.
+  full = bench.pass_costs(shape, 8, p, cache_size=40)
+  assert full['attention'][1] > costs['attention'][1]
+
+
+def test_dense_and_noise_param_counts_match_the_param_tree():
+  cfg = model_lib.ModelConfig(vocab_size=61, seq_len=16, num_layers=2,
+                              d_model=32, num_heads=4, mlp_dim=64,
+                              noise_window=2)
+  # Shapes are enough to count parameters.
+  params = jax.eval_shape(functools.partial(model_lib.init_params, cfg),
+                          jax.random.PRNGKey(0))
+  outside = ('embed', 'unembed', 'noise_encoder')
+  dense = sum(model_lib.count_params(v) for n, v in params.items()
+              if n not in outside)
+  assert bench.dense_params(cfg) == dense
+  assert bench.ModelShape.of(cfg).noise_params == model_lib.count_params(
+      params['noise_encoder'])
+
+
+def test_settings_defaults_and_errors():
+  config = _tiny_config()
+  s = bench.settings_from_config(config)
+  assert s.batch_sizes == (1, 8, 64, 256) and s.ks == (2, 3, 4)
+  assert s.prefix_len == 6 and s.repeats == 5 and s.warmup == 1
+  no_section = _tiny_config()
+  with no_section.unlocked():
+    del no_section['bench']
+  assert bench.settings_from_config(no_section) == s
+  with pytest.raises(ValueError, match='unknown bench field'):
+    bench.settings_from_config(_tiny_config(batch_size=3))
+  with pytest.raises(ValueError, match='bench.ks'):
+    bench.settings_from_config(_tiny_config(ks=(1, 2)))
+  with pytest.raises(ValueError, match='bench.roofline'):
+    bench.settings_from_config(_tiny_config(roofline='guess'))
+  with pytest.raises(ValueError, match='no room'):
+    bench.settings_from_config(_tiny_config(prefix_len=32))
+
+
+def test_peer_times_hf_gpt2_when_installed():
+  pytest.importorskip('torch')
+  pytest.importorskip('transformers')
+  cfg = model_lib.ModelConfig(vocab_size=64, seq_len=16, num_layers=1,
+                              d_model=32, num_heads=4, mlp_dim=64)
+  prompts = {2: np.ones((2, 4), np.int32)}
+  s = bench.BenchSettings(repeats=1, warmup=1)
+  out = bench.run_peer(cfg, prompts, 12, s, log=lambda _: None)
+  assert out['available'] and out['library'].startswith('torch')
+  assert [p['batch'] for p in out['results']] == [2]
+  assert out['results'][0]['tokens_per_s'] > 0
