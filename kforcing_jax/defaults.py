@@ -93,6 +93,24 @@ def base_config() -> ml_collections.ConfigDict:
   e.ci_level = 0.95  # Two-sided CI coverage.
   e.split = ''  # Split the prefixes come from; '' = data.eval_split.
 
+  # --- Decoding benchmark (bench subcommand). ---
+  c.bench = b = ml_collections.ConfigDict()
+  b.batch_sizes = (1, 8, 64, 256)  # Batch sizes to time.
+  b.ks = (2, 3, 4)  # Student k values; k=1 (the AR teacher) always runs.
+  b.prefix_len = 6  # Prompt tokens; decoded up to model.seq_len.
+  b.max_new_tokens = 0  # New tokens per row; 0 = seq_len - prefix_len.
+  b.repeats = 5  # Timed runs per cell (median reported, interleaved over k).
+  b.warmup = 1  # Untimed runs after compiling (at least one is made).
+  b.peer = True  # Also time HF GPT-2 of the same shape (needs the eval extra).
+  b.random_weights = False  # Ignore trained runs; random weights of config.model.
+  b.prompts = 'random'  # 'random' token ids or 'heldout' eval-split prefixes.
+  b.roofline = 'max'  # Prediction shown as "predicted": 'max', 'sum', 'per_op'.
+  b.matmul_size = 2048  # n of the n^3 matmul measuring peak FLOP/s.
+  b.copy_mib = 256  # Array size (MiB) measuring memory bandwidth.
+  b.peak_flops = 0.0  # FLOP/s override (0 = measure).
+  b.bandwidth = 0.0  # Bytes/s override (0 = measure).
+  b.seed = 0  # Prompts, noise and random weights.
+
   # --- Vocabulary projection kernels (kforcing_jax/kernels). ---
   c.kernels = kn = ml_collections.ConfigDict()
   kn.impl = 'auto'  # 'auto' (Pallas on TPU, chunked XLA elsewhere), 'pallas',
