@@ -146,6 +146,9 @@ def stage_config(config):
   tc.ema_decay = ds.ema_decay
   tc.checkpoint_every = ds.checkpoint_every
   tc.eval_every = ds.eval_every
+  # The shard_map distillation step keeps the student replicated (paper
+  # scale: ~135M params, ~2 GiB of state per device), so FSDP is off here.
+  out.mesh.fsdp = False
   return out
 
 

@@ -62,7 +62,7 @@ class DecodeSpec:
 @flax.struct.dataclass
 class DecodeState:
   """Loop carry of the decoding while_loop."""
-  cache: Any  # Tuple of per-layer {'k', 'v'}: (B, cache_size, H, K).
+  cache: Any  # Tuple of per-layer {'k', 'v'}: (B, H, cache_size, K).
   index: jax.Array  # Slots [0, index) hold valid K/V (incl. left padding).
   pad: jax.Array  # (B,) left-padding of each prompt.
   pending: jax.Array  # (B, k) tokens emitted last step, not yet cached.
@@ -76,7 +76,7 @@ class DecodeState:
 def init_cache(spec: DecodeSpec, batch_size: int):
   """Zeroed per-layer KV cache for `spec`."""
   cfg = spec.model
-  shape = (batch_size, spec.cache_size, cfg.num_heads, cfg.head_dim)
+  shape = (batch_size, cfg.num_heads, spec.cache_size, cfg.head_dim)
   return tuple({'k': jnp.zeros(shape, cfg.compute_dtype),
                 'v': jnp.zeros(shape, cfg.compute_dtype)}
                for _ in range(cfg.num_layers))

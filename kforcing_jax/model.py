@@ -99,7 +99,7 @@ class Attention(nn.Module):
     """Masked attention; with `kv_cache`, new K/V are written at cache_index.
 
     Without a cache the keys are the L inputs and the mask is (B, L, L).
-    With a cache {'k','v': (B, S, H, K)} the L new keys are written at slots
+    With a cache {'k','v': (B, H, S, K)} the L new keys are written at slots
     [cache_index, cache_index + L) first and queries attend over all S slots,
     so the mask is (B, L, S); the caller's mask decides which slots count.
     """
@@ -112,19 +112,26 @@ class Attention(nn.Module):
     v = dense('value')(x_BxLxD)
     new_cache = None
     if kv_cache is not None:
-      start = (0, cache_index, 0, 0)
+      # Cache is heads-major (B, H, S, K): the attention dots then read it in
+      # place; a (B, S, H, K) cache is transposed (copied) every step.
+      start = (0, 0, cache_index, 0)
       k_cache = jax.lax.dynamic_update_slice(
-          kv_cache['k'], k.astype(kv_cache['k'].dtype), start)
+          kv_cache['k'], jnp.swapaxes(k, 1, 2).astype(kv_cache['k'].dtype),
+          start)
       v_cache = jax.lax.dynamic_update_slice(
-          kv_cache['v'], v.astype(kv_cache['v'].dtype), start)
+          kv_cache['v'], jnp.swapaxes(v, 1, 2).astype(kv_cache['v'].dtype),
+          start)
       new_cache = {'k': k_cache, 'v': v_cache}
       k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
-    scores = jnp.einsum('blhk,bshk->bhls', q, k,
+      layout = 'bhsk'
+    else:
+      layout = 'bshk'
+    scores = jnp.einsum(f'blhk,{layout}->bhls', q, k,
                         preferred_element_type=jnp.float32)
     scores = scores / jnp.sqrt(jnp.float32(cfg.head_dim))
     scores = jnp.where(mask_BxLxS[:, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
-    out = jnp.einsum('bhls,bshk->blhk', probs, v)
+    out = jnp.einsum(f'bhls,{layout}->blhk', probs, v)
     out = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=False,
                           dtype=cfg.compute_dtype, name='out')(out)
     out = nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)

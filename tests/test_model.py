@@ -56,7 +56,7 @@ def _run_cached(model, params, tokens, chunks, cache_size):
   """Feeds tokens in chunks through cached_step; returns all logits."""
   cfg = model.cfg
   b = tokens.shape[0]
-  shape = (b, cache_size, cfg.num_heads, cfg.head_dim)
+  shape = (b, cfg.num_heads, cache_size, cfg.head_dim)
   cache = tuple({'k': jnp.zeros(shape), 'v': jnp.zeros(shape)}
                 for _ in range(cfg.num_layers))
   pad = jnp.zeros((b,), jnp.int32)
@@ -98,7 +98,7 @@ def test_left_padded_prompt_matches_unpadded(small_cfg):
   size = 13
   pad = jnp.array([3], jnp.int32)
   padded = jnp.concatenate([jnp.zeros((b, 3), jnp.int32), tokens], axis=1)
-  shape = (b, size, small_cfg.num_heads, small_cfg.head_dim)
+  shape = (b, small_cfg.num_heads, size, small_cfg.head_dim)
   cache = tuple({'k': jnp.zeros(shape), 'v': jnp.zeros(shape)}
                 for _ in range(small_cfg.num_layers))
   positions, mask = layouts.decode_layout(pad, 0, 13, size)
