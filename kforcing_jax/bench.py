@@ -362,14 +362,6 @@ class BenchModel:
   serves_k: list[int] = dataclasses.field(default_factory=list)
 
 
-def _trained_windows(workdir: str) -> list[int]:
-  if not os.path.isdir(workdir):
-    return []
-  return sorted(int(d[len('student_k'):]) for d in os.listdir(workdir)
-                if d.startswith('student_k') and d[len('student_k'):].isdigit()
-                and os.path.isdir(os.path.join(workdir, d, 'checkpoints')))
-
-
 def _has_run(workdir: str, name: str) -> bool:
   manager = checkpoints.Manager(os.path.join(workdir, name))
   return manager.latest_step() is not None
@@ -398,7 +390,7 @@ def load_models(config, workdir: str,
     models[1] = trained('teacher')
     base_cfg = models[1].cfg
   windows = [] if s.random_weights else [
-      w for w in _trained_windows(workdir)
+      w for w in checkpoints.trained_windows(workdir)
       if _has_run(workdir, f'student_k{w}')]
   for k in s.ks:
     fits = [w for w in windows if w >= k]

@@ -8,6 +8,7 @@ model is refused before anything is computed or written.
 
 import json
 import os
+import re
 from typing import Any
 
 import jax
@@ -55,18 +56,20 @@ class Manager:
       return None
     return self.manager.latest_step()
 
-  def read_meta(self, step: int | None = None) -> dict[str, Any]:
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise CheckpointError(f'no checkpoint in {self.directory}')
+  def restore(self, step: int, **items):
+    """Restores the named items of `step`; damage -> CheckpointError."""
     try:
-      out = self.manager.restore(
-          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+      return self.manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # Orbax raises many types for damaged files.
       raise CheckpointError(
           f'checkpoint {self.directory}/{step} is unreadable (corrupt or '
           f'incomplete): {type(e).__name__}: {e}') from e
-    return out['meta']
+
+  def read_meta(self, step: int | None = None) -> dict[str, Any]:
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f'no checkpoint in {self.directory}')
+    return self.restore(step, meta=ocp.args.JsonRestore())['meta']
 
   def check_compatible(self, meta: dict[str, Any]):
     """Refuses to resume a run whose checkpoint has another model config."""
@@ -91,14 +94,8 @@ class Manager:
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         _state_to_dict(abstract_state), _state_to_dict(shardings))
-    try:
-      out = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target),
-          data=ocp.args.JsonRestore()))
-    except Exception as e:
-      raise CheckpointError(
-          f'checkpoint {self.directory}/{step} is unreadable (corrupt or '
-          f'incomplete): {type(e).__name__}: {e}') from e
+    out = self.restore(step, state=ocp.args.StandardRestore(target),
+                       data=ocp.args.JsonRestore())
     d = out['state']
     state = abstract_state.replace(
         step=d['step'], params=d['params'], opt_state=d['opt_state'],
@@ -116,6 +113,18 @@ class Manager:
       self._manager.wait_until_finished()
 
 
+def trained_windows(workdir: str) -> list[int]:
+  """Windows w of the `student_k<w>` runs in workdir that have checkpoints."""
+  if not os.path.isdir(workdir):
+    return []
+  out = []
+  for d in os.listdir(workdir):
+    m = re.fullmatch(r'student_k(\d+)', d)
+    if m and os.path.isdir(os.path.join(workdir, d, 'checkpoints')):
+      out.append(int(m.group(1)))
+  return sorted(out)
+
+
 def load_params(run_dir: str, use_ema: bool = True):
   """(ModelConfig, params, meta) of the latest checkpoint in run_dir."""
   manager = Manager(run_dir)
@@ -125,14 +134,7 @@ def load_params(run_dir: str, use_ema: bool = True):
         f'no checkpoint found in {manager.directory}; train it first')
   meta = manager.read_meta(step)
   cfg = model_lib.ModelConfig(**meta['model'])
-  try:
-    out = manager.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))
-  except Exception as e:
-    raise CheckpointError(
-        f'checkpoint {manager.directory}/{step} is unreadable (corrupt or '
-        f'incomplete): {type(e).__name__}: {e}') from e
-  state = out['state']
+  state = manager.restore(step, state=ocp.args.StandardRestore())['state']
   params = state['ema_params'] if use_ema and 'ema_params' in state else (
       state['params'])
   return cfg, params, meta

@@ -82,9 +82,7 @@ def pick_run(workdir: str, k: int, model: str = '') -> str:
     return model
   if k == 1:
     return teacher_lib.TEACHER
-  windows = sorted(
-      int(d[len('student_k'):]) for d in os.listdir(workdir)
-      if d.startswith('student_k') and d[len('student_k'):].isdigit())
+  windows = checkpoints.trained_windows(workdir)
   fits = [w for w in windows if w >= k]
   if not fits:
     raise ValueError(f'k={k}: no student in {workdir} was trained with a '

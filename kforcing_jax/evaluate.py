@@ -73,7 +73,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import tempfile
 import time
 from typing import Any, Callable, Sequence
@@ -482,18 +481,6 @@ class ModelEntry:
   penalty: float = 0.0
 
 
-def trained_windows(workdir: str) -> list[int]:
-  """Windows w of the `student_k<w>` runs in workdir with a checkpoint."""
-  if not os.path.isdir(workdir):
-    return []
-  out = []
-  for d in os.listdir(workdir):
-    m = re.fullmatch(r'student_k(\d+)', d)
-    if m and os.path.isdir(os.path.join(workdir, d, 'checkpoints')):
-      out.append(int(m.group(1)))
-  return sorted(out)
-
-
 def plan_models(windows: Sequence[int], s: EvalSettings) -> list[ModelEntry]:
   """The rows to evaluate (module docstring), given the trained windows."""
   plan = [ModelEntry('data', 'data', None, 1),
@@ -761,7 +748,7 @@ def run_evaluate(config, workdir: str) -> dict:
   if not 1 <= s.prefix_len < teacher_cfg.seq_len:
     raise ValueError(f'eval.prefix_len={s.prefix_len} must be in [1, '
                      f'seq_len={teacher_cfg.seq_len})')
-  plan = plan_models(trained_windows(workdir), s)
+  plan = plan_models(checkpoints.trained_windows(workdir), s)
   notes = []
   if not any(e.kind == 'student' for e in plan):
     notes.append(f'no student_k* run in {workdir}: teacher only')
