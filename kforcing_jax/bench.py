@@ -63,7 +63,9 @@ bench.json (schema_version 1; `validate_bench_json` checks it):
                    device_peak_bytes (null on CPU), compiled (dict of
                    memory_analysis() byte counts, or null)}}.
                    full_cache: the 'max' prediction when attention reads the
-                   whole preallocated cache every step (what decode.py runs).
+                   whole preallocated cache every step (decode.py with
+                   DecodeSpec.cache_block=0; by default it grows the cache
+                   in blocks of 32 slots, close to the valid-slots model).
   accelerators    [{name, model ('lm1b'|'config'), peak_flops, bandwidth,
                    batch, k, predicted_speedup, ar_step_bound
                    ('compute'|'memory')}] from datasheet numbers, bf16.
@@ -234,8 +236,9 @@ def pass_costs(shape: ModelShape, batch: int, p: Pass,
                cache_size: int | None = None) -> dict[str, tuple[float, float]]:
   """{part: (FLOPs, bytes)} of one pass; see the module docstring.
 
-  cache_size: if given, attention reads all these slots (what decode.py
-  does) instead of the valid ones.
+  cache_size: if given, attention reads all these slots (decode.py with
+  DecodeSpec.cache_block=0) instead of the valid ones (decode.py grows its
+  cache in blocks, so it reads at most cache_block - 1 slots past them).
   """
   q = p.tokens + p.noise
   d, layers = shape.d_model, shape.num_layers

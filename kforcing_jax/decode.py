@@ -44,6 +44,9 @@ class DecodeSpec:
   eos_id: int = -1  # Stop a row after this token (-1: never).
   pad_id: int = 0  # Written after a row stops.
   kernel_impl: str = 'auto'  # Vocabulary projection: see projection.py.
+  # The cache grows in blocks of this many slots (0: full size from the
+  # start), so early steps attend over fewer slots; see `segments`.
+  cache_block: int = 32
 
   @property
   def is_student(self) -> bool:
@@ -54,6 +57,32 @@ class DecodeSpec:
     # Valid slots P + (num_steps - 1) * k, plus 2k for the last step's input.
     return self.prompt_len + (self.num_steps + 1) * self.k
 
+  def segments(self) -> list[tuple[int, int]]:
+    """(cache slots, first step that does not fit) of each loop segment.
+
+    Attention reads every slot of the cache, valid or not, and reading the
+    KV cache is most of a large-batch step. So the loop runs in segments
+    whose cache is only as large as their steps need, padded between
+    segments (one copy each). The step with `step` steps done writes slots
+    [P + (step - 1) k, P + (step + 1) k), so it fits a cache of S slots
+    while step < (S - P) // k.
+    """
+    full, p, k = self.cache_size, self.prompt_len, self.k
+    sizes = []
+    if self.cache_block > 0:
+      block = self.cache_block
+      size = -(-(p + 2 * k) // block) * block  # Prefill + first step.
+      while size < full:
+        sizes.append(size)
+        size += block
+    sizes.append(full)
+    out = []
+    for size in sizes:
+      out.append((size, min(self.num_steps, (size - p) // k)))
+      if out[-1][1] == self.num_steps:
+        break
+    return out
+
   @property
   def max_new_tokens(self) -> int:
     return self.num_steps * self.k
@@ -62,7 +91,7 @@ class DecodeSpec:
 @flax.struct.dataclass
 class DecodeState:
   """Loop carry of the decoding while_loop."""
-  cache: Any  # Tuple of per-layer {'k', 'v'}: (B, H, cache_size, K).
+  cache: Any  # Per-layer {'k' or 'kt', 'v'}: see init_cache.
   index: jax.Array  # Slots [0, index) hold valid K/V (incl. left padding).
   pad: jax.Array  # (B,) left-padding of each prompt.
   pending: jax.Array  # (B, k) tokens emitted last step, not yet cached.
@@ -73,36 +102,83 @@ class DecodeState:
   counts: Any  # (B, V) int32 token counts (frequency penalty) or None.
 
 
-def init_cache(spec: DecodeSpec, batch_size: int):
-  """Zeroed per-layer KV cache for `spec`."""
+def init_cache(spec: DecodeSpec, batch_size: int, size: int | None = None):
+  """Zeroed per-layer KV cache for `spec` with `size` slots (default: all
+  of spec.cache_size; a smaller one is grown with `grow_cache`).
+
+  Values are (B, H, S, K). Keys are 'k' (B, H, S, K) for one query per step
+  (AR) and 'kt' (B, H, K, S) for push-forward steps, whichever attention
+  reads faster (see `model.Attention`); both give the same numbers.
+  """
   cfg = spec.model
-  shape = (batch_size, cfg.num_heads, spec.cache_size, cfg.head_dim)
-  return tuple({'k': jnp.zeros(shape, cfg.compute_dtype),
+  size = size or spec.cache_size
+  shape = (batch_size, cfg.num_heads, size, cfg.head_dim)
+  if spec.k > 1:
+    keys = ('kt', (batch_size, cfg.num_heads, cfg.head_dim, size))
+  else:
+    keys = ('k', shape)
+  return tuple({keys[0]: jnp.zeros(keys[1], cfg.compute_dtype),
                 'v': jnp.zeros(shape, cfg.compute_dtype)}
                for _ in range(cfg.num_layers))
 
 
+def cache_slots(cache) -> int:
+  return cache[0]['v'].shape[2]
+
+
+def grow_cache(cache, size: int):
+  """Pads every layer's cache with empty slots up to `size` slots."""
+  def pad(name, x):
+    axis = 3 if name == 'kt' else 2
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, widths)
+  return tuple({name: pad(name, x) for name, x in layer.items()}
+               for layer in cache)
+
+
 def _select(spec, params, h_BxKxD, u_BxK, counts, temperature, penalty):
-  """Turns the k emitting hidden states into k tokens, slot by slot.
+  """Turns the k emitting hidden states into k tokens.
 
   Student: argmax (its output is a deterministic function of the noise).
   Teacher: inverse CDF of u, or argmax when greedy. The frequency penalty
   subtracts penalty * count from the logits; counts include earlier slots of
-  the same step. The projection goes through `projection` (kernels.impl).
+  the same step, so penalised slots are chosen one after another, but the
+  unembedding is read once for all k slots (a per-slot projection reads it
+  k times, which dominates a batch-1 step). The projection goes through
+  `projection` (kernels.impl).
   """
   w_DxV = params['unembed']['kernel']
+  b, k, d = h_BxKxD.shape
+  if not (spec.is_student or spec.greedy):  # AR sampling: k == 1.
+    tok = projection.inverse_cdf(h_BxKxD[:, 0], w_DxV, u_BxK[:, 0],
+                                 spec.kernel_impl, temperature, counts,
+                                 penalty)
+    return tok[:, None], _count(counts, tok)
+  if counts is None:
+    tok = projection.argmax(h_BxKxD.reshape(b * k, d), w_DxV,
+                            spec.kernel_impl)
+    return tok.reshape(b, k), None
+  reference = projection.resolved(spec.kernel_impl) == 'reference'
+  if reference:
+    logits_BxKxV = projection.logits(h_BxKxD, w_DxV)
   tokens = []
-  for i in range(spec.k):
-    h = h_BxKxD[:, i]
-    if spec.is_student or spec.greedy:
-      tok = projection.argmax(h, w_DxV, spec.kernel_impl, counts, penalty)
-    else:
-      tok = projection.inverse_cdf(h, w_DxV, u_BxK[:, i], spec.kernel_impl,
-                                   temperature, counts, penalty)
-    if counts is not None:
-      counts = counts.at[jnp.arange(tok.shape[0]), tok].add(1)
+  for i in range(k):
+    if reference:
+      lg = logits_BxKxV[:, i] - penalty * counts.astype(jnp.float32)
+      tok = jnp.argmax(lg, axis=-1).astype(jnp.int32)
+    else:  # Kernels apply the penalty inside their vocabulary loop.
+      tok = projection.argmax(h_BxKxD[:, i], w_DxV, spec.kernel_impl, counts,
+                              penalty)
+    counts = _count(counts, tok)
     tokens.append(tok)
   return jnp.stack(tokens, axis=1), counts
+
+
+def _count(counts, tok_B):
+  if counts is None:
+    return None
+  return counts.at[jnp.arange(tok_B.shape[0]), tok_B].add(1)
 
 
 def _record(spec, state, new_BxK):
@@ -126,7 +202,7 @@ def _hidden(spec, params, tokens_BxT, u_BxK, cache, index, pad):
   model = model_lib.Transformer(spec.model)
   num_new = tokens_BxT.shape[1] + (u_BxK.shape[1] if spec.is_student else 0)
   positions, mask = layouts.decode_layout(pad, index, num_new,
-                                          spec.cache_size)
+                                          cache_slots(cache))
   h, cache = model.apply(
       {'params': params}, tokens_BxT,
       u_BxK if spec.is_student else None, positions, mask, cache,
@@ -144,10 +220,13 @@ def forward(spec, params, tokens_BxT, u_BxK, cache, index, pad):
 
 
 def prefill(spec: DecodeSpec, params, prompts_BxP, pad_B, noise_BxK,
-            temperature=1.0, penalty=0.0) -> DecodeState:
+            temperature=1.0, penalty=0.0, cache_size: int | None = None
+            ) -> DecodeState:
   """Runs the prompts (and, for a student, the first k noise slots).
 
-  Returns the loop state after the first k tokens have been emitted.
+  Returns the loop state after the first k tokens have been emitted. Its
+  cache has `cache_size` slots (default spec.cache_size, enough for every
+  step); `decode_step` works with any cache that has room for its step.
   """
   b = prompts_BxP.shape[0]
   counts = None
@@ -157,7 +236,7 @@ def prefill(spec: DecodeSpec, params, prompts_BxP, pad_B, noise_BxK,
     counts = counts.at[jnp.arange(b)[:, None], prompts_BxP].add(
         valid.astype(jnp.int32))
   h, cache = _hidden(spec, params, prompts_BxP, noise_BxK,
-                     init_cache(spec, b), 0, pad_B)
+                     init_cache(spec, b, cache_size), 0, pad_B)
   new, counts = _select(spec, params, h, noise_BxK, counts, temperature,
                         penalty)
   state = DecodeState(
@@ -183,18 +262,24 @@ def decode_step(spec: DecodeSpec, params, state: DecodeState, noise_BxK,
 
 def _loop(spec, params, prompts_BxP, pad_B, noise_BxN, temperature, penalty):
   k = spec.k
+  segments = spec.segments()
   state = prefill(spec, params, prompts_BxP, pad_B, noise_BxN[:, :k],
-                  temperature, penalty)
-
-  def cond(state):
-    # Stop reasons: every step done, or every row has emitted eos.
-    return (state.step < spec.num_steps) & ~jnp.all(state.done)
+                  temperature, penalty, cache_size=segments[0][0])
 
   def body(state):
     u = jax.lax.dynamic_slice_in_dim(noise_BxN, state.step * k, k, axis=1)
     return decode_step(spec, params, state, u, temperature, penalty)
 
-  state = jax.lax.while_loop(cond, body, state)
+  for size, end in segments:
+    if size > cache_slots(state.cache):
+      state = state.replace(cache=grow_cache(state.cache, size))
+
+    def cond(state, end=end):
+      # Stop reasons: the segment's steps are done, or every row has
+      # emitted eos.
+      return (state.step < end) & ~jnp.all(state.done)
+
+    state = jax.lax.while_loop(cond, body, state)
   return state.tokens, state.lengths
 
 

@@ -52,12 +52,15 @@ def test_full_forward_is_causal_by_perturbation(small_cfg):
   assert float(jnp.abs(a[:, t + 1:] - b[:, t + 1:]).max()) > 1e-3
 
 
-def _run_cached(model, params, tokens, chunks, cache_size):
+def _run_cached(model, params, tokens, chunks, cache_size,
+                transposed_keys=False):
   """Feeds tokens in chunks through cached_step; returns all logits."""
   cfg = model.cfg
   b = tokens.shape[0]
   shape = (b, cfg.num_heads, cache_size, cfg.head_dim)
-  cache = tuple({'k': jnp.zeros(shape), 'v': jnp.zeros(shape)}
+  keys = (('kt', (b, cfg.num_heads, cfg.head_dim, cache_size))
+          if transposed_keys else ('k', shape))
+  cache = tuple({keys[0]: jnp.zeros(keys[1]), 'v': jnp.zeros(shape)}
                 for _ in range(cfg.num_layers))
   pad = jnp.zeros((b,), jnp.int32)
   outs, index = [], 0
@@ -73,12 +76,14 @@ def _run_cached(model, params, tokens, chunks, cache_size):
 
 
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
-def test_cached_steps_equal_full_forward(small_cfg, dtype):
+@pytest.mark.parametrize('transposed_keys', [False, True])
+def test_cached_steps_equal_full_forward(small_cfg, dtype, transposed_keys):
   cfg = dataclasses.replace(small_cfg, dtype=dtype)
   model, params, tokens = _setup(cfg, length=20)
   full = model.apply({'params': params}, tokens)
   # Prefill 8, then steps of several new positions at once, then single ones.
-  cached = _run_cached(model, params, tokens, [8, 3, 4, 1, 1, 3], 24)
+  cached = _run_cached(model, params, tokens, [8, 3, 4, 1, 1, 3], 24,
+                       transposed_keys)
   atol = ATOL if dtype == 'float32' else 5e-2  # bf16: ~3 significant digits.
   np.testing.assert_allclose(cached, full, atol=atol)
 
