@@ -5,6 +5,7 @@ Subcommands:
   train-teacher  --config=configs/X.py --workdir=W   train (or resume) the AR teacher
   distill        --config=configs/X.py --workdir=W   students of window 1, 2, 4 from W/teacher
   generate       --workdir=W --prompt=TEXT [--k=4]   decode from a trained model
+  train-evaluator --config=configs/X.py --workdir=W  small independent GPT-2-shape evaluator -> W/evaluator
   evaluate       --config=configs/X.py --workdir=W   quality metrics -> W/eval.json, W/samples/
   bench          --config=configs/X.py --workdir=W   AR vs k-token decoding speed -> W/bench.json/png
 """
@@ -46,6 +47,7 @@ SUBCOMMANDS = {
     'train-teacher': commands.train_teacher,
     'generate': commands.generate,
     'distill': commands.distill_cmd,
+    'train-evaluator': commands.train_evaluator_cmd,
     'evaluate': commands.evaluate_cmd,
     'bench': commands.bench_cmd,
     'pipeline': commands.pipeline_cmd,
@@ -128,5 +130,5 @@ def main():
   except app.UsageError as e:
     _fail(str(e))
   except (ValueError, checkpoints.CheckpointError, FileNotFoundError,
-          FloatingPointError) as e:
+          FloatingPointError, ImportError) as e:  # Optional extras name a fix.
     _fail(str(e))

@@ -201,6 +201,14 @@ def run_distill(config, workdir: str) -> list[train_lib.TrainResult]:
   return results
 
 
+def train_evaluator_cmd(flags_obj):
+  """Trains the small independent evaluator LM into W/evaluator (torch)."""
+  from kforcing_jax import evaluator_train  # pylint: disable=g-import-not-at-top
+  path = evaluator_train.train_evaluator(_require_config(flags_obj),
+                                         flags_obj.workdir)
+  _print_main(f'evaluator: {path} (use --config.eval.evaluator={path})')
+
+
 def evaluate_cmd(flags_obj):
   """Samples every trained model and writes W/eval.json, W/samples/."""
   from kforcing_jax import evaluate  # pylint: disable=g-import-not-at-top

@@ -57,7 +57,8 @@ _PAD_CANDIDATES = ('[PAD]', '<pad>', '<|pad|>', '<|padding|>')
 
 # Byte fallback costs 256 pieces, so only vocabularies this large get it.
 _MIN_VOCAB_FOR_BYTE_FALLBACK = 1024
-# For source='tfds', SentencePiece trains on this many leading train records.
+# For source='tfds', `raw_texts` (SentencePiece and evaluator training) reads
+# this many leading records of a split.
 _TFDS_TOKENIZER_DOCS = 100_000
 # Bump when the chunk cache format or tokenization recipe changes.
 _CACHE_VERSION = 1
@@ -310,7 +311,7 @@ def get_tokenizer(config, workdir: str) -> Tokenizer:
     if os.path.exists(path):
       tokenizer = load_tokenizer(path)
     else:
-      texts = _tokenizer_training_texts(config)
+      texts = raw_texts(config, config.data.train_split)
       tokenizer = train_sentencepiece(texts, config.model.vocab_size, path)
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ValueError(
@@ -320,10 +321,15 @@ def get_tokenizer(config, workdir: str) -> Tokenizer:
   return tokenizer
 
 
-def _tokenizer_training_texts(config) -> list[str]:
+def raw_texts(config, split: str) -> list[str]:
+  """Untokenized documents of `split`, for training tokenizers or other LMs.
+
+  sotu/text: every document of the split (`load_documents`); tfds: its first
+  100,000 records (fewer with `data.max_documents`), not the whole stream.
+  """
   if config.data.source != 'tfds':
-    return load_documents(config, config.data.train_split)
-  source = _tfds_source(config, config.data.train_split)
+    return load_documents(config, split)
+  source = _tfds_source(config, split)
   limit = _TFDS_TOKENIZER_DOCS
   if config.data.max_documents > 0:
     limit = min(limit, config.data.max_documents)

@@ -93,6 +93,35 @@ def base_config() -> ml_collections.ConfigDict:
   e.ci_level = 0.95  # Two-sided CI coverage.
   e.split = ''  # Split the prefixes come from; '' = data.eval_split.
 
+  # --- Independent evaluator trained offline (train-evaluator subcommand). ---
+  # A small GPT-2-shaped torch LM with its own byte-level BPE, trained on the
+  # train split; eval.evaluator can point at it (the paper: GPT-2 Large).
+  c.evaluator_train = et = ml_collections.ConfigDict()
+  et.enabled = False  # pipeline: train it before evaluate and use it when
+  #                     eval.evaluator is ''.
+  et.dir = ''  # Output (save_pretrained) folder; '' = W/evaluator.
+  et.vocab_size = 4096  # Byte-level BPE vocabulary (>= 257: bytes + eos).
+  et.seq_len = 160  # Training window and n_positions; should cover an eval
+  #                   text (model.seq_len tokens, re-tokenised), or its tail
+  #                   is not scored.
+  et.num_layers = 2  # GPT-2 blocks.
+  et.d_model = 128  # Residual width (n_embd).
+  et.num_heads = 4  # Attention heads; must divide d_model.
+  et.mlp_dim = 0  # MLP hidden width; 0 = 4 * d_model.
+  et.dropout = 0.0  # Residual, embedding and attention dropout (under one
+  #                   epoch there is little to regularise).
+  et.batch_size = 16  # Sequences per step.
+  et.num_steps = 1000  # AdamW steps.
+  et.lr = 3e-3  # Peak learning rate.
+  et.warmup_steps = 30  # Linear warm-up, then cosine decay to 10% of peak.
+  et.weight_decay = 0.1  # AdamW decay on matrices (not biases or norms).
+  et.grad_clip = 1.0  # Global-norm gradient clipping (0 disables).
+  et.eval_batches = 8  # Held-out batches (data.eval_split) for the final ppl.
+  et.log_every = 50  # Steps between progress lines / metrics.jsonl rows.
+  et.seed = 1  # torch seed (init, dropout, batch order); not config.seed, so
+  #              the evaluator does not share the teacher's seed.
+  et.num_threads = 0  # torch CPU threads; 0 = os.cpu_count().
+
   # --- Decoding benchmark (bench subcommand). ---
   c.bench = b = ml_collections.ConfigDict()
   b.batch_sizes = (1, 8, 64, 256)  # Batch sizes to time.
@@ -186,6 +215,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.kernels.impl not in ('auto', 'pallas', 'chunked', 'reference'):
     raise ValueError(f'kernels.impl={c.kernels.impl!r}; expected auto, '
                      'pallas, chunked or reference')
+  if 'evaluator_train' in c:
+    from kforcing_jax import evaluator_train  # pylint: disable=g-import-not-at-top
+    evaluator_train.evaluator_settings(c)
   if c.mesh.data == 0 or c.mesh.data < -1:
     raise ValueError(f'mesh.data={c.mesh.data}: use -1 (all devices) or a '
                      'positive device count')

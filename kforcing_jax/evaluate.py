@@ -370,13 +370,13 @@ def perplexity_ci(nll_sum, count, s: EvalSettings) -> dict:
 # --------------------------------------------------------------------------
 
 
-def _import_transformers():
+def _import_transformers(purpose: str = 'eval.evaluator is set'):
   try:
     import torch  # pylint: disable=g-import-not-at-top
     import transformers  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ImportError(
-        'eval.evaluator is set, which needs the optional packages `torch` '
+        f'{purpose}, which needs the optional packages `torch` '
         f'and `transformers` (the `eval` extra): {EVAL_EXTRA_HINT}. '
         f'Import failed: {e}') from e
   return torch, transformers

@@ -4,6 +4,10 @@ Every stage is resumable: training stages resume from their checkpoints and
 finished ones are skipped; evaluate and bench are skipped when their JSON
 exists (delete W/eval.json or W/bench.json to redo them). Stage timings go
 to W/pipeline.json; the report is rebuilt at the end of every run.
+
+With `evaluator_train.enabled` and an empty `eval.evaluator`, a small
+independent evaluator is trained before evaluate (skipped once finished) and
+scores that evaluate run.
 """
 
 import json
@@ -28,6 +32,36 @@ def _stopped(workdir):
   return os.path.join(workdir, 'report.md')
 
 
+def _trains_evaluator(config) -> bool:
+  section = config.get('evaluator_train', None) or {}
+  return bool(section.get('enabled', False)) and not config.eval.evaluator
+
+
+def _with_evaluator(config, workdir, timing):
+  """Trains (or finds) W/evaluator; a config copy whose evaluate uses it.
+
+  Like bench's HF peer, it is skipped with a note when the `eval` extra is
+  not installed: evaluate then runs without evaluator perplexity.
+  """
+  from kforcing_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from kforcing_jax import evaluator_train  # pylint: disable=g-import-not-at-top
+  try:
+    # pylint: disable-next=protected-access
+    evaluate._import_transformers('evaluator_train.enabled')
+  except ImportError as e:
+    print(f'[evaluator] skipped: {e}', flush=True)
+    return config
+  done = evaluator_train.is_complete(
+      evaluator_train.output_dir(config, workdir))
+  t0 = time.time()
+  path = evaluator_train.train_evaluator(config, workdir)
+  if not done:
+    timing['stages']['train_evaluator'] = {'seconds': time.time() - t0}
+  out = config.copy_and_resolve_references()
+  out.eval.evaluator = path
+  return out
+
+
 def run_pipeline(config, workdir: str) -> str:
   """Runs (or resumes) every stage; returns the report path."""
   from kforcing_jax import bench  # pylint: disable=g-import-not-at-top
@@ -39,7 +73,8 @@ def run_pipeline(config, workdir: str) -> str:
     with open(path) as f:
       timing = json.load(f)
   t_all = time.time()
-  n = 5
+  train_eval = _trains_evaluator(config)
+  n = 6 if train_eval else 5
 
   _banner(1, n, 'AR teacher')
   r = commands.run_teacher(config, workdir)
@@ -59,9 +94,14 @@ def run_pipeline(config, workdir: str) -> str:
       return _stopped(workdir)
   _save_timing(workdir, timing)
 
+  if train_eval:
+    _banner(3, n, 'independent evaluator')
+    config = _with_evaluator(config, workdir, timing)
+    _save_timing(workdir, timing)
+
   for i, (name, fn, out) in enumerate(
       [('evaluate', evaluate.run_evaluate, 'eval.json'),
-       ('bench', bench.run_bench, 'bench.json')], start=3):
+       ('bench', bench.run_bench, 'bench.json')], start=n - 2):
     _banner(i, n, name)
     if os.path.exists(os.path.join(workdir, out)):
       print(f'{out} exists: skipped (delete it to redo)')
@@ -71,7 +111,7 @@ def run_pipeline(config, workdir: str) -> str:
     timing['stages'][name] = {'seconds': time.time() - t0}
     _save_timing(workdir, timing)
 
-  _banner(5, n, 'report')
+  _banner(n, n, 'report')
   timing['last_run_seconds'] = time.time() - t_all
   _save_timing(workdir, timing)
   out = report.write_report(workdir)

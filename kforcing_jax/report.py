@@ -55,6 +55,19 @@ def training_section(workdir):
   return lines
 
 
+def _evaluator_lines(path):
+  """Where the evaluator ppl column comes from (train_info.json if ours)."""
+  if not path:
+    return []
+  info = _read_json(os.path.join(path, 'train_info.json'))
+  if info is None:
+    return [f'Evaluator: `{path}`.', '']
+  return [f"Evaluator: `{path}`, trained by train-evaluator on the train split "
+          f"({info['params'] / 1e6:.2f}M parameters, {info['steps']} steps, "
+          f"held-out ppl {info['heldout_ppl']:.1f}): independent in "
+          'architecture, tokenizer, framework and seed, not in data.', '']
+
+
 def quality_section(workdir):
   ev = _read_json(os.path.join(workdir, 'eval.json'))
   if ev is None:
@@ -64,6 +77,7 @@ def quality_section(workdir):
            f"{s['num_samples']} samples, {s['prefix_len']}-token held-out "
            f"prefixes completed to {s['seq_len']} tokens, one shared noise "
            f"array (seed {s['seed']}); mean [95% bootstrap CI].", '',
+           *_evaluator_lines(s.get('evaluator', '')),
            '| model | k | penalty | gen. ppl (teacher) | gen. ppl '
            '(evaluator) | entropy | distinct-4 | rep-4 | agreement with '
            'teacher |', '|---|---|---|---|---|---|---|---|---|']
