@@ -144,9 +144,9 @@ def _select(spec, params, h_BxKxD, u_BxK, counts, temperature, penalty):
   Teacher: inverse CDF of u, or argmax when greedy. The frequency penalty
   subtracts penalty * count from the logits; counts include earlier slots of
   the same step, so penalised slots are chosen one after another, but the
-  unembedding is read once for all k slots (a per-slot projection reads it
-  k times, which dominates a batch-1 step). The projection goes through
-  `projection` (kernels.impl).
+  logits of all k slots come from one projection (one read of the
+  unembedding, not k). The projection goes through `projection`
+  (kernels.impl).
   """
   w_DxV = params['unembed']['kernel']
   b, k, d = h_BxKxD.shape
@@ -166,7 +166,7 @@ def _select(spec, params, h_BxKxD, u_BxK, counts, temperature, penalty):
   for i in range(k):
     if reference:
       lg = logits_BxKxV[:, i] - penalty * counts.astype(jnp.float32)
-      tok = jnp.argmax(lg, axis=-1).astype(jnp.int32)
+      tok = projection.first_argmax(lg)
     else:  # Kernels apply the penalty inside their vocabulary loop.
       tok = projection.argmax(h_BxKxD[:, i], w_DxV, spec.kernel_impl, counts,
                               penalty)

@@ -44,6 +44,19 @@ def logits(h_MxD, w_DxV):
   return _common.projection_logits(h_MxD, w_DxV)
 
 
+def first_argmax(x_MxV):
+  """jnp.argmax over the last axis (ties: lowest index), as two plain
+  reductions, max then lowest index equal to it: on XLA:CPU about 2x faster
+  than argmax's (value, index) reduction at decode sizes (64 x 4096: 0.27
+  vs 0.47 ms). A row containing NaN gives index 0 (argmax: the first NaN).
+  """
+  v = x_MxV.shape[-1]
+  best = jnp.max(x_MxV, axis=-1, keepdims=True)
+  iota = jnp.arange(v, dtype=jnp.int32)
+  idx = jnp.min(jnp.where(x_MxV == best, iota, v), axis=-1)
+  return jnp.where(idx == v, 0, idx)
+
+
 def argmax(h_MxD, w_DxV, impl, counts_MxV=None, penalty=0.0):
   """Greedy token per row (frequency-penalised when counts are given)."""
   impl = resolved(impl)
@@ -51,7 +64,7 @@ def argmax(h_MxD, w_DxV, impl, counts_MxV=None, penalty=0.0):
     lg = logits(h_MxD, w_DxV)
     if counts_MxV is not None:
       lg = lg - penalty * counts_MxV.astype(lg.dtype)
-    return jnp.argmax(lg, axis=-1).astype(jnp.int32)
+    return first_argmax(lg)
   return kernels.projected_argmax(h_MxD, w_DxV, counts_MxV=counts_MxV,
                                   penalty=penalty, impl=impl)
 

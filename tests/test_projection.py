@@ -3,6 +3,7 @@
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -66,3 +67,16 @@ def test_fused_distillation_loss_equals_reference(small_cfg):
 def test_unknown_impl_is_named():
   with pytest.raises(ValueError, match="kernels.impl='fast'"):
     projection.check_impl('fast')
+
+
+def test_first_argmax_equals_argmax_with_ties():
+  x = jax.random.normal(jax.random.PRNGKey(0), (64, 300))
+  # Exact ties between two columns in some rows, and an all-equal row.
+  x = x.at[::3, 7].set(jnp.max(x[::3], axis=1) + 1.0)
+  x = x.at[::3, 200].set(x[::3, 7])
+  x = x.at[5].set(0.25)
+  got = projection.first_argmax(x)
+  np.testing.assert_array_equal(got, jnp.argmax(x, axis=-1))
+  assert int(got[0]) == 7 and int(got[5]) == 0
+  nan_row = projection.first_argmax(jnp.array([[1.0, jnp.nan, 3.0]]))
+  assert 0 <= int(nan_row[0]) < 3  # Never an out-of-range token id.
