@@ -106,30 +106,31 @@ def init_cache(spec: DecodeSpec, batch_size: int, size: int | None = None):
   """Zeroed per-layer KV cache for `spec` with `size` slots (default: all
   of spec.cache_size; a smaller one is grown with `grow_cache`).
 
-  Values are (B, H, S, K). Keys are 'k' (B, H, S, K) for one query per step
-  (AR) and 'kt' (B, H, K, S) for push-forward steps, whichever attention
-  reads faster (see `model.Attention`); both give the same numbers.
+  Keys are 'k' for one query per step (AR) and 'kt' for push-forward steps,
+  whichever attention reads faster; see `model.CACHE_LAYOUTS`. Both give the
+  same numbers.
   """
   cfg = spec.model
-  size = size or spec.cache_size
-  shape = (batch_size, cfg.num_heads, size, cfg.head_dim)
-  if spec.k > 1:
-    keys = ('kt', (batch_size, cfg.num_heads, cfg.head_dim, size))
-  else:
-    keys = ('k', shape)
-  return tuple({keys[0]: jnp.zeros(keys[1], cfg.compute_dtype),
-                'v': jnp.zeros(shape, cfg.compute_dtype)}
+  dims = {'b': batch_size, 'h': cfg.num_heads, 's': size or spec.cache_size,
+          'k': cfg.head_dim}
+
+  def zeros(name):
+    shape = [dims[axis] for axis in model_lib.CACHE_LAYOUTS[name]]
+    return jnp.zeros(shape, cfg.compute_dtype)
+
+  key_name = 'kt' if spec.k > 1 else 'k'
+  return tuple({key_name: zeros(key_name), 'v': zeros('v')}
                for _ in range(cfg.num_layers))
 
 
 def cache_slots(cache) -> int:
-  return cache[0]['v'].shape[2]
+  return cache[0]['v'].shape[model_lib.CACHE_LAYOUTS['v'].index('s')]
 
 
 def grow_cache(cache, size: int):
   """Pads every layer's cache with empty slots up to `size` slots."""
   def pad(name, x):
-    axis = 3 if name == 'kt' else 2
+    axis = model_lib.CACHE_LAYOUTS[name].index('s')
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, size - x.shape[axis])
     return jnp.pad(x, widths)
@@ -165,8 +166,7 @@ def _select(spec, params, h_BxKxD, u_BxK, counts, temperature, penalty):
   tokens = []
   for i in range(k):
     if reference:
-      lg = logits_BxKxV[:, i] - penalty * counts.astype(jnp.float32)
-      tok = projection.first_argmax(lg)
+      tok = projection.penalised_argmax(logits_BxKxV[:, i], counts, penalty)
     else:  # Kernels apply the penalty inside their vocabulary loop.
       tok = projection.argmax(h_BxKxD[:, i], w_DxV, spec.kernel_impl, counts,
                               penalty)

@@ -90,6 +90,15 @@ def apply_rope(x_BxLxHxK, positions_BxL, base: float):
   return out.astype(x_BxLxHxK.dtype)
 
 
+# KV-cache entries and their axes (b batch, h head, s slot, k head dim). The
+# cache is heads-major so attention's dots read it in place (a (B, S, H, K)
+# cache is transposed, i.e. copied, every step). Keys are 'k' or, transposed,
+# 'kt': with several queries per step (push-forward) the scores dot is about
+# 2x faster on CPU from 'kt'; a single AR query is slightly faster from 'k'.
+# `decode.init_cache` picks.
+CACHE_LAYOUTS = {'k': 'bhsk', 'kt': 'bhks', 'v': 'bhsk'}
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
 
@@ -99,8 +108,9 @@ class Attention(nn.Module):
     """Masked attention; with `kv_cache`, new K/V are written at cache_index.
 
     Without a cache the keys are the L inputs and the mask is (B, L, L).
-    With a cache {'k' or 'kt', 'v'} (see below) the L new keys are written at slots
-    [cache_index, cache_index + L) first and queries attend over all S slots,
+    With a cache {'k' or 'kt', 'v'} (CACHE_LAYOUTS) the L new keys are
+    written at slots [cache_index, cache_index + L) first and queries attend
+    over all S slots,
     so the mask is (B, L, S); the caller's mask decides which slots count.
     """
     cfg = self.cfg
@@ -112,26 +122,20 @@ class Attention(nn.Module):
     v = dense('value')(x_BxLxD)
     new_cache = None
     if kv_cache is not None:
-      # The cache is heads-major, so the attention dots read it in place (a
-      # (B, S, H, K) cache is transposed, i.e. copied, every step). Keys are
-      # stored either as 'k' (B, H, S, K) or, transposed, as 'kt'
-      # (B, H, K, S): with several queries per step (push-forward) the
-      # scores dot is about 2x faster on CPU from 'kt'; a single AR query
-      # is slightly faster from 'k'. `decode.init_cache` picks.
+      # New K/V go into the cache in its layout (CACHE_LAYOUTS), at slot
+      # cache_index along its 's' axis.
       key_name = 'kt' if 'kt' in kv_cache else 'k'
-      k_new = (jnp.transpose(k, (0, 2, 3, 1)) if key_name == 'kt'
-               else jnp.swapaxes(k, 1, 2))
-      key_start = ((0, 0, 0, cache_index) if key_name == 'kt'
-                   else (0, 0, cache_index, 0))
-      k_cache = jax.lax.dynamic_update_slice(
-          kv_cache[key_name], k_new.astype(kv_cache[key_name].dtype),
-          key_start)
-      v_cache = jax.lax.dynamic_update_slice(
-          kv_cache['v'], jnp.swapaxes(v, 1, 2).astype(kv_cache['v'].dtype),
-          (0, 0, cache_index, 0))
-      new_cache = {key_name: k_cache, 'v': v_cache}
-      keys = 'bhks' if key_name == 'kt' else 'bhsk'
-      k, v, values = k_cache.astype(q.dtype), v_cache.astype(q.dtype), 'bhsk'
+      keys, values = CACHE_LAYOUTS[key_name], CACHE_LAYOUTS['v']
+      new_cache = {}
+      for name, x in ((key_name, k), ('v', v)):
+        layout = CACHE_LAYOUTS[name]
+        x = jnp.einsum(f'bshk->{layout}', x).astype(kv_cache[name].dtype)
+        start = [0] * 4
+        start[layout.index('s')] = cache_index
+        new_cache[name] = jax.lax.dynamic_update_slice(kv_cache[name], x,
+                                                       start)
+      k = new_cache[key_name].astype(q.dtype)
+      v = new_cache['v'].astype(q.dtype)
     else:
       keys = values = 'bshk'
     scores = jnp.einsum(f'blhk,{keys}->bhls', q, k,

@@ -57,14 +57,19 @@ def first_argmax(x_MxV):
   return jnp.where(idx == v, 0, idx)
 
 
+def penalised_argmax(logits_MxV, counts_MxV=None, penalty=0.0):
+  """Greedy token per row of given logits, minus penalty * count if counts
+  are given (the 'reference' path of `argmax`)."""
+  if counts_MxV is not None:
+    logits_MxV = logits_MxV - penalty * counts_MxV.astype(logits_MxV.dtype)
+  return first_argmax(logits_MxV)
+
+
 def argmax(h_MxD, w_DxV, impl, counts_MxV=None, penalty=0.0):
   """Greedy token per row (frequency-penalised when counts are given)."""
   impl = resolved(impl)
   if impl == 'reference':
-    lg = logits(h_MxD, w_DxV)
-    if counts_MxV is not None:
-      lg = lg - penalty * counts_MxV.astype(lg.dtype)
-    return first_argmax(lg)
+    return penalised_argmax(logits(h_MxD, w_DxV), counts_MxV, penalty)
   return kernels.projected_argmax(h_MxD, w_DxV, counts_MxV=counts_MxV,
                                   penalty=penalty, impl=impl)
 
