@@ -521,7 +521,7 @@ def _tokenize_fn(config, tokenizer: Tokenizer):
 # --------------------------------------------------------------------------
 
 
-def _concat_then_chunk(token_lists: Iterable[Sequence[int]], eos_id: int,
+def concat_then_chunk(token_lists: Iterable[Sequence[int]], eos_id: int,
                        seq_len: int) -> np.ndarray:
   """(n, seq_len) int32: documents + eos, concatenated, cut, tail dropped."""
   pieces = []
@@ -563,7 +563,7 @@ def _split_chunks(config, tokenizer: Tokenizer, workdir: str | None,
     path = os.path.join(workdir, 'data_cache', name)
     if os.path.exists(path):
       return np.load(path, mmap_mode='r')
-  chunks = _concat_then_chunk(tokenizer.encode_batch(docs), tokenizer.eos_id,
+  chunks = concat_then_chunk(tokenizer.encode_batch(docs), tokenizer.eos_id,
                               seq_len)
   if path:
     _atomic_write(path, lambda f: np.save(f, chunks))

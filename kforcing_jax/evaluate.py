@@ -370,7 +370,7 @@ def perplexity_ci(nll_sum, count, s: EvalSettings) -> dict:
 # --------------------------------------------------------------------------
 
 
-def _import_transformers(purpose: str = 'eval.evaluator is set'):
+def import_transformers(purpose: str = 'eval.evaluator is set'):
   try:
     import torch  # pylint: disable=g-import-not-at-top
     import transformers  # pylint: disable=g-import-not-at-top
@@ -405,7 +405,7 @@ class HFEvaluator:
       raise FileNotFoundError(
           f'eval.evaluator={path!r} is not a directory; point it at a local '
           'save_pretrained folder (model + tokenizer)')
-    torch, transformers = _import_transformers()
+    torch, transformers = import_transformers()
     self._torch = torch
     self.path = path
     self.batch_size = batch_size

@@ -145,8 +145,7 @@ def train_tokenizer(texts, vocab_size: int):
 def _windows(tok, texts, seq_len: int) -> np.ndarray:
   """(n, seq_len) int64: the project's concat-then-chunk, with our EOS."""
   ids = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
-  # pylint: disable-next=protected-access
-  chunks = data_lib._concat_then_chunk(ids, tok.token_to_id(EOS), seq_len)
+  chunks = data_lib.concat_then_chunk(ids, tok.token_to_id(EOS), seq_len)
   return chunks.astype(np.int64)
 
 
@@ -367,13 +366,12 @@ def train_evaluator(config, workdir: str) -> str:
     ImportError: torch or transformers missing (names the `eval` extra).
   """
   s = evaluator_settings(config)
-  out = s.dir or os.path.join(workdir, DIR_NAME)
+  out = output_dir(config, workdir)
   if is_complete(out):
     _report_skip(out, s)
     return out
   _check_output_dir(out)
-  # pylint: disable-next=protected-access
-  torch, transformers = evaluate._import_transformers(
+  torch, transformers = evaluate.import_transformers(
       'training the independent evaluator')
   t_start = time.perf_counter()
   tok, train_windows, heldout = _prepare_data(config, s)

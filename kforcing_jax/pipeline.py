@@ -46,8 +46,7 @@ def _with_evaluator(config, workdir, timing):
   from kforcing_jax import evaluate  # pylint: disable=g-import-not-at-top
   from kforcing_jax import evaluator_train  # pylint: disable=g-import-not-at-top
   try:
-    # pylint: disable-next=protected-access
-    evaluate._import_transformers('evaluator_train.enabled')
+    evaluate.import_transformers('evaluator_train.enabled')
   except ImportError as e:
     print(f'[evaluator] skipped: {e}', flush=True)
     return config
