@@ -206,8 +206,8 @@ def _hidden(spec, params, tokens_BxT, u_BxK, cache, index, pad):
   h, cache = model.apply(
       {'params': params}, tokens_BxT,
       u_BxK if spec.is_student else None, positions, mask, cache,
-      index, method=model_lib.Transformer.cached_step)
-  return h[:, -spec.k:], cache
+      index, spec.k, method=model_lib.Transformer.cached_step)
+  return h, cache
 
 
 def forward(spec, params, tokens_BxT, u_BxK, cache, index, pad):

@@ -104,8 +104,11 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, kv_cache=None,
-               cache_index=None, deterministic=True):
+               cache_index=None, deterministic=True, num_out=None):
     """Masked attention; with `kv_cache`, new K/V are written at cache_index.
+
+    `num_out` (static): only the last num_out positions query (all L still
+    give keys and values); the output is (B, num_out, D).
 
     Without a cache the keys are the L inputs and the mask is (B, L, L).
     With a cache {'k' or 'kt', 'v'} (CACHE_LAYOUTS) the L new keys are
@@ -117,7 +120,12 @@ class Attention(nn.Module):
     dense = lambda name: nn.DenseGeneral(
         (cfg.num_heads, cfg.head_dim), use_bias=False, dtype=cfg.compute_dtype,
         name=name)
-    q = apply_rope(dense('query')(x_BxLxD), positions_BxL, cfg.rope_base)
+    if num_out is not None:
+      x_q, q_positions = x_BxLxD[:, -num_out:], positions_BxL[:, -num_out:]
+      mask_BxLxS = mask_BxLxS[:, -num_out:]
+    else:
+      x_q, q_positions = x_BxLxD, positions_BxL
+    q = apply_rope(dense('query')(x_q), q_positions, cfg.rope_base)
     k = apply_rope(dense('key')(x_BxLxD), positions_BxL, cfg.rope_base)
     v = dense('value')(x_BxLxD)
     new_cache = None
@@ -157,11 +165,15 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, mask, kv_cache=None, cache_index=None,
-               deterministic=True):
+               deterministic=True, num_out=None):
+    """`num_out` (static): compute only the last num_out positions' output
+    (every position still writes K/V); see Attention."""
     cfg = self.cfg
     h = nn.LayerNorm(dtype=cfg.compute_dtype, name='attn_norm')(x)
     h, new_cache = Attention(cfg, name='attn')(
-        h, positions, mask, kv_cache, cache_index, deterministic)
+        h, positions, mask, kv_cache, cache_index, deterministic, num_out)
+    if num_out is not None:
+      x = x[:, -num_out:]
     x = x + h
     h = nn.LayerNorm(dtype=cfg.compute_dtype, name='mlp_norm')(x)
     h = nn.Dense(cfg.mlp_dim, dtype=cfg.compute_dtype, name='mlp_in')(h)
@@ -207,13 +219,20 @@ class Transformer(nn.Module):
     return self.noise_encoder(u).astype(self.cfg.compute_dtype)
 
   def backbone(self, x_BxLxD, positions_BxL, mask, kv_caches=None,
-               cache_index=None, deterministic=True):
-    """Blocks + final norm. Returns (hidden_BxLxD, new_kv_caches or None)."""
+               cache_index=None, deterministic=True, num_out=None):
+    """Blocks + final norm. Returns (hidden_BxLxD, new_kv_caches or None).
+
+    `num_out` (static): only the last num_out positions' hidden states are
+    wanted, so the last block computes just those (a decode step reads only
+    its emitting positions); hidden is then (B, num_out, D).
+    """
     new_caches = []
+    last = len(self.blocks) - 1
     for i, block in enumerate(self.blocks):
       cache = None if kv_caches is None else kv_caches[i]
       x_BxLxD, new_cache = block(x_BxLxD, positions_BxL, mask, cache,
-                                 cache_index, deterministic)
+                                 cache_index, deterministic,
+                                 num_out if i == last else None)
       new_caches.append(new_cache)
     h = self.final_norm(x_BxLxD)
     return h, (None if kv_caches is None else tuple(new_caches))
@@ -258,14 +277,16 @@ class Transformer(nn.Module):
     return h[:, :, t:]
 
   def cached_step(self, tokens_BxT, u_BxK, positions_BxL, mask_BxLxS,
-                  kv_caches, cache_index):
+                  kv_caches, cache_index, num_out=None):
     """One decoding pass over [T tokens | K noise slots] with a KV cache.
 
     T or K may be zero (AR: K=0; first push-forward step: T=0). K/V of all
     T+K positions are written at slots [cache_index, cache_index+T+K); the
     caller advances its index by T only, so noise-slot K/V are never part of
     the valid cache and the next step's tokens overwrite them.
-    Returns (hidden_BxLxD, new_kv_caches).
+    `num_out` (static): return only the last num_out hidden states, which
+    the last block then computes alone (see `backbone`).
+    Returns (hidden_BxLxD or hidden_BxNUM_OUTxD, new_kv_caches).
     """
     parts = []
     if tokens_BxT is not None and tokens_BxT.shape[1]:
@@ -273,7 +294,8 @@ class Transformer(nn.Module):
     if u_BxK is not None and u_BxK.shape[1]:
       parts.append(self.embed_noise(u_BxK))
     x = jnp.concatenate(parts, axis=1)
-    return self.backbone(x, positions_BxL, mask_BxLxS, kv_caches, cache_index)
+    return self.backbone(x, positions_BxL, mask_BxLxS, kv_caches, cache_index,
+                         num_out=num_out)
 
   def init_all(self, tokens_BxN, u_BxMxK, positions_BxL, mask_BxLxL):
     """Touches every parameter (used to initialise students)."""

@@ -88,6 +88,35 @@ def test_cached_steps_equal_full_forward(small_cfg, dtype, transposed_keys):
   np.testing.assert_allclose(cached, full, atol=atol)
 
 
+@pytest.mark.parametrize('transposed_keys', [False, True])
+def test_num_out_computes_only_the_last_positions(small_cfg,
+                                                  transposed_keys):
+  # A decode step asks for its emitting positions only (num_out): hidden
+  # states must equal the last rows of the full step, and the cache every
+  # position writes (last block included) must be the same.
+  model, params, tokens = _setup(small_cfg, length=12)
+  b, size, n = 2, 16, 3
+  heads, dim = small_cfg.num_heads, small_cfg.head_dim
+  key = ('kt', (b, heads, dim, size)) if transposed_keys else (
+      'k', (b, heads, size, dim))
+  cache = tuple({key[0]: jnp.zeros(key[1]),
+                 'v': jnp.zeros((b, heads, size, dim))}
+                for _ in range(small_cfg.num_layers))
+  positions, mask = layouts.decode_layout(jnp.zeros((b,), jnp.int32), 0, 12,
+                                          size)
+  step = lambda num_out: model.apply(
+      {'params': params}, tokens, None, positions, mask, cache, 0, num_out,
+      method=model_lib.Transformer.cached_step)
+  h_all, cache_all = step(None)
+  h_last, cache_last = step(n)
+  assert h_last.shape == (b, n, small_cfg.d_model)
+  np.testing.assert_allclose(h_last, h_all[:, -n:], atol=ATOL)
+  for got, want in zip(jax.tree.leaves(cache_last),
+                       jax.tree.leaves(cache_all)):
+    np.testing.assert_allclose(got, want, atol=ATOL)
+  assert float(jnp.abs(cache_all[-1]['v']).max()) > 0  # Last block wrote.
+
+
 def test_cached_step_is_causal(small_cfg):
   model, params, tokens = _setup(small_cfg, length=12)
   a = _run_cached(model, params, tokens, [6, 6], 12)
