@@ -271,10 +271,10 @@ class Transformer(nn.Module):
     t = window.shape[2] - k
     x = jnp.concatenate([self.embed_tokens(tokens_BxN),
                          window.reshape(b, m * (t + k), -1)], axis=1)
+    # The context rows' outputs are never read: the last block skips them.
     h, _ = self.backbone(x, positions_BxL, mask_BxLxL,
-                         deterministic=deterministic)
-    h = h[:, tokens_BxN.shape[1]:].reshape(b, m, t + k, -1)
-    return h[:, :, t:]
+                         deterministic=deterministic, num_out=m * (t + k))
+    return h.reshape(b, m, t + k, -1)[:, :, t:]
 
   def cached_step(self, tokens_BxT, u_BxK, positions_BxL, mask_BxLxS,
                   kv_caches, cache_index, num_out=None):
