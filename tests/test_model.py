@@ -117,6 +117,38 @@ def test_num_out_computes_only_the_last_positions(small_cfg,
   assert float(jnp.abs(cache_all[-1]['v']).max()) > 0  # Last block wrote.
 
 
+@pytest.mark.parametrize('fed_tokens', [0, 2])
+def test_pf_hidden_equals_the_unpruned_backbone(small_cfg, fed_tokens):
+  # pf_hidden skips the context rows in the last block; its slot states must
+  # equal those of the plain backbone over the same inputs.
+  k = 2
+  cfg = dataclasses.replace(small_cfg, noise_window=k)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
+  model = model_lib.Transformer(cfg)
+  b, n = 2, 10
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (b, n), 0, 61)
+  windows = jnp.array([[0, 3, 5], [2, 6, 1]])
+  u = jax.random.uniform(jax.random.PRNGKey(2), windows.shape + (k,))
+  fed = jax.random.randint(jax.random.PRNGKey(3), windows.shape + (fed_tokens,),
+                           0, 61)
+  positions, mask = layouts.pf_train_layout(windows, n, fed_tokens + k)
+  got = model.apply({'params': params}, tokens, fed, u, positions, mask,
+                    method=model_lib.Transformer.pf_hidden)
+
+  def unpruned(module):
+    window = module.embed_noise(u)
+    if fed_tokens:
+      window = jnp.concatenate([module.embed_tokens(fed), window], axis=2)
+    x = jnp.concatenate([module.embed_tokens(tokens),
+                         window.reshape(b, -1, cfg.d_model)], axis=1)
+    h, _ = module.backbone(x, positions, mask)
+    return h[:, n:].reshape(b, 3, fed_tokens + k, -1)[:, :, fed_tokens:]
+
+  want = model.apply({'params': params}, method=unpruned)
+  assert got.shape == (b, 3, k, cfg.d_model)
+  np.testing.assert_allclose(got, want, atol=ATOL)
+
+
 def test_cached_step_is_causal(small_cfg):
   model, params, tokens = _setup(small_cfg, length=12)
   a = _run_cached(model, params, tokens, [6, 6], 12)
