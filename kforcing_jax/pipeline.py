@@ -33,8 +33,9 @@ def _stopped(workdir):
 
 
 def _trains_evaluator(config) -> bool:
-  section = config.get('evaluator_train', None) or {}
-  return bool(section.get('enabled', False)) and not config.eval.evaluator
+  from kforcing_jax import evaluator_train  # pylint: disable=g-import-not-at-top
+  settings = evaluator_train.evaluator_settings(config)
+  return settings.enabled and not config.eval.evaluator
 
 
 def _with_evaluator(config, workdir, timing):
