@@ -156,7 +156,14 @@ stop_all() {
 }
 
 cleanup() {
+  local fifo
   stop_all
+  # A process stopped before its redirection opened its FIFO leaves the
+  # prefixer blocked in open() forever. Opening the FIFO read-write (never
+  # blocks on Linux) releases it; with no writer left it then reads EOF.
+  for fifo in "$tmp"/out*; do
+    [[ -p "$fifo" ]] && { : <> "$fifo"; } 2>/dev/null
+  done
   # Let the prefixers print what is left in their pipes.
   for pid in "${prefixers[@]}"; do
     wait "$pid" 2>/dev/null || true

@@ -365,6 +365,21 @@ def test_local_failure_stops_the_others(fake_python):
   assert time.time() - start < 30  # The sleeping ones were stopped.
 
 
+def test_local_failure_before_the_others_start_does_not_hang(fake_python):
+  """Process 0 fails while later ones may not have opened their output pipe.
+
+  A process stopped before its redirection opened its FIFO once left that
+  FIFO's reader blocked forever (about 2 in 3 runs of this shape hung). The
+  race is timing-dependent, so it is tried a few times.
+  """
+  for _ in range(4):
+    r = local('-n', '8', '--', 'distill', '--workdir=w', timeout=30,
+              env={'PYTHON': str(fake_python), 'FAIL_ID': '0',
+                   'SLEEP_S': '60'})
+    assert r.returncode == 3, r.stderr
+    assert 'process 0 failed with exit status 3' in r.stderr
+
+
 def test_local_timeout(fake_python):
   r = local('-t', '1', '--', 'distill', '--workdir=w',
             env={'PYTHON': str(fake_python), 'SLEEP_S': '60'})
