@@ -142,7 +142,7 @@ def make_step(task: Task, optimizer, ema_decay: float, mesh):
     if ema is not None:
       ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p,
                          ema, params)
-    metrics['grad_norm'] = optax.global_norm(grads)
+    metrics['grad_norm'] = optax.tree_utils.tree_norm(grads)  # global L2 norm
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                       rng=rng, ema_params=ema), metrics
 
