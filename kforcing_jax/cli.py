@@ -8,6 +8,7 @@ Subcommands:
   train-evaluator --config=configs/X.py --workdir=W  small independent GPT-2-shape evaluator -> W/evaluator
   evaluate       --config=configs/X.py --workdir=W   quality metrics -> W/eval.json, W/samples/
   bench          --config=configs/X.py --workdir=W   AR vs k-token decoding speed -> W/bench.json/png
+  --help, -h     this text; `SUBCOMMAND --help` adds that subcommand's summary
 """
 
 import importlib.util
@@ -56,7 +57,33 @@ SUBCOMMANDS = {
 
 def _usage() -> str:
   return ('usage: python -m kforcing_jax {' + ','.join(SUBCOMMANDS) +
-          '} --workdir=W [--config=configs/X.py] [flags]')
+          '} --workdir=W [--config=configs/X.py] [flags]\n'
+          'python -m kforcing_jax --help: the subcommands and flags')
+
+
+_HELP_WORDS = ('-h', '--help', '-help', 'help')
+
+
+def _help_text(argv) -> str:
+  """The subcommand table and flags; with a subcommand, its summary first."""
+  sub = next((a for a in argv[1:] if a in SUBCOMMANDS), None)
+  parts = []
+  if sub:
+    summary = SUBCOMMANDS[sub].__doc__.strip().splitlines()[0]
+    parts += [f'python -m kforcing_jax {sub}: {summary}', '']
+  parts += [
+      __doc__.strip(), '', 'Flags:', FLAGS.module_help(__name__).strip(), '',
+      'Config fields: --config.SECTION.FIELD=VALUE overrides a field of the '
+      'config file;', 'kforcing_jax/defaults.py lists every field with its '
+      'default and meaning.', 'Presets: configs/tiny.py (tests), '
+      'configs/demo.py (the 30-minute CPU demo), configs/lm1b.py and '
+      'configs/owt.py (the paper setups).']
+  return '\n'.join(parts)
+
+
+def _wants_help(argv) -> bool:
+  args = argv[1:argv.index('--')] if '--' in argv else argv[1:]
+  return any(a in _HELP_WORDS for a in args)
 
 
 def _run(argv):
@@ -115,6 +142,9 @@ def main():
   except ValueError as e:
     _fail(str(e))
   argv = sys.argv
+  if _wants_help(argv):
+    print(_help_text(argv))
+    return
   try:
     argv = FLAGS(argv)
   except (AttributeError, KeyError) as e:
