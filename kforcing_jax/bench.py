@@ -103,7 +103,7 @@ ACCELERATORS = (
     ('TPU v5e', 197e12, 819e9),
 )
 
-# The paper's LM1B model (METHOD.md), served in bfloat16.
+# The paper's LM1B model (docs/METHOD.md), served in bfloat16.
 LM1B_MODEL = model_lib.ModelConfig(
     vocab_size=30522, seq_len=128, num_layers=12, d_model=768, num_heads=12,
     mlp_dim=3072, dtype='bfloat16')

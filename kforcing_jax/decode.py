@@ -353,7 +353,7 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
     temperature: AR sampling temperature (> 0); ignored by students, whose
       noise encoder is fed tau = 1.
     greedy: AR argmax decoding.
-    frequency_penalty: lambda of METHOD.md (logit - lambda * count of the
+    frequency_penalty: lambda of docs/METHOD.md (logit - lambda * count of the
       token so far, prompt included, slot by slot); 0 disables.
     eos_id: stop a row after this token; None never stops early.
     pad_id: written after a row stops and used to left-pad prompts.

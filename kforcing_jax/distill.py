@@ -1,4 +1,4 @@
-"""Progressive self-forcing distillation (METHOD.md) as training `Task`s.
+"""Progressive self-forcing distillation (docs/METHOD.md) as training `Task`s.
 
 Stage k=1: targets are the frozen AR teacher's inverse-CDF tokens
   y = F_T^-1(u | x_<=t).

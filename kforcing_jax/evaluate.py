@@ -11,7 +11,7 @@ Models, in order: 'data' (the held-out continuations themselves, a
 reference row with no decoding), 'teacher' (k=1), and 'student_k<k>' for
 k in `eval.ks` (default 1..the largest trained window), each decoded by the
 smallest trained student window >= k, plus 'student_k<k>_penalty' where
-`eval.penalties[k]` > 0 (METHOD.md's frequency penalty).
+`eval.penalties[k]` > 0 (docs/METHOD.md's frequency penalty).
 
 Metrics (all on the generated tokens only, prefix excluded; per sample, then
 the mean over samples with a bootstrap CI):

@@ -45,8 +45,10 @@ from typing import Callable, Optional, Sequence
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The kforcing_jax CLI subcommands (kept here so this helper does not import
-# jax on the machine that launches the pod).
-KFORCING_SUBCOMMANDS = ('train-teacher', 'distill', 'generate')
+# jax on the machine that launches the pod; a test checks them against
+# kforcing_jax.cli.SUBCOMMANDS).
+KFORCING_SUBCOMMANDS = ('pipeline', 'train-teacher', 'distill', 'generate',
+                        'train-evaluator', 'evaluate', 'bench')
 
 # TPU software (runtime) version for each accelerator family, following the
 # Cloud TPU "TPU software versions" guide for JAX. Override with --version.

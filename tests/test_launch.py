@@ -234,6 +234,18 @@ def test_other_subcommands_dry_run():
   assert '--version=some-runtime' in shlex.split(r.stdout)
 
 
+def test_run_accepts_every_cli_subcommand():
+  # tpu_pod.py keeps its own list (it must not import jax): the same set.
+  from kforcing_jax import cli
+  for name in cli.SUBCOMMANDS:
+    r = pod('run', '--dry-run', *POD, '--', name, '--workdir=w')
+    assert r.returncode == 0, (name, r.stderr)
+    assert f'-m kforcing_jax {name} --workdir=w' in r.stdout
+  r = pod('run', '--dry-run', *POD, '--', 'train', '--workdir=w')
+  listed = r.stderr.split('(subcommands: ')[1].split(')')[0].split(', ')
+  assert sorted(listed) == sorted(cli.SUBCOMMANDS)
+
+
 @pytest.mark.parametrize('args,message', [
     (['create', '--zone=us-central1-a', '--accelerator-type=v4-8'],
      '--name'),
