@@ -61,7 +61,7 @@ def _usage() -> str:
           'python -m kforcing_jax --help: the subcommands and flags')
 
 
-_HELP_WORDS = ('-h', '--help', '-help', 'help')
+_HELP_FLAGS = ('-h', '--help')
 
 
 def _help_text(argv) -> str:
@@ -82,8 +82,10 @@ def _help_text(argv) -> str:
 
 
 def _wants_help(argv) -> bool:
+  """-h/--help anywhere before `--`, or `help` in the subcommand's place
+  (not later, where it may be a flag's value: `--prompt help`)."""
   args = argv[1:argv.index('--')] if '--' in argv else argv[1:]
-  return any(a in _HELP_WORDS for a in args)
+  return any(a in _HELP_FLAGS for a in args) or args[:1] == ['help']
 
 
 def _run(argv):

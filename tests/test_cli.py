@@ -33,10 +33,15 @@ def test_subcommand_help_runs_nothing_and_names_the_subcommand(tmp_path):
   assert not workdir.exists()
 
 
-def test_help_after_double_dash_is_not_help():
+def test_help_after_double_dash_or_as_a_flag_value_is_not_help(tmp_path):
   r = _cli('--', '--help')
   assert r.returncode == 2
-  assert '--help' not in r.stdout
+  assert r.stdout == ''
+  # `help` as the value of --prompt: generate runs (and fails: no model).
+  r = _cli('generate', f'--workdir={tmp_path}', '--prompt', 'help')
+  assert r.returncode == 2
+  assert r.stdout == ''
+  assert 'teacher' in r.stderr
 
 
 @pytest.mark.parametrize('args, needle', [
