@@ -52,16 +52,20 @@ def test_full_forward_is_causal_by_perturbation(small_cfg):
   assert float(jnp.abs(a[:, t + 1:] - b[:, t + 1:]).max()) > 1e-3
 
 
-def _run_cached(model, params, tokens, chunks, cache_size,
-                transposed_keys=False):
-  """Feeds tokens in chunks through cached_step; returns all logits."""
-  cfg = model.cfg
-  b = tokens.shape[0]
+def _zero_cache(cfg, b, cache_size, transposed_keys=False):
+  """Empty per-layer KV cache, written out by hand (not via init_cache)."""
   shape = (b, cfg.num_heads, cache_size, cfg.head_dim)
   keys = (('kt', (b, cfg.num_heads, cfg.head_dim, cache_size))
           if transposed_keys else ('k', shape))
-  cache = tuple({keys[0]: jnp.zeros(keys[1]), 'v': jnp.zeros(shape)}
-                for _ in range(cfg.num_layers))
+  return tuple({keys[0]: jnp.zeros(keys[1]), 'v': jnp.zeros(shape)}
+               for _ in range(cfg.num_layers))
+
+
+def _run_cached(model, params, tokens, chunks, cache_size,
+                transposed_keys=False):
+  """Feeds tokens in chunks through cached_step; returns all logits."""
+  b = tokens.shape[0]
+  cache = _zero_cache(model.cfg, b, cache_size, transposed_keys)
   pad = jnp.zeros((b,), jnp.int32)
   outs, index = [], 0
   for n in chunks:
@@ -96,12 +100,7 @@ def test_num_out_computes_only_the_last_positions(small_cfg,
   # position writes (last block included) must be the same.
   model, params, tokens = _setup(small_cfg, length=12)
   b, size, n = 2, 16, 3
-  heads, dim = small_cfg.num_heads, small_cfg.head_dim
-  key = ('kt', (b, heads, dim, size)) if transposed_keys else (
-      'k', (b, heads, size, dim))
-  cache = tuple({key[0]: jnp.zeros(key[1]),
-                 'v': jnp.zeros((b, heads, size, dim))}
-                for _ in range(small_cfg.num_layers))
+  cache = _zero_cache(small_cfg, b, size, transposed_keys)
   positions, mask = layouts.decode_layout(jnp.zeros((b,), jnp.int32), 0, 12,
                                           size)
   step = lambda num_out: model.apply(
