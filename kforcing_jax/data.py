@@ -522,7 +522,7 @@ def _tokenize_fn(config, tokenizer: Tokenizer):
 
 
 def concat_then_chunk(token_lists: Iterable[Sequence[int]], eos_id: int,
-                       seq_len: int) -> np.ndarray:
+                      seq_len: int) -> np.ndarray:
   """(n, seq_len) int32: documents + eos, concatenated, cut, tail dropped."""
   pieces = []
   for ids in token_lists:
@@ -564,7 +564,7 @@ def _split_chunks(config, tokenizer: Tokenizer, workdir: str | None,
     if os.path.exists(path):
       return np.load(path, mmap_mode='r')
   chunks = concat_then_chunk(tokenizer.encode_batch(docs), tokenizer.eos_id,
-                              seq_len)
+                             seq_len)
   if path:
     _atomic_write(path, lambda f: np.save(f, chunks))
   return chunks

@@ -113,8 +113,8 @@ class Attention(nn.Module):
     Without a cache the keys are the L inputs and the mask is (B, L, L).
     With a cache {'k' or 'kt', 'v'} (CACHE_LAYOUTS) the L new keys are
     written at slots [cache_index, cache_index + L) first and queries attend
-    over all S slots,
-    so the mask is (B, L, S); the caller's mask decides which slots count.
+    over all S slots, so the mask is (B, L, S); the caller's mask decides
+    which slots count.
     """
     cfg = self.cfg
     dense = lambda name: nn.DenseGeneral(
