@@ -608,19 +608,27 @@ def run_peer(cfg: model_lib.ModelConfig, prompts: dict[int, np.ndarray],
       os, 'sched_getaffinity') else os.cpu_count()
   torch.set_num_threads(threads)
   torch.manual_seed(s.seed)
+  # The peer runs where ours does: on the GPU when JAX decodes on one.
+  device = ('cuda' if jax.default_backend() == 'gpu' and
+            torch.cuda.is_available() else 'cpu')
+
+  def sync():
+    if device == 'cuda':
+      torch.cuda.synchronize()
+
   # No bos/eos: random weights, and every row must decode all tokens.
   hf_cfg = transformers.GPT2Config(
       n_layer=cfg.num_layers, n_embd=cfg.d_model, n_head=cfg.num_heads,
       n_positions=cfg.seq_len, vocab_size=cfg.vocab_size,
       n_inner=cfg.mlp_dim, bos_token_id=None, eos_token_id=None,
       pad_token_id=0)
-  model = transformers.GPT2LMHeadModel(hf_cfg).eval()
+  model = transformers.GPT2LMHeadModel(hf_cfg).eval().to(device)
   if cfg.dtype == 'bfloat16':
     model = model.to(torch.bfloat16)
   results = []
   with torch.inference_mode():
     for batch, prompt in sorted(prompts.items()):
-      ids = torch.as_tensor(prompt, dtype=torch.long)
+      ids = torch.as_tensor(prompt, dtype=torch.long, device=device)
 
       def gen(ids=ids):
         return model.generate(
@@ -635,8 +643,10 @@ def run_peer(cfg: model_lib.ModelConfig, prompts: dict[int, np.ndarray],
         gen()
       times = []
       for _ in range(s.repeats):
+        sync()
         start = time.perf_counter()
         gen()
+        sync()
         times.append(time.perf_counter() - start)
       median = float(np.median(times))
       results.append({'batch': batch, 'median_s': median, 'times_s': times,
@@ -645,7 +655,9 @@ def run_peer(cfg: model_lib.ModelConfig, prompts: dict[int, np.ndarray],
           f'{results[-1]["tokens_per_s"]:.1f} tok/s (median {median:.3f} s)')
   return {'available': True, 'results': results,
           'library': f'torch {torch.__version__}, transformers '
-                     f'{transformers.__version__}, {threads} threads',
+                     f'{transformers.__version__}, ' + (
+                         torch.cuda.get_device_name() if device == 'cuda'
+                         else f'{threads} threads'),
           'note': 'GPT2LMHeadModel, same layers/width/heads/MLP/vocab, random '
                   'weights, greedy generate with use_cache, no eos'}
 

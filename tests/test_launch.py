@@ -434,3 +434,76 @@ def test_local_processes_form_one_jax_cluster(tmp_path):
   for i in (0, 1):
     assert (f'[p{i}] rank {i} of 2 devices 4 8 gathered [0, 1]'
             in r.stdout.splitlines()), r.stdout
+
+
+# ------------------------------------------------------ accelerator_check.sh
+
+ACCEL_CHECK = os.path.join(ROOT, 'launch', 'accelerator_check.sh')
+
+
+@pytest.fixture
+def logging_python(tmp_path):
+  """Logs argv and the JAX env of each call; fails when argv has FAIL_ON."""
+  return _write_exe(tmp_path / 'python', f"""
+      #!{sys.executable}
+      import json, os, sys
+      with open(os.environ['CALL_LOG'], 'a') as f:
+        f.write(json.dumps({{'argv': sys.argv[1:], 'env': {{
+            n: os.environ.get(n) for n in (
+                'JAX_PLATFORMS', 'JAX_DEFAULT_MATMUL_PRECISION',
+                'XLA_PYTHON_CLIENT_MEM_FRACTION')}}}}) + '\\n')
+      print('ran', ' '.join(sys.argv[1:3]))
+      sys.exit(5 if os.environ.get('FAIL_ON', '-') in sys.argv else 0)
+      """)
+
+
+def _accel_check(tmp_path, python, *args, fail_on=None):
+  env = dict(os.environ, PYTHON=str(python),
+             CALL_LOG=str(tmp_path / 'calls.jsonl'))
+  env.pop('JAX_PLATFORMS', None)
+  if fail_on:
+    env['FAIL_ON'] = fail_on
+  r = subprocess.run(['bash', ACCEL_CHECK, *args], env=env,
+                     capture_output=True, text=True, timeout=60)
+  calls = []
+  if os.path.exists(env['CALL_LOG']):
+    with open(env['CALL_LOG']) as f:
+      calls = [json.loads(line) for line in f]
+  return r, calls
+
+
+def test_accelerator_check_runs_bench_then_tests_on_the_accelerator(
+    tmp_path, logging_python):
+  out = tmp_path / 'out'
+  r, calls = _accel_check(tmp_path, logging_python, str(out),
+                          '--config.bench.ks=(4,)')
+  assert r.returncode == 0, r.stdout + r.stderr
+  bench, tests = calls
+  assert bench['argv'][:2] == ['-m', 'kforcing_jax']
+  assert 'bench' in bench['argv'] and '--config=configs/lm1b.py' in bench[
+      'argv']
+  assert f'--workdir={out}/bench_lm1b' in bench['argv']
+  assert bench['argv'][-1] == '--config.bench.ks=(4,)'  # Extra flags last.
+  assert bench['env']['XLA_PYTHON_CLIENT_MEM_FRACTION'] == '0.5'
+  assert tests['argv'][:2] == ['-m', 'pytest']
+  # Empty JAX_PLATFORMS: the tests' conftest would otherwise pin the CPU.
+  assert tests['env']['JAX_PLATFORMS'] == ''
+  assert tests['env']['JAX_DEFAULT_MATMUL_PRECISION'] == 'highest'
+  assert 'ran -m kforcing_jax' in (out / 'bench.log').read_text()
+  assert 'ran -m pytest' in (out / 'tests.log').read_text()
+
+
+@pytest.mark.parametrize('fail_on', ['bench', 'pytest'])
+def test_accelerator_check_fails_if_either_part_fails(tmp_path,
+                                                       logging_python,
+                                                       fail_on):
+  r, calls = _accel_check(tmp_path, logging_python, str(tmp_path / 'o'),
+                          fail_on=fail_on)
+  assert r.returncode != 0
+  assert len(calls) == 2  # The other part still ran.
+  assert 'exit 5' in r.stdout
+
+
+def test_accelerator_check_needs_an_out_dir(tmp_path, logging_python):
+  r, calls = _accel_check(tmp_path, logging_python)
+  assert r.returncode == 2 and 'usage:' in r.stderr and not calls
