@@ -46,7 +46,8 @@ bench.json (schema_version 1; `validate_bench_json` checks it):
                    backend, device_kind, device_count, load_avg_start,
                    load_avg_end ([1, 5, 15]-minute load averages)}.
   settings        {batch_sizes, ks, prefix_len, max_new_tokens, repeats,
-                   warmup, prompts, random_weights, peer, roofline, seed}.
+                   warmup, prompts, random_weights, peer, roofline, seed,
+                   key_layout (optional: files written before it lack it)}.
   models          [{name, weights ('trained'|'random'), noise_window,
                    num_params, serves_k [int]}].
   roofline        {peak_flops (FLOP/s), peak_flops_dtype, matmul_size,
@@ -130,6 +131,7 @@ class BenchSettings:
   peak_flops: float = 0.0  # FLOP/s; 0 measures it.
   bandwidth: float = 0.0  # Bytes/s; 0 measures it.
   seed: int = 0  # Prompts, noise and random weights.
+  key_layout: str = 'auto'  # KV-cache key layout: decode.DecodeSpec.
 
 
 def settings_from_config(config) -> BenchSettings:
@@ -170,6 +172,9 @@ def _check_settings(s: BenchSettings, seq_len: int) -> None:
                      "'heldout'")
   if s.roofline not in MODES:
     raise ValueError(f'bench.roofline={s.roofline!r}; expected one of {MODES}')
+  if s.key_layout not in ('auto', 'k', 'kt'):
+    raise ValueError(f"bench.key_layout={s.key_layout!r}; expected 'auto', "
+                     "'k' or 'kt'")
 
 
 def new_tokens(s: BenchSettings, seq_len: int) -> int:
@@ -546,7 +551,8 @@ def prepare_cell(m: BenchModel, k: int, prompts_BxP: np.ndarray,
   batch, prompt_len = prompts_BxP.shape
   steps = -(-max_new // k)
   spec = decode.DecodeSpec(model=m.cfg, k=k, num_steps=steps,
-                           prompt_len=prompt_len, greedy=True)
+                           prompt_len=prompt_len, greedy=True,
+                           key_layout=s.key_layout)
   rng = np.random.default_rng(s.seed + k)
   args = (m.params, jnp.asarray(prompts_BxP),
           jnp.zeros((batch,), jnp.int32),
@@ -811,7 +817,8 @@ def run_bench(config, workdir: str,
           'prefix_len': s.prefix_len, 'max_new_tokens': max_new,
           'repeats': s.repeats, 'warmup': s.warmup, 'prompts': s.prompts,
           'random_weights': s.random_weights, 'peer': s.peer,
-          'roofline': s.roofline, 'seed': s.seed},
+          'roofline': s.roofline, 'seed': s.seed,
+          'key_layout': s.key_layout},
       'models': _model_entries(models),
       'roofline': roof,
       'results': results,

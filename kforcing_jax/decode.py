@@ -47,6 +47,10 @@ class DecodeSpec:
   # The cache grows in blocks of this many slots (0: full size from the
   # start), so early steps attend over fewer slots; see `segments`.
   cache_block: int = 32
+  # Key-cache layout (model.CACHE_LAYOUTS): 'auto' is 'kt' for push-forward
+  # steps and 'k' for AR, the faster pair on CPU; 'k' or 'kt' forces one
+  # (the tokens are the same), e.g. to time both on an accelerator.
+  key_layout: str = 'auto'
 
   @property
   def is_student(self) -> bool:
@@ -118,7 +122,12 @@ def init_cache(spec: DecodeSpec, batch_size: int, size: int | None = None):
     shape = [dims[axis] for axis in model_lib.CACHE_LAYOUTS[name]]
     return jnp.zeros(shape, cfg.compute_dtype)
 
-  key_name = 'kt' if spec.k > 1 else 'k'
+  key_name = spec.key_layout
+  if key_name == 'auto':
+    key_name = 'kt' if spec.k > 1 else 'k'
+  elif key_name not in ('k', 'kt'):
+    raise ValueError(f"DecodeSpec.key_layout={key_name!r}: expected 'auto', "
+                     "'k' or 'kt'")
   return tuple({key_name: zeros(key_name), 'v': zeros('v')}
                for _ in range(cfg.num_layers))
 

@@ -190,6 +190,8 @@ def test_settings_defaults_and_errors():
     bench.settings_from_config(_tiny_config(ks=(1, 2)))
   with pytest.raises(ValueError, match='bench.roofline'):
     bench.settings_from_config(_tiny_config(roofline='guess'))
+  with pytest.raises(ValueError, match="bench.key_layout='ks'"):
+    bench.settings_from_config(_tiny_config(key_layout='ks'))
   with pytest.raises(ValueError, match='no room'):
     bench.settings_from_config(_tiny_config(prefix_len=32))
 

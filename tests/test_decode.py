@@ -176,3 +176,29 @@ def test_growing_cache_equals_full_size_cache(small_cfg, k):
                                    jnp.float32(0.3)))
   np.testing.assert_array_equal(outs[0][0], outs[1][0])
   np.testing.assert_array_equal(outs[0][1], outs[1][1])
+
+
+@pytest.mark.parametrize('k', [1, 3])
+def test_key_layouts_give_the_same_tokens(small_cfg, k):
+  # DecodeSpec.key_layout only changes how keys are stored; 'auto' picks
+  # 'k' for AR and 'kt' for push-forward, so each k checks the other one.
+  cfg = dataclasses.replace(small_cfg, noise_window=4 if k > 1 else 0)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(7))
+  prompts, pad = decode.pad_prompts([[5, 9, 2, 33, 7], [1, 2]])
+  steps = 12 // k
+  noise = jax.random.uniform(jax.random.PRNGKey(8), (2, steps * k))
+  outs = {}
+  for layout in ('k', 'kt'):
+    spec = decode.DecodeSpec(model=cfg, k=k, num_steps=steps,
+                             prompt_len=prompts.shape[1], use_penalty=True,
+                             key_layout=layout)
+    assert layout in decode.init_cache(spec, 2, 8)[0]
+    outs[layout] = decode.decode_loop(spec, params, jnp.asarray(prompts),
+                                      jnp.asarray(pad), noise,
+                                      jnp.float32(1.0), jnp.float32(0.3))
+  np.testing.assert_array_equal(outs['k'][0], outs['kt'][0])
+  np.testing.assert_array_equal(outs['k'][1], outs['kt'][1])
+  bad = decode.DecodeSpec(model=cfg, k=k, num_steps=steps, prompt_len=5,
+                          key_layout='bshk')
+  with pytest.raises(ValueError, match="key_layout='bshk'"):
+    decode.init_cache(bad, 2)
