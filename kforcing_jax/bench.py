@@ -7,8 +7,9 @@ depend on the weights) at every batch size in `bench.batch_sizes`, from the
 same `bench.prefix_len`-token prompts to `model.seq_len` tokens. Decoding is
 greedy with no eos, so every run does the full work. Compile time is
 excluded and reported apart; each cell is the median of `bench.repeats`
-runs after `bench.warmup` warm-up runs, and at each batch size the repeats
-of all k are interleaved, so load drift on a shared machine biases no k.
+runs after `bench.warmup` warm-up runs (plus one untimed run once every k of
+the batch has compiled), and at each batch size the repeats of all k are
+interleaved, so load drift on a shared machine biases no k.
 It also measures this machine's matmul peak and memory bandwidth, predicts
 each speedup with a roofline model of a decode step, optionally times a
 Hugging Face GPT-2 of the same shape as a peer, and writes
@@ -525,6 +526,10 @@ class Cell:
   memory: dict[str, Any]
   times: list[float] = dataclasses.field(default_factory=list)
 
+  def warm(self) -> None:
+    """One untimed run."""
+    jax.block_until_ready(self.compiled(*self.args))
+
   def run_once(self) -> float:
     """Seconds of one whole decode (dispatch to results on host)."""
     start = time.perf_counter()
@@ -586,10 +591,15 @@ def time_batch(models: dict[int, BenchModel], prompts_BxP: np.ndarray,
   """Times every k at one batch size, repeats interleaved round-robin.
 
   Interleaving means a slow spell of a shared machine hits every k alike,
-  so the speedups (ratios within a batch) stay fair.
+  so the speedups (ratios within a batch) stay fair. Each cell is warmed up
+  when it is compiled, but the others compile after it; so every cell runs
+  once more, untimed, right before the timed rounds (on an H100 the first
+  run after the others had compiled was 20-70% slow).
   """
   cells = [prepare_cell(m, k, prompts_BxP, max_new, s)
            for k, m in sorted(models.items())]
+  for cell in cells:
+    cell.warm()
   for _ in range(s.repeats):
     for cell in cells:
       cell.run_once()

@@ -207,3 +207,29 @@ def test_peer_times_hf_gpt2_when_installed():
   assert out['available'] and out['library'].startswith('torch')
   assert [p['batch'] for p in out['results']] == [2]
   assert out['results'][0]['tokens_per_s'] > 0
+
+
+def test_time_batch_rewarms_every_cell_then_interleaves(monkeypatch):
+  # Cells compile one after another; each runs once more, untimed, after all
+  # have compiled, then the timed repeats go round-robin over k.
+  events = []
+
+  class FakeCell:
+
+    def __init__(self, k):
+      self.k = k
+
+    def warm(self):
+      events.append(('warm', self.k))
+
+    def run_once(self):
+      events.append(('timed', self.k))
+
+  monkeypatch.setattr(bench, 'prepare_cell',
+                      lambda m, k, *args: FakeCell(k))
+  s = bench.BenchSettings(repeats=2)
+  cells = bench.time_batch({4: None, 1: None, 2: None}, None, 8, s)
+  assert [c.k for c in cells] == [1, 2, 4]
+  assert events == [('warm', 1), ('warm', 2), ('warm', 4),
+                    ('timed', 1), ('timed', 2), ('timed', 4),
+                    ('timed', 1), ('timed', 2), ('timed', 4)]
