@@ -173,9 +173,9 @@ def _check_settings(s: BenchSettings, seq_len: int) -> None:
                      "'heldout'")
   if s.roofline not in MODES:
     raise ValueError(f'bench.roofline={s.roofline!r}; expected one of {MODES}')
-  if s.key_layout not in ('auto', 'k', 'kt'):
-    raise ValueError(f"bench.key_layout={s.key_layout!r}; expected 'auto', "
-                     "'k' or 'kt'")
+  if s.key_layout not in decode.KEY_LAYOUTS:
+    raise ValueError(f'bench.key_layout={s.key_layout!r}; expected one of '
+                     f'{decode.KEY_LAYOUTS}')
 
 
 def new_tokens(s: BenchSettings, seq_len: int) -> int:
@@ -526,14 +526,14 @@ class Cell:
   memory: dict[str, Any]
   times: list[float] = dataclasses.field(default_factory=list)
 
-  def warm(self) -> None:
-    """One untimed run."""
+  def run(self) -> None:
+    """One whole decode, waiting for its results; `run_once` times it."""
     jax.block_until_ready(self.compiled(*self.args))
 
   def run_once(self) -> float:
     """Seconds of one whole decode (dispatch to results on host)."""
     start = time.perf_counter()
-    jax.block_until_ready(self.compiled(*self.args))
+    self.run()
     seconds = time.perf_counter() - start
     self.times.append(seconds)
     return seconds
@@ -599,7 +599,7 @@ def time_batch(models: dict[int, BenchModel], prompts_BxP: np.ndarray,
   cells = [prepare_cell(m, k, prompts_BxP, max_new, s)
            for k, m in sorted(models.items())]
   for cell in cells:
-    cell.warm()
+    cell.run()
   for _ in range(s.repeats):
     for cell in cells:
       cell.run_once()

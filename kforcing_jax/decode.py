@@ -32,6 +32,10 @@ from kforcing_jax import noise as noise_lib
 from kforcing_jax import projection
 
 
+# DecodeSpec.key_layout values.
+KEY_LAYOUTS = ('auto', 'k', 'kt')
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeSpec:
   """Static (hashable) description of a decoding loop; a jit static arg."""
@@ -125,9 +129,9 @@ def init_cache(spec: DecodeSpec, batch_size: int, size: int | None = None):
   key_name = spec.key_layout
   if key_name == 'auto':
     key_name = 'kt' if spec.k > 1 else 'k'
-  elif key_name not in ('k', 'kt'):
-    raise ValueError(f"DecodeSpec.key_layout={key_name!r}: expected 'auto', "
-                     "'k' or 'kt'")
+  elif key_name not in KEY_LAYOUTS:
+    raise ValueError(f'DecodeSpec.key_layout={key_name!r}: expected one of '
+                     f'{KEY_LAYOUTS}')
   return tuple({key_name: zeros(key_name), 'v': zeros('v')}
                for _ in range(cfg.num_layers))
 

@@ -219,8 +219,8 @@ def test_time_batch_rewarms_every_cell_then_interleaves(monkeypatch):
     def __init__(self, k):
       self.k = k
 
-    def warm(self):
-      events.append(('warm', self.k))
+    def run(self):
+      events.append(('untimed', self.k))
 
     def run_once(self):
       events.append(('timed', self.k))
@@ -230,6 +230,6 @@ def test_time_batch_rewarms_every_cell_then_interleaves(monkeypatch):
   s = bench.BenchSettings(repeats=2)
   cells = bench.time_batch({4: None, 1: None, 2: None}, None, 8, s)
   assert [c.k for c in cells] == [1, 2, 4]
-  assert events == [('warm', 1), ('warm', 2), ('warm', 4),
+  assert events == [('untimed', 1), ('untimed', 2), ('untimed', 4),
                     ('timed', 1), ('timed', 2), ('timed', 4),
                     ('timed', 1), ('timed', 2), ('timed', 4)]
