@@ -14,8 +14,9 @@ from the noise slot fed u[:, n]. The same noise therefore couples teacher and
 student: a perfect student reproduces the teacher's tokens exactly.
 
 Public step-level API (for callers that drive their own loop):
-  `init_cache`, `prefill`, `decode_step` (and `forward`, the raw cached
-  pass returning logits); `generate` runs the whole loop.
+  `pad_prompts`, `init_cache`, `prefill`, `decode_step` (and `forward`, the
+  raw cached pass returning logits); `decode_loop` is the whole loop as one
+  jitted program and `generate` its validating front end.
 """
 
 import dataclasses
@@ -55,6 +56,28 @@ class DecodeSpec:
   # steps and 'k' for AR, the faster pair on CPU; 'k' or 'kt' forces one
   # (the tokens are the same), e.g. to time both on an accelerator.
   key_layout: str = 'auto'
+
+  def __post_init__(self):
+    # Checked here, not only in `generate`, because a bad spec handed to
+    # `decode_loop` would otherwise decode wrong tokens without an error.
+    window = max(self.model.noise_window, 1)
+    ints = (('k', 1), ('num_steps', 1), ('prompt_len', 1),
+            ('cache_block', 0), ('pad_id', -2**31), ('eos_id', -1))
+    for name, minimum in ints:
+      object.__setattr__(self, name, model_lib.as_int(
+          getattr(self, name), f'DecodeSpec.{name}', minimum))
+    if self.k > window:
+      kind = (f'a student trained with window {self.model.noise_window}'
+              if self.model.noise_window else 'an AR teacher')
+      raise ValueError(f'k={self.k} not allowed for {kind}: k must be in '
+                       f'[1, {window}]')
+    if self.eos_id >= self.model.vocab_size:
+      raise ValueError(f'eos_id={self.eos_id} outside the vocabulary '
+                       f'[0, {self.model.vocab_size}) (-1: never stop)')
+    if self.key_layout not in KEY_LAYOUTS:
+      raise ValueError(f'DecodeSpec.key_layout={self.key_layout!r}: expected '
+                       f'one of {KEY_LAYOUTS}')
+    projection.check_impl(self.kernel_impl)
 
   @property
   def is_student(self) -> bool:
@@ -129,9 +152,6 @@ def init_cache(spec: DecodeSpec, batch_size: int, size: int | None = None):
   key_name = spec.key_layout
   if key_name == 'auto':
     key_name = 'kt' if spec.k > 1 else 'k'
-  elif key_name not in KEY_LAYOUTS:
-    raise ValueError(f'DecodeSpec.key_layout={key_name!r}: expected one of '
-                     f'{KEY_LAYOUTS}')
   return tuple({key_name: zeros(key_name), 'v': zeros('v')}
                for _ in range(cfg.num_layers))
 
@@ -232,6 +252,14 @@ def forward(spec, params, tokens_BxT, u_BxK, cache, index, pad):
   return projection.logits(h, params['unembed']['kernel']), cache
 
 
+def _check_shape(name: str, x, expected: tuple[int, ...]):
+  """Static shape check (free under jit): a wrong width would otherwise be
+  clamped by dynamic slicing into silently wrong tokens."""
+  if tuple(x.shape) != expected:
+    raise ValueError(f'{name} has shape {tuple(x.shape)}; expected '
+                     f'{expected}')
+
+
 def prefill(spec: DecodeSpec, params, prompts_BxP, pad_B, noise_BxK,
             temperature=1.0, penalty=0.0, cache_size: int | None = None
             ) -> DecodeState:
@@ -239,9 +267,14 @@ def prefill(spec: DecodeSpec, params, prompts_BxP, pad_B, noise_BxK,
 
   Returns the loop state after the first k tokens have been emitted. Its
   cache has `cache_size` slots (default spec.cache_size, enough for every
-  step); `decode_step` works with any cache that has room for its step.
+  step; under jit it must be static); `decode_step` works with any cache
+  that has room for its step (see `DecodeSpec.segments`).
   """
   b = prompts_BxP.shape[0]
+  _check_shape('prompts', prompts_BxP, (b, spec.prompt_len))
+  _check_shape('pad', pad_B, (b,))
+  _check_shape('noise', noise_BxK, (b, spec.k))
+  model_lib.check_params(spec.model, params)  # Shapes only: trace time.
   counts = None
   if spec.use_penalty:
     counts = jnp.zeros((b, spec.model.vocab_size), jnp.int32)
@@ -263,7 +296,15 @@ def prefill(spec: DecodeSpec, params, prompts_BxP, pad_B, noise_BxK,
 
 def decode_step(spec: DecodeSpec, params, state: DecodeState, noise_BxK,
                 temperature=1.0, penalty=0.0) -> DecodeState:
-  """Feeds the pending k tokens (+ k noise slots) and emits k more tokens."""
+  """Feeds the pending k tokens (+ k noise slots) and emits k more tokens.
+
+  Call it at most spec.num_steps - 1 times after `prefill`, on a cache with
+  at least state.index + 2k slots (`grow_cache` pads one). Both bounds are
+  the caller's to keep: they depend on traced values, and past them XLA
+  clamps the writes, so earlier tokens are overwritten without an error.
+  `decode_loop` keeps them.
+  """
+  _check_shape('noise', noise_BxK, state.pending.shape)
   h, cache = _hidden(spec, params, state.pending, noise_BxK, state.cache,
                      state.index, state.pad)
   new, counts = _select(spec, params, h, noise_BxK, state.counts,
@@ -275,6 +316,8 @@ def decode_step(spec: DecodeSpec, params, state: DecodeState, noise_BxK,
 
 def _loop(spec, params, prompts_BxP, pad_B, noise_BxN, temperature, penalty):
   k = spec.k
+  _check_shape('noise', noise_BxN,
+               (prompts_BxP.shape[0], spec.num_steps * k))
   segments = spec.segments()
   state = prefill(spec, params, prompts_BxP, pad_B, noise_BxN[:, :k],
                   temperature, penalty, cache_size=segments[0][0])
@@ -299,8 +342,10 @@ def _loop(spec, params, prompts_BxP, pad_B, noise_BxN, temperature, penalty):
 # The whole decode (prefill + while_loop) as one jitted program:
 # decode_loop(spec, params, prompts_BxP, pad_B, noise_BxN, temperature,
 #             penalty) -> (tokens (B, num_steps * k), lengths (B,)).
-# noise_BxN must have num_steps * k columns. Benchmarks lower and compile it
-# once per spec; `generate` is the validating front end.
+# noise_BxN must have num_steps * k columns, in [0, 1); temperature > 0 for
+# AR sampling. Benchmarks lower and compile it once per spec; `generate` is
+# the front end that validates values (shapes and the spec are checked here
+# too, at trace time).
 decode_loop = jax.jit(_loop, static_argnums=0)
 
 
@@ -312,14 +357,21 @@ class GenerateOutput:
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0):
   """Left-pads a list of token lists -> (prompts_BxP, pad_B) numpy arrays."""
-  lens = [len(p) for p in prompts]
-  if not prompts or min(lens) == 0:
+  rows = []
+  for i, p in enumerate(prompts):
+    row = np.asarray(p)
+    if row.ndim != 1 or (row.size and row.dtype.kind not in 'iu'):
+      raise ValueError(f'prompt {i} must be a list of int token ids; got '
+                       f'{p!r}')
+    rows.append(row)
+  lens = [len(r) for r in rows]
+  if not rows or min(lens) == 0:
     raise ValueError('every prompt needs at least one token; got lengths '
                      f'{lens}')
   width = max(lens)
-  out = np.full((len(prompts), width), pad_id, np.int32)
-  for i, p in enumerate(prompts):
-    out[i, width - len(p):] = np.asarray(p, np.int32)
+  out = np.full((len(rows), width), pad_id, np.int32)
+  for i, row in enumerate(rows):
+    out[i, width - len(row):] = row
   return out, np.asarray([width - n for n in lens], np.int32)
 
 
@@ -327,13 +379,15 @@ def check_request(cfg: model_lib.ModelConfig, prompts_BxP, pad_B,
                   max_new_tokens: int, k: int):
   """Validates a decode request before any compute; raises ValueError."""
   window = max(cfg.noise_window, 1)
-  if not isinstance(k, int) or k < 1 or k > window:
+  k = model_lib.as_int(k, 'k', 1)
+  if k > window:
     kind = ('a student trained with window %d' % cfg.noise_window
             if cfg.noise_window else 'an AR teacher')
     raise ValueError(f'k={k} not allowed for {kind}: k must be in '
                      f'[1, {window}]')
-  if max_new_tokens < 1:
-    raise ValueError(f'max_new_tokens={max_new_tokens} must be >= 1')
+  max_new_tokens = model_lib.as_int(max_new_tokens, 'max_new_tokens', 1)
+  if prompts_BxP.shape[0] == 0:
+    raise ValueError('prompts: the batch is empty')
   bad = (prompts_BxP < 0) | (prompts_BxP >= cfg.vocab_size)
   if bad.any():
     raise ValueError(f'token id {int(prompts_BxP[bad][0])} outside the '
@@ -357,8 +411,9 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
   Args:
     params: model parameters (teacher or student pytree).
     cfg: its ModelConfig. noise_window == 0 means AR teacher (k must be 1).
-    prompts: list of token-id lists (any lengths), or a left-padded
-      (B, P) int array; then every row is taken as a full prompt.
+    prompts: list of token-id lists (any lengths, left-padded here), or a
+      (B, P) int array whose rows are all full prompts (no padding; pass
+      lists for prompts of different lengths).
     max_new_tokens: new tokens per row (<= seq_len - longest prompt).
     k: tokens per forward pass; 1 <= k <= cfg.noise_window for a student.
     noise: (B, max_new_tokens) uniforms in [0, 1): token n uses noise[:, n].
@@ -366,45 +421,58 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
     temperature: AR sampling temperature (> 0); ignored by students, whose
       noise encoder is fed tau = 1.
     greedy: AR argmax decoding.
-    frequency_penalty: lambda of docs/METHOD.md (logit - lambda * count of the
-      token so far, prompt included, slot by slot); 0 disables.
-    eos_id: stop a row after this token; None never stops early.
-    pad_id: written after a row stops and used to left-pad prompts.
+    frequency_penalty: lambda >= 0 of docs/METHOD.md (logit - lambda * count
+      of the token so far, prompt included, slot by slot); 0 disables. It
+      applies to the AR teacher too (to its sampling or greedy logits).
+    eos_id: stop a row after this token (a vocabulary id); None never stops
+      early.
+    pad_id: written after a row stops (any int32).
     kernel_impl: vocabulary projection, 'auto' | 'pallas' | 'chunked' |
       'reference' (see projection.py); argmax tokens are identical for all.
   Returns:
     GenerateOutput(tokens (B, max_new_tokens), lengths (B,)).
   """
-  if isinstance(prompts, np.ndarray) or isinstance(prompts, jax.Array):
-    prompts_BxP = np.asarray(prompts, np.int32)
-    if prompts_BxP.ndim != 2:
-      raise ValueError(f'prompt array must be (B, P); got {prompts_BxP.shape}')
+  if isinstance(prompts, (np.ndarray, jax.Array)):
+    prompts_BxP = np.asarray(prompts)
+    if prompts_BxP.ndim != 2 or prompts_BxP.dtype.kind not in 'iu':
+      raise ValueError('prompt array must be (B, P) int token ids; got '
+                       f'{prompts_BxP.dtype} {prompts_BxP.shape}')
+    prompts_BxP = prompts_BxP.astype(np.int32)
     pad_B = np.zeros((prompts_BxP.shape[0],), np.int32)
   else:
-    prompts_BxP, pad_B = pad_prompts(prompts, pad_id)
+    # Prompt padding is masked out, so its value is free: 0 is in the
+    # vocabulary whatever pad_id is.
+    prompts_BxP, pad_B = pad_prompts(prompts, 0)
   check_request(cfg, prompts_BxP, pad_B, max_new_tokens, k)
-  projection.check_impl(kernel_impl)
+  k, max_new_tokens = int(k), int(max_new_tokens)
   if not greedy and not cfg.noise_window and not temperature > 0:
     raise ValueError(f'temperature={temperature} must be > 0 (or greedy)')
+  if not (np.isfinite(frequency_penalty) and frequency_penalty >= 0):
+    raise ValueError(f'frequency_penalty={frequency_penalty} must be finite '
+                     'and >= 0')
   b = prompts_BxP.shape[0]
   steps = -(-max_new_tokens // k)
-  if noise is None:
-    rng = jax.random.PRNGKey(0) if rng is None else rng
-    noise = jax.random.uniform(rng, (b, max_new_tokens))
-  noise = np.asarray(noise, np.float32)
-  if noise.shape != (b, max_new_tokens):
-    raise ValueError(f'noise shape {noise.shape} != (batch, max_new_tokens)'
-                     f' = {(b, max_new_tokens)}')
-  noise_lib.check_noise(noise)
-  # Tokens past max_new_tokens in the last step are discarded; their noise
-  # value is irrelevant.
-  noise = np.pad(noise, ((0, 0), (0, steps * k - max_new_tokens)),
-                 constant_values=0.5)
   spec = DecodeSpec(model=cfg, k=k, num_steps=steps,
                     prompt_len=prompts_BxP.shape[1], greedy=greedy,
                     use_penalty=frequency_penalty != 0.0,
                     eos_id=-1 if eos_id is None else eos_id, pad_id=pad_id,
                     kernel_impl=kernel_impl)
+  model_lib.check_params(cfg, params)
+  if noise is None:
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    noise = jax.random.uniform(rng, (b, max_new_tokens))
+  noise = np.asarray(noise)
+  if noise.shape != (b, max_new_tokens):
+    raise ValueError(f'noise shape {noise.shape} != (batch, max_new_tokens)'
+                     f' = {(b, max_new_tokens)}')
+  noise_lib.check_noise(noise)  # Before the cast, so it names the input.
+  # float64 values just below 1 round to 1.0 in float32; keep them in [0, 1).
+  noise = np.minimum(noise.astype(np.float32),
+                     np.nextafter(np.float32(1), np.float32(0)))
+  # Tokens past max_new_tokens in the last step are discarded; their noise
+  # value is irrelevant.
+  noise = np.pad(noise, ((0, 0), (0, steps * k - max_new_tokens)),
+                 constant_values=0.5)
   tokens, lengths = decode_loop(spec, params, jnp.asarray(prompts_BxP),
                               jnp.asarray(pad_B), jnp.asarray(noise),
                               jnp.float32(temperature),

@@ -11,15 +11,28 @@ Parameters are a plain pytree; `apply` has no hidden state.
 """
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kforcing_jax import noise as noise_lib
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def as_int(value, name: str, minimum: int) -> int:
+  """`value` as a Python int >= minimum (numpy ints accepted, bools and
+  floats not); raises ValueError naming `name` and the value."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(
+      value, (int, np.integer)):
+    raise ValueError(f'{name} must be an int, got {value!r}')
+  if value < minimum:
+    raise ValueError(f'{name}={int(value)} must be >= {minimum}')
+  return int(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,9 +55,13 @@ class ModelConfig:
     positive = ('vocab_size', 'seq_len', 'num_layers', 'd_model', 'num_heads',
                 'mlp_dim')
     for name in positive:
-      value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f'model.{name} must be a positive int, got {value!r}')
+      # Frozen: normalise numpy ints to int so equal configs hash equal.
+      object.__setattr__(self, name,
+                         as_int(getattr(self, name), f'model.{name}', 1))
+    object.__setattr__(self, 'noise_window',
+                       as_int(self.noise_window, 'noise_window', 0))
+    object.__setattr__(self, 'noise_mlp_dim',
+                       as_int(self.noise_mlp_dim, 'model.noise_mlp_dim', 0))
     if self.d_model % self.num_heads:
       raise ValueError(f'model.num_heads={self.num_heads} must divide '
                        f'model.d_model={self.d_model}')
@@ -56,8 +73,6 @@ class ModelConfig:
                        f'{sorted(_DTYPES)}')
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f'model.dropout_rate={self.dropout_rate} not in [0, 1)')
-    if self.noise_window < 0:
-      raise ValueError(f'noise_window={self.noise_window} must be >= 0')
 
   @property
   def head_dim(self) -> int:
@@ -319,3 +334,40 @@ def init_params(cfg: ModelConfig, rng):
 
 def count_params(params) -> int:
   return sum(x.size for x in jax.tree.leaves(params))
+
+
+@functools.lru_cache(maxsize=32)
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """{'/'-joined parameter path: shape} of `cfg`'s model (traced, no
+  compute)."""
+  tree = jax.eval_shape(functools.partial(init_params, cfg),
+                        jax.random.PRNGKey(0))
+  return {_path_name(path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _path_name(path) -> str:
+  return '/'.join(str(getattr(p, 'key', p)) for p in path)
+
+
+def check_params(cfg: ModelConfig, params) -> None:
+  """Raises ValueError unless `params` has exactly the parameters (names
+  and shapes) of `cfg`'s model: params of another config (more layers, a
+  student's under a teacher config) would otherwise decode silently."""
+  expected = param_shapes(cfg)
+  got = {_path_name(path): tuple(np.shape(leaf))
+         for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+  kind = f'student (noise_window={cfg.noise_window})' if cfg.noise_window \
+      else 'teacher'
+  missing = sorted(expected.keys() - got.keys())
+  if missing:
+    raise ValueError(f'params lack {missing[0]!r}, which the {kind} config '
+                     'has; are they from another config?')
+  extra = sorted(got.keys() - expected.keys())
+  if extra:
+    raise ValueError(f'params have {extra[0]!r}, which the {kind} config '
+                     'does not; are they from another config?')
+  for name in sorted(expected):
+    if got[name] != expected[name]:
+      raise ValueError(f'params {name!r} has shape {got[name]}; the config '
+                       f'gives {expected[name]}')

@@ -98,11 +98,124 @@ def test_tiny_temperature_is_greedy(teacher):
     (dict(prompts=[[1]], max_new_tokens=2, noise=np.zeros((1, 3))),
      'noise shape'),
     (dict(prompts=[[1]], max_new_tokens=2, temperature=0.0), 'temperature=0'),
+    (dict(prompts=[[1.7, 2.2]], max_new_tokens=2), 'prompt 0 must be'),
+    (dict(prompts=[1, 2, 3], max_new_tokens=2), 'prompt 0 must be'),
+    (dict(prompts=np.ones((2, 3), np.float32), max_new_tokens=2),
+     'int token ids'),
+    (dict(prompts=np.ones((0, 3), np.int32), max_new_tokens=2),
+     'batch is empty'),
+    (dict(prompts=[[1]], max_new_tokens=2.0), 'max_new_tokens must be an int'),
+    (dict(prompts=[[1]], max_new_tokens=2, k=True), 'k must be an int'),
+    (dict(prompts=[[1]], max_new_tokens=2, frequency_penalty=float('nan')),
+     'frequency_penalty=nan'),
+    (dict(prompts=[[1]], max_new_tokens=2, frequency_penalty=-0.5),
+     'frequency_penalty=-0.5'),
+    (dict(prompts=[[1]], max_new_tokens=2, eos_id=61), 'eos_id=61'),
 ])
 def test_bad_requests_fail_before_compute(teacher, kwargs, needle):
   cfg, params = teacher
   with pytest.raises(ValueError, match=needle):
     decode.generate(params, cfg, **kwargs)
+
+
+def test_params_of_another_config_are_rejected(teacher):
+  # Without the check, deeper params decode with the config's first layers
+  # and a student's params run as a teacher, silently.
+  cfg, params = teacher
+  deeper = model_lib.init_params(dataclasses.replace(cfg, num_layers=3),
+                                 jax.random.PRNGKey(0))
+  student = model_lib.init_params(dataclasses.replace(cfg, noise_window=2),
+                                  jax.random.PRNGKey(0))
+  wider = model_lib.init_params(dataclasses.replace(cfg, mlp_dim=128),
+                                jax.random.PRNGKey(0))
+  for other, needle in [(deeper, "params have 'block_2/"),
+                        (student, 'params have .*noise_encoder'),
+                        (wider, 'has shape')]:
+    with pytest.raises(ValueError, match=needle):
+      decode.generate(other, cfg, [[1, 2]], max_new_tokens=2)
+  with pytest.raises(ValueError, match='params lack .*noise_encoder'):
+    decode.generate(params, dataclasses.replace(cfg, noise_window=2),
+                    [[1, 2]], max_new_tokens=2, k=2)
+  # The jitted loop checks too (at trace time), for callers that skip
+  # generate.
+  spec = decode.DecodeSpec(model=cfg, k=1, num_steps=2, prompt_len=2)
+  prompts, pad = decode.pad_prompts([[1, 2]])
+  with pytest.raises(ValueError, match="params have 'block_2/"):
+    decode.decode_loop(spec, deeper, prompts, pad, jnp.full((1, 2), 0.5),
+                       jnp.float32(1), jnp.float32(0))
+
+
+def test_numpy_ints_and_pad_id_outside_the_vocabulary(teacher):
+  cfg, params = teacher
+  prompts = [[5, 9, 2], [1]]
+  ref = decode.generate(params, cfg, prompts, max_new_tokens=6, greedy=True)
+  got = decode.generate(params, cfg, prompts, max_new_tokens=np.int64(6),
+                        k=np.int32(1), greedy=True)
+  np.testing.assert_array_equal(got.tokens, ref.tokens)
+  # pad_id only marks output after eos; prompt padding is masked whatever
+  # its value, so -1 must not be taken for a prompt token.
+  eos = int(ref.tokens[0, 1])
+  stopped = decode.generate(params, cfg, prompts, max_new_tokens=6,
+                            greedy=True, eos_id=eos, pad_id=-1)
+  np.testing.assert_array_equal(stopped.tokens[0, :2], ref.tokens[0, :2])
+  assert (stopped.tokens[0, 2:] == -1).all()
+  spec = decode.DecodeSpec(model=cfg, k=np.int64(1), num_steps=np.int32(3),
+                           prompt_len=2)
+  assert spec == decode.DecodeSpec(model=cfg, k=1, num_steps=3, prompt_len=2)
+  assert hash(spec) == hash(decode.DecodeSpec(model=cfg, k=1, num_steps=3,
+                                              prompt_len=2))
+
+
+def test_float64_noise_just_below_one_is_accepted(teacher):
+  # 1 - 1e-8 is in [0, 1) but rounds to 1.0 in float32.
+  cfg, params = teacher
+  noise = np.array([[1 - 1e-8, 0.5]])
+  out = decode.generate(params, cfg, [[3, 4]], max_new_tokens=2, noise=noise)
+  top = decode.generate(params, cfg, [[3, 4]], max_new_tokens=2,
+                        noise=np.array([[np.nextafter(np.float32(1),
+                                                      np.float32(0)), 0.5]]))
+  np.testing.assert_array_equal(out.tokens, top.tokens)
+
+
+@pytest.mark.parametrize('window,overrides,needle', [
+    (0, dict(k=2), 'k=2 not allowed for an AR teacher'),
+    (4, dict(k=5), 'k=5 not allowed for a student trained with window 4'),
+    (4, dict(k=0), 'DecodeSpec.k=0 must be >= 1'),
+    (0, dict(num_steps=0), 'DecodeSpec.num_steps=0'),
+    (0, dict(prompt_len=0), 'DecodeSpec.prompt_len=0'),
+    (0, dict(k=1.0), 'DecodeSpec.k must be an int'),
+    (0, dict(eos_id=61), 'eos_id=61 outside the vocabulary'),
+    (0, dict(key_layout='bshk'), "key_layout='bshk'"),
+    (0, dict(kernel_impl='cuda'), "kernels.impl='cuda'"),
+])
+def test_bad_decode_spec_is_rejected(small_cfg, window, overrides, needle):
+  # decode_loop trusts its spec, so a bad one must fail when it is built.
+  cfg = dataclasses.replace(small_cfg, noise_window=window)
+  fields = dict(model=cfg, k=1, num_steps=4, prompt_len=3) | overrides
+  with pytest.raises(ValueError, match=needle):
+    decode.DecodeSpec(**fields)
+
+
+def test_step_api_checks_array_shapes_against_the_spec(small_cfg):
+  # Dynamic slicing would clamp a wrong width into wrong tokens.
+  cfg = dataclasses.replace(small_cfg, noise_window=4)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
+  prompts, pad = decode.pad_prompts([[4, 5, 6], [9]])
+  spec = decode.DecodeSpec(model=cfg, k=2, num_steps=4, prompt_len=3)
+  u = jnp.full((2, 8), 0.5)
+  one = jnp.float32(1)
+  with pytest.raises(ValueError, match=r'noise has shape \(2, 4\); expected '
+                     r'\(2, 8\)'):
+    decode.decode_loop(spec, params, prompts, pad, u[:, :4], one, one)
+  with pytest.raises(ValueError, match=r'prompts has shape \(2, 3\); '
+                     r'expected \(2, 5\)'):
+    decode.decode_loop(dataclasses.replace(spec, prompt_len=5), params,
+                       prompts, pad, u, one, one)
+  with pytest.raises(ValueError, match=r'noise has shape \(2, 1\)'):
+    decode.prefill(spec, params, prompts, pad, u[:, :1])
+  state = decode.prefill(spec, params, prompts, pad, u[:, :2])
+  with pytest.raises(ValueError, match=r'noise has shape \(2, 3\)'):
+    decode.decode_step(spec, params, state, u[:, :3])
 
 
 def test_step_level_api_drives_its_own_loop(teacher):
@@ -195,6 +308,3 @@ def test_key_layouts_give_the_same_tokens(small_cfg, k):
   assert 'kt' in decode.init_cache(kt_spec, 2, 8)[0]
   np.testing.assert_array_equal(k_out[0], kt_out[0])
   np.testing.assert_array_equal(k_out[1], kt_out[1])
-  bad = dataclasses.replace(k_spec, key_layout='bshk')
-  with pytest.raises(ValueError, match="key_layout='bshk'"):
-    decode.init_cache(bad, 2)
