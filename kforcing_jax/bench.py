@@ -762,6 +762,11 @@ def run_bench(config, workdir: str,
     raise ValueError(f'bench.prefix_len + max_new_tokens = '
                      f'{s.prefix_len + max_new} > model.seq_len={seq_len}')
   ar_cfg = models[1].cfg
+  untrained = [k for k, m in sorted(models.items()) if m.weights == 'random']
+  if untrained and not s.random_weights:  # Asked-for ones need no notice.
+    log(f'[bench] NOTE: no trained run in {workdir} serves k={untrained}: '
+        'timed with random weights of the same shape (speed does not '
+        'depend on them; bench.random_weights=True says so up front)')
   log(f'[bench] {config.get("name", "?")}: {machine["cpu_count"]} cores '
       f'({machine["cpu_model"]}), backend {machine["backend"]} '
       f'({machine["device_kind"]}); {s.prefix_len}-token prompts + '

@@ -61,9 +61,18 @@ class Manager:
     try:
       return self.manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # Orbax raises many types for damaged files.
+      # The first line says what failed; the rest can be a 1000-line
+      # TensorStore spec.
+      lines = str(e).strip().splitlines() or ['']
+      reason = lines[0][:300] + (' ...' if len(lines) > 1 or
+                                 len(lines[0]) > 300 else '')
+      earlier = [s for s in self.manager.all_steps() if s < step]
+      hint = (f'; the previous checkpoint is step {max(earlier)}: move '
+              f'{self.directory}/{step} aside to resume from it'
+              if earlier else '')
       raise CheckpointError(
           f'checkpoint {self.directory}/{step} is unreadable (corrupt or '
-          f'incomplete): {type(e).__name__}: {e}') from e
+          f'incomplete): {type(e).__name__}: {reason}{hint}') from e
 
   def read_meta(self, step: int | None = None) -> dict[str, Any]:
     step = self.latest_step() if step is None else step
@@ -75,7 +84,8 @@ class Manager:
     """Refuses to resume a run whose checkpoint has another model config."""
     if self.latest_step() is None:
       return
-    saved = self.read_meta()['model']
+    saved_meta = self.read_meta()
+    saved = saved_meta['model']
     diff = {k: (saved.get(k), v) for k, v in meta['model'].items()
             if saved.get(k) != v}
     if diff:
@@ -85,6 +95,21 @@ class Manager:
           f'{self.directory} holds a checkpoint of a different model ({fields})'
           '. Use another --workdir or the original config; nothing was '
           'changed.')
+    # Turning EMA or clipping on or off changes the saved state's tree, which
+    # orbax would report as a corrupt checkpoint.
+    saved_train = saved_meta.get('config', {}).get('train', {})
+    train = meta.get('config', {}).get('train', {})
+    for name, what in (('ema_decay', 'EMA params'),
+                       ('grad_clip', 'a clipping state')):
+      if name in saved_train and name in train and (
+          bool(saved_train[name]) != bool(train[name])):
+        raise CheckpointError(
+            f'{self.directory}: its checkpoint was trained with '
+            f'{name}={saved_train[name]!r}, this config has '
+            f'{train[name]!r}; on/off changes the training state '
+            f'({what}), so it cannot resume. Use the original value (for a '
+            f'student: distill.{name} or train.{name}) or another '
+            '--workdir; nothing was changed.')
 
   def restore_latest(self, abstract_state, shardings):
     """(state, data_state) of the latest step, or None when there is none."""

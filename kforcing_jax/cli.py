@@ -13,6 +13,7 @@ Subcommands:
 
 import importlib.util
 import os
+import re
 import sys
 
 from absl import app
@@ -108,15 +109,45 @@ def _config_path(argv):
   return None
 
 
+def _load_config(path):
+  spec = importlib.util.spec_from_file_location('_user_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _config_file_error(e: Exception) -> str:
+  """One line for an exception raised while loading a config file."""
+  text = str(e)
+  unknown = re.search(r'Key "(\w+)" does not exist', text)
+  if unknown:  # The locked base config refused a new (misspelled) field.
+    hint = re.search(r'Did you mean "(\w+)"', text)
+    return (f'unknown config field {unknown.group(1)!r}' +
+            (f' (did you mean {hint.group(1)!r}?)' if hint else '') +
+            '; see kforcing_jax/defaults.py for every field')
+  return f'{type(e).__name__}: {text}'
+
+
+def _check_config_file(argv):
+  """Loads --config once up front so a missing file or an error inside it
+  is one line, not an absl traceback."""
+  path = _config_path(argv)
+  if path is None:
+    return
+  if not os.path.isfile(path):
+    _fail(f'--config={path}: no such file')
+  try:
+    _load_config(path)
+  except Exception as e:  # pylint: disable=broad-except
+    _fail(f'--config={path}: {_config_file_error(e)}')
+
+
 def _unknown_config_fields(argv) -> list[str]:
   """--config.a.b overrides whose field does not exist in the config file."""
   path = _config_path(argv)
   if not path or not os.path.exists(path):
     return []
-  spec = importlib.util.spec_from_file_location('_user_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = _load_config(path)
   unknown = []
   for arg in argv:
     if not arg.startswith('--config.'):
@@ -147,6 +178,7 @@ def main():
   if _wants_help(argv):
     print(_help_text(argv))
     return
+  _check_config_file(argv)
   try:
     argv = FLAGS(argv)
   except (AttributeError, KeyError) as e:
@@ -159,6 +191,10 @@ def main():
     _fail(f'{e}\n{_usage()}')
   try:
     _run(argv)
+  except KeyboardInterrupt as e:
+    print(f'interrupted{": " + str(e) if str(e) else ""}; re-run the same '
+          'command to resume', file=sys.stderr)
+    sys.exit(130)
   except app.UsageError as e:
     _fail(str(e))
   except (ValueError, checkpoints.CheckpointError, FileNotFoundError,

@@ -66,7 +66,10 @@ def summary_of(result: train_lib.TrainResult) -> dict:
     out['train_tokens_per_s'] = round(result.tokens_per_s, 1)
     out['seconds'] = round(result.seconds, 1)
   if result.last_eval:
-    out.update(result.last_eval)
+    # The last evaluation may predate the final (e.g. SIGTERM) step.
+    ev = dict(result.last_eval)
+    out['eval_step'] = ev.pop('step', None)
+    out.update(ev)
   return out
 
 
@@ -95,10 +98,16 @@ def generate(flags_obj):
   workdir = flags_obj.workdir
   if not os.path.isdir(workdir):
     raise ValueError(f'--workdir={workdir} does not exist; train first')
+  if flags_obj.k < 1:
+    raise ValueError(f'--k={flags_obj.k} must be >= 1')
   run = pick_run(workdir, flags_obj.k, flags_obj.model)
   cfg, params, meta = checkpoints.load_params(os.path.join(workdir, run))
   config = ml_collections.ConfigDict(meta['config'])
+  # The tokenizer belongs to the trained run; decode defaults come from
+  # --config (with its --config.decode.* overrides) when one is given.
   tokenizer = data_lib.get_tokenizer(config, workdir)
+  if flags_obj.config is not None:
+    config = flags_obj.config
   dc = config.decode
 
   def pick(flag_value, default):
@@ -126,7 +135,7 @@ def generate(flags_obj):
     # Decode prompt and continuation together so word boundaries survive.
     text = tokenizer.decode(prompt_ids + np.asarray(row[:n]).tolist())
     print(json.dumps({'model': run, 'k': flags_obj.k, 'prompt': prompt,
-                      'text': text}))
+                      'new_tokens': int(n), 'text': text}))
 
 
 def stage_config(config):
@@ -162,6 +171,11 @@ def run_distill(config, workdir: str) -> list[train_lib.TrainResult]:
   from kforcing_jax import distill as distill_lib  # pylint: disable=g-import-not-at-top
   teacher_dir = os.path.join(workdir, teacher_lib.TEACHER)
   teacher_cfg, teacher_params, _ = checkpoints.load_params(teacher_dir)
+  teacher_step = checkpoints.Manager(teacher_dir).latest_step()
+  if teacher_step < config.train.num_steps:
+    _print_main(f'[distill] WARNING: the teacher is at step {teacher_step} '
+                f'of train.num_steps={config.train.num_steps} (unfinished); '
+                'distilling from it anyway')
   requested = model_lib.ModelConfig.from_config(config.model)
   distill_lib.check_fit(teacher_cfg, dataclasses.replace(
       requested, noise_window=max(config.distill.windows)))
@@ -173,23 +187,34 @@ def run_distill(config, workdir: str) -> list[train_lib.TrainResult]:
   ds = config.distill
   results = []
   prev_params = teacher_params
+  teacher_source = {'run': teacher_lib.TEACHER, 'step': int(teacher_step)}
+  prev_source = teacher_source
   for window in ds.windows:
     student_cfg = distill_lib.student_config(teacher_cfg, window)
     if ds.method == 'self_forcing':
-      source_cfg, frozen = (
-          (teacher_cfg, teacher_params) if window == ds.windows[0] else
-          (distill_lib.student_config(teacher_cfg, window // 2), prev_params))
+      source_cfg, frozen, source = (
+          (teacher_cfg, teacher_params, teacher_source)
+          if window == ds.windows[0] else
+          (distill_lib.student_config(teacher_cfg, window // 2), prev_params,
+           prev_source))
     else:  # Noise inversion always targets data under the AR teacher.
-      source_cfg, frozen = teacher_cfg, teacher_params
+      source_cfg, frozen, source = teacher_cfg, teacher_params, teacher_source
     stage = distill_lib.Stage(
         window=window, method=ds.method, student_cfg=student_cfg,
         source_cfg=source_cfg, num_windows=ds.num_windows,
         precision=ds.precision, kernel_impl=config.kernels.impl)
-    task = distill_lib.stage_task(stage, init_from=prev_params, frozen=frozen)
-    _print_main(
-        f'[{task.name}] stage k={window} ({ds.method}) from '
-        f"{'the AR teacher' if source_cfg.noise_window == 0 else 'student_k%d' % source_cfg.noise_window}"
-        f'; {distill_lib.describe_transfer(prev_params, student_cfg)}')
+    task = distill_lib.stage_task(stage, init_from=prev_params, frozen=frozen,
+                                  source=source)
+    done = checkpoints.Manager(os.path.join(workdir, task.name)).latest_step()
+    source_name = ('the AR teacher' if source_cfg.noise_window == 0 else
+                   f'student_k{source_cfg.noise_window}')
+    if done is not None and done >= ds.steps_per_stage:
+      _print_main(f'[{task.name}] stage k={window} finished (step {done}): '
+                  'skipped')
+    else:
+      _print_main(
+          f'[{task.name}] stage k={window} ({ds.method}) from {source_name}'
+          f'; {distill_lib.describe_transfer(prev_params, student_cfg)}')
     train_iter = data_lib.make_train_iterator(
         sconfig, tokenizer, workdir, process_index=jax.process_index(),
         process_count=jax.process_count())
@@ -198,6 +223,7 @@ def run_distill(config, workdir: str) -> list[train_lib.TrainResult]:
     if result.preempted:  # SIGTERM: saved; later stages wait for a re-run.
       break
     _, prev_params, _ = checkpoints.load_params(result.run_dir)
+    prev_source = {'run': task.name, 'step': int(result.state.step)}
   return results
 
 

@@ -2,7 +2,8 @@
 
 Config files in `configs/` start from `base_config()` and override what they
 need, so every field exists (and is type-checked by ml_collections) in every
-config. Override any field from the command line: `--config.train.lr=1e-3`.
+config; the config is locked, so a misspelled field is an error. Override
+any field from the command line: `--config.train.lr=1e-3`.
 """
 
 import ml_collections
@@ -159,6 +160,11 @@ def base_config() -> ml_collections.ConfigDict:
   dc.greedy = False  # Argmax instead of inverse-CDF sampling (AR only).
   dc.frequency_penalty = 0.0  # Push-forward frequency penalty lambda.
   dc.seed = 0  # Seed of the uniform decoding noise.
+  # Locked: a misspelled field in a config file (c.train.num_step = 5)
+  # raises, naming the close match, instead of adding a field nothing
+  # reads. Penalties stay open: one lambda per k, any k.
+  c.lock()
+  c.eval.penalties.unlock()
   return c
 
 
@@ -209,8 +215,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for name in ('steps_per_stage', 'batch_size', 'checkpoint_every'):
     if ds[name] < 1:
       raise ValueError(f'distill.{name}={ds[name]} must be >= 1')
-  if ds.num_windows < 0:
-    raise ValueError(f'distill.num_windows={ds.num_windows} must be >= 0')
+  for name in ('num_windows', 'warmup_steps', 'eval_every'):
+    if ds[name] < 0:
+      raise ValueError(f'distill.{name}={ds[name]} must be >= 0')
+  if not ds.lr > 0:
+    raise ValueError(f'distill.lr={ds.lr} must be > 0')
+  if not 0.0 <= ds.ema_decay < 1.0:
+    raise ValueError(f'distill.ema_decay={ds.ema_decay} not in [0, 1)')
   if ds.precision not in ('auto', 'float32', 'float64'):
     raise ValueError(f'distill.precision={ds.precision!r}; expected auto, '
                      'float32 or float64')
@@ -220,6 +231,22 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if 'evaluator_train' in c:
     from kforcing_jax import evaluator_train  # pylint: disable=g-import-not-at-top
     evaluator_train.evaluator_settings(c)
+  _validate_eval_and_bench(c)
   if c.mesh.data == 0 or c.mesh.data < -1:
     raise ValueError(f'mesh.data={c.mesh.data}: use -1 (all devices) or a '
                      'positive device count')
+
+
+def _validate_eval_and_bench(c) -> None:
+  """The later stages' fields, so `pipeline` does not train for minutes
+  and then stop at a bad eval.* or bench.* value."""
+  # pylint: disable=g-import-not-at-top
+  from kforcing_jax import bench
+  from kforcing_jax import evaluate
+  if 'eval' in c:
+    s = evaluate.eval_settings(c)
+    if not 1 <= s.prefix_len < c.model.seq_len:
+      raise ValueError(f'eval.prefix_len={s.prefix_len} must be in [1, '
+                       f'model.seq_len={c.model.seq_len})')
+  if 'bench' in c:
+    bench.settings_from_config(c)

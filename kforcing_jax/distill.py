@@ -222,12 +222,14 @@ class Stage:
     return out
 
 
-def stage_task(stage: Stage, init_from, frozen) -> train_lib.Task:
+def stage_task(stage: Stage, init_from, frozen,
+               source: dict | None = None) -> train_lib.Task:
   """Training task of a stage.
 
   The student starts from `init_from` (matching names and shapes copied);
   `frozen` are the target model's params: an input of every step, never in
-  the optimizer state and never differentiated.
+  the optimizer state and never differentiated. `source` ({'run', 'step'}
+  of the frozen model) goes into the checkpoint meta (train.Task.source).
   """
 
   def init_params(rng, source):
@@ -239,7 +241,7 @@ def stage_task(stage: Stage, init_from, frozen) -> train_lib.Task:
       name=stage_name(stage.window), model_cfg=stage.student_cfg,
       init_params=init_params, loss_fn=stage.loss, eval_fn=stage.evaluate,
       extras_fn=stage.extras, frozen=frozen, shard_map=True,
-      init_source=init_from)
+      init_source=init_from, source=source)
 
 
 def describe_transfer(init_from, student_cfg) -> str:

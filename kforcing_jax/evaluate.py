@@ -813,8 +813,10 @@ def _fmt(stat) -> str:
 
 def _print_progress(entry, row, num, max_new):
   m = row['metrics']
-  speed = ('' if row['decode'] is None else
-           f", {row['decode']['tokens_per_s']:,.0f} tok/s")
+  dec = row['decode']
+  speed = ('' if dec is None else
+           f", {dec['tokens_per_s']:,.0f} tok/s" +
+           (' (one batch: incl. compile)' if dec['includes_compile'] else ''))
   line = (f'[eval] {entry.name}: {num} x {max_new} tokens{speed}, '
           f"teacher ppl {_fmt(m['teacher_ppl'])}, entropy "
           f"{_fmt(m['entropy'])}")

@@ -62,6 +62,32 @@ def _with_evaluator(config, workdir, timing):
   return out
 
 
+def _check_plan(config) -> None:
+  """Fails now, not after training, on an eval.ks the students this run
+  distills cannot serve (defaults.validate checked every field)."""
+  from kforcing_jax import evaluate  # pylint: disable=g-import-not-at-top
+  windows = tuple(config.distill.windows)
+  too_big = [k for k in evaluate.eval_settings(config).ks
+             if k > max(windows)]
+  if too_big:
+    raise ValueError(f'eval.ks asks for k={too_big[0]} but the largest '
+                     f'distill.windows is {max(windows)}')
+
+
+def _runs_newer_than(workdir: str, name: str) -> list[str]:
+  """Runs in `workdir` whose latest checkpoint was written after `name`."""
+  from kforcing_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  written = os.path.getmtime(os.path.join(workdir, name))
+  newer = []
+  for run in sorted(os.listdir(workdir)):
+    manager = checkpoints.Manager(os.path.join(workdir, run))
+    step = manager.latest_step()
+    if step is not None and os.path.getmtime(
+        os.path.join(manager.directory, str(step))) > written:
+      newer.append(run)
+  return newer
+
+
 def run_pipeline(config, workdir: str) -> str:
   """Runs (or resumes) every stage; returns the report path."""
   from kforcing_jax import bench  # pylint: disable=g-import-not-at-top
@@ -72,6 +98,7 @@ def run_pipeline(config, workdir: str) -> str:
   if os.path.exists(path):
     with open(path) as f:
       timing = json.load(f)
+  _check_plan(config)
   t_all = time.time()
   train_eval = _trains_evaluator(config)
   n = 6 if train_eval else 5
@@ -105,6 +132,11 @@ def run_pipeline(config, workdir: str) -> str:
     _banner(i, n, name)
     if os.path.exists(os.path.join(workdir, out)):
       print(f'{out} exists: skipped (delete it to redo)')
+      newer = _runs_newer_than(workdir, out)
+      if newer:
+        print(f'WARNING: {out} predates the latest checkpoint of '
+              f'{", ".join(newer)}: it describes older models; delete it '
+              'and re-run to redo it')
       continue
     t0 = time.time()
     fn(config, workdir)

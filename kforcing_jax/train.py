@@ -3,7 +3,8 @@
 A `Task` says what is trained (init, loss, optional frozen teacher); `train`
 does the rest: optimizer, sharded step jitted once with donation, held-out
 eval, metrics JSONL + progress bar, NaN/Inf guard, orbax checkpoints with the
-data-iterator state (re-running resumes), SIGTERM -> save and exit.
+data-iterator state (re-running resumes), SIGTERM or a first Ctrl-C -> save
+and exit.
 """
 
 import dataclasses
@@ -66,6 +67,10 @@ class Task:
   # run's). A jit argument of the init, never a closure: closed-over arrays
   # become HLO constants, and jit refuses ones spanning several processes.
   init_source: Any = None
+  # {'run', 'step'} of the frozen model a distillation stage learns from,
+  # saved in the checkpoint meta; resuming against another one warns that
+  # the run is stale (e.g. the teacher trained on after it).
+  source: dict | None = None
 
 
 def make_optimizer(tc) -> optax.GradientTransformation:
@@ -115,6 +120,9 @@ def make_step(task: Task, optimizer, ema_decay: float, mesh):
 
   if task.shard_map:
     def local(params, batch, extras, rng, frozen):
+      # The rng comes in replicated; without this every device would draw
+      # the same dropout masks for its (different) rows.
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(sharding_lib.DATA))
       grads, metrics = local_grads(params, batch, extras, rng, frozen)
       # Equal-size shards: the mean of per-device means is the global mean.
       return jax.lax.pmean((grads, metrics), sharding_lib.DATA)
@@ -154,24 +162,43 @@ def _is_main() -> bool:
 
 
 class _Preemption:
-  """Turns SIGTERM (TPU VM preemption) into a flag read at step boundaries."""
+  """Turns SIGTERM (TPU VM preemption) and a first Ctrl-C (SIGINT) into a
+  flag read at step boundaries: the loop saves, then stops. A second
+  Ctrl-C interrupts at once (losing the steps since the last save)."""
+
+  _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.requested = None  # The signal's name once one arrived.
+    self._previous = {}
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for sig in self._SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
+    del frame
+    if signum == signal.SIGINT and self.requested:
+      signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
+      raise KeyboardInterrupt
+    self.requested = signal.Signals(signum).name
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _warn_if_source_changed(task: Task, manager) -> None:
+  if manager.latest_step() is None:
+    return
+  saved = manager.read_meta().get('source')
+  if saved and saved != task.source and _is_main():
+    print(f"[{task.name}] WARNING: trained from {saved['run']} at step "
+          f"{saved['step']}, which is now at step {task.source['step']}: "
+          f'{task.name} and the stages after it are stale; delete their '
+          'run directories to redo them from the current one.', flush=True)
 
 
 @dataclasses.dataclass
@@ -199,6 +226,9 @@ def train(task: Task, config, workdir: str, data_iter, eval_batches=(),
   manager = checkpoints.Manager(run_dir, keep=tc.keep_checkpoints)
   meta = checkpoints.run_meta(task.model_cfg, config)
   manager.check_compatible(meta)  # Before any compute or write.
+  if task.source is not None:
+    meta['source'] = task.source
+    _warn_if_source_changed(task, manager)
 
   optimizer = make_optimizer(tc)
   ema = tc.ema_decay > 0
@@ -280,12 +310,16 @@ def train(task: Task, config, workdir: str, data_iter, eval_batches=(),
         manager.save(state, data_iter.get_state(), meta)
       if preemption.requested and not is_last:
         if _is_main():
-          bar.write(f'[{task.name}] SIGTERM: saved step {step}; re-run the '
-                    'same command to resume')
+          bar.write(f'[{task.name}] {preemption.requested}: saved step '
+                    f'{step}; re-run the same command to resume')
         preempted = True
         break
   manager.wait()
   bar.close()
+  if preempted and preemption.requested == 'SIGINT':
+    # Ctrl-C stops the caller too (a pipeline, a shell script, a notebook
+    # cell), now that the checkpoint is safe.
+    raise KeyboardInterrupt(f'{task.name}: saved step {step}')
   elapsed = max(time.time() - t0, 1e-9)
   return TrainResult(state=state, run_dir=run_dir, preempted=preempted,
                      last_eval=last_eval,

@@ -196,6 +196,22 @@ def test_settings_defaults_and_errors():
     bench.settings_from_config(_tiny_config(prefix_len=32))
 
 
+def test_random_weight_fallback_is_announced(tmp_path):
+  # No trained runs in the workdir: every model falls back to random
+  # weights, which the log must say (the rows alone say '(random)').
+  fields = dict(_FAST, random_weights=False, batch_sizes=(1,), ks=(2,))
+  lines = []
+  out = bench.run_bench(_tiny_config(**fields), str(tmp_path),
+                        log=lines.append)
+  assert {r['weights'] for r in out['results']} == {'random'}
+  notes = [l for l in lines if 'NOTE: no trained run' in l]
+  assert len(notes) == 1 and 'serves k=[1, 2]' in notes[0]
+  quiet = []
+  bench.run_bench(_tiny_config(**dict(fields, random_weights=True)),
+                  str(tmp_path / 'q'), log=quiet.append)
+  assert not any('NOTE: no trained run' in l for l in quiet)
+
+
 def test_peer_times_hf_gpt2_when_installed():
   pytest.importorskip('torch')
   pytest.importorskip('transformers')

@@ -1,5 +1,6 @@
 """The command line's help and usage errors (subprocesses: real argv)."""
 
+import json
 import subprocess
 import sys
 
@@ -56,3 +57,53 @@ def test_usage_errors_exit_2_and_point_at_help(args, needle):
   assert r.stderr.startswith('error: ')
   assert needle in r.stderr
   assert 'python -m kforcing_jax --help' in r.stderr
+
+
+@pytest.mark.parametrize('body, needle', [
+    ('from kforcing_jax import defaults\n'
+     'def get_config():\n'
+     '  c = defaults.base_config()\n'
+     '  c.train.num_step = 5\n'
+     '  return c\n',
+     "unknown config field 'num_step' (did you mean 'num_steps'?)"),
+    ('def get_config():\n  return 1 / 0\n',
+     'ZeroDivisionError: division by zero'),
+])
+def test_error_inside_a_config_file_is_one_line(tmp_path, body, needle):
+  # The base config is locked, so a misspelled field in a config file
+  # fails instead of adding a field nothing reads.
+  path = tmp_path / 'my_config.py'
+  path.write_text(body)
+  r = _cli('train-teacher', f'--config={path}', f'--workdir={tmp_path / "w"}')
+  assert r.returncode == 2
+  assert r.stderr == f'error: --config={path}: {needle}' + (
+      '; see kforcing_jax/defaults.py for every field\n'
+      if 'unknown' in needle else '\n')
+  assert not (tmp_path / 'w').exists()
+
+
+def test_missing_config_file_is_named(tmp_path):
+  r = _cli('train-teacher', '--config=configs/nope.py',
+           f'--workdir={tmp_path}')
+  assert r.returncode == 2
+  assert r.stderr == 'error: --config=configs/nope.py: no such file\n'
+
+
+def test_generate_applies_config_decode_overrides(tmp_path):
+  # The run's saved config gives the defaults; --config and its
+  # --config.decode.* overrides replace them (they used to be ignored).
+  r = _cli('train-teacher', '--config=configs/tiny.py', f'--workdir={tmp_path}',
+           '--config.train.num_steps=2', '--config.train.eval_every=0')
+  assert r.returncode == 0, r.stderr
+  base = ('generate', f'--workdir={tmp_path}', '--prompt=the')
+  saved = json.loads(_cli(*base).stdout)
+  assert saved['new_tokens'] == 16  # tiny: decode.max_new_tokens.
+  over = [json.loads(_cli(*base, '--config=configs/tiny.py',
+                          '--config.decode.max_new_tokens=3',
+                          '--config.decode.greedy=True',
+                          f'--config.decode.seed={seed}').stdout)
+          for seed in (0, 1)]
+  assert [o['new_tokens'] for o in over] == [3, 3]
+  assert over[0]['text'] == over[1]['text']  # Greedy: the seed is unused.
+  r = _cli(*base, '--k=0')
+  assert r.returncode == 2 and r.stderr == 'error: --k=0 must be >= 1\n'

@@ -308,3 +308,51 @@ def test_key_layouts_give_the_same_tokens(small_cfg, k):
   assert 'kt' in decode.init_cache(kt_spec, 2, 8)[0]
   np.testing.assert_array_equal(k_out[0], kt_out[0])
   np.testing.assert_array_equal(k_out[1], kt_out[1])
+
+
+def test_student_ragged_batch_with_penalty_equals_one_by_one(small_cfg):
+  # Left padding must not count as prompt tokens for the penalty (pad id 0
+  # is a real vocabulary id), nor change any row's tokens.
+  cfg = dataclasses.replace(small_cfg, noise_window=4)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(11))
+  prompts = [[3], [7, 1, 9, 12, 40, 2, 6], [8, 8, 8]]
+  noise = np.asarray(jax.random.uniform(jax.random.PRNGKey(12), (3, 12)))
+  kw = dict(max_new_tokens=12, k=3, frequency_penalty=0.3)
+  batched = decode.generate(params, cfg, prompts, noise=noise, **kw)
+  for i, prompt in enumerate(prompts):
+    alone = decode.generate(params, cfg, [prompt], noise=noise[i:i + 1], **kw)
+    np.testing.assert_array_equal(batched.tokens[i], alone.tokens[0])
+  # Directly: after prefill the counts are the real prompt tokens plus the
+  # first k emitted ones; the padding (id 0 here) is not among them.
+  padded, pad = decode.pad_prompts(prompts)
+  spec = decode.DecodeSpec(model=cfg, k=3, num_steps=4,
+                           prompt_len=padded.shape[1], use_penalty=True)
+  state = decode.prefill(spec, params, jnp.asarray(padded), jnp.asarray(pad),
+                         jnp.asarray(noise[:, :3]), penalty=0.3)
+  for i, prompt in enumerate(prompts):
+    expected = np.bincount(prompt + np.asarray(state.tokens[i, :3]).tolist(),
+                           minlength=cfg.vocab_size)
+    np.testing.assert_array_equal(np.asarray(state.counts[i]), expected)
+
+
+def test_eos_inside_a_student_step_stops_the_row_there(small_cfg):
+  # k = 3: an eos in slot 1 of a step keeps it, pads slots after it, and
+  # the row's length counts up to it.
+  cfg = dataclasses.replace(small_cfg, noise_window=4)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(13))
+  noise = np.asarray(jax.random.uniform(jax.random.PRNGKey(14), (2, 12)))
+  kw = dict(max_new_tokens=12, k=3, noise=noise)
+  free = decode.generate(params, cfg, [[5, 9, 2], [1, 2]], **kw)
+  row = free.tokens[0].tolist()
+  # A token first emitted in the middle slot of some step of row 0.
+  pos = next(i for i, t in enumerate(row) if i % 3 == 1 and t not in row[:i])
+  eos = row[pos]
+  out = decode.generate(params, cfg, [[5, 9, 2], [1, 2]], eos_id=eos,
+                        pad_id=-1, **kw)
+  assert out.lengths[0] == pos + 1
+  np.testing.assert_array_equal(out.tokens[0, :pos + 1], row[:pos + 1])
+  assert (out.tokens[0, pos + 1:] == -1).all()
+  other = free.tokens[1].tolist()
+  stop = other.index(eos) + 1 if eos in other else 12
+  assert out.lengths[1] == stop
+  np.testing.assert_array_equal(out.tokens[1, :stop], other[:stop])

@@ -225,3 +225,49 @@ def test_student_init_touches_noise_encoder(small_cfg):
   teacher = model_lib.init_params(small_cfg, jax.random.PRNGKey(0))
   assert 'noise_encoder' not in teacher
   assert set(teacher) < set(params)
+
+
+def test_rope_is_a_complex_rotation_by_position_times_frequency():
+  # Rotate-half form: pairs (x_j, x_{j+half}) are the complex number
+  # x_j + i x_{j+half}, multiplied by exp(i * pos * base^(-j/half)).
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 5, 3, 8)).astype(np.float32)
+  pos = np.array([[0, 1, 7, 30, 127], [3, 3, 50, 2, 9]])
+  got = np.asarray(model_lib.apply_rope(jnp.asarray(x), jnp.asarray(pos),
+                                        100.0), np.float64)
+  half = 4
+  freqs = 100.0 ** (-np.arange(half) / half)
+  z = (x[..., :half] + 1j * x[..., half:]).astype(np.complex128)
+  z = z * np.exp(1j * pos[:, :, None, None] * freqs)
+  np.testing.assert_allclose(got, np.concatenate([z.real, z.imag], -1),
+                             atol=2e-5)
+
+
+def test_rope_scores_depend_on_relative_position_only():
+  # <rope(q, p), rope(k, s)> is a function of p - s: shifting both keeps the
+  # score, changing the offset changes it. Attention relies on both.
+  rng = np.random.default_rng(1)
+  q, k = (jnp.asarray(rng.normal(size=(1, 1, 1, 16)), jnp.float32)
+          for _ in range(2))
+
+  def score(p, s):
+    rq = model_lib.apply_rope(q, jnp.array([[p]]), 10000.0)
+    rk = model_lib.apply_rope(k, jnp.array([[s]]), 10000.0)
+    return float(jnp.sum(rq * rk))
+
+  assert score(9, 4) == pytest.approx(score(105, 100), abs=1e-4)
+  assert score(9, 4) == pytest.approx(score(5, 0), abs=1e-4)
+  assert abs(score(9, 4) - score(9, 5)) > 1e-2
+
+
+def test_model_config_ints_normalised_and_non_ints_rejected(small_cfg):
+  # numpy ints (e.g. from a loaded array) are accepted and stored as int,
+  # so equal configs hash equal (jit static args); floats are not ints.
+  cfg = dataclasses.replace(small_cfg, d_model=np.int64(32),
+                            noise_window=np.int32(2))
+  assert type(cfg.d_model) is int and type(cfg.noise_window) is int
+  assert hash(cfg) == hash(dataclasses.replace(small_cfg, noise_window=2))
+  with pytest.raises(ValueError, match='noise_window must be an int, got 2.5'):
+    dataclasses.replace(small_cfg, noise_window=2.5)
+  with pytest.raises(ValueError, match='model.num_layers must be an int'):
+    dataclasses.replace(small_cfg, num_layers=True)

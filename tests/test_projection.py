@@ -10,6 +10,7 @@ import pytest
 from kforcing_jax import decode
 from kforcing_jax import distill
 from kforcing_jax import model as model_lib
+from kforcing_jax import noise as noise_lib
 from kforcing_jax import projection
 
 
@@ -80,3 +81,46 @@ def test_first_argmax_equals_argmax_with_ties():
   assert int(got[0]) == 7 and int(got[5]) == 0
   nan_row = projection.first_argmax(jnp.array([[1.0, jnp.nan, 3.0]]))
   assert 0 <= int(nan_row[0]) < 3  # Never an out-of-range token id.
+
+
+@pytest.mark.parametrize('impl', ['reference', 'chunked', 'pallas'])
+def test_penalty_counts_frequency_not_presence(impl):
+  # Hand-made logits (h = logits, w = identity): token 0 leads token 1 by
+  # 0.2, has been seen twice, token 1 never. lambda = 0.15 subtracts 0.3
+  # from token 0 (frequency: token 1 wins); a presence penalty would
+  # subtract 0.15 (token 0 would win). Every impl must count.
+  v = 8
+  h = jnp.asarray([[1.0, 0.8, 0.1, 0.0, -1.0, 0.2, 0.3, -0.5]], jnp.float32)
+  w = jnp.eye(v, dtype=jnp.float32)
+  counts = jnp.asarray([[2, 0, 0, 0, 0, 0, 0, 0]], jnp.int32)
+  got = projection.argmax(h, w, impl, counts, 0.15)
+  assert int(got[0]) == 1
+  once = projection.argmax(h, w, impl, counts // 2, 0.15)  # Seen once.
+  assert int(once[0]) == 0
+
+
+@pytest.mark.parametrize('greedy', [True, False])
+def test_teacher_penalty_equals_stepwise_reference(small_cfg, greedy):
+  # The AR teacher with a frequency penalty: each token is the argmax (or
+  # inverse CDF of its u) of the full forward's logits minus lambda * counts
+  # of the prompt and every token so far.
+  params = model_lib.init_params(small_cfg, jax.random.PRNGKey(2))
+  prompt, n, lam = [5, 9, 2, 9], 10, 0.2
+  noise = np.asarray(jax.random.uniform(jax.random.PRNGKey(3), (1, n)))
+  got = decode.generate(params, small_cfg, [prompt], max_new_tokens=n,
+                        noise=noise, greedy=greedy, frequency_penalty=lam,
+                        kernel_impl='reference').tokens[0]
+  seq = list(prompt)
+  model = model_lib.Transformer(small_cfg)
+  for i in range(n):
+    lg = model.apply({'params': params}, jnp.asarray([seq]))[0, -1]
+    lg = lg - lam * jnp.bincount(jnp.asarray(seq), length=small_cfg.vocab_size)
+    if greedy:
+      tok = int(projection.first_argmax(lg[None])[0])
+    else:
+      tok = int(noise_lib.inverse_cdf(lg[None], jnp.asarray(noise[:, i]))[0])
+    seq.append(tok)
+  np.testing.assert_array_equal(got, seq[len(prompt):])
+  plain = decode.generate(params, small_cfg, [prompt], max_new_tokens=n,
+                          noise=noise, greedy=greedy).tokens[0]
+  assert not np.array_equal(plain, got)  # Else lambda checks nothing.

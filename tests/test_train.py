@@ -7,12 +7,15 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from kforcing_jax import checkpoints
+from kforcing_jax import commands
 from kforcing_jax import defaults
 from kforcing_jax import teacher as teacher_lib
 from kforcing_jax import train as train_lib
@@ -67,15 +70,44 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
+@pytest.mark.parametrize('name,before,after', [('ema_decay', 0.0, 0.9),
+                                                 ('grad_clip', 1.0, 0.0)])
+def test_resume_with_ema_or_clipping_toggled_is_refused_not_corrupt(
+    tmp_path, name, before, after):
+  # Toggling either changes the saved state's tree; orbax alone would call
+  # the (intact) checkpoint corrupt, inviting its deletion.
+  config = _config()
+  config.train[name] = before
+  task = teacher_lib.teacher_task(config)
+  train_lib.train(task, config, str(tmp_path),
+                  helpers.ArrayIterator(_data(), 8), num_steps=2)
+  config.train[name] = after
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=f'trained with {name}={before!r}, this config has '
+                     f'{after!r}'):
+    train_lib.train(task, config, str(tmp_path),
+                    helpers.ArrayIterator(_data(), 8), num_steps=4)
+  assert checkpoints.Manager(str(tmp_path / 'teacher')).latest_step() == 2
+  config.train[name] = before  # The original value resumes.
+  train_lib.train(task, config, str(tmp_path),
+                  helpers.ArrayIterator(_data(), 8), num_steps=4)
+  assert checkpoints.Manager(str(tmp_path / 'teacher')).latest_step() == 4
+
+
 def test_corrupt_checkpoint_is_reported(tmp_path):
   config = _config()
+  config.train.checkpoint_every = 1  # Steps 1 and 2 are kept.
   task = teacher_lib.teacher_task(config)
   train_lib.train(task, config, str(tmp_path),
                   helpers.ArrayIterator(_data(), 8), num_steps=2)
   step_dir = tmp_path / 'teacher' / 'checkpoints' / '2'
   shutil.rmtree(step_dir / 'state')
-  with pytest.raises(checkpoints.CheckpointError, match='unreadable'):
+  with pytest.raises(checkpoints.CheckpointError, match='unreadable') as err:
     checkpoints.load_params(str(tmp_path / 'teacher'))
+  # Short, and it names the way back: the previous step.
+  assert len(str(err.value)) < 1000 and '\n' not in str(err.value)
+  assert str(err.value).endswith(f'the previous checkpoint is step 1: move '
+                                 f'{step_dir} aside to resume from it')
   assert (step_dir / 'meta').exists()  # Nothing was deleted by the error.
 
 
@@ -92,11 +124,25 @@ def _cli(args, workdir, **kw):
     ('--config.model.num_heads=3', 'model.num_heads=3 must divide'),
     ('--config.data.source=web', "data.source='web'"),
     ('--config.distill.windows=(1,3)', 'distill.windows=(1, 3)'),
+    ('--config.distill.lr=-1', 'distill.lr=-1'),
+    ('--config.distill.ema_decay=1.5', 'distill.ema_decay=1.5'),
+    # Later stages' fields too, so a pipeline never trains and then stops.
+    ('--config.eval.num_samples=0', 'eval.num_samples=0'),
+    ('--config.bench.batch_sizes=(0,)', 'bench.batch_sizes=(0,)'),
 ])
 def test_cli_bad_config_fails_fast_with_named_value(tmp_path, override, needle):
   r = _cli(['train-teacher', '--config=configs/tiny.py', override], tmp_path)
   assert r.returncode == 2, r.stderr
   assert needle in r.stderr
+  assert not (tmp_path / 'teacher').exists()
+
+
+def test_pipeline_refuses_eval_ks_its_students_cannot_serve(tmp_path):
+  r = _cli(['pipeline', '--config=configs/tiny.py', '--config.eval.ks=(8,)'],
+           tmp_path)
+  assert r.returncode == 2, r.stderr
+  assert 'eval.ks asks for k=8 but the largest distill.windows is 4' in \
+      r.stderr
   assert not (tmp_path / 'teacher').exists()
 
 
@@ -142,7 +188,11 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_and_exits_then_resumes(tmp_path):
+@pytest.mark.parametrize('sig,returncode', [(signal.SIGTERM, 0),
+                                            (signal.SIGINT, 130)])
+def test_sigterm_or_ctrl_c_saves_and_exits(tmp_path, sig, returncode):
+  # SIGTERM (preemption) exits 0; Ctrl-C exits 130 so a calling script
+  # stops too. Both save the step they stopped at first.
   proc = subprocess.Popen(_train_cmd(tmp_path, 100000), cwd=ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
@@ -151,11 +201,60 @@ def test_sigterm_saves_and_exits_then_resumes(tmp_path):
   while time.time() < deadline and not (
       metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
     time.sleep(0.05)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(sig)
   out, _ = proc.communicate(timeout=120)
-  assert proc.returncode == 0, out
-  assert 'SIGTERM: saved step' in out
+  assert proc.returncode == returncode, out
+  assert f'{sig.name}: saved step' in out
+  if sig == signal.SIGINT:
+    assert 'interrupted: teacher: saved step' in out
+    assert 'Traceback' not in out
   saved = checkpoints.Manager(str(tmp_path / 'teacher')).latest_step()
   assert saved is not None and saved >= 3
   logged = max(_losses(tmp_path))
   assert saved >= logged  # The step boundary it stopped at was saved.
+
+
+def test_summary_keeps_the_final_step_next_to_the_last_eval():
+  # After SIGTERM at step 272 the last eval (step 260) must not overwrite
+  # the step the run stopped at.
+  result = types.SimpleNamespace(
+      state=types.SimpleNamespace(step=272), run_dir='r', preempted=True,
+      tokens_per_s=0, seconds=0, last_eval={'step': 260, 'eval_loss': 1.5})
+  out = commands.summary_of(result)
+  assert out['step'] == 272 and out['eval_step'] == 260
+  assert out['eval_loss'] == 1.5
+
+
+def test_ema_follows_its_recurrence_and_is_what_load_params_returns(tmp_path):
+  # ema_t = d * ema_{t-1} + (1 - d) * params_t after every step; the saved
+  # run serves the EMA weights by default (use_ema=False: the raw ones).
+  config = _config()
+  config.train.ema_decay = 0.5
+  task = teacher_lib.teacher_task(config)
+  one = train_lib.train(task, config, str(tmp_path),
+                        helpers.ArrayIterator(_data(), 8), num_steps=1)
+  two = train_lib.train(task, config, str(tmp_path),
+                        helpers.ArrayIterator(_data(), 8), num_steps=2)
+  expected = jax.tree.map(lambda e, p: 0.5 * e + 0.5 * p,
+                          one.state.ema_params, two.state.params)
+  assert helpers.max_abs_diff(two.state.ema_params, expected) < 1e-7
+  # The EMA lags the params: a real difference, or the check is vacuous.
+  assert helpers.max_abs_diff(two.state.ema_params, two.state.params) > 1e-4
+  _, served, _ = checkpoints.load_params(str(tmp_path / 'teacher'))
+  assert helpers.max_abs_diff(served, two.state.ema_params) == 0.0
+  _, raw, _ = checkpoints.load_params(str(tmp_path / 'teacher'), use_ema=False)
+  assert helpers.max_abs_diff(raw, two.state.params) == 0.0
+
+
+def test_teacher_loss_is_next_token_cross_entropy_by_hand():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
+  tokens = rng.integers(0, 7, size=(2, 5))
+  got = np.asarray(teacher_lib.next_token_losses(jnp.asarray(logits),
+                                                 jnp.asarray(tokens)))
+  expected = np.zeros((2, 4))
+  for b in range(2):
+    for t in range(4):  # Position t predicts token t + 1.
+      z = logits[b, t].astype(np.float64)
+      expected[b, t] = np.log(np.exp(z).sum()) - z[tokens[b, t + 1]]
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
