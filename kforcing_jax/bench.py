@@ -285,7 +285,8 @@ def predict_decode_time(shape: ModelShape, batch: int, prompt_len: int,
                         full_cache: bool = False) -> float:
   """Roofline seconds of a whole decode of max_new tokens per row."""
   steps = -(-max_new // k)
-  cache_size = prompt_len + (steps + 1) * k if full_cache else None
+  cache_size = (decode.full_cache_size(prompt_len, steps, k) if full_cache
+                else None)
   return sum(pass_time(pass_costs(shape, batch, p, cache_size), peak_flops,
                        bandwidth, mode)
              for p in decode_passes(prompt_len, k, steps, student=k > 1))

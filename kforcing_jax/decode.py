@@ -37,6 +37,13 @@ from kforcing_jax import projection
 KEY_LAYOUTS = ('auto', 'k', 'kt')
 
 
+def full_cache_size(prompt_len: int, num_steps: int, k: int) -> int:
+  """KV slots of a whole decode. Step s >= 1 (prefill is step 0) writes
+  its 2k inputs at [P + (s - 1) k, P + (s + 1) k), so the last step,
+  num_steps - 1, ends at P + num_steps * k."""
+  return prompt_len + num_steps * k
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeSpec:
   """Static (hashable) description of a decoding loop; a jit static arg."""
@@ -85,8 +92,7 @@ class DecodeSpec:
 
   @property
   def cache_size(self) -> int:
-    # Valid slots P + (num_steps - 1) * k, plus 2k for the last step's input.
-    return self.prompt_len + (self.num_steps + 1) * self.k
+    return full_cache_size(self.prompt_len, self.num_steps, self.k)
 
   def segments(self) -> list[tuple[int, int]]:
     """(cache slots, first step that does not fit) of each loop segment.
