@@ -27,6 +27,17 @@ def _save_timing(workdir, timing):
     json.dump(timing, f, indent=1)
 
 
+def _add_run(timing, name, result):
+  """Records a training run's wall time, summed over resumed segments (a
+  finished run re-entered does no work and adds nothing)."""
+  if not result.seconds:
+    return
+  entry = timing['runs'].setdefault(name, {'seconds': 0.0})
+  entry['seconds'] = entry.get('seconds', 0.0) + result.seconds
+  if getattr(result, 'tokens_per_s', 0):
+    entry['tokens_per_s'] = result.tokens_per_s  # Of the last segment.
+
+
 def _stopped(workdir):
   print('SIGTERM: stopped after saving; re-run the same command to resume')
   return os.path.join(workdir, 'report.md')
@@ -105,17 +116,14 @@ def run_pipeline(config, workdir: str) -> str:
 
   _banner(1, n, 'AR teacher')
   r = commands.run_teacher(config, workdir)
-  if r.seconds:
-    timing['runs']['teacher'] = {'seconds': r.seconds,
-                                 'tokens_per_s': r.tokens_per_s}
+  _add_run(timing, 'teacher', r)
   _save_timing(workdir, timing)
   if r.preempted:
     return _stopped(workdir)
 
   _banner(2, n, f'distillation, windows {tuple(config.distill.windows)}')
   for r in commands.run_distill(config, workdir):
-    if r.seconds:
-      timing['runs'][os.path.basename(r.run_dir)] = {'seconds': r.seconds}
+    _add_run(timing, os.path.basename(r.run_dir), r)
     if r.preempted:
       _save_timing(workdir, timing)
       return _stopped(workdir)
@@ -144,7 +152,7 @@ def run_pipeline(config, workdir: str) -> str:
     _save_timing(workdir, timing)
 
   _banner(n, n, 'report')
-  timing['last_run_seconds'] = time.time() - t_all
+  timing['last_run_seconds'] = time.time() - t_all  # This invocation only.
   _save_timing(workdir, timing)
   out = report.write_report(workdir)
   print(f'report: {out} (this run: {timing["last_run_seconds"]:.0f} s)')

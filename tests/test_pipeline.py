@@ -47,6 +47,11 @@ def _kill_at(workdir, banner):
   assert banner in line, 'the pipeline ended before the banner'
 
 
+def _run_seconds(workdir, run):
+  with open(os.path.join(workdir, 'pipeline.json')) as f:
+    return json.load(f)['runs'][run]['seconds']
+
+
 def _finished_work(workdir):
   """Digest of every finished stage's outputs: metrics, checkpoints, eval."""
   out = {}
@@ -86,8 +91,11 @@ def test_tiny_pipeline_resumes_without_redoing_finished_stages(tmp_path):
 
   # Training the teacher on leaves every later result stale: each re-run
   # says so (nothing is deleted for the user).
+  teacher_seconds = _run_seconds(workdir, 'teacher')
   third = _pipeline(workdir, '--config.train.num_steps=50')
   assert third.returncode == 0, third.stderr[-2000:]
+  # Wall time sums the resumed segment onto the first one.
+  assert _run_seconds(workdir, 'teacher') > teacher_seconds > 0
   assert ('[student_k1] WARNING: trained from teacher at step 40, which is '
           'now at step 50') in third.stdout
   for name in ('eval.json', 'bench.json'):
