@@ -99,17 +99,18 @@ class Manager:
     # orbax would report as a corrupt checkpoint.
     saved_train = saved_meta.get('config', {}).get('train', {})
     train = meta.get('config', {}).get('train', {})
-    for name, what in (('ema_decay', 'EMA params'),
-                       ('grad_clip', 'a clipping state')):
+    for name, what, fields in (
+        ('ema_decay', 'EMA params',
+         'train.ema_decay; for a student distill.ema_decay'),
+        ('grad_clip', 'a clipping state', 'train.grad_clip')):
       if name in saved_train and name in train and (
           bool(saved_train[name]) != bool(train[name])):
         raise CheckpointError(
             f'{self.directory}: its checkpoint was trained with '
             f'{name}={saved_train[name]!r}, this config has '
             f'{train[name]!r}; on/off changes the training state '
-            f'({what}), so it cannot resume. Use the original value (for a '
-            f'student: distill.{name} or train.{name}) or another '
-            '--workdir; nothing was changed.')
+            f'({what}), so it cannot resume. Use the original value '
+            f'({fields}) or another --workdir; nothing was changed.')
 
   def restore_latest(self, abstract_state, shardings):
     """(state, data_state) of the latest step, or None when there is none."""

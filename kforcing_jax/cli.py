@@ -19,6 +19,7 @@ import sys
 from absl import app
 from absl import logging
 from absl import flags
+import jax
 from ml_collections import config_flags
 
 from kforcing_jax import checkpoints
@@ -135,6 +136,8 @@ def _check_config_file(argv):
   if path is None:
     return
   if not os.path.isfile(path):
+    if ':' in path and os.path.isfile(path.rsplit(':', 1)[0]):
+      return  # ml_collections' path:argument form; absl loads it.
     _fail(f'--config={path}: no such file')
   try:
     _load_config(path)
@@ -192,8 +195,9 @@ def main():
   try:
     _run(argv)
   except KeyboardInterrupt as e:
-    print(f'interrupted{": " + str(e) if str(e) else ""}; re-run the same '
-          'command to resume', file=sys.stderr)
+    if jax.process_index() == 0:
+      print(f'interrupted{": " + str(e) if str(e) else ""}; re-run the same '
+            'command to resume', file=sys.stderr)
     sys.exit(130)
   except app.UsageError as e:
     _fail(str(e))

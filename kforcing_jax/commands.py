@@ -166,8 +166,13 @@ def distill_cmd(flags_obj):
   _print_main(json.dumps([summary_of(r) for r in results], indent=1))
 
 
-def run_distill(config, workdir: str) -> list[train_lib.TrainResult]:
-  """Runs the chain of stages; finished stages are loaded, not redone."""
+def run_distill(config, workdir: str,
+                on_result=None) -> list[train_lib.TrainResult]:
+  """Runs the chain of stages; finished stages are loaded, not redone.
+
+  on_result(TrainResult), if given, is called as each stage returns (the
+  pipeline records its timing then, not only at the end).
+  """
   from kforcing_jax import distill as distill_lib  # pylint: disable=g-import-not-at-top
   teacher_dir = os.path.join(workdir, teacher_lib.TEACHER)
   teacher_cfg, teacher_params, _ = checkpoints.load_params(teacher_dir)
@@ -220,6 +225,8 @@ def run_distill(config, workdir: str) -> list[train_lib.TrainResult]:
         process_count=jax.process_count())
     result = train_lib.train(task, sconfig, workdir, train_iter, eval_batches)
     results.append(result)
+    if on_result is not None:
+      on_result(result)
     if result.preempted:  # SIGTERM: saved; later stages wait for a re-run.
       break
     _, prev_params, _ = checkpoints.load_params(result.run_dir)

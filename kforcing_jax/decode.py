@@ -332,7 +332,13 @@ def _loop(spec, params, prompts_BxP, pad_B, noise_BxN, temperature, penalty):
     u = jax.lax.dynamic_slice_in_dim(noise_BxN, state.step * k, k, axis=1)
     return decode_step(spec, params, state, u, temperature, penalty)
 
+  done = 1  # Prefill is step 0; steps [done, end) remain in a segment.
   for size, end in segments:
+    if end <= done:
+      # No step left (num_steps == 1): tracing a step anyway would write
+      # 2k slots into a cache sized for the prefill alone.
+      continue
+    done = end
     if size > cache_slots(state.cache):
       state = state.replace(cache=grow_cache(state.cache, size))
 
@@ -369,6 +375,7 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0):
     if row.ndim != 1 or (row.size and row.dtype.kind not in 'iu'):
       raise ValueError(f'prompt {i} must be a list of int token ids; got '
                        f'{p!r}')
+    _check_int32(row, f'prompt {i}')
     rows.append(row)
   lens = [len(r) for r in rows]
   if not rows or min(lens) == 0:
@@ -379,6 +386,14 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0):
   for i, row in enumerate(rows):
     out[i, width - len(row):] = row
   return out, np.asarray([width - n for n in lens], np.int32)
+
+
+def _check_int32(ids, what: str):
+  """Before a cast to int32, which would wrap 2**32 + 5 into 5."""
+  info = np.iinfo(np.int32)
+  if ids.size and (ids.min() < info.min or ids.max() > info.max):
+    bad = ids.max() if ids.max() > info.max else ids.min()
+    raise ValueError(f'{what}: token id {int(bad)} outside the vocabulary')
 
 
 def check_request(cfg: model_lib.ModelConfig, prompts_BxP, pad_B,
@@ -440,9 +455,11 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
   """
   if isinstance(prompts, (np.ndarray, jax.Array)):
     prompts_BxP = np.asarray(prompts)
-    if prompts_BxP.ndim != 2 or prompts_BxP.dtype.kind not in 'iu':
-      raise ValueError('prompt array must be (B, P) int token ids; got '
+    if (prompts_BxP.ndim != 2 or prompts_BxP.dtype.kind not in 'iu' or
+        not prompts_BxP.shape[1]):
+      raise ValueError('prompt array must be (B, P >= 1) int token ids; got '
                        f'{prompts_BxP.dtype} {prompts_BxP.shape}')
+    _check_int32(prompts_BxP, 'prompts')
     prompts_BxP = prompts_BxP.astype(np.int32)
     pad_B = np.zeros((prompts_BxP.shape[0],), np.int32)
   else:
@@ -453,7 +470,8 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
   k, max_new_tokens = int(k), int(max_new_tokens)
   if not greedy and not cfg.noise_window and not temperature > 0:
     raise ValueError(f'temperature={temperature} must be > 0 (or greedy)')
-  if not (np.isfinite(frequency_penalty) and frequency_penalty >= 0):
+  if not (isinstance(frequency_penalty, (int, float, np.number)) and
+          np.isfinite(frequency_penalty) and frequency_penalty >= 0):
     raise ValueError(f'frequency_penalty={frequency_penalty} must be finite '
                      'and >= 0')
   b = prompts_BxP.shape[0]

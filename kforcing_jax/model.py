@@ -59,7 +59,7 @@ class ModelConfig:
       object.__setattr__(self, name,
                          as_int(getattr(self, name), f'model.{name}', 1))
     object.__setattr__(self, 'noise_window',
-                       as_int(self.noise_window, 'noise_window', 0))
+                       as_int(self.noise_window, 'model.noise_window', 0))
     object.__setattr__(self, 'noise_mlp_dim',
                        as_int(self.noise_mlp_dim, 'model.noise_mlp_dim', 0))
     if self.d_model % self.num_heads:

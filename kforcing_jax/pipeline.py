@@ -14,8 +14,11 @@ import json
 import os
 import time
 
+import jax
+
 from kforcing_jax import commands
 from kforcing_jax import report
+from kforcing_jax import train as train_lib
 
 
 def _banner(i, n, text):
@@ -33,7 +36,7 @@ def _add_run(timing, name, result):
   if not result.seconds:
     return
   entry = timing['runs'].setdefault(name, {'seconds': 0.0})
-  entry['seconds'] = entry.get('seconds', 0.0) + result.seconds
+  entry['seconds'] += result.seconds
   if getattr(result, 'tokens_per_s', 0):
     entry['tokens_per_s'] = result.tokens_per_s  # Of the last segment.
 
@@ -114,20 +117,24 @@ def run_pipeline(config, workdir: str) -> str:
   train_eval = _trains_evaluator(config)
   n = 6 if train_eval else 5
 
-  _banner(1, n, 'AR teacher')
-  r = commands.run_teacher(config, workdir)
-  _add_run(timing, 'teacher', r)
-  _save_timing(workdir, timing)
-  if r.preempted:
-    return _stopped(workdir)
-
-  _banner(2, n, f'distillation, windows {tuple(config.distill.windows)}')
-  for r in commands.run_distill(config, workdir):
+  def record(r):
     _add_run(timing, os.path.basename(r.run_dir), r)
+    _save_timing(workdir, timing)
+
+  try:
+    _banner(1, n, 'AR teacher')
+    r = commands.run_teacher(config, workdir)
+    record(r)
     if r.preempted:
-      _save_timing(workdir, timing)
       return _stopped(workdir)
-  _save_timing(workdir, timing)
+
+    _banner(2, n, f'distillation, windows {tuple(config.distill.windows)}')
+    for r in commands.run_distill(config, workdir, on_result=record):
+      if r.preempted:
+        return _stopped(workdir)
+  except train_lib.Interrupted as e:  # Ctrl-C: keep the segment's time.
+    record(e.result)
+    raise
 
   if train_eval:
     _banner(3, n, 'independent evaluator')
@@ -141,7 +148,7 @@ def run_pipeline(config, workdir: str) -> str:
     if os.path.exists(os.path.join(workdir, out)):
       print(f'{out} exists: skipped (delete it to redo)')
       newer = _runs_newer_than(workdir, out)
-      if newer:
+      if newer and jax.process_index() == 0:
         print(f'WARNING: {out} predates the latest checkpoint of '
               f'{", ".join(newer)}: it describes older models; delete it '
               'and re-run to redo it')

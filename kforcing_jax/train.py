@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
@@ -175,7 +176,10 @@ class _Preemption:
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
       for sig in self._SIGNALS:
-        self._previous[sig] = signal.signal(sig, self._handle)
+        # A shell starts background jobs with SIGINT ignored, so that a
+        # terminal's Ctrl-C does not reach them; keep it that way.
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+          self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame):
@@ -190,15 +194,38 @@ class _Preemption:
       signal.signal(sig, handler)
 
 
-def _warn_if_source_changed(task: Task, manager) -> None:
+def _stop_now(preemption: _Preemption, step: int, every: int) -> str | None:
+  """The signal name if the run stops after this step, else None.
+
+  One process: as soon as it has a signal. Several: only every `every`
+  steps, where all of them agree (any process's signal stops all), so
+  they save and leave at the same step; deciding alone, one would meet
+  the others' next collective and both would hang.
+  """
+  if jax.process_count() == 1:
+    return preemption.requested
+  if step % every:
+    return None
+  flags = multihost_utils.process_allgather(
+      np.asarray(bool(preemption.requested), np.int32))
+  if not np.any(flags):
+    return None
+  return preemption.requested or 'a signal to another process'
+
+
+def _source_of_record(task: Task, manager) -> dict:
+  """The source to save in this run's meta: the one it started from, so a
+  resumed stage warns on every re-run, not only the first after a change."""
   if manager.latest_step() is None:
-    return
+    return task.source
   saved = manager.read_meta().get('source')
   if saved and saved != task.source and _is_main():
     print(f"[{task.name}] WARNING: trained from {saved['run']} at step "
-          f"{saved['step']}, which is now at step {task.source['step']}: "
-          f'{task.name} and the stages after it are stale; delete their '
-          'run directories to redo them from the current one.', flush=True)
+          f"{saved['step']}; its source is now {task.source['run']} at step "
+          f"{task.source['step']}: {task.name} and the stages after it are "
+          'stale; delete their run directories to redo them from it.',
+          flush=True)
+  return saved or task.source
 
 
 @dataclasses.dataclass
@@ -227,8 +254,7 @@ def train(task: Task, config, workdir: str, data_iter, eval_batches=(),
   meta = checkpoints.run_meta(task.model_cfg, config)
   manager.check_compatible(meta)  # Before any compute or write.
   if task.source is not None:
-    meta['source'] = task.source
-    _warn_if_source_changed(task, manager)
+    meta['source'] = _source_of_record(task, manager)
 
   optimizer = make_optimizer(tc)
   ema = tc.ema_decay > 0
@@ -303,27 +329,37 @@ def train(task: Task, config, workdir: str, data_iter, eval_batches=(),
         if _is_main():
           bar.write(f'[{task.name}] step {step}: ' + ', '.join(
               f'{k}={v:.4g}' for k, v in last_eval.items() if k != 'step'))
-      if step % tc.checkpoint_every == 0 or is_last or preemption.requested:
+      stop = _stop_now(preemption, step, tc.log_every)
+      if step % tc.checkpoint_every == 0 or is_last or stop:
         # Never save a state whose step produced a non-finite loss.
         _log(pending, metrics_path, bar, tc, tokens_done, t0, manager)
         pending = None
         manager.save(state, data_iter.get_state(), meta)
-      if preemption.requested and not is_last:
+      if stop and not is_last:
         if _is_main():
-          bar.write(f'[{task.name}] {preemption.requested}: saved step '
-                    f'{step}; re-run the same command to resume')
+          bar.write(f'[{task.name}] {stop}: saved step {step}; re-run the '
+                    'same command to resume')
         preempted = True
         break
   manager.wait()
   bar.close()
-  if preempted and preemption.requested == 'SIGINT':
+  elapsed = max(time.time() - t0, 1e-9)
+  result = TrainResult(state=state, run_dir=run_dir, preempted=preempted,
+                       last_eval=last_eval,
+                       tokens_per_s=tokens_done / elapsed, seconds=elapsed)
+  if preemption.requested == 'SIGINT':  # Even if it came in the last step.
     # Ctrl-C stops the caller too (a pipeline, a shell script, a notebook
     # cell), now that the checkpoint is safe.
-    raise KeyboardInterrupt(f'{task.name}: saved step {step}')
-  elapsed = max(time.time() - t0, 1e-9)
-  return TrainResult(state=state, run_dir=run_dir, preempted=preempted,
-                     last_eval=last_eval,
-                     tokens_per_s=tokens_done / elapsed, seconds=elapsed)
+    raise Interrupted(f'{task.name}: saved step {step}', result)
+  return result
+
+
+class Interrupted(KeyboardInterrupt):
+  """Ctrl-C stopped a run after its checkpoint was saved."""
+
+  def __init__(self, message: str, result: TrainResult):
+    super().__init__(message)
+    self.result = result  # What the run did before it stopped.
 
 
 def _log(pending, path, bar, tc, tokens_done, t0, manager):

@@ -66,6 +66,10 @@ def main(argv):
   config = tiny_config(overrides)
   teacher = commands.run_teacher(
       tiny_config(dict(overrides, **teacher_overrides)), workdir)
+  if teacher.preempted:  # Signalled: report where it stopped, go no further.
+    print(f'process {jax.process_index()} stopped at step '
+          f'{int(teacher.state.step)}', flush=True)
+    return
   arrays = flat_params('teacher', teacher.state.params)
   for result in commands.run_distill(config, workdir):
     arrays.update(flat_params(os.path.basename(result.run_dir),

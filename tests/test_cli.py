@@ -89,6 +89,7 @@ def test_missing_config_file_is_named(tmp_path):
   assert r.stderr == 'error: --config=configs/nope.py: no such file\n'
 
 
+@pytest.mark.slow
 def test_generate_applies_config_decode_overrides(tmp_path):
   # The run's saved config gives the defaults; --config and its
   # --config.decode.* overrides replace them (they used to be ignored).
@@ -96,14 +97,16 @@ def test_generate_applies_config_decode_overrides(tmp_path):
            '--config.train.num_steps=2', '--config.train.eval_every=0')
   assert r.returncode == 0, r.stderr
   base = ('generate', f'--workdir={tmp_path}', '--prompt=the')
+  # eos may end a row early, so lengths are checked as upper bounds; the
+  # default run must get past 3 tokens for the override to be visible.
   saved = json.loads(_cli(*base).stdout)
-  assert saved['new_tokens'] == 16  # tiny: decode.max_new_tokens.
+  assert 3 < saved['new_tokens'] <= 16  # tiny: decode.max_new_tokens.
   over = [json.loads(_cli(*base, '--config=configs/tiny.py',
                           '--config.decode.max_new_tokens=3',
                           '--config.decode.greedy=True',
                           f'--config.decode.seed={seed}').stdout)
           for seed in (0, 1)]
-  assert [o['new_tokens'] for o in over] == [3, 3]
+  assert all(o['new_tokens'] <= 3 for o in over)
   assert over[0]['text'] == over[1]['text']  # Greedy: the seed is unused.
   r = _cli(*base, '--k=0')
   assert r.returncode == 2 and r.stderr == 'error: --k=0 must be >= 1\n'

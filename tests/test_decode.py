@@ -111,6 +111,13 @@ def test_tiny_temperature_is_greedy(teacher):
     (dict(prompts=[[1]], max_new_tokens=2, frequency_penalty=-0.5),
      'frequency_penalty=-0.5'),
     (dict(prompts=[[1]], max_new_tokens=2, eos_id=61), 'eos_id=61'),
+    # Would wrap to id 5 in a cast to int32.
+    (dict(prompts=[[2**32 + 5]], max_new_tokens=2), 'token id 4294967301'),
+    (dict(prompts=np.array([[2**32 + 5]]), max_new_tokens=2),
+     'token id 4294967301'),
+    (dict(prompts=np.ones((2, 0), np.int32), max_new_tokens=2), 'P >= 1'),
+    (dict(prompts=[[1]], max_new_tokens=2, frequency_penalty=None),
+     'frequency_penalty=None'),
 ])
 def test_bad_requests_fail_before_compute(teacher, kwargs, needle):
   cfg, params = teacher
@@ -356,3 +363,18 @@ def test_eos_inside_a_student_step_stops_the_row_there(small_cfg):
   stop = other.index(eos) + 1 if eos in other else 12
   assert out.lengths[1] == stop
   np.testing.assert_array_equal(out.tokens[1, :stop], other[:stop])
+
+
+@pytest.mark.parametrize('k', [1, 2])
+def test_a_single_step_decode_fits_its_cache(small_cfg, k):
+  # num_steps == 1: the cache holds the prefill only (P + k slots), and the
+  # loop must not trace a decode step that would not fit.
+  cfg = dataclasses.replace(small_cfg, noise_window=4 if k > 1 else 0)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
+  noise = np.asarray(jax.random.uniform(jax.random.PRNGKey(1), (2, k)))
+  out = decode.generate(params, cfg, [[4], [7]], max_new_tokens=k, k=k,
+                        noise=noise)
+  longer = decode.generate(params, cfg, [[4], [7]], max_new_tokens=3 * k, k=k,
+                           noise=np.pad(noise, ((0, 0), (0, 2 * k)),
+                                        constant_values=0.5))
+  np.testing.assert_array_equal(out.tokens, longer.tokens[:, :k])

@@ -267,7 +267,7 @@ def test_model_config_ints_normalised_and_non_ints_rejected(small_cfg):
                             noise_window=np.int32(2))
   assert type(cfg.d_model) is int and type(cfg.noise_window) is int
   assert hash(cfg) == hash(dataclasses.replace(small_cfg, noise_window=2))
-  with pytest.raises(ValueError, match='noise_window must be an int, got 2.5'):
+  with pytest.raises(ValueError, match='model.noise_window must be an int, got 2.5'):
     dataclasses.replace(small_cfg, noise_window=2.5)
   with pytest.raises(ValueError, match='model.num_layers must be an int'):
     dataclasses.replace(small_cfg, num_layers=True)

@@ -144,6 +144,50 @@ def test_two_processes_match_one_process(tmp_path):
                OVERRIDES['distill.steps_per_stage']) in steps
 
 
+@pytest.mark.slow
+def test_a_signal_to_one_process_stops_all_at_the_same_step(tmp_path):
+  # SIGTERM reaches only process 1. The processes agree every
+  # train.log_every steps, so both save the same step and exit 0; deciding
+  # alone, process 1 would save while process 0 waits in the next step's
+  # collective, and both would hang.
+  port = _free_port()
+  overrides = dict(OVERRIDES, **{'train.num_steps': 100000,
+                                 'train.log_every': 2,
+                                 'train.eval_every': 0})
+  args = [sys.executable, WORKER, str(tmp_path / 'w'),
+          str(tmp_path / 'out.npz'), json.dumps(overrides)]
+  procs, logs = [], [tmp_path / f'p{i}.log' for i in range(2)]
+  try:
+    for i in range(2):
+      env = _env(4, KFORCING_COORDINATOR=f'localhost:{port}',
+                 KFORCING_NUM_PROCESSES=2, KFORCING_PROCESS_ID=i)
+      procs.append(subprocess.Popen(args, env=env, cwd=ROOT,
+                                    stdout=open(logs[i], 'w'),
+                                    stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL,
+                                    start_new_session=True))
+    metrics = tmp_path / 'w' / 'teacher' / 'metrics.jsonl'
+    deadline = time.monotonic() + DEADLINE_S
+    while time.monotonic() < deadline and all(
+        p.poll() is None for p in procs) and not (
+            metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+      time.sleep(0.1)
+    procs[1].send_signal(signal.SIGTERM)
+    for p in procs:
+      p.wait(timeout=max(1, deadline - time.monotonic()))
+  finally:
+    _kill(procs)
+  outs = [open(log).read() for log in logs]
+  assert [p.returncode for p in procs] == [0, 0], outs
+  steps = {int(o.split('stopped at step ')[1].split()[0]) for o in outs}
+  assert len(steps) == 1, outs
+  step = steps.pop()
+  assert step % 2 == 0 and step >= 6
+  from kforcing_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  assert checkpoints.Manager(str(tmp_path / 'w' / 'teacher')).latest_step() \
+      == step
+
+
 @pytest.fixture
 def dist_env(monkeypatch):
   for name in _DIST_VARS:

@@ -281,3 +281,43 @@ def test_sharded_teacher_gradient_equals_one_device():
   assert helpers.max_abs_diff(updates[0], updates[2]) < 1e-6
   assert helpers.max_abs_diff(updates[0], jax.tree.map(
       jnp.zeros_like, updates[0])) > 1e-3  # It is a real gradient.
+
+
+class _CtrlCAt(helpers.ArrayIterator):
+  """Sends this process SIGINT when batch number `at` is drawn."""
+
+  def __init__(self, data, batch_size, at):
+    super().__init__(data, batch_size)
+    self.at, self.drawn = at, 0
+
+  def __next__(self):
+    self.drawn += 1
+    if self.drawn == self.at:
+      os.kill(os.getpid(), signal.SIGINT)
+    return super().__next__()
+
+
+@pytest.mark.parametrize('at', [2, 4])  # Mid-run, and in the last step.
+def test_ctrl_c_saves_that_step_then_raises(tmp_path, at):
+  config = _config()
+  task = teacher_lib.teacher_task(config)
+  with pytest.raises(train_lib.Interrupted,
+                     match=f'teacher: saved step {at}') as err:
+    train_lib.train(task, config, str(tmp_path),
+                    _CtrlCAt(_data(), 8, at), num_steps=4)
+  assert int(err.value.result.state.step) == at
+  assert checkpoints.Manager(str(tmp_path / 'teacher')).latest_step() == at
+  # The handler is gone again: Python's own Ctrl-C behaviour is back.
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ignored_sigint_stays_ignored():
+  # Background jobs of a shell run with SIGINT ignored; training must not
+  # start catching it (a terminal Ctrl-C would then stop them).
+  previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  try:
+    with train_lib._Preemption():  # pylint: disable=protected-access
+      assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+      assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+  finally:
+    signal.signal(signal.SIGINT, previous)
