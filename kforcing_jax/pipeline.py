@@ -30,11 +30,12 @@ def _save_timing(workdir, timing):
     json.dump(timing, f, indent=1)
 
 
-def _add_run(timing, name, result):
+def _add_run(timing, result):
   """Records a training run's wall time, summed over resumed segments (a
   finished run re-entered does no work and adds nothing)."""
   if not result.seconds:
     return
+  name = os.path.basename(result.run_dir)
   entry = timing['runs'].setdefault(name, {'seconds': 0.0})
   entry['seconds'] += result.seconds
   if getattr(result, 'tokens_per_s', 0):
@@ -118,7 +119,7 @@ def run_pipeline(config, workdir: str) -> str:
   n = 6 if train_eval else 5
 
   def record(r):
-    _add_run(timing, os.path.basename(r.run_dir), r)
+    _add_run(timing, r)
     _save_timing(workdir, timing)
 
   try:

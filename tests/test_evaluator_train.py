@@ -200,7 +200,8 @@ def _fake_stages(monkeypatch, calls):
   from kforcing_jax import report
   done = types.SimpleNamespace(seconds=0, tokens_per_s=0, preempted=False)
   monkeypatch.setattr(commands, 'run_teacher', lambda c, w: done)
-  monkeypatch.setattr(commands, 'run_distill', lambda c, w: [])
+  monkeypatch.setattr(commands, 'run_distill',
+                      lambda c, w, on_result=None: [])
   monkeypatch.setattr(ev, 'run_evaluate', lambda c, w: calls.append(
       ('evaluate', c.eval.evaluator)))
   monkeypatch.setattr(bench, 'run_bench', lambda c, w: None)
