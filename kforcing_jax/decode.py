@@ -468,10 +468,17 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
     prompts_BxP, pad_B = pad_prompts(prompts, 0)
   check_request(cfg, prompts_BxP, pad_B, max_new_tokens, k)
   k, max_new_tokens = int(k), int(max_new_tokens)
+  for name, value in (('temperature', temperature),
+                      ('frequency_penalty', frequency_penalty)):
+    if not isinstance(value, (int, float, np.number, jax.Array)) or np.ndim(
+        value):
+      raise ValueError(f'{name}={value!r} must be a number (one for the '
+                       'whole batch)')
+  # Python floats: a jax scalar would make DecodeSpec.use_penalty unhashable.
+  temperature, frequency_penalty = float(temperature), float(frequency_penalty)
   if not greedy and not cfg.noise_window and not temperature > 0:
     raise ValueError(f'temperature={temperature} must be > 0 (or greedy)')
-  if not (isinstance(frequency_penalty, (int, float, np.number)) and
-          np.isfinite(frequency_penalty) and frequency_penalty >= 0):
+  if not (np.isfinite(frequency_penalty) and frequency_penalty >= 0):
     raise ValueError(f'frequency_penalty={frequency_penalty} must be finite '
                      'and >= 0')
   b = prompts_BxP.shape[0]
@@ -484,7 +491,11 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
   model_lib.check_params(cfg, params)
   if noise is None:
     rng = jax.random.PRNGKey(0) if rng is None else rng
-    noise = jax.random.uniform(rng, (b, max_new_tokens))
+    try:
+      noise = jax.random.uniform(rng, (b, max_new_tokens))
+    except (TypeError, ValueError) as e:
+      raise ValueError(f'rng={rng!r} is not a JAX PRNG key (e.g. '
+                       'jax.random.PRNGKey(0) or jax.random.key(0))') from e
   noise = np.asarray(noise)
   if noise.shape != (b, max_new_tokens):
     raise ValueError(f'noise shape {noise.shape} != (batch, max_new_tokens)'

@@ -118,6 +118,9 @@ def test_tiny_temperature_is_greedy(teacher):
     (dict(prompts=np.ones((2, 0), np.int32), max_new_tokens=2), 'P >= 1'),
     (dict(prompts=[[1]], max_new_tokens=2, frequency_penalty=None),
      'frequency_penalty=None'),
+    (dict(prompts=[[1], [2]], max_new_tokens=2,
+          temperature=np.array([1.0, 0.5])), 'one for the whole batch'),
+    (dict(prompts=[[1]], max_new_tokens=2, rng=3), 'rng=3 is not a JAX PRNG'),
 ])
 def test_bad_requests_fail_before_compute(teacher, kwargs, needle):
   cfg, params = teacher
@@ -152,7 +155,7 @@ def test_params_of_another_config_are_rejected(teacher):
                        jnp.float32(1), jnp.float32(0))
 
 
-def test_numpy_ints_and_pad_id_outside_the_vocabulary(teacher):
+def test_numpy_ints_jax_scalars_and_pad_id_outside_the_vocabulary(teacher):
   cfg, params = teacher
   prompts = [[5, 9, 2], [1]]
   ref = decode.generate(params, cfg, prompts, max_new_tokens=6, greedy=True)
@@ -166,6 +169,13 @@ def test_numpy_ints_and_pad_id_outside_the_vocabulary(teacher):
                             greedy=True, eos_id=eos, pad_id=-1)
   np.testing.assert_array_equal(stopped.tokens[0, :2], ref.tokens[0, :2])
   assert (stopped.tokens[0, 2:] == -1).all()
+  # jax scalars for the float arguments (jit-friendly callers pass them).
+  as_jax = decode.generate(params, cfg, prompts, max_new_tokens=6,
+                           temperature=jnp.float32(0.7),
+                           frequency_penalty=jnp.float32(0.2))
+  as_py = decode.generate(params, cfg, prompts, max_new_tokens=6,
+                          temperature=0.7, frequency_penalty=0.2)
+  np.testing.assert_array_equal(as_jax.tokens, as_py.tokens)
   spec = decode.DecodeSpec(model=cfg, k=np.int64(1), num_steps=np.int32(3),
                            prompt_len=2)
   assert spec == decode.DecodeSpec(model=cfg, k=1, num_steps=3, prompt_len=2)
