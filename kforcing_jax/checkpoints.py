@@ -80,10 +80,13 @@ class Manager:
       raise CheckpointError(f'no checkpoint in {self.directory}')
     return self.restore(step, meta=ocp.args.JsonRestore())['meta']
 
-  def check_compatible(self, meta: dict[str, Any]):
-    """Refuses to resume a run whose checkpoint has another model config."""
+  def check_compatible(self, meta: dict[str, Any]) -> dict[str, Any] | None:
+    """Refuses to resume a run whose checkpoint has another model config.
+
+    Returns the saved meta (None when there is no checkpoint yet).
+    """
     if self.latest_step() is None:
-      return
+      return None
     saved_meta = self.read_meta()
     saved = saved_meta['model']
     diff = {k: (saved.get(k), v) for k, v in meta['model'].items()
@@ -111,6 +114,7 @@ class Manager:
             f'{train[name]!r}; on/off changes the training state '
             f'({what}), so it cannot resume. Use the original value '
             f'({fields}) or another --workdir; nothing was changed.')
+    return saved_meta
 
   def restore_latest(self, abstract_state, shardings):
     """(state, data_state) of the latest step, or None when there is none."""

@@ -37,6 +37,18 @@ from kforcing_jax import projection
 KEY_LAYOUTS = ('auto', 'k', 'kt')
 
 
+def check_k(cfg: model_lib.ModelConfig, k, name: str = 'k') -> int:
+  """k as an int in [1, window] (1 for an AR teacher); raises ValueError."""
+  k = model_lib.as_int(k, name, 1)
+  window = max(cfg.noise_window, 1)
+  if k > window:
+    kind = (f'a student trained with window {cfg.noise_window}'
+            if cfg.noise_window else 'an AR teacher')
+    raise ValueError(f'k={k} not allowed for {kind}: k must be in '
+                     f'[1, {window}]')
+  return k
+
+
 def full_cache_size(prompt_len: int, num_steps: int, k: int) -> int:
   """KV slots of a whole decode. Step s >= 1 (prefill is step 0) writes
   its 2k inputs at [P + (s - 1) k, P + (s + 1) k), so the last step,
@@ -67,17 +79,12 @@ class DecodeSpec:
   def __post_init__(self):
     # Checked here, not only in `generate`, because a bad spec handed to
     # `decode_loop` would otherwise decode wrong tokens without an error.
-    window = max(self.model.noise_window, 1)
-    ints = (('k', 1), ('num_steps', 1), ('prompt_len', 1),
-            ('cache_block', 0), ('pad_id', -2**31), ('eos_id', -1))
+    object.__setattr__(self, 'k', check_k(self.model, self.k, 'DecodeSpec.k'))
+    ints = (('num_steps', 1), ('prompt_len', 1), ('cache_block', 0),
+            ('pad_id', -2**31), ('eos_id', -1))
     for name, minimum in ints:
       object.__setattr__(self, name, model_lib.as_int(
           getattr(self, name), f'DecodeSpec.{name}', minimum))
-    if self.k > window:
-      kind = (f'a student trained with window {self.model.noise_window}'
-              if self.model.noise_window else 'an AR teacher')
-      raise ValueError(f'k={self.k} not allowed for {kind}: k must be in '
-                       f'[1, {window}]')
     if self.eos_id >= self.model.vocab_size:
       raise ValueError(f'eos_id={self.eos_id} outside the vocabulary '
                        f'[0, {self.model.vocab_size}) (-1: never stop)')
@@ -399,13 +406,7 @@ def _check_int32(ids, what: str):
 def check_request(cfg: model_lib.ModelConfig, prompts_BxP, pad_B,
                   max_new_tokens: int, k: int):
   """Validates a decode request before any compute; raises ValueError."""
-  window = max(cfg.noise_window, 1)
-  k = model_lib.as_int(k, 'k', 1)
-  if k > window:
-    kind = ('a student trained with window %d' % cfg.noise_window
-            if cfg.noise_window else 'an AR teacher')
-    raise ValueError(f'k={k} not allowed for {kind}: k must be in '
-                     f'[1, {window}]')
+  check_k(cfg, k)
   max_new_tokens = model_lib.as_int(max_new_tokens, 'max_new_tokens', 1)
   if prompts_BxP.shape[0] == 0:
     raise ValueError('prompts: the batch is empty')
@@ -488,7 +489,6 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
                     use_penalty=frequency_penalty != 0.0,
                     eos_id=-1 if eos_id is None else eos_id, pad_id=pad_id,
                     kernel_impl=kernel_impl)
-  model_lib.check_params(cfg, params)
   if noise is None:
     rng = jax.random.PRNGKey(0) if rng is None else rng
     try:

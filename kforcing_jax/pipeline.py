@@ -38,7 +38,7 @@ def _add_run(timing, result):
   name = os.path.basename(result.run_dir)
   entry = timing['runs'].setdefault(name, {'seconds': 0.0})
   entry['seconds'] += result.seconds
-  if getattr(result, 'tokens_per_s', 0):
+  if result.tokens_per_s:
     entry['tokens_per_s'] = result.tokens_per_s  # Of the last segment.
 
 

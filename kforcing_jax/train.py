@@ -213,12 +213,10 @@ def _stop_now(preemption: _Preemption, step: int, every: int) -> str | None:
   return preemption.requested or 'a signal to another process'
 
 
-def _source_of_record(task: Task, manager) -> dict:
+def _source_of_record(task: Task, saved_meta: dict | None) -> dict:
   """The source to save in this run's meta: the one it started from, so a
   resumed stage warns on every re-run, not only the first after a change."""
-  if manager.latest_step() is None:
-    return task.source
-  saved = manager.read_meta().get('source')
+  saved = (saved_meta or {}).get('source')
   if saved and saved != task.source and _is_main():
     print(f"[{task.name}] WARNING: trained from {saved['run']} at step "
           f"{saved['step']}; its source is now {task.source['run']} at step "
@@ -252,9 +250,9 @@ def train(task: Task, config, workdir: str, data_iter, eval_batches=(),
                      'distillation step; set --config.mesh.fsdp=False')
   manager = checkpoints.Manager(run_dir, keep=tc.keep_checkpoints)
   meta = checkpoints.run_meta(task.model_cfg, config)
-  manager.check_compatible(meta)  # Before any compute or write.
+  saved_meta = manager.check_compatible(meta)  # Before any compute or write.
   if task.source is not None:
-    meta['source'] = _source_of_record(task, manager)
+    meta['source'] = _source_of_record(task, saved_meta)
 
   optimizer = make_optimizer(tc)
   ema = tc.ema_decay > 0

@@ -30,3 +30,22 @@ def max_abs_diff(a, b) -> float:
                                                  - np.asarray(y)).max()),
                        a, b)
   return max(jax.tree.leaves(diffs))
+
+
+def sgd_update(task, mesh_config, batch, frozen):
+  """(params delta, metrics) of one `train.make_step` step with SGD(lr=1)
+  on a mesh from `mesh_config`: the delta is minus the gradient, which no
+  Adam rescaling can hide (e.g. a sum where a mean belongs)."""
+  # pylint: disable=g-import-not-at-top
+  import jax
+  import optax
+  from kforcing_jax import sharding
+  from kforcing_jax import train as train_lib
+  mesh = sharding.make_mesh(mesh_config)
+  opt = optax.sgd(1.0)
+  state = train_lib.init_state(task, opt, jax.random.PRNGKey(0), ema=False)
+  step = jax.jit(train_lib.make_step(task, opt, 0.0, mesh))
+  with jax.set_mesh(mesh):
+    new, metrics = step(state, sharding.global_batch(np.asarray(batch), mesh),
+                        frozen)
+  return jax.tree.map(lambda a, b: a - b, new.params, state.params), metrics

@@ -212,8 +212,6 @@ def test_sharded_distillation_step_equals_one_device(small_cfg, tmp_path,
 def test_sharded_step_gradients_equal_one_device(small_cfg, window):
   """With SGD(lr=1) the update is the gradient itself: no Adam rescaling
   can hide a wrong cross-device reduction (e.g. a sum instead of a mean)."""
-  import optax  # pylint: disable=g-import-not-at-top
-  from kforcing_jax import sharding  # pylint: disable=g-import-not-at-top
   cfg = dataclasses.replace(small_cfg, seq_len=16)
   source_cfg = cfg if window == 1 else distill.student_config(cfg, 1)
   source = model_lib.init_params(source_cfg, jax.random.PRNGKey(9))
@@ -222,18 +220,8 @@ def test_sharded_step_gradients_equal_one_device(small_cfg, window):
                         source_cfg=source_cfg, num_windows=4)
   task = distill.stage_task(stage, init_from=source, frozen=source)
   batch = jax.random.randint(jax.random.PRNGKey(1), (8, 16), 0, 61)
-  out = []
-  for size in (1, 8):
-    config = _stage_config(size)
-    mesh = sharding.make_mesh(config.mesh)
-    opt = optax.sgd(1.0)
-    state = train_lib.init_state(task, opt, jax.random.PRNGKey(0), ema=False)
-    step = jax.jit(train_lib.make_step(task, opt, 0.0, mesh))
-    with jax.set_mesh(mesh):
-      new_state, metrics = step(state, sharding.global_batch(
-          np.asarray(batch), mesh), source)
-    out.append((jax.tree.map(lambda a, b: a - b, new_state.params,
-                             state.params), metrics))
+  out = [helpers.sgd_update(task, _stage_config(size).mesh, batch, source)
+         for size in (1, 8)]
   assert helpers.max_abs_diff(out[0][0], out[1][0]) < 1e-6
   for name in out[0][1]:
     np.testing.assert_allclose(out[0][1][name], out[1][1][name], rtol=1e-5,
@@ -339,8 +327,6 @@ def test_sharded_step_draws_different_dropout_masks_per_device(small_cfg):
   draw its own dropout masks. Every device gets the same row and noise: if
   the masks were the same too, the mean gradient over 8 devices would equal
   the gradient of that row alone on one device."""
-  import optax  # pylint: disable=g-import-not-at-top
-  from kforcing_jax import sharding  # pylint: disable=g-import-not-at-top
 
   def grads(dropout_rate, size):
     cfg = dataclasses.replace(small_cfg, seq_len=16, dropout_rate=dropout_rate)
@@ -353,16 +339,10 @@ def test_sharded_step_draws_different_dropout_masks_per_device(small_cfg):
     task = dataclasses.replace(task, extras_fn=lambda rng, b, f: jax.tree.map(
         lambda x: jnp.broadcast_to(x, (b.shape[0],) + x.shape[1:]),
         first_row(rng, b[:1], f)))
-    mesh = sharding.make_mesh(_stage_config(size).mesh)
-    opt = optax.sgd(1.0)
-    state = train_lib.init_state(task, opt, jax.random.PRNGKey(0), ema=False,
-                                 init_source=source)
-    step = jax.jit(train_lib.make_step(task, opt, 0.0, mesh))
     row = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (1, 16), 0, 61))
-    with jax.set_mesh(mesh):
-      new, _ = step(state, sharding.global_batch(np.tile(row, (size, 1)),
-                                                 mesh), source)
-    return jax.tree.map(lambda a, b: a - b, new.params, state.params)
+    delta, _ = helpers.sgd_update(task, _stage_config(size).mesh,
+                                  np.tile(row, (size, 1)), source)
+    return delta
 
   # Control: without dropout the two set-ups give the same gradient (to
   # f32 rounding of the 8-way mean).

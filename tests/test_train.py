@@ -263,20 +263,12 @@ def test_teacher_loss_is_next_token_cross_entropy_by_hand():
 def test_sharded_teacher_gradient_equals_one_device():
   """SGD(lr=1): the update is the gradient itself, so a wrong cross-device
   reduction (a sum instead of a mean) cannot hide behind Adam's scaling."""
-  import optax  # pylint: disable=g-import-not-at-top
-  from kforcing_jax import sharding  # pylint: disable=g-import-not-at-top
   updates = []
   for size, fsdp in ((1, False), (8, False), (8, True)):
     config = _config(size, fsdp=fsdp)
-    task = teacher_lib.teacher_task(config)
-    mesh = sharding.make_mesh(config.mesh)
-    opt = optax.sgd(1.0)
-    state = train_lib.init_state(task, opt, jax.random.PRNGKey(0), ema=False)
-    step = jax.jit(train_lib.make_step(task, opt, 0.0, mesh))
-    with jax.set_mesh(mesh):
-      new, _ = step(state, sharding.global_batch(_data()[:8], mesh), None)
-    updates.append(jax.tree.map(lambda a, b: a - b, new.params,
-                                state.params))
+    delta, _ = helpers.sgd_update(teacher_lib.teacher_task(config),
+                                  config.mesh, _data()[:8], None)
+    updates.append(delta)
   assert helpers.max_abs_diff(updates[0], updates[1]) < 1e-6
   assert helpers.max_abs_diff(updates[0], updates[2]) < 1e-6
   assert helpers.max_abs_diff(updates[0], jax.tree.map(
