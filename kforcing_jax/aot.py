@@ -270,7 +270,7 @@ def main(argv, flag_values):
   result['rows'] = run(config, mesh, steps=steps, batch_size=fv['batch_size'],
                        distill_batch_size=fv['distill_batch_size'],
                        replicated=fv['replicated'])
-  print(format_table(result['rows']))
+  # run() already printed each row as it compiled: the table is complete.
   _write(result, fv['out'])
 
 

@@ -763,17 +763,20 @@ def run_evaluate(config, workdir: str) -> dict:
                                         (len(seqs), max_new)), np.float32)
   prefix_texts = [tokenizer.decode(p) for p in prefixes]
   teacher_lp = teacher_logprob_fn(teacher_cfg, teacher_params)
+  # Every run is restored before any scoring, so a damaged student
+  # checkpoint stops evaluate at once, not after the earlier models.
   loaded = {'teacher': (teacher_cfg, teacher_params)}
+  for entry in plan:
+    if entry.run is not None and entry.run not in loaded:
+      cfg, params, _ = checkpoints.load_params(os.path.join(workdir,
+                                                            entry.run))
+      loaded[entry.run] = cfg, params
   models, teacher_tokens = {}, None
   os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
   for entry in plan:
     if entry.kind == 'data':
       tokens, timing = np.asarray(seqs[:, s.prefix_len:]), None
     else:
-      if entry.run not in loaded:
-        cfg, params, _ = checkpoints.load_params(
-            os.path.join(workdir, entry.run))
-        loaded[entry.run] = (cfg, params)
       tokens, timing = decode_all(*loaded[entry.run], entry, prefixes, noise,
                                   s.batch_size)
     if entry.kind == 'teacher':
@@ -802,7 +805,19 @@ def run_evaluate(config, workdir: str) -> dict:
   validate_eval_json(result)
   _write_atomic(os.path.join(workdir, 'eval.json'),
                 json.dumps(result, indent=1, allow_nan=False) + '\n')
+  _note_other_samples(workdir, {row['samples_file'] for row in models.values()})
   return result
+
+
+def _note_other_samples(workdir: str, written: set[str]) -> None:
+  """Names sample files an earlier evaluate left; never deletes results."""
+  other = sorted(
+      f'samples/{f}' for f in os.listdir(os.path.join(workdir, 'samples'))
+      if f.endswith('.jsonl') and f'samples/{f}' not in written)
+  if other:
+    print(f'[eval] NOTE: {", ".join(other)} in {workdir} are from an earlier '
+          'evaluate and not in this eval.json (kept; delete them if unwanted)',
+          flush=True)
 
 
 def _fmt(stat) -> str:

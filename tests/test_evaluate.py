@@ -407,8 +407,11 @@ def _fake_run(root, name):
   os.makedirs(os.path.join(root, name, 'checkpoints'))
 
 
-def test_run_evaluate_untrained_models(hf_dir, tmp_path, monkeypatch):
-  """Full driver on random-init models, a text corpus and the HF evaluator."""
+def _untrained_setup(hf_dir, tmp_path, monkeypatch, damaged=()):
+  """Config + workdir of random-init teacher and k=2 student runs.
+
+  Runs named in `damaged` raise CheckpointError when loaded.
+  """
   docs = tmp_path / 'docs'
   docs.mkdir()
   for i, text in enumerate(_corpus(11, 120, seed=1)):
@@ -427,11 +430,25 @@ def test_run_evaluate_untrained_models(hf_dir, tmp_path, monkeypatch):
   runs = {'teacher': teacher_cfg, 'student_k2': student_cfg}
   for name in runs:
     _fake_run(str(tmp_path / 'w'), name)
-  monkeypatch.setattr(ev.checkpoints, 'load_params', lambda d: (
-      runs[os.path.basename(d)],
-      model_lib.init_params(runs[os.path.basename(d)],
-                            jax.random.PRNGKey(0)), {}))
-  workdir = str(tmp_path / 'w')
+
+  def load_params(run_dir):
+    name = os.path.basename(run_dir)
+    if name in damaged:
+      raise ev.checkpoints.CheckpointError(f'{run_dir}: damaged')
+    return runs[name], model_lib.init_params(runs[name],
+                                             jax.random.PRNGKey(0)), {}
+
+  monkeypatch.setattr(ev.checkpoints, 'load_params', load_params)
+  return config, str(tmp_path / 'w')
+
+
+def test_run_evaluate_untrained_models(hf_dir, tmp_path, monkeypatch, capsys):
+  """Full driver on random-init models, a text corpus and the HF evaluator."""
+  config, workdir = _untrained_setup(hf_dir, tmp_path, monkeypatch)
+  os.makedirs(os.path.join(workdir, 'samples'))
+  stale = os.path.join(workdir, 'samples', 'student_k3.jsonl')
+  with open(stale, 'w') as f:
+    f.write('{}\n')
   result = ev.run_evaluate(config, workdir)
   d = _check_outputs(workdir, result, ['data', 'teacher', 'student_k2'])
   assert d['settings']['max_new_tokens'] == 8
@@ -441,6 +458,21 @@ def test_run_evaluate_untrained_models(hf_dir, tmp_path, monkeypatch):
   with open(os.path.join(workdir, 'samples', 'data.jsonl')) as f:
     first = json.loads(f.readline())
   assert first['text'].startswith(first['prefix'].rstrip())
+  # A sample file of an earlier evaluate is named, and kept.
+  assert os.path.exists(stale)
+  note = [l for l in capsys.readouterr().out.splitlines() if 'NOTE' in l]
+  assert len(note) == 1 and 'samples/student_k3.jsonl' in note[0]
+  assert 'samples/teacher.jsonl' not in note[0]
+
+
+def test_run_evaluate_damaged_student_fails_before_scoring(
+    hf_dir, tmp_path, monkeypatch):
+  config, workdir = _untrained_setup(hf_dir, tmp_path, monkeypatch,
+                                     damaged=('student_k2',))
+  with pytest.raises(ev.checkpoints.CheckpointError, match='student_k2'):
+    ev.run_evaluate(config, workdir)
+  # Nothing was decoded or written: not even the data row's samples.
+  assert not os.path.exists(os.path.join(workdir, 'samples'))
 
 
 @pytest.fixture(scope='module')
