@@ -78,3 +78,17 @@ def test_colab_demo_runs_on_cpu(tmp_path, monkeypatch):
   assert any(_has_image(c) for c in code_cells)
   assert (workdir / 'teacher').is_dir()
   assert (workdir / 'student_k4').is_dir()
+
+  # Re-run with more teacher steps, up to the distillation cell: the
+  # teacher trains on, and the finished students are kept but named stale.
+  monkeypatch.setenv('KFORCING_NOTEBOOK_TEACHER_STEPS', '24')
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  last = next(i for i, c in enumerate(nb.cells) if 'run_distill' in c.source
+              and c.cell_type == 'code')
+  nb.cells = nb.cells[:last + 1]
+  nbclient.NotebookClient(
+      nb, timeout=600, kernel_name='python3',
+      resources={'metadata': {'path': str(run_dir)}}).execute()
+  teacher_cell, distill_cell = (_text_outputs(c) for c in nb.cells[-2:])
+  assert "'step': 24" in teacher_cell, teacher_cell
+  assert 'WARNING' in distill_cell and 'stale' in distill_cell, distill_cell
