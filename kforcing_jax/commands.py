@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import sys
 
 import jax
 import ml_collections
@@ -119,7 +120,12 @@ def generate(flags_obj):
   if empty:
     raise ValueError(f'prompt {empty[0]!r} encodes to no tokens')
   max_new = pick(flags_obj.max_new_tokens, dc.max_new_tokens)
-  max_new = min(max_new, cfg.seq_len - max(len(i) for i in ids))
+  room = cfg.seq_len - max(len(i) for i in ids)
+  if max_new > room:
+    print(f'NOTE: max_new_tokens={max_new} cut to {room}: the longest prompt '
+          f'has {cfg.seq_len - room} tokens and model.seq_len is '
+          f'{cfg.seq_len}', file=sys.stderr)
+    max_new = room
   seed = pick(flags_obj.seed, dc.seed)
   out = decode.generate(
       params, cfg, ids, max_new_tokens=max_new, k=flags_obj.k,

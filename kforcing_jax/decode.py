@@ -37,6 +37,10 @@ from kforcing_jax import projection
 KEY_LAYOUTS = ('auto', 'k', 'kt')
 
 
+# generate() accepts AR temperatures in [MIN_TEMPERATURE, 1 / MIN_TEMPERATURE].
+MIN_TEMPERATURE = 1e-6
+
+
 def check_k(cfg: model_lib.ModelConfig, k, name: str = 'k') -> int:
   """k as an int in [1, window] (1 for an AR teacher); raises ValueError."""
   k = model_lib.as_int(k, name, 1)
@@ -64,7 +68,10 @@ class DecodeSpec:
   num_steps: int  # Steps including prefill; emits num_steps * k tokens.
   prompt_len: int  # Padded prompt length P.
   greedy: bool = False  # AR only: argmax instead of inverse-CDF sampling.
-  use_penalty: bool = False  # Track token counts for the frequency penalty.
+  # Track token counts for the frequency penalty. Without it the loop has
+  # no counts, so a nonzero penalty argument is refused where it is a
+  # concrete value (and ignored where it is traced).
+  use_penalty: bool = False
   eos_id: int = -1  # Stop a row after this token (-1: never).
   pad_id: int = 0  # Written after a row stops.
   kernel_impl: str = 'auto'  # Vocabulary projection: see projection.py.
@@ -79,12 +86,23 @@ class DecodeSpec:
   def __post_init__(self):
     # Checked here, not only in `generate`, because a bad spec handed to
     # `decode_loop` would otherwise decode wrong tokens without an error.
+    if not isinstance(self.model, model_lib.ModelConfig):
+      raise TypeError(f'DecodeSpec.model must be a ModelConfig, got '
+                      f'{type(self.model).__name__}')
     object.__setattr__(self, 'k', check_k(self.model, self.k, 'DecodeSpec.k'))
     ints = (('num_steps', 1), ('prompt_len', 1), ('cache_block', 0),
             ('pad_id', -2**31), ('eos_id', -1))
     for name, minimum in ints:
       object.__setattr__(self, name, model_lib.as_int(
           getattr(self, name), f'DecodeSpec.{name}', minimum))
+    if self.pad_id >= 2**31:
+      raise ValueError(f'DecodeSpec.pad_id={self.pad_id} is not an int32')
+    for name in ('greedy', 'use_penalty'):
+      value = getattr(self, name)
+      if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f'DecodeSpec.{name} must be a Python bool, got '
+                         f'{value!r}')
+      object.__setattr__(self, name, bool(value))
     if self.eos_id >= self.model.vocab_size:
       raise ValueError(f'eos_id={self.eos_id} outside the vocabulary '
                        f'[0, {self.model.vocab_size}) (-1: never stop)')
@@ -265,6 +283,18 @@ def forward(spec, params, tokens_BxT, u_BxK, cache, index, pad):
   return projection.logits(h, params['unembed']['kernel']), cache
 
 
+def check_penalty_tracked(spec: DecodeSpec, penalty) -> None:
+  """Refuses a nonzero penalty for a spec without token counts, which
+  would ignore it. Traced values (inside the caller's jit) cannot be read
+  and pass unchecked."""
+  if spec.use_penalty or isinstance(penalty, jax.core.Tracer):
+    return
+  if np.any(np.asarray(penalty) != 0):
+    raise ValueError(f'penalty={penalty!r} but DecodeSpec.use_penalty=False,'
+                     ' which would ignore it; build the spec with '
+                     'use_penalty=True')
+
+
 def _check_shape(name: str, x, expected: tuple[int, ...]):
   """Static shape check (free under jit): a wrong width would otherwise be
   clamped by dynamic slicing into silently wrong tokens."""
@@ -288,10 +318,14 @@ def prefill(spec: DecodeSpec, params, prompts_BxP, pad_B, noise_BxK,
   _check_shape('pad', pad_B, (b,))
   _check_shape('noise', noise_BxK, (b, spec.k))
   model_lib.check_params(spec.model, params)  # Shapes only: trace time.
+  check_penalty_tracked(spec, penalty)
+  valid = jnp.arange(spec.prompt_len)[None] >= pad_B[:, None]
+  # Padding is masked, but an id outside the vocabulary would embed as NaN
+  # (jnp.take fills), which leaks through the mask: never read it.
+  prompts_BxP = jnp.where(valid, prompts_BxP, 0)
   counts = None
   if spec.use_penalty:
     counts = jnp.zeros((b, spec.model.vocab_size), jnp.int32)
-    valid = jnp.arange(spec.prompt_len)[None] >= pad_B[:, None]
     counts = counts.at[jnp.arange(b)[:, None], prompts_BxP].add(
         valid.astype(jnp.int32))
   h, cache = _hidden(spec, params, prompts_BxP, noise_BxK,
@@ -318,6 +352,7 @@ def decode_step(spec: DecodeSpec, params, state: DecodeState, noise_BxK,
   `decode_loop` keeps them.
   """
   _check_shape('noise', noise_BxK, state.pending.shape)
+  check_penalty_tracked(spec, penalty)
   h, cache = _hidden(spec, params, state.pending, noise_BxK, state.cache,
                      state.index, state.pad)
   new, counts = _select(spec, params, h, noise_BxK, state.counts,
@@ -365,7 +400,27 @@ def _loop(spec, params, prompts_BxP, pad_B, noise_BxN, temperature, penalty):
 # AR sampling. Benchmarks lower and compile it once per spec; `generate` is
 # the front end that validates values (shapes and the spec are checked here
 # too, at trace time).
-decode_loop = jax.jit(_loop, static_argnums=0)
+_decode_loop_jit = jax.jit(_loop, static_argnums=0)
+
+
+class _DecodeLoop:
+  """`decode_loop`: the jitted loop, after the checks that need concrete
+  values (inside jit, `penalty` is traced). `.lower` as for jax.jit."""
+
+  def __call__(self, spec, params, prompts_BxP, pad_B, noise_BxN,
+               temperature=1.0, penalty=0.0):
+    check_penalty_tracked(spec, penalty)
+    return _decode_loop_jit(spec, params, prompts_BxP, pad_B, noise_BxN,
+                            temperature, penalty)
+
+  def lower(self, spec, params, prompts_BxP, pad_B, noise_BxN,
+            temperature=1.0, penalty=0.0):
+    check_penalty_tracked(spec, penalty)
+    return _decode_loop_jit.lower(spec, params, prompts_BxP, pad_B,
+                                  noise_BxN, temperature, penalty)
+
+
+decode_loop = _DecodeLoop()
 
 
 @dataclasses.dataclass
@@ -375,7 +430,11 @@ class GenerateOutput:
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0):
-  """Left-pads a list of token lists -> (prompts_BxP, pad_B) numpy arrays."""
+  """Left-pads a list of token lists -> (prompts_BxP, pad_B) numpy arrays.
+
+  `pad_id` may be any int32: padded positions are masked and their ids
+  never read (`prefill` replaces them).
+  """
   rows = []
   for i, p in enumerate(prompts):
     row = np.asarray(p)
@@ -440,8 +499,8 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
     k: tokens per forward pass; 1 <= k <= cfg.noise_window for a student.
     noise: (B, max_new_tokens) uniforms in [0, 1): token n uses noise[:, n].
       If None, drawn from `rng` (default PRNGKey(0)).
-    temperature: AR sampling temperature (> 0); ignored by students, whose
-      noise encoder is fed tau = 1.
+    temperature: AR sampling temperature in [1e-6, 1e6]; ignored by
+      students, whose noise encoder is fed tau = 1.
     greedy: AR argmax decoding.
     frequency_penalty: lambda >= 0 of docs/METHOD.md (logit - lambda * count
       of the token so far, prompt included, slot by slot); 0 disables. It
@@ -454,6 +513,13 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
   Returns:
     GenerateOutput(tokens (B, max_new_tokens), lengths (B,)).
   """
+  if not isinstance(cfg, model_lib.ModelConfig):
+    raise TypeError(
+        f'cfg must be a ModelConfig, got {type(cfg).__name__}: generate '
+        'takes (params, cfg, prompts); load_params returns (cfg, params, '
+        'meta)')
+  if not isinstance(greedy, (bool, np.bool_)):
+    raise ValueError(f'greedy={greedy!r} must be a Python bool')
   if isinstance(prompts, (np.ndarray, jax.Array)):
     prompts_BxP = np.asarray(prompts)
     if (prompts_BxP.ndim != 2 or prompts_BxP.dtype.kind not in 'iu' or
@@ -477,11 +543,16 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
                        'whole batch)')
   # Python floats: a jax scalar would make DecodeSpec.use_penalty unhashable.
   temperature, frequency_penalty = float(temperature), float(frequency_penalty)
-  if not greedy and not cfg.noise_window and not temperature > 0:
-    raise ValueError(f'temperature={temperature} must be > 0 (or greedy)')
-  if not (np.isfinite(frequency_penalty) and frequency_penalty >= 0):
-    raise ValueError(f'frequency_penalty={frequency_penalty} must be finite '
-                     'and >= 0')
+  # The loop computes in float32: a temperature outside this range
+  # overflows logits / temperature (or rounds to 0 or inf), and so does a
+  # penalty beyond float32.
+  lo, hi = MIN_TEMPERATURE, 1 / MIN_TEMPERATURE
+  if not greedy and not cfg.noise_window and not lo <= temperature <= hi:
+    raise ValueError(f'temperature={temperature} must be in [{lo:g}, {hi:g}]'
+                     ' (greedy=True for argmax)')
+  if not (0 <= frequency_penalty <= np.finfo(np.float32).max):
+    raise ValueError(f'frequency_penalty={frequency_penalty} must be >= 0 '
+                     'and a finite float32')
   b = prompts_BxP.shape[0]
   steps = -(-max_new_tokens // k)
   spec = DecodeSpec(model=cfg, k=k, num_steps=steps,

@@ -110,3 +110,8 @@ def test_generate_applies_config_decode_overrides(tmp_path):
   assert over[0]['text'] == over[1]['text']  # Greedy: the seed is unused.
   r = _cli(*base, '--k=0')
   assert r.returncode == 2 and r.stderr == 'error: --k=0 must be >= 1\n'
+  # More new tokens than the context has room for: cut, and said so.
+  r = _cli(*base, '--max_new_tokens=500')
+  assert r.returncode == 0, r.stderr
+  assert 'NOTE: max_new_tokens=500 cut to ' in r.stderr
+  assert json.loads(r.stdout)['new_tokens'] < 500

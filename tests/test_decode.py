@@ -121,11 +121,71 @@ def test_tiny_temperature_is_greedy(teacher):
     (dict(prompts=[[1], [2]], max_new_tokens=2,
           temperature=np.array([1.0, 0.5])), 'one for the whole batch'),
     (dict(prompts=[[1]], max_new_tokens=2, rng=3), 'rng=3 is not a JAX PRNG'),
+    # Beyond float32: logits / temperature overflows, or the penalty is inf.
+    (dict(prompts=[[1]], max_new_tokens=2, temperature=float('inf')),
+     'temperature=inf'),
+    (dict(prompts=[[1]], max_new_tokens=2, temperature=1e-45),
+     'temperature=1e-45'),
+    (dict(prompts=[[1]], max_new_tokens=2, frequency_penalty=1e300),
+     r'frequency_penalty=1e\+300'),
+    (dict(prompts=[[1]], max_new_tokens=2, greedy='no'), "greedy='no'"),
+    (dict(prompts=[[1]], max_new_tokens=2, pad_id=2**31), 'pad_id='),
 ])
 def test_bad_requests_fail_before_compute(teacher, kwargs, needle):
   cfg, params = teacher
   with pytest.raises(ValueError, match=needle):
     decode.generate(params, cfg, **kwargs)
+
+
+def test_swapped_params_and_config_are_named(teacher):
+  cfg, params = teacher
+  with pytest.raises(TypeError, match='cfg must be a ModelConfig, got dict'):
+    decode.generate(cfg, params, [[1]], max_new_tokens=2)
+
+
+@pytest.mark.parametrize('k', [1, 2])
+def test_prompt_padding_value_is_never_read(small_cfg, k):
+  # An id outside the vocabulary embeds as NaN, which leaked through the
+  # padding mask into every token of the padded row.
+  cfg = dataclasses.replace(small_cfg, noise_window=2 if k > 1 else 0)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
+  noise = jax.random.uniform(jax.random.PRNGKey(1), (2, 8))
+  outs = []
+  for pad_id in (0, -1, cfg.vocab_size, 10**6):
+    prompts, pad = decode.pad_prompts([[12, 7, 9], [5]], pad_id=pad_id)
+    spec = decode.DecodeSpec(model=cfg, k=k, num_steps=8 // k,
+                             prompt_len=prompts.shape[1])
+    outs.append(np.asarray(decode.decode_loop(spec, params, prompts, pad,
+                                              noise, 1.0, 0.0)[0]))
+  for out in outs[1:]:
+    np.testing.assert_array_equal(out, outs[0])
+  # Row 1 as the only prompt (no padding) decodes the same tokens.
+  alone = decode.generate(params, cfg, [[5]], max_new_tokens=8, k=k,
+                          noise=noise[1:])
+  np.testing.assert_array_equal(outs[0][1], alone.tokens[0])
+
+
+def test_penalty_without_counts_is_refused(teacher):
+  # A spec without use_penalty has no counts and would ignore the penalty.
+  cfg, params = teacher
+  prompts, pad = decode.pad_prompts([[4, 5, 6]])
+  spec = decode.DecodeSpec(model=cfg, k=1, num_steps=4, prompt_len=3)
+  noise = jnp.full((1, 4), 0.5)
+  for call in (lambda: decode.decode_loop(spec, params, prompts, pad, noise,
+                                          1.0, 0.5),
+               lambda: decode.decode_loop.lower(spec, params, prompts, pad,
+                                                noise, 1.0, 0.5),
+               lambda: decode.prefill(spec, params, prompts, pad,
+                                      noise[:, :1], 1.0, jnp.float32(0.5))):
+    with pytest.raises(ValueError, match='penalty=.*use_penalty=False'):
+      call()
+  state = decode.prefill(spec, params, prompts, pad, noise[:, :1])
+  with pytest.raises(ValueError, match='use_penalty=False'):
+    decode.decode_step(spec, params, state, noise[:, 1:2], 1.0, 0.5)
+  # Zero is fine, and so is a traced penalty inside the caller's jit.
+  decode.decode_loop(spec, params, prompts, pad, noise, 1.0, 0.0)
+  jax.jit(lambda p: decode.decode_loop(spec, params, prompts, pad, noise,
+                                       1.0, p))(0.5)
 
 
 def test_params_of_another_config_are_rejected(teacher):
@@ -204,6 +264,9 @@ def test_float64_noise_just_below_one_is_accepted(teacher):
     (0, dict(eos_id=61), 'eos_id=61 outside the vocabulary'),
     (0, dict(key_layout='bshk'), "key_layout='bshk'"),
     (0, dict(kernel_impl='cuda'), "kernels.impl='cuda'"),
+    (0, dict(pad_id=2**31), 'pad_id=2147483648 is not an int32'),
+    (0, dict(greedy='no'), "greedy must be a Python bool, got 'no'"),
+    (0, dict(use_penalty=jnp.bool_(True)), 'use_penalty must be a Python'),
 ])
 def test_bad_decode_spec_is_rejected(small_cfg, window, overrides, needle):
   # decode_loop trusts its spec, so a bad one must fail when it is built.
@@ -220,14 +283,14 @@ def test_step_api_checks_array_shapes_against_the_spec(small_cfg):
   prompts, pad = decode.pad_prompts([[4, 5, 6], [9]])
   spec = decode.DecodeSpec(model=cfg, k=2, num_steps=4, prompt_len=3)
   u = jnp.full((2, 8), 0.5)
-  one = jnp.float32(1)
+  one, zero = jnp.float32(1), jnp.float32(0)
   with pytest.raises(ValueError, match=r'noise has shape \(2, 4\); expected '
                      r'\(2, 8\)'):
-    decode.decode_loop(spec, params, prompts, pad, u[:, :4], one, one)
+    decode.decode_loop(spec, params, prompts, pad, u[:, :4], one, zero)
   with pytest.raises(ValueError, match=r'prompts has shape \(2, 3\); '
                      r'expected \(2, 5\)'):
     decode.decode_loop(dataclasses.replace(spec, prompt_len=5), params,
-                       prompts, pad, u, one, one)
+                       prompts, pad, u, one, zero)
   with pytest.raises(ValueError, match=r'noise has shape \(2, 1\)'):
     decode.prefill(spec, params, prompts, pad, u[:, :1])
   state = decode.prefill(spec, params, prompts, pad, u[:, :2])
