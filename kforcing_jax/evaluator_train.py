@@ -299,11 +299,11 @@ def _save(out: str, model, fast_tokenizer, info: dict, metrics: str) -> None:
       f.write(metrics)
     with open(os.path.join(tmp, INFO_FILE), 'w') as f:  # Last: marks done.
       json.dump(info, f, indent=1)
-    if os.path.isdir(out):
-      os.rmdir(out)  # Empty (checked before training).
     try:
+      if os.path.isdir(out):
+        os.rmdir(out)  # Empty (checked before training)...
       os.rename(tmp, out)
-    except OSError:
+    except OSError:  # ...unless another process has saved there since.
       if not is_complete(out):  # Else another process finished first.
         raise
       shutil.rmtree(tmp, ignore_errors=True)

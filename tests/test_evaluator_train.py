@@ -4,6 +4,7 @@ and its wiring into the CLI and the pipeline."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -105,6 +106,23 @@ def test_rerun_skips(trained, monkeypatch, capsys):
   changed.evaluator_train.num_steps = 7
   et.train_evaluator(changed, workdir)
   assert f'delete {out} to retrain' in capsys.readouterr().out
+
+
+def test_another_process_saving_first_is_not_an_error(
+    trained, docs, tmp_path, monkeypatch):
+  # Every process of a multi-process run trains the same evaluator; the
+  # later one to save finds the folder complete and keeps it.
+  _, _, done = trained
+  save = et._save
+
+  def other_process_first(out, *args):
+    shutil.copytree(done, out, dirs_exist_ok=True)
+    save(out, *args)
+
+  monkeypatch.setattr(et, '_save', other_process_first)
+  out = et.train_evaluator(_config(docs, num_steps=3), str(tmp_path))
+  assert _info(out) == _info(done)
+  assert os.listdir(tmp_path) == ['evaluator']  # No temp folder left.
 
 
 def _must_not_run(*args, **kwargs):
