@@ -105,12 +105,18 @@ def maybe_initialize_distributed() -> bool:
   return True
 
 
-def make_mesh(mesh_cfg) -> Mesh:
-  """1-D mesh over the 'data' axis (size -1 = every device)."""
+def data_axis_size(mesh_cfg) -> int:
+  """Devices on the 'data' axis of `make_mesh(mesh_cfg)` (-1 = every one)."""
   n = jax.device_count()
   size = n if mesh_cfg.data == -1 else mesh_cfg.data
   if size < 1 or size > n or n % size:
     raise ValueError(f'mesh.data={mesh_cfg.data} does not fit {n} devices')
+  return size
+
+
+def make_mesh(mesh_cfg) -> Mesh:
+  """1-D mesh over the 'data' axis (size -1 = every device)."""
+  size = data_axis_size(mesh_cfg)
   return jax.make_mesh((size,), (DATA,), axis_types=(AxisType.Auto,),
                        devices=jax.devices()[:size])
 
@@ -153,11 +159,12 @@ def global_batch(local_batch: np.ndarray, mesh: Mesh) -> jax.Array:
                                                 local_batch)
 
 
-def check_batch_divisible(batch_size: int, mesh: Mesh):
-  size = mesh.shape[DATA]
+def check_batch_divisible(batch_size: int, size: int,
+                          field: str = 'train.batch_size'):
+  """`size`: devices on the data axis; `field` names the batch in errors."""
   if batch_size % size:
-    raise ValueError(f'train.batch_size={batch_size} is not divisible by the '
-                     f'{size} devices of the data axis')
+    raise ValueError(f'{field}={batch_size} is not divisible by the {size} '
+                     'devices of the data axis')
 
 
 def shard_full_batch(full_batch: np.ndarray, mesh: Mesh) -> jax.Array:

@@ -244,7 +244,10 @@ def train(task: Task, config, workdir: str, data_iter, eval_batches=(),
   num_steps = tc.num_steps if num_steps is None else num_steps
   run_dir = os.path.join(workdir, task.name)
   mesh = sharding_lib.make_mesh(config.mesh)
-  sharding_lib.check_batch_divisible(tc.batch_size, mesh)
+  sharding_lib.check_batch_divisible(
+      tc.batch_size, mesh.shape[sharding_lib.DATA],
+      'distill.batch_size' if task.model_cfg.noise_window else
+      'train.batch_size')
   if task.shard_map and config.mesh.fsdp:
     raise ValueError('mesh.fsdp=True is not supported with the shard_map '
                      'distillation step; set --config.mesh.fsdp=False')

@@ -82,6 +82,19 @@ def test_error_inside_a_config_file_is_one_line(tmp_path, body, needle):
   assert not (tmp_path / 'w').exists()
 
 
+@pytest.mark.parametrize('field', ['train.batch_size', 'distill.batch_size'])
+def test_batch_not_divisible_by_devices_fails_before_training(tmp_path,
+                                                                field):
+  # 8 fake CPU devices (conftest). The distillation batch used to be
+  # refused only after the teacher had trained, under train.batch_size.
+  r = _cli('pipeline', '--config=configs/tiny.py', f'--workdir={tmp_path}/w',
+           f'--config.{field}=12')
+  assert r.returncode == 2, r.stderr
+  assert r.stderr == (f'error: {field}=12 is not divisible by the 8 devices '
+                      'of the data axis\n')
+  assert not (tmp_path / 'w').exists()
+
+
 def test_missing_config_file_is_named(tmp_path):
   r = _cli('train-teacher', '--config=configs/nope.py',
            f'--workdir={tmp_path}')
