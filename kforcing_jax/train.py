@@ -230,6 +230,8 @@ def _source_of_record(task: Task, saved_meta: dict | None) -> dict:
 class TrainResult:
   state: TrainState
   run_dir: str
+  # A stop signal arrived: the state is saved and the caller should stop
+  # too (also when it came in the last step, so the run is complete).
   preempted: bool = False
   last_eval: dict | None = None
   tokens_per_s: float = 0.0
@@ -330,16 +332,20 @@ def train(task: Task, config, workdir: str, data_iter, eval_batches=(),
         if _is_main():
           bar.write(f'[{task.name}] step {step}: ' + ', '.join(
               f'{k}={v:.4g}' for k, v in last_eval.items() if k != 'step'))
-      stop = _stop_now(preemption, step, tc.log_every)
+      # Processes also agree at the last step: a signal there must stop
+      # the caller (the next stage would install a fresh handler and
+      # forget it), on every process alike.
+      stop = _stop_now(preemption, step, 1 if is_last else tc.log_every)
       if step % tc.checkpoint_every == 0 or is_last or stop:
         # Never save a state whose step produced a non-finite loss.
         _log(pending, metrics_path, bar, tc, tokens_done, t0, manager)
         pending = None
         manager.save(state, data_iter.get_state(), meta)
-      if stop and not is_last:
+      if stop:
         if _is_main():
-          bar.write(f'[{task.name}] {stop}: saved step {step}; re-run the '
-                    'same command to resume')
+          done = ' (the last: the run is complete)' if is_last else ''
+          bar.write(f'[{task.name}] {stop}: saved step {step}{done}; re-run '
+                    'the same command to resume')
         preempted = True
         break
   manager.wait()

@@ -275,17 +275,17 @@ def test_sharded_teacher_gradient_equals_one_device():
       jnp.zeros_like, updates[0])) > 1e-3  # It is a real gradient.
 
 
-class _CtrlCAt(helpers.ArrayIterator):
-  """Sends this process SIGINT when batch number `at` is drawn."""
+class _SignalAt(helpers.ArrayIterator):
+  """Sends this process `sig` when batch number `at` is drawn."""
 
-  def __init__(self, data, batch_size, at):
+  def __init__(self, data, batch_size, at, sig=signal.SIGINT):
     super().__init__(data, batch_size)
-    self.at, self.drawn = at, 0
+    self.at, self.drawn, self.sig = at, 0, sig
 
   def __next__(self):
     self.drawn += 1
     if self.drawn == self.at:
-      os.kill(os.getpid(), signal.SIGINT)
+      os.kill(os.getpid(), self.sig)
     return super().__next__()
 
 
@@ -296,11 +296,25 @@ def test_ctrl_c_saves_that_step_then_raises(tmp_path, at):
   with pytest.raises(train_lib.Interrupted,
                      match=f'teacher: saved step {at}') as err:
     train_lib.train(task, config, str(tmp_path),
-                    _CtrlCAt(_data(), 8, at), num_steps=4)
+                    _SignalAt(_data(), 8, at), num_steps=4)
   assert int(err.value.result.state.step) == at
   assert checkpoints.Manager(str(tmp_path / 'teacher')).latest_step() == at
   # The handler is gone again: Python's own Ctrl-C behaviour is back.
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize('at', [2, 4])  # Mid-run, and in the last step.
+def test_sigterm_saves_and_tells_the_caller_to_stop(tmp_path, at):
+  # In the last step too: the run is complete, but a pipeline must not go
+  # on to its next stage (whose fresh handler would forget the signal).
+  config = _config()
+  task = teacher_lib.teacher_task(config)
+  result = train_lib.train(task, config, str(tmp_path),
+                           _SignalAt(_data(), 8, at, signal.SIGTERM),
+                           num_steps=4)
+  assert result.preempted
+  assert int(result.state.step) == at
+  assert checkpoints.Manager(str(tmp_path / 'teacher')).latest_step() == at
 
 
 def test_ignored_sigint_stays_ignored():
