@@ -83,6 +83,7 @@ import os
 import platform
 import resource
 import sys
+import tempfile
 import threading
 import time
 from typing import Any, Callable
@@ -95,6 +96,7 @@ from kforcing_jax import checkpoints
 from kforcing_jax import decode
 from kforcing_jax import model as model_lib
 from kforcing_jax import noise as noise_lib
+from kforcing_jax import sharding
 
 SCHEMA_VERSION = 1
 MODES = ('max', 'sum', 'per_op')
@@ -842,8 +844,9 @@ def run_bench(config, workdir: str,
       'peer': peer,
   }
   validate_bench_json(out)
-  _write_json(os.path.join(workdir, 'bench.json'), out)
-  plot_bench(out, os.path.join(workdir, 'bench.png'))
+  if sharding.is_main_process():  # Each process timed its own devices.
+    _write_json(os.path.join(workdir, 'bench.json'), out)
+    plot_bench(out, os.path.join(workdir, 'bench.png'))
   log(format_tables(out))
   log(f'[bench] wrote {os.path.join(workdir, "bench.json")} and bench.png')
   return out
@@ -886,9 +889,11 @@ def _model_entries(models: dict[int, BenchModel]) -> list[dict[str, Any]]:
 
 
 def _write_json(path: str, obj) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
+                             prefix='.tmp-', suffix='.part')
+  with os.fdopen(fd, 'w') as f:
     json.dump(obj, f, indent=1)
+  os.chmod(tmp, 0o644)
   os.replace(tmp, path)  # Readers never see a half-written file.
 
 

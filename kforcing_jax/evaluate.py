@@ -85,6 +85,7 @@ from kforcing_jax import checkpoints
 from kforcing_jax import data as data_lib
 from kforcing_jax import decode
 from kforcing_jax import model as model_lib
+from kforcing_jax import sharding
 
 SCHEMA_VERSION = 1
 NGRAM_ORDERS = (1, 2, 3, 4)
@@ -772,7 +773,9 @@ def run_evaluate(config, workdir: str) -> dict:
                                                             entry.run))
       loaded[entry.run] = cfg, params
   models, teacher_tokens = {}, None
-  os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
+  write = sharding.is_main_process()  # Every process computes the same.
+  if write:
+    os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
   for entry in plan:
     if entry.kind == 'data':
       tokens, timing = np.asarray(seqs[:, s.prefix_len:]), None
@@ -788,9 +791,10 @@ def run_evaluate(config, workdir: str) -> dict:
     row, stats = _model_row(entry, tokens, t_nll, e_nll, teacher_tokens,
                             timing, s)
     models[entry.name] = row
-    _write_atomic(os.path.join(workdir, row['samples_file']), _sample_lines(
-        entry, prefixes, tokens, prefix_texts, texts, t_nll, e_nll,
-        stats['entropy']))
+    if write:
+      _write_atomic(os.path.join(workdir, row['samples_file']), _sample_lines(
+          entry, prefixes, tokens, prefix_texts, texts, t_nll, e_nll,
+          stats['entropy']))
     _print_progress(entry, row, len(tokens), max_new)
   result = {
       'schema_version': SCHEMA_VERSION, 'name': str(config.get('name', '')),
@@ -803,9 +807,11 @@ def run_evaluate(config, workdir: str) -> dict:
           'evaluator': s.evaluator, 'evaluator_scope': 'continuation'},
       'notes': notes, 'models': models}
   validate_eval_json(result)
-  _write_atomic(os.path.join(workdir, 'eval.json'),
-                json.dumps(result, indent=1, allow_nan=False) + '\n')
-  _note_other_samples(workdir, {row['samples_file'] for row in models.values()})
+  if write:
+    _write_atomic(os.path.join(workdir, 'eval.json'),
+                  json.dumps(result, indent=1, allow_nan=False) + '\n')
+    _note_other_samples(workdir,
+                        {row['samples_file'] for row in models.values()})
   return result
 
 

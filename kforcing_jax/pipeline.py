@@ -18,6 +18,7 @@ import jax
 
 from kforcing_jax import commands
 from kforcing_jax import report
+from kforcing_jax import sharding
 from kforcing_jax import train as train_lib
 
 
@@ -26,8 +27,12 @@ def _banner(i, n, text):
 
 
 def _save_timing(workdir, timing):
-  with open(os.path.join(workdir, 'pipeline.json'), 'w') as f:
+  if not sharding.is_main_process():  # One writer per multi-process run.
+    return
+  path = os.path.join(workdir, 'pipeline.json')
+  with open(path + '.part', 'w') as f:
     json.dump(timing, f, indent=1)
+  os.replace(path + '.part', path)  # A killed run leaves the old one whole.
 
 
 def _add_run(timing, result):

@@ -8,6 +8,8 @@ time and every number in it points at the file it came from.
 import json
 import os
 
+from kforcing_jax import sharding
+
 
 def _read_jsonl(path):
   if not os.path.exists(path):
@@ -116,6 +118,7 @@ def write_report(workdir: str) -> str:
     if part:
       lines += part + ['']
   path = os.path.join(workdir, 'report.md')
-  with open(path, 'w') as f:
-    f.write('\n'.join(lines))
+  if sharding.is_main_process():  # One writer per multi-process run.
+    with open(path, 'w') as f:
+      f.write('\n'.join(lines))
   return path

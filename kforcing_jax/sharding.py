@@ -105,6 +105,12 @@ def maybe_initialize_distributed() -> bool:
   return True
 
 
+def is_main_process() -> bool:
+  """Process 0 writes a run's result files (every process computes them;
+  one writer keeps them whole)."""
+  return jax.process_index() == 0
+
+
 def data_axis_size(mesh_cfg) -> int:
   """Devices on the 'data' axis of `make_mesh(mesh_cfg)` (-1 = every one)."""
   n = jax.device_count()

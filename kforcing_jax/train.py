@@ -159,7 +159,7 @@ def make_step(task: Task, optimizer, ema_decay: float, mesh):
 
 
 def _is_main() -> bool:
-  return jax.process_index() == 0
+  return sharding_lib.is_main_process()
 
 
 class _Preemption:

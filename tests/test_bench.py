@@ -249,3 +249,12 @@ def test_time_batch_rewarms_every_cell_then_interleaves(monkeypatch):
   assert events == [('untimed', 1), ('untimed', 2), ('untimed', 4),
                     ('timed', 1), ('timed', 2), ('timed', 4),
                     ('timed', 1), ('timed', 2), ('timed', 4)]
+
+
+def test_only_process_0_writes_results(tmp_path, monkeypatch):
+  monkeypatch.setattr(bench.sharding, 'is_main_process', lambda: False)
+  out = bench.run_bench(_tiny_config(**dict(_FAST, batch_sizes=(1,),
+                                            ks=(2,))),
+                        str(tmp_path), log=lambda line: None)
+  assert out['results']
+  assert not {'bench.json', 'bench.png'} & set(os.listdir(tmp_path))

@@ -509,3 +509,12 @@ def test_run_evaluate_tiny_trained(trained_workdir, hf_dir, capsys):
   out = capsys.readouterr().out
   assert all(f'[eval] {name}:' in out for name in names)
   assert 'tok/s' in out
+
+
+def test_only_process_0_writes_results(hf_dir, tmp_path, monkeypatch):
+  # Every process of a multi-process run evaluates; one writes.
+  config, workdir = _untrained_setup(hf_dir, tmp_path, monkeypatch)
+  monkeypatch.setattr(ev.sharding, 'is_main_process', lambda: False)
+  result = ev.run_evaluate(config, workdir)
+  assert set(result['models']) == {'data', 'teacher', 'student_k2'}
+  assert not {'eval.json', 'samples'} & set(os.listdir(workdir))

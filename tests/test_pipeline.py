@@ -107,3 +107,17 @@ def test_tiny_pipeline_resumes_without_redoing_finished_stages(tmp_path):
   for name in ('eval.json', 'bench.json'):
     assert f'WARNING: {name} predates the latest checkpoint of teacher' in \
         third.stdout
+
+
+def test_only_process_0_writes_timing_and_report(tmp_path, monkeypatch):
+  from kforcing_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from kforcing_jax import report  # pylint: disable=g-import-not-at-top
+  timing = {'runs': {}}
+  monkeypatch.setattr(pipeline.sharding, 'is_main_process', lambda: False)
+  pipeline._save_timing(str(tmp_path), timing)  # pylint: disable=protected-access
+  report.write_report(str(tmp_path))
+  assert not os.listdir(tmp_path)
+  monkeypatch.undo()
+  pipeline._save_timing(str(tmp_path), timing)  # pylint: disable=protected-access
+  report.write_report(str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == ['pipeline.json', 'report.md']
