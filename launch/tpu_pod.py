@@ -4,8 +4,9 @@
 Every step is a `gcloud compute tpus tpu-vm ...` command; the ones that touch
 the workers use `--worker=all`, so a multi-host slice (e.g. v5litepod-16, four
 hosts) gets the same code, the same install and the same command on every
-host. On Cloud TPU, `jax.distributed` finds its coordinator by itself, so the
-command is the plain CLI: `python -m kforcing_jax SUBCOMMAND ...`.
+host: the plain CLI, `python -m kforcing_jax SUBCOMMAND ...`. On a multi-host
+slice pass `--env KFORCING_DISTRIBUTED=auto`: the CLI then calls
+`jax.distributed.initialize()`, which finds the coordinator on Cloud TPU.
 
 Subcommands:
   create   create the TPU VM slice
@@ -19,8 +20,8 @@ Subcommands:
 
 Examples:
   python launch/tpu_pod.py all --name=kf-pod --zone=us-central1-a \\
-      --accelerator-type=v5litepod-16 --spot -- \\
-      train-teacher --config=configs/demo.py --workdir=/mnt/shared/kf
+      --accelerator-type=v5litepod-16 --spot --env KFORCING_DISTRIBUTED=auto \\
+      -- train-teacher --config=configs/demo.py --workdir=/mnt/shared/kf
   python launch/tpu_pod.py logs --name=kf-pod --zone=us-central1-a
   python launch/tpu_pod.py delete --name=kf-pod --zone=us-central1-a
 
@@ -360,9 +361,11 @@ def _parser() -> tuple[argparse.ArgumentParser,
   logs.add_argument('--no-follow', dest='follow', action='store_false',
                     help='Print and exit instead of following.')
   stop = add('stop', 'Stop a run on every worker.', run_name)
-  stop.add_argument('--signal', default='TERM', choices=('TERM', 'INT',
-                                                         'KILL'),
-                    help='Signal to send (default: TERM).')
+  # No INT: `run` starts the job in the background, where SIGINT is
+  # ignored (kforcing_jax keeps it so).
+  stop.add_argument('--signal', default='TERM', choices=('TERM', 'KILL'),
+                    help='TERM (default): save a checkpoint at the next step '
+                    'and exit; KILL: stop at once, without saving.')
   delete = add('delete', 'Delete the TPU VM slice.')
   delete.add_argument('--yes', action='store_true',
                       help='Do not ask for confirmation (gcloud --quiet).')
@@ -413,6 +416,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
             f'{got!r} (subcommands: {", ".join(KFORCING_SUBCOMMANDS)})')
     if not any(a == '--workdir' or a.startswith('--workdir=') for a in rest):
       error(f'the kforcing_jax command needs --workdir=W: {shlex.join(rest)}')
+    # After `--` everything goes to kforcing_jax, which would refuse e.g.
+    # --dry-run only on the workers, after create, copy and install ran.
+    own = {s for a in subparsers[args.subcommand]._actions  # pylint: disable=protected-access
+           for s in a.option_strings} - {'-h', '--help'}
+    for a in rest:
+      if a.split('=', 1)[0] in own:
+        error(f'{a} comes after `--`, so it would go to kforcing_jax; put '
+              "this helper's flags before `--`")
     args.kforcing_args = rest
     for kv in args.env:
       if '=' not in kv or not _ENV_KEY_RE.match(kv.split('=', 1)[0]):
