@@ -1,8 +1,11 @@
 """Paper setup, OpenWebText: 12 layers, width 768, 12 heads, length 1024,
 GPT-2 vocabulary (50257).
 
-Needs an array_record build of openwebtext and GPT-2's tokenizer.json:
+Needs an array_record build of OpenWebText and GPT-2's tokenizer.json:
   --config.data.tfds_data_dir=$DATA --config.data.tokenizer_path=PATH/tokenizer.json
+TFDS ships no openwebtext builder: write one named `openwebtext` with a `text`
+feature (or set --config.data.tfds_name to yours) and build it with
+`tfds build ... --file_format=array_record --data_dir=$DATA`.
 """
 
 from kforcing_jax import defaults

@@ -444,6 +444,14 @@ def load_documents(config, split: str) -> list[str]:
 def _tfds_build_hint(config) -> str:
   name = config.data.tfds_name
   data_dir = config.data.tfds_data_dir or '<data_dir>'
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  base_name = name.split(':')[0].split('/')[0]
+  if base_name not in tfds.list_builders(with_community_datasets=False):
+    return (f'TFDS has no builder named {base_name!r}: write one (a '
+            'tfds.core.GeneratorBasedBuilder with a text feature, named '
+            'after data.tfds_name) and build it with tfds build ... '
+            f'--file_format=array_record --data_dir={data_dir}, or set '
+            'data.tfds_name to a dataset you have built')
   return (f'Build it once with: tfds build {name} --file_format=array_record '
           f'--data_dir={data_dir}')
 
@@ -470,6 +478,11 @@ def _tfds_source(config, split: str):
     raise FileNotFoundError(
         f'TFDS dataset {name!r} not found (data_dir={data_dir!r}). {hint}'
     ) from e
+  except KeyError as e:  # A known builder whose data was never prepared.
+    raise FileNotFoundError(
+        f'TFDS dataset {name!r} split {split!r} is not built in '
+        f"{data_dir or 'the default data dir (~/tensorflow_datasets)'}; "
+        f'set data.tfds_data_dir to where it is built. {hint}') from e
   except (NotImplementedError, OSError) as e:
     raise FileNotFoundError(
         f'Cannot read TFDS dataset {name!r} split {split!r} from data_dir='

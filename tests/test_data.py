@@ -430,6 +430,30 @@ def test_tfds_missing(tmp_path, sp_tok, tfds_dir):
     _make(c, sp_tok, str(tmp_path))
 
 
+def test_tfds_known_builder_never_built_names_the_data_dir(
+    tmp_path, sp_tok, monkeypatch):
+  # lm1b without --config.data.tfds_data_dir: tfds finds the builder, no
+  # data in its default folder, and raises a bare KeyError about splits.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  def unbuilt(*args, **kwargs):
+    raise KeyError("Trying to access `splits['train']` but `splits` is empty")
+
+  monkeypatch.setattr(tfds, 'data_source', unbuilt)
+  c = _config(source='tfds', tfds_name='lm1b', tfds_data_dir='')
+  with pytest.raises(FileNotFoundError, match='set data.tfds_data_dir') as e:
+    _make(c, sp_tok, str(tmp_path))
+  assert 'tfds build lm1b --file_format=array_record' in str(e.value)
+
+
+def test_tfds_unknown_builder_says_there_is_none(tmp_path, sp_tok, tfds_dir):
+  # configs/owt.py names openwebtext, which TFDS does not ship.
+  c = _config(source='tfds', tfds_name='openwebtext', tfds_data_dir=tfds_dir)
+  with pytest.raises(FileNotFoundError,
+                     match="TFDS has no builder named 'openwebtext'"):
+    _make(c, sp_tok, str(tmp_path))
+
+
 # --------------------------------------------------------------------------
 # TFDS array_record source.
 # --------------------------------------------------------------------------
