@@ -88,6 +88,10 @@ def compile_step(config, which: str, mesh, *, fsdp: bool,
     # The teacher task's own init: no params are created under eval_shape.
     state_task = task
   elif which == DISTILL:
+    if fsdp:  # train() refuses mesh.fsdp with the shard_map step.
+      raise ValueError('the distillation step runs with replicated state '
+                       '(mesh.fsdp is not supported there): compile it with '
+                       'fsdp=False')
     tc = commands.stage_config(config).train
     stage = _distill_stage(config)
     rng0 = jax.ShapeDtypeStruct((2,), jnp.uint32)
@@ -179,14 +183,28 @@ def tpu_mesh(topology: str):
 def run(config, mesh, *, steps=(TEACHER, DISTILL), batch_size=0,
         distill_batch_size=0, replicated=False) -> list[dict]:
   """Compiles every requested step (FSDP, and replicated if asked)."""
-  rows = []
+  rows, header = [], True
   for which in steps:
     batch = (batch_size or config.train.batch_size) if which == TEACHER else (
         distill_batch_size or config.distill.batch_size)
-    for fsdp in ((True, False) if replicated else (True,)):
-      rows.append(compile_step(config, which, mesh, fsdp=fsdp,
-                               batch_size=batch))
-      print(format_table(rows[-1:], header=len(rows) == 1), flush=True)
+    # Distillation always replicates its state, as training does.
+    options = (True, False) if replicated else (True,)
+    for fsdp in ((False,) if which == DISTILL else options):
+      try:
+        rows.append(compile_step(config, which, mesh, fsdp=fsdp,
+                                 batch_size=batch))
+      except Exception as e:  # pylint: disable=broad-except
+        # E.g. RESOURCE_EXHAUSTED: the answer to "does it fit?", not a crash.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ''
+        rows.append(dict(config=config.name, step=which, fsdp=fsdp,
+                         devices=mesh.shape[sharding_lib.DATA],
+                         global_batch=batch,
+                         error=f'{type(e).__name__}: {first}'))
+        print(f"{config.name} | {which} | {fsdp}: did not compile: "
+              f"{rows[-1]['error']}", flush=True)
+        continue
+      print(format_table(rows[-1:], header=header), flush=True)
+      header = False
   return rows
 
 
@@ -237,8 +255,9 @@ def _define_flags():
   f['steps'] = flags.DEFINE_list('steps', ['teacher', 'distill'],
                                  'Steps to compile: teacher, distill.')
   f['replicated'] = flags.DEFINE_bool(
-      'replicated', False, 'Also compile with replicated params/optimizer '
-      'state, to compare with FSDP.')
+      'replicated', False, 'Also compile the teacher step with replicated '
+      'params/optimizer state, to compare with FSDP (the distillation step '
+      'is always replicated, as in training).')
   f['tpu_topology'] = flags.DEFINE_string(
       'tpu_topology', '', "Compile for a TPU slice instead, e.g. 'v5e:2x4' "
       "or 'v4:2x2x1' (needs libtpu).")
@@ -272,6 +291,8 @@ def main(argv, flag_values):
                        replicated=fv['replicated'])
   # run() already printed each row as it compiled: the table is complete.
   _write(result, fv['out'])
+  if any('error' in r for r in result['rows']):
+    sys.exit(1)
 
 
 def _write(result, path):
@@ -282,12 +303,21 @@ def _write(result, path):
 
 def _prepare_backend(argv):
   """Fake CPU devices must be requested before JAX starts its backends."""
-  devices, topology = 8, ''
-  for arg in argv:
+  devices, topology = '8', ''
+  for i, arg in enumerate(argv):
+    following = argv[i + 1] if i + 1 < len(argv) else ''
     if arg.startswith('--devices='):
-      devices = int(arg.split('=', 1)[1])
+      devices = arg.split('=', 1)[1]
+    elif arg == '--devices':
+      devices = following
     if arg.startswith('--tpu_topology='):
       topology = arg.split('=', 1)[1]
+    elif arg == '--tpu_topology':
+      topology = following
+  if not devices.isdigit() or int(devices) < 1:
+    print(f'error: --devices={devices!r}: expected a positive integer',
+          file=sys.stderr)
+    sys.exit(2)
   if topology:
     # Compile-only: don't ask a GCE metadata server about a TPU VM.
     os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
@@ -295,7 +325,7 @@ def _prepare_backend(argv):
   flag = '--xla_force_host_platform_device_count'
   if flag not in os.environ.get('XLA_FLAGS', ''):
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                               f' {flag}={devices}')
+                               f' {flag}={int(devices)}')
   # Compile for the CPU even on an accelerator host (jax is imported, but
   # its backends start only at the first device query).
   if not os.environ.get('JAX_PLATFORMS'):

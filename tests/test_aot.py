@@ -71,14 +71,20 @@ def test_teacher_fsdp_keeps_activations_batch_sharded(teacher_rows):
 
 
 @pytest.mark.slow
-def test_distill_step_compiles_with_fsdp_state():
+def test_distill_step_compiles_as_training_runs_it():
+  # Replicated state, as train() runs the shard_map step (it refuses
+  # mesh.fsdp there); an FSDP row would understate the memory.
   config = _lm1b()
-  row = aot.compile_step(config, aot.DISTILL, aot.cpu_mesh(DEVICES),
-                         fsdp=True, batch_size=config.distill.batch_size)
+  mesh = aot.cpu_mesh(DEVICES)
+  with pytest.raises(ValueError, match='replicated state'):
+    aot.compile_step(config, aot.DISTILL, mesh, fsdp=True,
+                     batch_size=config.distill.batch_size)
+  row = aot.compile_step(config, aot.DISTILL, mesh, fsdp=False,
+                         batch_size=config.distill.batch_size)
   _check_positive(row)
   assert row['num_windows'] == config.distill.num_windows
-  # The frozen k=2 student is replicated; the k=4 student's state is split.
-  expected = row['frozen_bytes_global'] + row['state_bytes_global'] / DEVICES
+  # The frozen k=2 student and the k=4 student's state, both whole.
+  expected = row['frozen_bytes_global'] + row['state_bytes_global']
   assert abs(row['argument_size_in_bytes'] - expected) < 0.05 * expected
 
 
@@ -113,3 +119,36 @@ def test_gather_for_compute_all_gathers_sharded_params():
   hlo = jax.jit(lambda a: sharding.gather_for_compute(a, mesh) * 2).lower(
       x).compile().as_text()
   assert 'all-gather' in hlo
+
+
+def test_a_step_that_does_not_compile_is_a_row_not_a_crash(monkeypatch,
+                                                            capsys):
+  def compile_step(config, which, mesh, *, fsdp, batch_size):
+    if which == aot.DISTILL:
+      raise RuntimeError('RESOURCE_EXHAUSTED: 27.69G exceeds 15.75G\ntrace')
+    return dict(config=config.name, step=which, fsdp=fsdp, devices=8,
+                global_batch=batch_size, per_device_batch=1,
+                argument_size_in_bytes=1, output_size_in_bytes=1,
+                alias_size_in_bytes=0, temp_size_in_bytes=1,
+                generated_code_size_in_bytes=0, compile_s=0.1)
+
+  monkeypatch.setattr(aot, 'compile_step', compile_step)
+  rows = aot.run(_lm1b(), aot.cpu_mesh(DEVICES),
+                 steps=(aot.DISTILL, aot.TEACHER))
+  assert rows[0]['error'] == 'RuntimeError: RESOURCE_EXHAUSTED: 27.69G ' \
+      'exceeds 15.75G'
+  assert 'argument_size_in_bytes' in rows[1]  # The next step still ran.
+  out = capsys.readouterr().out
+  assert 'did not compile: RuntimeError: RESOURCE_EXHAUSTED' in out
+  assert out.count('config | step') == 1  # One header, over the first row.
+
+
+@pytest.mark.parametrize('arg', ['--devices=x', '--devices=0'])
+def test_bad_device_count_is_one_line(arg):
+  proc = subprocess.run(
+      [sys.executable, '-m', 'kforcing_jax.aot', '--config=configs/tiny.py',
+       arg], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines() == [
+      f"error: --devices={arg.split('=')[1]!r}: expected a positive integer"]
+
