@@ -171,16 +171,16 @@ def _fail(message: str):
 
 
 def main():
+  argv = sys.argv
+  if _wants_help(argv):  # Before joining a cluster, which would wait.
+    print(_help_text(argv))
+    return
   try:
     # First of all: JAX joins a multi-process run only before its backends
     # start (KFORCING_COORDINATOR/..., or KFORCING_DISTRIBUTED=auto).
     sharding.maybe_initialize_distributed()
   except ValueError as e:
     _fail(str(e))
-  argv = sys.argv
-  if _wants_help(argv):
-    print(_help_text(argv))
-    return
   _check_config_file(argv)
   try:
     argv = FLAGS(argv)

@@ -102,6 +102,16 @@ def maybe_initialize_distributed() -> bool:
                          'started its backends; call it first in main()'
                          ) from e
     raise
+  except ValueError as e:
+    if settings:
+      raise
+    # Auto-detection found no cluster (e.g. 'coordinator_address should be
+    # defined'): name the setting that asked for it.
+    why = (f'{ENV_DISTRIBUTED}=auto' if os.environ.get(ENV_DISTRIBUTED)
+           else f'{_TPU_HOSTS_ENV} lists several workers')
+    raise ValueError(f'{why}, but JAX found no cluster to join ({e}); unset '
+                     f'it, or set {ENV_COORDINATOR}, {ENV_NUM_PROCESSES} and '
+                     f'{ENV_PROCESS_ID}') from e
   return True
 
 

@@ -1,6 +1,7 @@
 """The command line's help and usage errors (subprocesses: real argv)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -128,3 +129,26 @@ def test_generate_applies_config_decode_overrides(tmp_path):
   assert r.returncode == 0, r.stderr
   assert 'NOTE: max_new_tokens=500 cut to ' in r.stderr
   assert json.loads(r.stdout)['new_tokens'] < 500
+
+
+def _cli_env(env, *args, timeout=60):
+  return subprocess.run([sys.executable, '-m', 'kforcing_jax', *args],
+                        capture_output=True, text=True, timeout=timeout,
+                        env=dict(os.environ, **env))
+
+
+def test_help_does_not_wait_for_a_cluster():
+  # Joining a cluster first made --help wait for a coordinator.
+  r = _cli_env({'KFORCING_COORDINATOR': '10.255.255.1:1234',
+                'KFORCING_NUM_PROCESSES': '2', 'KFORCING_PROCESS_ID': '1'},
+               '--help', timeout=30)
+  assert r.returncode == 0 and 'Subcommands' in r.stdout
+
+
+def test_auto_join_without_a_cluster_names_the_variable(tmp_path):
+  r = _cli_env({'KFORCING_DISTRIBUTED': 'auto'}, 'train-teacher',
+               '--config=configs/tiny.py', f'--workdir={tmp_path}/w')
+  assert r.returncode == 2
+  assert r.stderr.startswith('error: KFORCING_DISTRIBUTED=auto, but JAX '
+                             'found no cluster to join')
+  assert len(r.stderr.strip().splitlines()) == 1
