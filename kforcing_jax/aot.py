@@ -32,6 +32,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from kforcing_jax import commands
+from kforcing_jax import config_files
 from kforcing_jax import distill as distill_lib
 from kforcing_jax import model as model_lib
 from kforcing_jax import sharding as sharding_lib
@@ -332,7 +333,30 @@ def _prepare_backend(argv):
     jax.config.update('jax_platforms', 'cpu')
 
 
+def _cli(argv, flag_values):
+  """Parses the flags (a bad config file or a misspelled --config.x.y
+  override is one line, as in the main CLI, not absl's traceback), then
+  runs main."""
+  app.define_help_flags()  # --help / --helpfull, as app.run defines them.
+  error = config_files.check_file(argv)
+  if error is None:
+    try:
+      rest = flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:
+      unknown = config_files.unknown_fields(argv)
+      error = (f'unknown config field(s): {", ".join(unknown)}' if unknown
+               else f'bad flag: {e}')
+    except flags.Error as e:
+      error = str(e)
+  if error is None:
+    try:
+      return main(rest, flag_values)
+    except app.UsageError as e:
+      error = str(e)
+  print(f'error: {error}', file=sys.stderr)
+  sys.exit(2)
+
+
 if __name__ == '__main__':
   _prepare_backend(sys.argv)
-  _FLAGS = _define_flags()
-  app.run(lambda argv: main(argv, _FLAGS))
+  _cli(sys.argv, _define_flags())

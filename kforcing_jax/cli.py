@@ -11,9 +11,6 @@ Subcommands:
   --help, -h     this text; `SUBCOMMAND --help` adds that subcommand's summary
 """
 
-import importlib.util
-import os
-import re
 import sys
 
 from absl import app
@@ -24,6 +21,7 @@ from ml_collections import config_flags
 
 from kforcing_jax import checkpoints
 from kforcing_jax import commands
+from kforcing_jax import config_files
 from kforcing_jax import sharding
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -101,70 +99,6 @@ def _run(argv):
   SUBCOMMANDS[argv[1]](FLAGS)
 
 
-def _config_path(argv):
-  for i, arg in enumerate(argv):
-    if arg.startswith('--config='):
-      return arg.split('=', 1)[1]
-    if arg == '--config' and i + 1 < len(argv):
-      return argv[i + 1]
-  return None
-
-
-def _load_config(path):
-  spec = importlib.util.spec_from_file_location('_user_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
-def _config_file_error(e: Exception) -> str:
-  """One line for an exception raised while loading a config file."""
-  text = str(e)
-  unknown = re.search(r'Key "(\w+)" does not exist', text)
-  if unknown:  # The locked base config refused a new (misspelled) field.
-    hint = re.search(r'Did you mean "(\w+)"', text)
-    return (f'unknown config field {unknown.group(1)!r}' +
-            (f' (did you mean {hint.group(1)!r}?)' if hint else '') +
-            '; see kforcing_jax/defaults.py for every field')
-  return f'{type(e).__name__}: {text}'
-
-
-def _check_config_file(argv):
-  """Loads --config once up front so a missing file or an error inside it
-  is one line, not an absl traceback."""
-  path = _config_path(argv)
-  if path is None:
-    return
-  if not os.path.isfile(path):
-    if ':' in path and os.path.isfile(path.rsplit(':', 1)[0]):
-      return  # ml_collections' path:argument form; absl loads it.
-    _fail(f'--config={path}: no such file')
-  try:
-    _load_config(path)
-  except Exception as e:  # pylint: disable=broad-except
-    _fail(f'--config={path}: {_config_file_error(e)}')
-
-
-def _unknown_config_fields(argv) -> list[str]:
-  """--config.a.b overrides whose field does not exist in the config file."""
-  path = _config_path(argv)
-  if not path or not os.path.exists(path):
-    return []
-  config = _load_config(path)
-  unknown = []
-  for arg in argv:
-    if not arg.startswith('--config.'):
-      continue
-    field = arg[len('--config.'):].split('=', 1)[0]
-    node = config
-    for part in field.split('.'):
-      if not hasattr(node, 'keys') or part not in node:
-        unknown.append(field)
-        break
-      node = node[part]
-  return unknown
-
-
 def _fail(message: str):
   print(f'error: {message}', file=sys.stderr)
   sys.exit(2)
@@ -181,11 +115,13 @@ def main():
     sharding.maybe_initialize_distributed()
   except ValueError as e:
     _fail(str(e))
-  _check_config_file(argv)
+  error = config_files.check_file(argv)
+  if error:
+    _fail(error)
   try:
     argv = FLAGS(argv)
   except (AttributeError, KeyError) as e:
-    unknown = _unknown_config_fields(argv)
+    unknown = config_files.unknown_fields(argv)
     if unknown:
       _fail(f'unknown config field(s): {", ".join(unknown)} (see '
             'kforcing_jax/defaults.py for every field)')

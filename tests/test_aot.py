@@ -143,12 +143,17 @@ def test_a_step_that_does_not_compile_is_a_row_not_a_crash(monkeypatch,
   assert out.count('config | step') == 1  # One header, over the first row.
 
 
-@pytest.mark.parametrize('arg', ['--devices=x', '--devices=0'])
-def test_bad_device_count_is_one_line(arg):
-  proc = subprocess.run(
-      [sys.executable, '-m', 'kforcing_jax.aot', '--config=configs/tiny.py',
-       arg], cwd=ROOT, capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize('args,message', [
+    (['--devices=x'], "--devices='x': expected a positive integer"),
+    (['--devices=0'], "--devices='0': expected a positive integer"),
+    (['--config.train.lrr=1'], 'unknown config field(s): train.lrr'),
+    (['--config=configs/nope.py'], '--config=configs/nope.py: no such file'),
+    (['--bogus=1'], "Unknown command line flag 'bogus'"),
+])
+def test_bad_command_lines_are_one_line(args, message):
+  if not any(a.startswith('--config=') for a in args):
+    args = ['--config=configs/tiny.py', *args]
+  proc = subprocess.run([sys.executable, '-m', 'kforcing_jax.aot', *args],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2
-  assert proc.stderr.strip().splitlines() == [
-      f"error: --devices={arg.split('=')[1]!r}: expected a positive integer"]
-
+  assert proc.stderr.strip().splitlines() == [f'error: {message}']

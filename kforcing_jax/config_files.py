@@ -1,0 +1,77 @@
+"""Reading --config files from a command line, for one-line errors.
+
+Used by the CLI and `python -m kforcing_jax.aot` before absl parses the
+flags, so a missing file, an error inside it or a misspelled
+--config.x.y override is one line instead of a traceback. Defines no flags.
+"""
+
+import importlib.util
+import os
+import re
+
+
+def config_path(argv):
+  """The --config file named in `argv`, or None."""
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return arg.split('=', 1)[1]
+    if arg == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def load_config(path):
+  """Runs a config file and returns its get_config()."""
+  spec = importlib.util.spec_from_file_location('_user_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def file_error(e: Exception) -> str:
+  """One line for an exception raised while loading a config file."""
+  text = str(e)
+  unknown = re.search(r'Key "(\w+)" does not exist', text)
+  if unknown:  # The locked base config refused a new (misspelled) field.
+    hint = re.search(r'Did you mean "(\w+)"', text)
+    return (f'unknown config field {unknown.group(1)!r}' +
+            (f' (did you mean {hint.group(1)!r}?)' if hint else '') +
+            '; see kforcing_jax/defaults.py for every field')
+  return f'{type(e).__name__}: {text}'
+
+
+def check_file(argv) -> str | None:
+  """Loads --config once; returns a one-line error, or None if it loads
+  (or is ml_collections' path:argument form, which absl loads)."""
+  path = config_path(argv)
+  if path is None:
+    return None
+  if not os.path.isfile(path):
+    if ':' in path and os.path.isfile(path.rsplit(':', 1)[0]):
+      return None
+    return f'--config={path}: no such file'
+  try:
+    load_config(path)
+  except Exception as e:  # pylint: disable=broad-except
+    return f'--config={path}: {file_error(e)}'
+  return None
+
+
+def unknown_fields(argv) -> list[str]:
+  """--config.a.b overrides whose field does not exist in the config file."""
+  path = config_path(argv)
+  if not path or not os.path.exists(path):
+    return []
+  config = load_config(path)
+  unknown = []
+  for arg in argv:
+    if not arg.startswith('--config.'):
+      continue
+    field = arg[len('--config.'):].split('=', 1)[0]
+    node = config
+    for part in field.split('.'):
+      if not hasattr(node, 'keys') or part not in node:
+        unknown.append(field)
+        break
+      node = node[part]
+  return unknown
