@@ -848,7 +848,8 @@ def run_bench(config, workdir: str,
     _write_json(os.path.join(workdir, 'bench.json'), out)
     plot_bench(out, os.path.join(workdir, 'bench.png'))
   log(format_tables(out))
-  log(f'[bench] wrote {os.path.join(workdir, "bench.json")} and bench.png')
+  if sharding.is_main_process():
+    log(f'[bench] wrote {os.path.join(workdir, "bench.json")} and bench.png')
   return out
 
 
