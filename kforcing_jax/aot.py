@@ -194,6 +194,8 @@ def run(config, mesh, *, steps=(TEACHER, DISTILL), batch_size=0,
       try:
         rows.append(compile_step(config, which, mesh, fsdp=fsdp,
                                  batch_size=batch))
+      except ValueError:  # A bad request (batch vs devices): exit 2.
+        raise
       except Exception as e:  # pylint: disable=broad-except
         # E.g. RESOURCE_EXHAUSTED: the answer to "does it fit?", not a crash.
         first = str(e).strip().splitlines()[0] if str(e).strip() else ''
@@ -351,7 +353,7 @@ def _cli(argv, flag_values):
   if error is None:
     try:
       return main(rest, flag_values)
-    except app.UsageError as e:
+    except (app.UsageError, ValueError) as e:
       error = str(e)
   print(f'error: {error}', file=sys.stderr)
   sys.exit(2)

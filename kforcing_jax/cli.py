@@ -16,7 +16,6 @@ import sys
 from absl import app
 from absl import logging
 from absl import flags
-import jax
 from ml_collections import config_flags
 
 from kforcing_jax import checkpoints
@@ -131,7 +130,7 @@ def main():
   try:
     _run(argv)
   except KeyboardInterrupt as e:
-    if jax.process_index() == 0:
+    if sharding.is_main_process():
       print(f'interrupted{": " + str(e) if str(e) else ""}; re-run the same '
             'command to resume', file=sys.stderr)
     sys.exit(130)

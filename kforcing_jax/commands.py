@@ -14,6 +14,7 @@ from kforcing_jax import data as data_lib
 from kforcing_jax import decode
 from kforcing_jax import defaults
 from kforcing_jax import model as model_lib
+from kforcing_jax import sharding
 from kforcing_jax import teacher as teacher_lib
 from kforcing_jax import train as train_lib
 
@@ -34,6 +35,7 @@ def train_teacher(flags_obj):
 
 
 def run_teacher(config, workdir: str) -> train_lib.TrainResult:
+  defaults.check_batches(config, teacher=True, distill=False)
   os.makedirs(workdir, exist_ok=True)
   task = teacher_lib.teacher_task(config)
   # Refuse a mismatched workdir before tokenizing or compiling anything.
@@ -56,7 +58,7 @@ def run_teacher(config, workdir: str) -> train_lib.TrainResult:
 
 def _print_main(*args):
   """Prints once per run, not once per process."""
-  if jax.process_index() == 0:
+  if sharding.is_main_process():
     print(*args)
 
 
@@ -180,6 +182,7 @@ def run_distill(config, workdir: str,
   pipeline records its timing then, not only at the end).
   """
   from kforcing_jax import distill as distill_lib  # pylint: disable=g-import-not-at-top
+  defaults.check_batches(config, teacher=False, distill=True)
   teacher_dir = os.path.join(workdir, teacher_lib.TEACHER)
   teacher_cfg, teacher_params, _ = checkpoints.load_params(teacher_dir)
   teacher_step = checkpoints.Manager(teacher_dir).latest_step()

@@ -441,11 +441,16 @@ def load_documents(config, split: str) -> list[str]:
 # --------------------------------------------------------------------------
 
 
+def _tfds_base_name(name: str) -> str:
+  """'lm1b:1.1.0' or 'lm1b/subset' -> 'lm1b' (the builder's folder)."""
+  return name.split(':')[0].split('/')[0]
+
+
 def _tfds_build_hint(config) -> str:
   name = config.data.tfds_name
   data_dir = config.data.tfds_data_dir or '<data_dir>'
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  base_name = name.split(':')[0].split('/')[0]
+  base_name = _tfds_base_name(name)
   if base_name not in tfds.list_builders(with_community_datasets=False):
     return (f'TFDS has no builder named {base_name!r}: write one (a '
             'tfds.core.GeneratorBasedBuilder with a text feature, named '
@@ -465,8 +470,7 @@ def _tfds_source(config, split: str):
     if not os.path.isdir(data_dir):
       raise FileNotFoundError(
           f'data.tfds_data_dir {data_dir!r} does not exist. {hint}')
-    base_name = name.split(':')[0].split('/')[0]
-    if not os.path.isdir(os.path.join(data_dir, base_name)):
+    if not os.path.isdir(os.path.join(data_dir, _tfds_base_name(name))):
       raise FileNotFoundError(
           f'TFDS dataset {name!r} not found in data.tfds_data_dir '
           f'{data_dir!r}. {hint}')

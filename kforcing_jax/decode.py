@@ -37,8 +37,10 @@ from kforcing_jax import projection
 KEY_LAYOUTS = ('auto', 'k', 'kt')
 
 
-# generate() accepts AR temperatures in [MIN_TEMPERATURE, 1 / MIN_TEMPERATURE].
-MIN_TEMPERATURE = 1e-6
+# The smallest AR temperature generate() accepts: logits / temperature
+# stays finite in float32 (max 3.4e38) for |logits| up to 1e8. Below it
+# use greedy=True, which is the limit anyway.
+MIN_TEMPERATURE = 1e-30
 
 
 def check_k(cfg: model_lib.ModelConfig, k, name: str = 'k') -> int:
@@ -393,19 +395,25 @@ def _loop(spec, params, prompts_BxP, pad_B, noise_BxN, temperature, penalty):
   return state.tokens, state.lengths
 
 
-# The whole decode (prefill + while_loop) as one jitted program:
-# decode_loop(spec, params, prompts_BxP, pad_B, noise_BxN, temperature,
-#             penalty) -> (tokens (B, num_steps * k), lengths (B,)).
-# noise_BxN must have num_steps * k columns, in [0, 1); temperature > 0 for
-# AR sampling. Benchmarks lower and compile it once per spec; `generate` is
-# the front end that validates values (shapes and the spec are checked here
-# too, at trace time).
 _decode_loop_jit = jax.jit(_loop, static_argnums=0)
 
 
 class _DecodeLoop:
-  """`decode_loop`: the jitted loop, after the checks that need concrete
-  values (inside jit, `penalty` is traced). `.lower` as for jax.jit."""
+  """decode_loop(spec, params, prompts_BxP, pad_B, noise_BxN, temperature,
+  penalty) -> (tokens (B, num_steps * k), lengths (B,)).
+
+  The whole decode (prefill + while_loop) as one jitted program (spec is
+  static). noise_BxN must have num_steps * k columns, in [0, 1);
+  temperature > 0 for AR sampling. Benchmarks lower and compile it once
+  per spec; `generate` is the front end that validates values (shapes and
+  the spec are checked here too, at trace time). Calling it or `.lower`
+  first refuses a nonzero penalty for a spec without use_penalty, where
+  the value can be read; other attributes (`.trace`, `.eval_shape`, ...)
+  are the jitted function's.
+  """
+
+  def __getattr__(self, name):
+    return getattr(_decode_loop_jit, name)
 
   def __call__(self, spec, params, prompts_BxP, pad_B, noise_BxN,
                temperature=1.0, penalty=0.0):
@@ -499,8 +507,9 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
     k: tokens per forward pass; 1 <= k <= cfg.noise_window for a student.
     noise: (B, max_new_tokens) uniforms in [0, 1): token n uses noise[:, n].
       If None, drawn from `rng` (default PRNGKey(0)).
-    temperature: AR sampling temperature in [1e-6, 1e6]; ignored by
-      students, whose noise encoder is fed tau = 1.
+    temperature: AR sampling temperature, finite and >= 1e-30 (near 0 it
+      approaches greedy); ignored by students, whose noise encoder is fed
+      tau = 1.
     greedy: AR argmax decoding.
     frequency_penalty: lambda >= 0 of docs/METHOD.md (logit - lambda * count
       of the token so far, prompt included, slot by slot); 0 disables. It
@@ -518,8 +527,10 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
         f'cfg must be a ModelConfig, got {type(cfg).__name__}: generate '
         'takes (params, cfg, prompts); load_params returns (cfg, params, '
         'meta)')
-  if not isinstance(greedy, (bool, np.bool_)):
-    raise ValueError(f'greedy={greedy!r} must be a Python bool')
+  if not (isinstance(greedy, (bool, np.bool_, int, np.integer)) and
+          greedy in (0, 1)):
+    raise ValueError(f'greedy={greedy!r} must be a bool')
+  greedy = bool(greedy)
   if isinstance(prompts, (np.ndarray, jax.Array)):
     prompts_BxP = np.asarray(prompts)
     if (prompts_BxP.ndim != 2 or prompts_BxP.dtype.kind not in 'iu' or
@@ -543,13 +554,13 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
                        'whole batch)')
   # Python floats: a jax scalar would make DecodeSpec.use_penalty unhashable.
   temperature, frequency_penalty = float(temperature), float(frequency_penalty)
-  # The loop computes in float32: a temperature outside this range
-  # overflows logits / temperature (or rounds to 0 or inf), and so does a
-  # penalty beyond float32.
-  lo, hi = MIN_TEMPERATURE, 1 / MIN_TEMPERATURE
-  if not greedy and not cfg.noise_window and not lo <= temperature <= hi:
-    raise ValueError(f'temperature={temperature} must be in [{lo:g}, {hi:g}]'
-                     ' (greedy=True for argmax)')
+  # The loop computes in float32: a smaller temperature overflows
+  # logits / temperature into NaN (all-zero tokens), and a penalty beyond
+  # float32 is inf.
+  if (not greedy and not cfg.noise_window and
+      not MIN_TEMPERATURE <= temperature < np.inf):
+    raise ValueError(f'temperature={temperature} must be finite and >= '
+                     f'{MIN_TEMPERATURE:g} (greedy=True for argmax)')
   if not (0 <= frequency_penalty <= np.finfo(np.float32).max):
     raise ValueError(f'frequency_penalty={frequency_penalty} must be >= 0 '
                      'and a finite float32')

@@ -235,12 +235,20 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.mesh.data == 0 or c.mesh.data < -1:
     raise ValueError(f'mesh.data={c.mesh.data}: use -1 (all devices) or a '
                      'positive device count')
-  # Here, not at the stage: a pipeline would otherwise train the whole
-  # teacher before refusing the distillation batch.
+
+
+def check_batches(c, *, teacher: bool, distill: bool) -> None:
+  """The batch sizes of the stages a command will run against this
+  machine's data axis, before the first of them: a pipeline would
+  otherwise train the whole teacher, then refuse distill.batch_size."""
   from kforcing_jax import sharding  # pylint: disable=g-import-not-at-top
   size = sharding.data_axis_size(c.mesh)
-  sharding.check_batch_divisible(t.batch_size, size, 'train.batch_size')
-  sharding.check_batch_divisible(ds.batch_size, size, 'distill.batch_size')
+  if teacher:
+    sharding.check_batch_divisible(c.train.batch_size, size,
+                                   'train.batch_size')
+  if distill:
+    sharding.check_batch_divisible(c.distill.batch_size, size,
+                                   'distill.batch_size')
 
 
 def _validate_eval_and_bench(c) -> None:

@@ -300,8 +300,10 @@ def _save(out: str, model, fast_tokenizer, info: dict, metrics: str) -> None:
     with open(os.path.join(tmp, INFO_FILE), 'w') as f:  # Last: marks done.
       json.dump(info, f, indent=1)
     try:
-      if os.path.isdir(out):
+      try:
         os.rmdir(out)  # Empty (checked before training)...
+      except FileNotFoundError:  # (or another process removed it first)
+        pass
       os.rename(tmp, out)
     except OSError:  # ...unless another process has saved there since.
       if not is_complete(out):  # Else another process finished first.

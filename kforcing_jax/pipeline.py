@@ -14,9 +14,8 @@ import json
 import os
 import time
 
-import jax
-
 from kforcing_jax import commands
+from kforcing_jax import defaults
 from kforcing_jax import report
 from kforcing_jax import sharding
 from kforcing_jax import train as train_lib
@@ -84,8 +83,10 @@ def _with_evaluator(config, workdir, timing):
 
 def _check_plan(config) -> None:
   """Fails now, not after training, on an eval.ks the students this run
-  distills cannot serve (defaults.validate checked every field)."""
+  distills cannot serve, or a batch this machine's devices cannot split
+  (defaults.validate checked every field)."""
   from kforcing_jax import evaluate  # pylint: disable=g-import-not-at-top
+  defaults.check_batches(config, teacher=True, distill=True)
   windows = tuple(config.distill.windows)
   too_big = [k for k in evaluate.eval_settings(config).ks
              if k > max(windows)]
@@ -112,13 +113,13 @@ def run_pipeline(config, workdir: str) -> str:
   """Runs (or resumes) every stage; returns the report path."""
   from kforcing_jax import bench  # pylint: disable=g-import-not-at-top
   from kforcing_jax import evaluate  # pylint: disable=g-import-not-at-top
+  _check_plan(config)  # Before anything is written.
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, 'pipeline.json')
   timing = {'runs': {}, 'stages': {}}
   if os.path.exists(path):
     with open(path) as f:
       timing = json.load(f)
-  _check_plan(config)
   t_all = time.time()
   train_eval = _trains_evaluator(config)
   n = 6 if train_eval else 5
@@ -154,7 +155,7 @@ def run_pipeline(config, workdir: str) -> str:
     if os.path.exists(os.path.join(workdir, out)):
       print(f'{out} exists: skipped (delete it to redo)')
       newer = _runs_newer_than(workdir, out)
-      if newer and jax.process_index() == 0:
+      if newer and sharding.is_main_process():
         print(f'WARNING: {out} predates the latest checkpoint of '
               f'{", ".join(newer)}: it describes older models; delete it '
               'and re-run to redo it')

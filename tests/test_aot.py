@@ -149,6 +149,8 @@ def test_a_step_that_does_not_compile_is_a_row_not_a_crash(monkeypatch,
     (['--config.train.lrr=1'], 'unknown config field(s): train.lrr'),
     (['--config=configs/nope.py'], '--config=configs/nope.py: no such file'),
     (['--bogus=1'], "Unknown command line flag 'bogus'"),
+    (['--steps=teacher', '--batch_size=3', '--devices=2'],
+     'global batch 3 is not divisible by the 2 devices'),
 ])
 def test_bad_command_lines_are_one_line(args, message):
   if not any(a.startswith('--config=') for a in args):

@@ -96,6 +96,18 @@ def test_batch_not_divisible_by_devices_fails_before_training(tmp_path,
   assert not (tmp_path / 'w').exists()
 
 
+def test_commands_check_only_the_batches_they_use(tmp_path):
+  # train-teacher never builds a distillation batch, and evaluate no
+  # training batch: neither may be refused for one.
+  r = _cli('train-teacher', '--config=configs/tiny.py',
+           f'--workdir={tmp_path}', '--config.distill.batch_size=12',
+           '--config.train.num_steps=1', '--config.train.eval_every=0')
+  assert r.returncode == 0, r.stderr
+  r = _cli('evaluate', '--config=configs/tiny.py', f'--workdir={tmp_path}/e',
+           '--config.train.batch_size=12')
+  assert 'not divisible' not in r.stderr and 'no checkpoint' in r.stderr
+
+
 def test_missing_config_file_is_named(tmp_path):
   r = _cli('train-teacher', '--config=configs/nope.py',
            f'--workdir={tmp_path}')

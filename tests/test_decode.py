@@ -137,6 +137,19 @@ def test_bad_requests_fail_before_compute(teacher, kwargs, needle):
     decode.generate(params, cfg, **kwargs)
 
 
+def test_tiny_temperatures_and_int_greedy_are_accepted(teacher):
+  # Near 0 a temperature approaches greedy; it must not overflow before
+  # MIN_TEMPERATURE.
+  cfg, params = teacher
+  args = dict(prompts=[[5, 9, 2], [1]], max_new_tokens=6)
+  ref = decode.generate(params, cfg, greedy=True, **args).tokens
+  for t in (1e-7, decode.MIN_TEMPERATURE):
+    np.testing.assert_array_equal(
+        decode.generate(params, cfg, temperature=t, **args).tokens, ref)
+  np.testing.assert_array_equal(
+      decode.generate(params, cfg, greedy=1, **args).tokens, ref)
+
+
 def test_swapped_params_and_config_are_named(teacher):
   cfg, params = teacher
   with pytest.raises(TypeError, match='cfg must be a ModelConfig, got dict'):
@@ -184,6 +197,10 @@ def test_penalty_without_counts_is_refused(teacher):
     decode.decode_step(spec, params, state, noise[:, 1:2], 1.0, 0.5)
   # Zero is fine, and so is a traced penalty inside the caller's jit.
   decode.decode_loop(spec, params, prompts, pad, noise, 1.0, 0.0)
+  # The rest of the jitted function's interface is still there.
+  tokens, _ = decode.decode_loop.eval_shape(spec, params, prompts, pad,
+                                            noise, 1.0, 0.0)
+  assert tokens.shape == (1, 4)
   jax.jit(lambda p: decode.decode_loop(spec, params, prompts, pad, noise,
                                        1.0, p))(0.5)
 

@@ -125,6 +125,24 @@ def test_another_process_saving_first_is_not_an_error(
   assert os.listdir(tmp_path) == ['evaluator']  # No temp folder left.
 
 
+def test_another_process_removing_the_empty_folder_first(
+    docs, tmp_path, monkeypatch):
+  # Between this process's check and its rmdir, another one removed the
+  # empty folder (and has not renamed its own yet).
+  out = str(tmp_path / 'evaluator')
+  rmdir = os.rmdir
+
+  def raced(path, *args, **kwargs):
+    rmdir(path, *args, **kwargs)
+    if os.path.abspath(path) == out:
+      raise FileNotFoundError(path)
+
+  monkeypatch.setattr(et.os, 'rmdir', raced)
+  os.makedirs(out)
+  assert et.train_evaluator(_config(docs, num_steps=3), str(tmp_path)) == out
+  assert et.is_complete(out)
+
+
 def _must_not_run(*args, **kwargs):
   raise AssertionError('trained although it should not have')
 

@@ -317,6 +317,25 @@ def test_sigterm_saves_and_tells_the_caller_to_stop(tmp_path, at):
   assert checkpoints.Manager(str(tmp_path / 'teacher')).latest_step() == at
 
 
+def test_processes_agree_at_the_last_step_too(tmp_path, monkeypatch):
+  # Several processes decide to stop only where they all agree (every
+  # log_every steps, one all-gather). The last step must be such a point,
+  # or a signal there would stop one process's caller and not another's.
+  calls = []
+  real = train_lib._stop_now  # pylint: disable=protected-access
+
+  def spy(preemption, step, every):
+    calls.append((step, every))
+    return real(preemption, step, every)
+
+  monkeypatch.setattr(train_lib, '_stop_now', spy)
+  config = _config()
+  config.train.log_every = 4
+  train_lib.train(teacher_lib.teacher_task(config), config, str(tmp_path),
+                  helpers.ArrayIterator(_data(), 8), num_steps=5)
+  assert calls == [(1, 4), (2, 4), (3, 4), (4, 4), (5, 1)]
+
+
 def test_ignored_sigint_stays_ignored():
   # Background jobs of a shell run with SIGINT ignored; training must not
   # start catching it (a terminal Ctrl-C would then stop them).
