@@ -83,7 +83,6 @@ import os
 import platform
 import resource
 import sys
-import tempfile
 import threading
 import time
 from typing import Any, Callable
@@ -94,6 +93,7 @@ import numpy as np
 
 from kforcing_jax import checkpoints
 from kforcing_jax import decode
+from kforcing_jax import files
 from kforcing_jax import model as model_lib
 from kforcing_jax import noise as noise_lib
 from kforcing_jax import sharding
@@ -845,7 +845,8 @@ def run_bench(config, workdir: str,
   }
   validate_bench_json(out)
   if sharding.is_main_process():  # Each process timed its own devices.
-    _write_json(os.path.join(workdir, 'bench.json'), out)
+    files.atomic_write_text(os.path.join(workdir, 'bench.json'),
+                            json.dumps(out, indent=1))
     plot_bench(out, os.path.join(workdir, 'bench.png'))
   log(format_tables(out))
   if sharding.is_main_process():
@@ -887,15 +888,6 @@ def _model_entries(models: dict[int, BenchModel]) -> list[dict[str, Any]]:
                 'num_params': int(model_lib.count_params(m.params)),
                 'serves_k': list(m.serves_k)})
   return out
-
-
-def _write_json(path: str, obj) -> None:
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                             prefix='.tmp-', suffix='.part')
-  with os.fdopen(fd, 'w') as f:
-    json.dump(obj, f, indent=1)
-  os.chmod(tmp, 0o644)
-  os.replace(tmp, path)  # Readers never see a half-written file.
 
 
 # ------------------------------------------------------------------ report

@@ -39,11 +39,12 @@ import importlib.util
 import io
 import os
 import re
-import tempfile
 from typing import Any
 
 import grain
 import numpy as np
+
+from kforcing_jax import files
 
 SOURCES = ('sotu', 'text', 'tfds')
 SPLITS = ('train', 'validation', 'test')
@@ -70,26 +71,6 @@ _TFDS_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=256)
 # --------------------------------------------------------------------------
 # Files.
 # --------------------------------------------------------------------------
-
-
-def _atomic_write(path: str, write_fn) -> None:
-  """Writes via a temp file in the same folder, then renames onto `path`.
-
-  Concurrent writers (several processes on one workdir) never expose a
-  partial file; the last rename wins and all writers produce the same bytes.
-  """
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-', suffix='.part')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      write_fn(f)
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from others.
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def _read_bytes(path: str) -> bytes:
@@ -288,7 +269,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int,
         f'SentencePiece training for {model_path!r} with vocab_size='
         f'{vocab_size} failed: {e}') from e
   proto = writer.getvalue()
-  _atomic_write(model_path, lambda f: f.write(proto))
+  files.atomic_write(model_path, lambda f: f.write(proto))
   return load_tokenizer(model_path)
 
 
@@ -583,7 +564,7 @@ def _split_chunks(config, tokenizer: Tokenizer, workdir: str | None,
   chunks = concat_then_chunk(tokenizer.encode_batch(docs), tokenizer.eos_id,
                              seq_len)
   if path:
-    _atomic_write(path, lambda f: np.save(f, chunks))
+    files.atomic_write(path, lambda f: np.save(f, chunks))
   return chunks
 
 

@@ -73,7 +73,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import time
 from typing import Any, Callable, Sequence
 
@@ -84,6 +83,7 @@ import numpy as np
 from kforcing_jax import checkpoints
 from kforcing_jax import data as data_lib
 from kforcing_jax import decode
+from kforcing_jax import files
 from kforcing_jax import model as model_lib
 from kforcing_jax import sharding
 
@@ -673,16 +673,6 @@ def validate_eval_json(d) -> None:
 # --------------------------------------------------------------------------
 
 
-def _write_atomic(path: str, text: str) -> None:
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-', suffix='.part')
-  with os.fdopen(fd, 'w', encoding='utf-8') as f:
-    f.write(text)
-  os.chmod(tmp, 0o644)
-  os.replace(tmp, path)
-
-
 def _mean_or_none(total: float, count: int):
   return float(total / count) if count > 0 else None
 
@@ -792,7 +782,7 @@ def run_evaluate(config, workdir: str) -> dict:
                             timing, s)
     models[entry.name] = row
     if write:
-      _write_atomic(os.path.join(workdir, row['samples_file']), _sample_lines(
+      files.atomic_write_text(os.path.join(workdir, row['samples_file']), _sample_lines(
           entry, prefixes, tokens, prefix_texts, texts, t_nll, e_nll,
           stats['entropy']))
     _print_progress(entry, row, len(tokens), max_new)
@@ -808,7 +798,7 @@ def run_evaluate(config, workdir: str) -> dict:
       'notes': notes, 'models': models}
   validate_eval_json(result)
   if write:
-    _write_atomic(os.path.join(workdir, 'eval.json'),
+    files.atomic_write_text(os.path.join(workdir, 'eval.json'),
                   json.dumps(result, indent=1, allow_nan=False) + '\n')
     _note_other_samples(workdir,
                         {row['samples_file'] for row in models.values()})

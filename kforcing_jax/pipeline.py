@@ -16,6 +16,7 @@ import time
 
 from kforcing_jax import commands
 from kforcing_jax import defaults
+from kforcing_jax import files
 from kforcing_jax import report
 from kforcing_jax import sharding
 from kforcing_jax import train as train_lib
@@ -28,10 +29,8 @@ def _banner(i, n, text):
 def _save_timing(workdir, timing):
   if not sharding.is_main_process():  # One writer per multi-process run.
     return
-  path = os.path.join(workdir, 'pipeline.json')
-  with open(path + '.part', 'w') as f:
-    json.dump(timing, f, indent=1)
-  os.replace(path + '.part', path)  # A killed run leaves the old one whole.
+  files.atomic_write_text(os.path.join(workdir, 'pipeline.json'),
+                          json.dumps(timing, indent=1))
 
 
 def _add_run(timing, result):
