@@ -844,12 +844,11 @@ def run_bench(config, workdir: str,
       'peer': peer,
   }
   validate_bench_json(out)
+  log(format_tables(out))
   if sharding.is_main_process():  # Each process timed its own devices.
     files.atomic_write_text(os.path.join(workdir, 'bench.json'),
                             json.dumps(out, indent=1))
     plot_bench(out, os.path.join(workdir, 'bench.png'))
-  log(format_tables(out))
-  if sharding.is_main_process():
     log(f'[bench] wrote {os.path.join(workdir, "bench.json")} and bench.png')
   return out
 

@@ -428,6 +428,8 @@ def _tfds_base_name(name: str) -> str:
 
 
 def _tfds_build_hint(config) -> str:
+  """Only for error messages: it lists tfds builders (a fraction of a
+  second)."""
   name = config.data.tfds_name
   data_dir = config.data.tfds_data_dir or '<data_dir>'
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -446,32 +448,34 @@ def _tfds_source(config, split: str):
   """Random-access source of a built array_record TFDS split (no download)."""
   name = config.data.tfds_name
   data_dir = config.data.tfds_data_dir or None
-  hint = _tfds_build_hint(config)
   if data_dir is not None:
     if not os.path.isdir(data_dir):
       raise FileNotFoundError(
-          f'data.tfds_data_dir {data_dir!r} does not exist. {hint}')
+          f'data.tfds_data_dir {data_dir!r} does not exist. '
+          f'{_tfds_build_hint(config)}')
     if not os.path.isdir(os.path.join(data_dir, _tfds_base_name(name))):
       raise FileNotFoundError(
           f'TFDS dataset {name!r} not found in data.tfds_data_dir '
-          f'{data_dir!r}. {hint}')
+          f'{data_dir!r}. {_tfds_build_hint(config)}')
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
     source = tfds.data_source(name, split=split, data_dir=data_dir,
                               download=False)
   except tfds.core.DatasetNotFoundError as e:
     raise FileNotFoundError(
-        f'TFDS dataset {name!r} not found (data_dir={data_dir!r}). {hint}'
-    ) from e
+        f'TFDS dataset {name!r} not found (data_dir={data_dir!r}). '
+        f'{_tfds_build_hint(config)}') from e
   except KeyError as e:  # A known builder whose data was never prepared.
     raise FileNotFoundError(
         f'TFDS dataset {name!r} split {split!r} is not built in '
         f"{data_dir or 'the default data dir (~/tensorflow_datasets)'}; "
-        f'set data.tfds_data_dir to where it is built. {hint}') from e
+        'set data.tfds_data_dir to where it is built. '
+        f'{_tfds_build_hint(config)}') from e
   except (NotImplementedError, OSError) as e:
     raise FileNotFoundError(
         f'Cannot read TFDS dataset {name!r} split {split!r} from data_dir='
-        f'{data_dir!r} as array_record: {e}. {hint}') from e
+        f'{data_dir!r} as array_record: {e}. '
+        f'{_tfds_build_hint(config)}') from e
   except ValueError as e:
     raise ValueError(
         f'Cannot open TFDS dataset {name!r} split {split!r} (data_dir='

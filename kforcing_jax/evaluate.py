@@ -782,9 +782,10 @@ def run_evaluate(config, workdir: str) -> dict:
                             timing, s)
     models[entry.name] = row
     if write:
-      files.atomic_write_text(os.path.join(workdir, row['samples_file']), _sample_lines(
-          entry, prefixes, tokens, prefix_texts, texts, t_nll, e_nll,
-          stats['entropy']))
+      files.atomic_write_text(
+          os.path.join(workdir, row['samples_file']),
+          _sample_lines(entry, prefixes, tokens, prefix_texts, texts, t_nll,
+                        e_nll, stats['entropy']))
     _print_progress(entry, row, len(tokens), max_new)
   result = {
       'schema_version': SCHEMA_VERSION, 'name': str(config.get('name', '')),
@@ -798,8 +799,9 @@ def run_evaluate(config, workdir: str) -> dict:
       'notes': notes, 'models': models}
   validate_eval_json(result)
   if write:
-    files.atomic_write_text(os.path.join(workdir, 'eval.json'),
-                  json.dumps(result, indent=1, allow_nan=False) + '\n')
+    files.atomic_write_text(
+        os.path.join(workdir, 'eval.json'),
+        json.dumps(result, indent=1, allow_nan=False) + '\n')
     _note_other_samples(workdir,
                         {row['samples_file'] for row in models.values()})
   return result

@@ -8,6 +8,7 @@ time and every number in it points at the file it came from.
 import json
 import os
 
+from kforcing_jax import files
 from kforcing_jax import sharding
 
 
@@ -119,6 +120,5 @@ def write_report(workdir: str) -> str:
       lines += part + ['']
   path = os.path.join(workdir, 'report.md')
   if sharding.is_main_process():  # One writer per multi-process run.
-    with open(path, 'w') as f:
-      f.write('\n'.join(lines))
+    files.atomic_write_text(path, '\n'.join(lines))
   return path
