@@ -262,9 +262,11 @@ def _record(spec, state, new_BxK):
       done=state.done | jnp.any(is_eos & keep, axis=1))
 
 
-def _hidden(spec, params, tokens_BxT, u_BxK, cache, index, pad):
+def _hidden(spec, params, tokens_BxT, u_BxK, cache, index, pad,
+            noise_x_BxKxD=None):
   """Cached pass over [tokens | noise slots]; hidden states of the k
-  emitting positions (student: the noise slots; AR: the last token)."""
+  emitting positions (student: the noise slots; AR: the last token).
+  `noise_x_BxKxD`: the slots' `embed_noise(u_BxK)`, if already computed."""
   model = model_lib.Transformer(spec.model)
   num_new = tokens_BxT.shape[1] + (u_BxK.shape[1] if spec.is_student else 0)
   positions, mask = layouts.decode_layout(pad, index, num_new,
@@ -272,8 +274,19 @@ def _hidden(spec, params, tokens_BxT, u_BxK, cache, index, pad):
   h, cache = model.apply(
       {'params': params}, tokens_BxT,
       u_BxK if spec.is_student else None, positions, mask, cache,
-      index, spec.k, method=model_lib.Transformer.cached_step)
+      index, spec.k, noise_x_BxKxD if spec.is_student else None,
+      method=model_lib.Transformer.cached_step)
   return h, cache
+
+
+def embed_noise(spec, params, noise_BxN):
+  """The student's noise-slot inputs for all of `noise_BxN` at once:
+  (B, N, D). One pass over every step's noise is far cheaper than k rows
+  per step (a step is latency-bound); `decode_loop` does this."""
+  model_lib.check_params(spec.model, params)  # Shapes only: trace time.
+  return model_lib.Transformer(spec.model).apply(
+      {'params': params}, noise_BxN,
+      method=model_lib.Transformer.embed_noise)
 
 
 def forward(spec, params, tokens_BxT, u_BxK, cache, index, pad):
@@ -305,20 +318,32 @@ def _check_shape(name: str, x, expected: tuple[int, ...]):
                      f'{expected}')
 
 
+def _check_noise_x(spec: DecodeSpec, noise_x, b: int):
+  if noise_x is None:
+    return
+  if not spec.is_student:
+    raise ValueError('noise_x is for a student; this spec is an AR '
+                     "teacher's")
+  _check_shape('noise_x', noise_x, (b, spec.k, spec.model.d_model))
+
+
 def prefill(spec: DecodeSpec, params, prompts_BxP, pad_B, noise_BxK,
-            temperature=1.0, penalty=0.0, cache_size: int | None = None
-            ) -> DecodeState:
+            temperature=1.0, penalty=0.0, cache_size: int | None = None,
+            *, noise_x=None) -> DecodeState:
   """Runs the prompts (and, for a student, the first k noise slots).
 
   Returns the loop state after the first k tokens have been emitted. Its
   cache has `cache_size` slots (default spec.cache_size, enough for every
   step; under jit it must be static); `decode_step` works with any cache
-  that has room for its step (see `DecodeSpec.segments`).
+  that has room for its step (see `DecodeSpec.segments`). `noise_x`
+  (student only): `embed_noise(spec, params, noise_BxK)` if the caller
+  embedded its noise ahead (as `decode_loop` does); computed here if None.
   """
   b = prompts_BxP.shape[0]
   _check_shape('prompts', prompts_BxP, (b, spec.prompt_len))
   _check_shape('pad', pad_B, (b,))
   _check_shape('noise', noise_BxK, (b, spec.k))
+  _check_noise_x(spec, noise_x, b)
   model_lib.check_params(spec.model, params)  # Shapes only: trace time.
   check_penalty_tracked(spec, penalty)
   valid = jnp.arange(spec.prompt_len)[None] >= pad_B[:, None]
@@ -331,7 +356,7 @@ def prefill(spec: DecodeSpec, params, prompts_BxP, pad_B, noise_BxK,
     counts = counts.at[jnp.arange(b)[:, None], prompts_BxP].add(
         valid.astype(jnp.int32))
   h, cache = _hidden(spec, params, prompts_BxP, noise_BxK,
-                     init_cache(spec, b, cache_size), 0, pad_B)
+                     init_cache(spec, b, cache_size), 0, pad_B, noise_x)
   new, counts = _select(spec, params, h, noise_BxK, counts, temperature,
                         penalty)
   state = DecodeState(
@@ -344,19 +369,21 @@ def prefill(spec: DecodeSpec, params, prompts_BxP, pad_B, noise_BxK,
 
 
 def decode_step(spec: DecodeSpec, params, state: DecodeState, noise_BxK,
-                temperature=1.0, penalty=0.0) -> DecodeState:
+                temperature=1.0, penalty=0.0, *, noise_x=None
+                ) -> DecodeState:
   """Feeds the pending k tokens (+ k noise slots) and emits k more tokens.
 
   Call it at most spec.num_steps - 1 times after `prefill`, on a cache with
   at least state.index + 2k slots (`grow_cache` pads one). Both bounds are
   the caller's to keep: they depend on traced values, and past them XLA
   clamps the writes, so earlier tokens are overwritten without an error.
-  `decode_loop` keeps them.
+  `decode_loop` keeps them. `noise_x`: as in `prefill`.
   """
   _check_shape('noise', noise_BxK, state.pending.shape)
+  _check_noise_x(spec, noise_x, state.pending.shape[0])
   check_penalty_tracked(spec, penalty)
   h, cache = _hidden(spec, params, state.pending, noise_BxK, state.cache,
-                     state.index, state.pad)
+                     state.index, state.pad, noise_x)
   new, counts = _select(spec, params, h, noise_BxK, state.counts,
                         temperature, penalty)
   state = state.replace(cache=cache, index=state.index + spec.k,
@@ -369,12 +396,19 @@ def _loop(spec, params, prompts_BxP, pad_B, noise_BxN, temperature, penalty):
   _check_shape('noise', noise_BxN,
                (prompts_BxP.shape[0], spec.num_steps * k))
   segments = spec.segments()
+  # The noise encoder reads only u: embed every step's noise in one pass.
+  noise_x = (embed_noise(spec, params, noise_BxN) if spec.is_student
+             else None)
   state = prefill(spec, params, prompts_BxP, pad_B, noise_BxN[:, :k],
-                  temperature, penalty, cache_size=segments[0][0])
+                  temperature, penalty, cache_size=segments[0][0],
+                  noise_x=None if noise_x is None else noise_x[:, :k])
 
   def body(state):
     u = jax.lax.dynamic_slice_in_dim(noise_BxN, state.step * k, k, axis=1)
-    return decode_step(spec, params, state, u, temperature, penalty)
+    x = (None if noise_x is None else jax.lax.dynamic_slice_in_dim(
+        noise_x, state.step * k, k, axis=1))
+    return decode_step(spec, params, state, u, temperature, penalty,
+                       noise_x=x)
 
   done = 1  # Prefill is step 0; steps [done, end) remain in a segment.
   for size, end in segments:

@@ -292,7 +292,7 @@ class Transformer(nn.Module):
     return h.reshape(b, m, t + k, -1)[:, :, t:]
 
   def cached_step(self, tokens_BxT, u_BxK, positions_BxL, mask_BxLxS,
-                  kv_caches, cache_index, num_out=None):
+                  kv_caches, cache_index, num_out=None, noise_x_BxKxD=None):
     """One decoding pass over [T tokens | K noise slots] with a KV cache.
 
     T or K may be zero (AR: K=0; first push-forward step: T=0). K/V of all
@@ -301,12 +301,17 @@ class Transformer(nn.Module):
     the valid cache and the next step's tokens overwrite them.
     `num_out` (static): return only the last num_out hidden states, which
     the last block then computes alone (see `backbone`).
+    `noise_x_BxKxD`: the noise slots already embedded (`embed_noise`), in
+    place of u_BxK; the noise encoder reads only u, so a decode loop embeds
+    all its noise in one pass before the loop instead of once per step.
     Returns (hidden_BxLxD or hidden_BxNUM_OUTxD, new_kv_caches).
     """
     parts = []
     if tokens_BxT is not None and tokens_BxT.shape[1]:
       parts.append(self.embed_tokens(tokens_BxT))
-    if u_BxK is not None and u_BxK.shape[1]:
+    if noise_x_BxKxD is not None:
+      parts.append(noise_x_BxKxD.astype(self.cfg.compute_dtype))
+    elif u_BxK is not None and u_BxK.shape[1]:
       parts.append(self.embed_noise(u_BxK))
     x = jnp.concatenate(parts, axis=1)
     return self.backbone(x, positions_BxL, mask_BxLxS, kv_caches, cache_index,
