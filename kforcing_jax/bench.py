@@ -19,14 +19,18 @@ Roofline model of one cached forward pass over q positions per row, B rows,
 of which e rows per row reach the unembedding (AR step: q=1, e=1; push-forward
 step: q=2k (k tokens + k noise slots), e=k; prefill: q=P (+k), e=1 (k)),
 written at cache index c, as three parts:
-  weights:   FLOPs 2 * n_dense * B*q (+ 2 * n_noise * B*k for noise slots);
-             bytes (n_dense [+ n_noise]) * weight_bytes + embedding rows.
+  weights:   FLOPs 2 * n_dense * B*q;
+             bytes n_dense * weight_bytes + embedding (or noise-slot) rows.
   attention: FLOPs 4 * layers * d_model * B*q * (c + q);
              bytes 2 * layers * d_model * kv_bytes * B * (c read + q written).
   unembed:   FLOPs 2 * d_model * V * B*e; bytes d_model * V * weight_bytes
              + float32 logits written and read back (2 * 4 * B*e*V).
 n_dense is every parameter that touches every position (attention and MLP
 projections, biases, norms): not the embedding, unembedding, noise encoder.
+A student's noise encoder runs once per decode, before the loop, over all
+B*N noise values (`decode.embed_noise`): FLOPs 2 * n_noise * B*N; bytes
+n_noise * weight_bytes + the B*N embedded rows written (each step then
+reads its own, counted with the embedding rows).
 Step time, by `bench.roofline`:
   'max':    max(sum FLOPs / peak, sum bytes / bandwidth) (classic roofline,
             assumes compute and memory traffic overlap perfectly);
@@ -254,10 +258,8 @@ def pass_costs(shape: ModelShape, batch: int, p: Pass,
   read = cache_size if cache_size else p.index
   w_flops = 2.0 * shape.dense_params * batch * q
   w_bytes = shape.dense_params * shape.weight_bytes
-  w_bytes += batch * p.tokens * d * shape.weight_bytes  # Embedding rows.
-  if p.noise:
-    w_flops += 2.0 * shape.noise_params * batch * p.noise
-    w_bytes += shape.noise_params * shape.weight_bytes
+  # Embedding rows, and the noise slots' rows embedded before the loop.
+  w_bytes += batch * (p.tokens + p.noise) * d * shape.weight_bytes
   a_flops = 4.0 * layers * d * batch * q * keys
   a_bytes = 2.0 * layers * d * shape.kv_bytes * batch * (read + q)
   u_flops = 2.0 * d * shape.vocab_size * batch * p.emit
@@ -289,9 +291,22 @@ def predict_decode_time(shape: ModelShape, batch: int, prompt_len: int,
   steps = -(-max_new // k)
   cache_size = (decode.full_cache_size(prompt_len, steps, k) if full_cache
                 else None)
-  return sum(pass_time(pass_costs(shape, batch, p, cache_size), peak_flops,
-                       bandwidth, mode)
-             for p in decode_passes(prompt_len, k, steps, student=k > 1))
+  passes = decode_passes(prompt_len, k, steps, student=k > 1)
+  total = sum(pass_time(pass_costs(shape, batch, p, cache_size), peak_flops,
+                        bandwidth, mode) for p in passes)
+  if k > 1:
+    total += pass_time({'noise': noise_encoder_costs(shape, batch,
+                                                     steps * k)},
+                       peak_flops, bandwidth, mode)
+  return total
+
+
+def noise_encoder_costs(shape: ModelShape, batch: int,
+                        num_noise: int) -> tuple[float, float]:
+  """(FLOPs, bytes) of embedding all of a decode's noise in one pass."""
+  rows = batch * num_noise
+  return (2.0 * shape.noise_params * rows,
+          (shape.noise_params + rows * shape.d_model) * shape.weight_bytes)
 
 
 def predicted_speedup(ar: ModelShape, pf: ModelShape, batch: int,
