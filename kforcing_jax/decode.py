@@ -282,7 +282,8 @@ def _hidden(spec, params, tokens_BxT, u_BxK, cache, index, pad,
 def embed_noise(spec, params, noise_BxN):
   """The student's noise-slot inputs for all of `noise_BxN` at once:
   (B, N, D). One pass over every step's noise is far cheaper than k rows
-  per step (a step is latency-bound); `decode_loop` does this."""
+  per step (a step is latency-bound); `decode_loop` does this. The array
+  is the size of one layer's keys: a small part of the KV cache."""
   model_lib.check_params(spec.model, params)  # Shapes only: trace time.
   return model_lib.Transformer(spec.model).apply(
       {'params': params}, noise_BxN,
