@@ -175,7 +175,7 @@ def init_cache(spec: DecodeSpec, batch_size: int, size: int | None = None):
   same numbers.
   """
   cfg = spec.model
-  dims = {'b': batch_size, 'h': cfg.num_heads, 's': size or spec.cache_size,
+  dims = {'n': batch_size * cfg.num_heads, 's': size or spec.cache_size,
           'k': cfg.head_dim}
 
   def zeros(name):

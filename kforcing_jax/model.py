@@ -105,13 +105,24 @@ def apply_rope(x_BxLxHxK, positions_BxL, base: float):
   return out.astype(x_BxLxHxK.dtype)
 
 
-# KV-cache entries and their axes (b batch, h head, s slot, k head dim). The
-# cache is heads-major so attention's dots read it in place (a (B, S, H, K)
-# cache is transposed, i.e. copied, every step). Keys are 'k' or, transposed,
-# 'kt': with several queries per step (push-forward) the scores dot is about
-# 2x faster on CPU from 'kt'; a single AR query is slightly faster from 'k'.
+# KV-cache entries and their axes (n = batch * heads, batch-major; s slot;
+# k head dim). The cache is heads-major so attention's dots read it in place
+# (a (B, S, H, K) cache is transposed, i.e. copied, every step), and batch
+# and heads share one axis: with a (B, H, ...) cache at batch 1, XLA:CPU
+# copied every cache buffer several times per step (AR at batch 1 is about
+# 20% faster without). Keys are 'k' or, transposed, 'kt': with several
+# queries per step (push-forward) the scores dot is about 2x faster on CPU
+# from 'kt'; a single AR query is slightly faster from 'k'.
 # `decode.init_cache` picks.
-CACHE_LAYOUTS = {'k': 'bhsk', 'kt': 'bhks', 'v': 'bhsk'}
+CACHE_LAYOUTS = {'k': 'nsk', 'kt': 'nks', 'v': 'nsk'}
+
+
+def _heads_major(x_BxLxHxK, layout: str):
+  """(B, L, H, K) -> the cache layout `layout` ('nsk' or 'nks')."""
+  b, l, h, k = x_BxLxHxK.shape
+  order = 'bhsk' if layout == 'nsk' else 'bhks'
+  x = jnp.einsum(f'bshk->{order}', x_BxLxHxK)
+  return x.reshape((b * h,) + x.shape[2:])
 
 
 class Attention(nn.Module):
@@ -144,6 +155,7 @@ class Attention(nn.Module):
     k = apply_rope(dense('key')(x_BxLxD), positions_BxL, cfg.rope_base)
     v = dense('value')(x_BxLxD)
     new_cache = None
+    b, lq, h, hd = q.shape
     if kv_cache is not None:
       # New K/V go into the cache in its layout (CACHE_LAYOUTS), at slot
       # cache_index along its 's' axis.
@@ -152,23 +164,35 @@ class Attention(nn.Module):
       new_cache = {}
       for name, x in ((key_name, k), ('v', v)):
         layout = CACHE_LAYOUTS[name]
-        x = jnp.einsum(f'bshk->{layout}', x).astype(kv_cache[name].dtype)
-        start = [0] * 4
+        if kv_cache[name].ndim != 3:
+          raise ValueError(
+              f'KV cache {name!r} has shape {kv_cache[name].shape}; expected '
+              f'axes {layout!r} (n = batch * heads): build it with '
+              'decode.init_cache')
+        x = _heads_major(x, layout).astype(kv_cache[name].dtype)
+        start = [0] * 3
         start[layout.index('s')] = cache_index
         new_cache[name] = jax.lax.dynamic_update_slice(kv_cache[name], x,
                                                        start)
       k = new_cache[key_name].astype(q.dtype)
       v = new_cache['v'].astype(q.dtype)
+      q = jnp.einsum('blhk->bhlk', q).reshape(b * h, lq, hd)
+      queries, out_axes = 'nlk', 'nls'
     else:
       keys = values = 'bshk'
-    scores = jnp.einsum(f'blhk,{keys}->bhls', q, k,
+      queries, out_axes = 'blhk', 'bhls'
+    scores = jnp.einsum(f'{queries},{keys}->{out_axes}', q, k,
                         preferred_element_type=jnp.float32)
-    scores = scores / jnp.sqrt(jnp.float32(cfg.head_dim))
+    scores = scores.reshape(b, h, lq, -1) / jnp.sqrt(jnp.float32(hd))
     scores = jnp.where(mask_BxLxS[:, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
     # Heads-major output, then a (small) transpose: 'bhls,bhsk->blhk' makes
     # XLA's CPU dot several times slower for multi-query steps.
-    out = jnp.swapaxes(jnp.einsum(f'bhls,{values}->bhlk', probs, v), 1, 2)
+    if kv_cache is not None:
+      out = jnp.einsum(f'nls,{values}->nlk', probs.reshape(b * h, lq, -1), v)
+    else:
+      out = jnp.einsum(f'bhls,{values}->bhlk', probs, v)
+    out = jnp.swapaxes(out.reshape(b, h, lq, hd), 1, 2)
     out = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=False,
                           dtype=cfg.compute_dtype, name='out')(out)
     out = nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)

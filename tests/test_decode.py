@@ -2,6 +2,7 @@
 
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -473,6 +474,39 @@ def test_key_layouts_give_the_same_tokens(small_cfg, k):
   assert 'kt' in decode.init_cache(kt_spec, 2, 8)[0]
   np.testing.assert_array_equal(k_out[0], kt_out[0])
   np.testing.assert_array_equal(k_out[1], kt_out[1])
+
+
+def _cache_copies_per_step(spec, params, batch):
+  """Copies of a whole KV-cache buffer in the compiled loop's while bodies."""
+  p = spec.prompt_len
+  compiled = decode.decode_loop.lower(
+      spec, params, jnp.zeros((batch, p), jnp.int32),
+      jnp.zeros((batch,), jnp.int32),
+      jnp.full((batch, spec.num_steps * spec.k), 0.5), 1.0, 0.0).compile()
+  text = compiled.as_text()
+  shapes = {','.join(map(str, x.shape))
+            for x in decode.init_cache(spec, batch)[0].values()}
+  bodies = re.findall(r'body=%([\w.\-]+)', text)
+  count = 0
+  for body in bodies:
+    start = text.index(f'\n%{body} ')
+    block = text[start:text.index('\n}\n', start)]
+    count += sum(len(re.findall(rf'= f32\[{s}\][^ ]* copy\(', block))
+                 for s in shapes)
+  return count, len(bodies)
+
+
+@pytest.mark.parametrize('batch', [1, 2])
+def test_ar_loop_does_not_copy_its_cache_every_step(small_cfg, batch):
+  # With a (B, H, S, K) cache at batch 1, XLA:CPU copied every cache buffer
+  # several times per step (about a fifth of an AR step at batch 1); the
+  # (B*H, S, K) layout updates it in place.
+  spec = decode.DecodeSpec(model=small_cfg, k=1, num_steps=6, prompt_len=3,
+                           greedy=True, cache_block=0)
+  params = model_lib.init_params(small_cfg, jax.random.PRNGKey(0))
+  copies, loops = _cache_copies_per_step(spec, params, batch)
+  assert loops >= 1
+  assert copies == 0
 
 
 def test_student_ragged_batch_with_penalty_equals_one_by_one(small_cfg):

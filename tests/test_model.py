@@ -54,8 +54,8 @@ def test_full_forward_is_causal_by_perturbation(small_cfg):
 
 def _zero_cache(cfg, b, cache_size, transposed_keys=False):
   """Empty per-layer KV cache, written out by hand (not via init_cache)."""
-  shape = (b, cfg.num_heads, cache_size, cfg.head_dim)
-  keys = (('kt', (b, cfg.num_heads, cfg.head_dim, cache_size))
+  shape = (b * cfg.num_heads, cache_size, cfg.head_dim)
+  keys = (('kt', (b * cfg.num_heads, cfg.head_dim, cache_size))
           if transposed_keys else ('k', shape))
   return tuple({keys[0]: jnp.zeros(keys[1]), 'v': jnp.zeros(shape)}
                for _ in range(cfg.num_layers))
@@ -163,9 +163,7 @@ def test_left_padded_prompt_matches_unpadded(small_cfg):
   size = 13
   pad = jnp.array([3], jnp.int32)
   padded = jnp.concatenate([jnp.zeros((b, 3), jnp.int32), tokens], axis=1)
-  shape = (b, small_cfg.num_heads, size, small_cfg.head_dim)
-  cache = tuple({'k': jnp.zeros(shape), 'v': jnp.zeros(shape)}
-                for _ in range(small_cfg.num_layers))
+  cache = _zero_cache(small_cfg, b, size)
   positions, mask = layouts.decode_layout(pad, 0, 13, size)
   h, _ = model.apply({'params': params}, padded, None, positions, mask, cache,
                      0, method=model_lib.Transformer.cached_step)
