@@ -29,8 +29,8 @@ n_dense is every parameter that touches every position (attention and MLP
 projections, biases, norms): not the embedding, unembedding, noise encoder.
 A student's noise encoder runs once per decode, before the loop, over all
 B*N noise values (`decode.embed_noise`): FLOPs 2 * n_noise * B*N; bytes
-n_noise * weight_bytes + the B*N embedded rows written (each step then
-reads its own, counted with the embedding rows).
+n_noise * weight_bytes + the B*N embedded rows written in the compute dtype
+(kv_bytes; each step then reads its own k rows).
 Step time, by `bench.roofline`:
   'max':    max(sum FLOPs / peak, sum bytes / bandwidth) (classic roofline,
             assumes compute and memory traffic overlap perfectly);
@@ -258,8 +258,10 @@ def pass_costs(shape: ModelShape, batch: int, p: Pass,
   read = cache_size if cache_size else p.index
   w_flops = 2.0 * shape.dense_params * batch * q
   w_bytes = shape.dense_params * shape.weight_bytes
-  # Embedding rows, and the noise slots' rows embedded before the loop.
-  w_bytes += batch * (p.tokens + p.noise) * d * shape.weight_bytes
+  w_bytes += batch * p.tokens * d * shape.weight_bytes  # Embedding rows.
+  # The noise slots' rows, embedded before the loop in the compute dtype
+  # (that of the KV cache).
+  w_bytes += batch * p.noise * d * shape.kv_bytes
   a_flops = 4.0 * layers * d * batch * q * keys
   a_bytes = 2.0 * layers * d * shape.kv_bytes * batch * (read + q)
   u_flops = 2.0 * d * shape.vocab_size * batch * p.emit
@@ -306,7 +308,8 @@ def noise_encoder_costs(shape: ModelShape, batch: int,
   """(FLOPs, bytes) of embedding all of a decode's noise in one pass."""
   rows = batch * num_noise
   return (2.0 * shape.noise_params * rows,
-          (shape.noise_params + rows * shape.d_model) * shape.weight_bytes)
+          shape.noise_params * shape.weight_bytes
+          + rows * shape.d_model * shape.kv_bytes)
 
 
 def predicted_speedup(ar: ModelShape, pf: ModelShape, batch: int,
