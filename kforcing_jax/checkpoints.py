@@ -89,8 +89,12 @@ class Manager:
       return None
     saved_meta = self.read_meta()
     saved = saved_meta['model']
+    # A teacher does not read the noise encoder's fields: changing them (for
+    # the students) must not make its checkpoint "another model".
+    ignored = (() if meta['model'].get('noise_window') or
+               saved.get('noise_window') else model_lib.NOISE_FIELDS)
     diff = {k: (saved.get(k), v) for k, v in meta['model'].items()
-            if saved.get(k) != v}
+            if k not in ignored and saved.get(k) != v}
     if diff:
       fields = ', '.join(f'model.{k}: checkpoint={a!r} vs config={b!r}'
                          for k, (a, b) in sorted(diff.items()))

@@ -190,6 +190,8 @@ def run_distill(config, workdir: str,
     _print_main(f'[distill] WARNING: the teacher is at step {teacher_step} '
                 f'of train.num_steps={config.train.num_steps} (unfinished); '
                 'distilling from it anyway')
+  # The students take the config's noise-encoder fields (model.noise_*),
+  # which the teacher does not have, on the teacher's backbone.
   requested = model_lib.ModelConfig.from_config(config.model)
   distill_lib.check_fit(teacher_cfg, dataclasses.replace(
       requested, noise_window=max(config.distill.windows)))
@@ -203,14 +205,12 @@ def run_distill(config, workdir: str,
   prev_params = teacher_params
   teacher_source = {'run': teacher_lib.TEACHER, 'step': int(teacher_step)}
   prev_source = teacher_source
+  prev_cfg = teacher_cfg
   for window in ds.windows:
-    student_cfg = distill_lib.student_config(teacher_cfg, window)
+    student_cfg = distill_lib.student_config(requested, window)
     if ds.method == 'self_forcing':
-      source_cfg, frozen, source = (
-          (teacher_cfg, teacher_params, teacher_source)
-          if window == ds.windows[0] else
-          (distill_lib.student_config(teacher_cfg, window // 2), prev_params,
-           prev_source))
+      # The previous stage's student, as its checkpoint saved it.
+      source_cfg, frozen, source = prev_cfg, prev_params, prev_source
     else:  # Noise inversion always targets data under the AR teacher.
       source_cfg, frozen, source = teacher_cfg, teacher_params, teacher_source
     stage = distill_lib.Stage(
@@ -238,7 +238,7 @@ def run_distill(config, workdir: str,
       on_result(result)
     if result.preempted:  # SIGTERM: saved; later stages wait for a re-run.
       break
-    _, prev_params, _ = checkpoints.load_params(result.run_dir)
+    prev_cfg, prev_params, _ = checkpoints.load_params(result.run_dir)
     prev_source = {'run': task.name, 'step': int(result.state.step)}
   return results
 

@@ -31,8 +31,11 @@ def stage_name(window: int) -> str:
   return f'student_k{window}'
 
 
-def student_config(teacher_cfg: model_lib.ModelConfig, window: int):
-  return dataclasses.replace(teacher_cfg, noise_window=window)
+def student_config(base_cfg: model_lib.ModelConfig, window: int):
+  """The student with `window` noise slots: `base_cfg`'s backbone and
+  noise-encoder fields (the requested config; `check_fit` checks the
+  backbone against the teacher's)."""
+  return dataclasses.replace(base_cfg, noise_window=window)
 
 
 def check_fit(teacher_cfg: model_lib.ModelConfig,

@@ -24,6 +24,11 @@ from kforcing_jax import noise as noise_lib
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
+# ModelConfig fields that only a student (noise_window > 0) reads: they are
+# not part of an AR teacher, so a teacher checkpoint does not differ by them.
+NOISE_FIELDS = ('noise_mlp_dim', 'noise_scale')
+
+
 def as_int(value, name: str, minimum: int) -> int:
   """`value` as a Python int >= minimum (numpy ints accepted, bools and
   floats not); raises ValueError naming `name` and the value."""

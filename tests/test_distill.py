@@ -348,3 +348,35 @@ def test_sharded_step_draws_different_dropout_masks_per_device(small_cfg):
   # f32 rounding of the 8-way mean).
   assert helpers.max_abs_diff(grads(0.0, 1), grads(0.0, 8)) < 1e-5
   assert helpers.max_abs_diff(grads(0.5, 1), grads(0.5, 8)) > 1e-3
+
+
+def test_students_take_the_configs_noise_encoder_fields(tmp_path):
+  # model.noise_* are student-only: distill used to copy them from the
+  # teacher's checkpoint, silently ignoring the config. Now the students
+  # take them, a student trained with other values is refused by name,
+  # and the teacher (which has no noise encoder) is not.
+  from kforcing_jax import commands  # pylint: disable=g-import-not-at-top
+  from kforcing_jax import config_files  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  config = config_files.load_config(os.path.join(root, 'configs', 'tiny.py'))
+  config.train.num_steps = 2
+  config.train.eval_every = 2
+  config.train.checkpoint_every = 2
+  config.distill.windows = (1, 2)
+  config.distill.steps_per_stage = 2
+  workdir = str(tmp_path)
+  commands.run_teacher(config, workdir)
+  config.model.noise_scale = 77.0
+  config.model.noise_mlp_dim = 24
+  commands.run_distill(config, workdir)
+  for run in ('student_k1', 'student_k2'):
+    cfg, params, _ = checkpoints.load_params(os.path.join(workdir, run))
+    assert (cfg.noise_scale, cfg.noise_mlp_dim) == (77.0, 24)
+    assert params['noise_encoder']['mlp_in']['kernel'].shape[1] == 24
+  config.model.noise_scale = 5.0
+  result = commands.run_teacher(config, workdir)  # Finished: skipped.
+  assert int(result.state.step) == 2
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r'model.noise_scale: checkpoint=77.0 vs '
+                           r'config=5.0'):
+    commands.run_distill(config, workdir)
