@@ -124,7 +124,7 @@ CACHE_LAYOUTS = {'k': 'nsk', 'kt': 'nks', 'v': 'nsk'}
 
 def _heads_major(x_BxLxHxK, layout: str):
   """(B, L, H, K) -> the cache layout `layout` ('nsk' or 'nks')."""
-  b, l, h, k = x_BxLxHxK.shape
+  b, _, h, _ = x_BxLxHxK.shape
   order = 'bhsk' if layout == 'nsk' else 'bhks'
   x = jnp.einsum(f'bshk->{order}', x_BxLxHxK)
   return x.reshape((b * h,) + x.shape[2:])
