@@ -340,16 +340,11 @@ def _cli(argv, flag_values):
   override is one line, as in the main CLI, not absl's traceback), then
   runs main."""
   app.define_help_flags()  # --help / --helpfull, as app.run defines them.
-  error = config_files.check_file(argv)
-  if error is None:
-    try:
-      rest = flags.FLAGS(argv)
-    except (AttributeError, KeyError) as e:
-      unknown = config_files.unknown_fields(argv)
-      error = (f'unknown config field(s): {", ".join(unknown)}' if unknown
-               else f'bad flag: {e}')
-    except flags.Error as e:
-      error = str(e)
+  error = None
+  try:
+    rest = config_files.parse_flags(flags.FLAGS, argv)
+  except (config_files.FlagsError, flags.Error) as e:
+    error = str(e)
   if error is None:
     try:
       return main(rest, flag_values)

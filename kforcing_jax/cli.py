@@ -114,17 +114,11 @@ def main():
     sharding.maybe_initialize_distributed()
   except ValueError as e:
     _fail(str(e))
-  error = config_files.check_file(argv)
-  if error:
-    _fail(error)
   try:
-    argv = FLAGS(argv)
-  except (AttributeError, KeyError) as e:
-    unknown = config_files.unknown_fields(argv)
-    if unknown:
-      _fail(f'unknown config field(s): {", ".join(unknown)} (see '
-            'kforcing_jax/defaults.py for every field)')
-    _fail(f'bad flag: {e}')
+    argv = config_files.parse_flags(
+        FLAGS, argv, ' (see kforcing_jax/defaults.py for every field)')
+  except config_files.FlagsError as e:
+    _fail(str(e))
   except flags.Error as e:
     _fail(f'{e}\n{_usage()}')
   try:

@@ -75,3 +75,27 @@ def unknown_fields(argv) -> list[str]:
         break
       node = node[part]
   return unknown
+
+
+class FlagsError(Exception):
+  """A command line that cannot be parsed; str() is the one-line reason."""
+
+
+def parse_flags(flag_values, argv, unknown_hint: str = ''):
+  """`flag_values(argv)` (absl's parse; returns the other arguments), with
+  the config file loaded first: a bad file, a misspelled --config.x.y
+  override or a bad override value raises FlagsError with one line
+  (`unknown_hint` follows the unknown fields). absl's own errors (an
+  unknown flag) pass through as flags.Error, for the caller's usage text.
+  """
+  error = check_file(argv)
+  if error:
+    raise FlagsError(error)
+  try:
+    return flag_values(argv)
+  except (AttributeError, KeyError) as e:
+    unknown = unknown_fields(argv)
+    if unknown:
+      raise FlagsError(f'unknown config field(s): {", ".join(unknown)}'
+                       f'{unknown_hint}') from e
+    raise FlagsError(f'bad flag: {e}') from e

@@ -158,10 +158,6 @@ def make_step(task: Task, optimizer, ema_decay: float, mesh):
   return step
 
 
-def _is_main() -> bool:
-  return sharding_lib.is_main_process()
-
-
 class _Preemption:
   """Turns SIGTERM (TPU VM preemption) and a first Ctrl-C (SIGINT) into a
   flag read at step boundaries: the loop saves, then stops. A second
@@ -217,7 +213,7 @@ def _source_of_record(task: Task, saved_meta: dict | None) -> dict:
   """The source to save in this run's meta: the one it started from, so a
   resumed stage warns on every re-run, not only the first after a change."""
   saved = (saved_meta or {}).get('source')
-  if saved and saved != task.source and _is_main():
+  if saved and saved != task.source and sharding_lib.is_main_process():
     print(f"[{task.name}] WARNING: trained from {saved['run']} at step "
           f"{saved['step']}; its source is now {task.source['run']} at step "
           f"{task.source['step']}: {task.name} and the stages after it are "
@@ -285,7 +281,7 @@ def train(task: Task, config, workdir: str, data_iter, eval_batches=(),
     data_iter.set_state(data_state)
   start = int(state.step)
   metrics_path = os.path.join(run_dir, 'metrics.jsonl')
-  if _is_main():
+  if sharding_lib.is_main_process():
     os.makedirs(run_dir, exist_ok=True)
     _truncate_metrics(metrics_path, start)
   if start >= num_steps:
@@ -310,7 +306,8 @@ def train(task: Task, config, workdir: str, data_iter, eval_batches=(),
 
   tokens_per_example = tokens_per_example or config.model.seq_len
   bar = tqdm(total=num_steps, initial=start, desc=task.name,
-             disable=not _is_main(), dynamic_ncols=True, mininterval=1.0)
+             disable=not sharding_lib.is_main_process(),
+             dynamic_ncols=True, mininterval=1.0)
   last_eval = None
   pending = None  # (step, metrics) of the previous step, pulled one late.
   t0, tokens_done = time.time(), 0
@@ -329,7 +326,7 @@ def train(task: Task, config, workdir: str, data_iter, eval_batches=(),
         params = state.ema_params if ema else state.params
         last_eval = _evaluate(eval_step, params, eval_batches, frozen, step,
                               metrics_path)
-        if _is_main():
+        if sharding_lib.is_main_process():
           bar.write(f'[{task.name}] step {step}: ' + ', '.join(
               f'{k}={v:.4g}' for k, v in last_eval.items() if k != 'step'))
       # Processes also agree at the last step: a signal there must stop
@@ -342,7 +339,7 @@ def train(task: Task, config, workdir: str, data_iter, eval_batches=(),
         pending = None
         manager.save(state, data_iter.get_state(), meta)
       if stop:
-        if _is_main():
+        if sharding_lib.is_main_process():
           done = ' (the last: the run is complete)' if is_last else ''
           bar.write(f'[{task.name}] {stop}: saved step {step}{done}; re-run '
                     'the same command to resume')
@@ -382,7 +379,8 @@ def _log(pending, path, bar, tc, tokens_done, t0, manager):
   bar.update(step - bar.n)
   bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f'{rate:,.0f}',
                   refresh=False)
-  if _is_main() and (step % tc.log_every == 0 or step == 1):
+  if sharding_lib.is_main_process() and (step % tc.log_every == 0 or
+                                         step == 1):
     with open(path, 'a') as f:
       f.write(json.dumps(dict(step=step, tokens_per_s=rate, **metrics)) + '\n')
 
@@ -399,7 +397,7 @@ def _evaluate(eval_step, params, batches, frozen, step, path):
     # Perplexity of the AR teacher; a student's loss is against hard targets.
     result['eval_perplexity'] = float(np.exp(result['eval_loss']))
   result['step'] = step
-  if _is_main():
+  if sharding_lib.is_main_process():
     with open(path, 'a') as f:
       f.write(json.dumps(result) + '\n')
   return result
