@@ -65,6 +65,11 @@ bench.json (schema_version 1; `validate_bench_json` checks it):
                    at the same batch; 1 for k=1), predicted_speedup (in
                    `roofline.mode`), predicted_speedup_modes {max, sum,
                    per_op, full_cache}, measured_over_predicted,
+                   model_flops and model_bytes (the whole decode under the
+                   roofline's cost model), achieved_flops_per_s and
+                   achieved_bytes_per_s (those over median_s: how near the
+                   measured peak and bandwidth each cell ran; these four
+                   are optional, files written before them lack them),
                    memory {host_rss_delta_mib, host_maxrss_mib,
                    device_peak_bytes (null on CPU), compiled (dict of
                    memory_analysis() byte counts, or null)}}.
@@ -301,6 +306,19 @@ def predict_decode_time(shape: ModelShape, batch: int, prompt_len: int,
                                                      steps * k)},
                        peak_flops, bandwidth, mode)
   return total
+
+
+def decode_totals(shape: ModelShape, batch: int, prompt_len: int, k: int,
+                  max_new: int) -> tuple[float, float]:
+  """(FLOPs, bytes) of a whole decode under the cost model above: what
+  `predict_decode_time` charges, summed over its passes and the noise
+  encoder. Divided by a measured time, the rates the decode achieved."""
+  steps = -(-max_new // k)
+  parts = [c for p in decode_passes(prompt_len, k, steps, student=k > 1)
+           for c in pass_costs(shape, batch, p).values()]
+  if k > 1:
+    parts.append(noise_encoder_costs(shape, batch, steps * k))
+  return sum(f for f, _ in parts), sum(b for _, b in parts)
 
 
 def noise_encoder_costs(shape: ModelShape, batch: int,
@@ -828,6 +846,11 @@ def run_bench(config, workdir: str,
     r['predicted_speedup_modes'] = preds
     r['predicted_speedup'] = preds[s.roofline]
     r['measured_over_predicted'] = r['speedup'] / r['predicted_speedup']
+    flops, nbytes = decode_totals(pf_shape, r['batch'], s.prefix_len,
+                                  r['k'], max_new)
+    r['model_flops'], r['model_bytes'] = flops, nbytes
+    r['achieved_flops_per_s'] = flops / r['median_s']
+    r['achieved_bytes_per_s'] = nbytes / r['median_s']
 
   peer = {'available': False, 'library': '', 'results': [],
           'note': 'disabled (bench.peer=False)'}
@@ -914,14 +937,22 @@ def format_tables(d: dict[str, Any]) -> str:
   """The measured table, the peer comparison and the accelerator table."""
   mode = d['roofline']['mode']
   lines = [f'\nbatch  k  model            tok/s      speedup  '
-           f'pred({mode})  pred(sum)  meas/pred']
+           f'pred({mode})  pred(sum)  meas/pred  GFLOP/s     GB/s']
   for r in sorted(d['results'], key=lambda r: (r['batch'], r['k'])):
+    rates = ''.join(  # Files written before these fields lack them.
+        f'  {r[key] / 1e9:7.1f}' if key in r else f'  {"-":>7s}'
+        for key in ('achieved_flops_per_s', 'achieved_bytes_per_s'))
     lines.append(
         f'{r["batch"]:5d}  {r["k"]:d}  {r["model"]:15s} '
         f'{r["tokens_per_s"]:10.1f}  {r["speedup"]:7.2f}  '
         f'{r["predicted_speedup"]:9.2f}  '
         f'{r["predicted_speedup_modes"]["sum"]:9.2f}  '
-        f'{r["measured_over_predicted"]:9.2f}')
+        f'{r["measured_over_predicted"]:9.2f}' + rates)
+  roof = d['roofline']
+  lines.append(f'(GFLOP/s, GB/s: the roofline cost model\'s FLOPs and bytes '
+               f'of each decode over its median time; measured ceilings '
+               f'{roof["peak_flops"] / 1e9:.1f} GFLOP/s and '
+               f'{roof["bandwidth"] / 1e9:.1f} GB/s)')
   peer = d['peer']
   if peer['available']:
     pf_k = peer['results'][0]['pf_k'] if peer['results'] else '?'
@@ -1048,6 +1079,9 @@ _RESULT = {'model': str, 'weights': str, 'k': int, 'batch': int,
            'tokens_per_s': _NUM, 'speedup': _NUM, 'predicted_speedup': _NUM,
            'predicted_speedup_modes': dict, 'measured_over_predicted': _NUM,
            'memory': dict}
+# Added after schema_version 1 files were written: checked when present.
+_RESULT_OPTIONAL = ('model_flops', 'model_bytes', 'achieved_flops_per_s',
+                    'achieved_bytes_per_s')
 _MEMORY = {'host_rss_delta_mib': _NUM, 'host_maxrss_mib': _NUM,
            'device_peak_bytes': _OPT_NUM, 'compiled': _OPT_DICT}
 _ACCEL = {'name': str, 'model': str, 'peak_flops': _NUM, 'bandwidth': _NUM,
@@ -1104,6 +1138,10 @@ def validate_bench_json(d: dict[str, Any]) -> None:
     for key in ('tokens_per_s', 'median_s', 'speedup'):
       if r[key] <= 0:
         raise ValueError(f'bench.json: {where}.{key} must be > 0')
+    for key in _RESULT_OPTIONAL:
+      if key in r and not (_is(r[key], _NUM) and r[key] > 0):
+        raise ValueError(f'bench.json: {where}.{key} must be a number > 0, '
+                         f'got {r[key]!r}')
     seen.add((r['k'], r['batch']))
   for k in [1, *d['settings']['ks']]:
     for b in d['settings']['batch_sizes']:

@@ -62,6 +62,11 @@ def test_run_bench_writes_valid_json_and_png(tiny_run):
     assert r['num_steps'] == -(-26 // r['k'])
     assert len(r['times_s']) == 1
     assert r['weights'] == 'random'
+    # The achieved rates are the cost model's totals over the median time.
+    assert r['achieved_flops_per_s'] == pytest.approx(
+        r['model_flops'] / r['median_s'])
+    assert r['achieved_bytes_per_s'] == pytest.approx(
+        r['model_bytes'] / r['median_s'])
     if r['k'] == 1:
       assert r['speedup'] == 1.0
       assert r['predicted_speedup'] == pytest.approx(1.0)
@@ -96,6 +101,8 @@ def test_accelerator_rows_cover_both_models(tiny_run):
     (lambda d: d['results'].pop(), 'no row for k=4, batch=2'),
     (lambda d: d.pop('peer'), 'bench.peer is missing'),
     (lambda d: d['results'][1].update(times_s=[]), r'results\[1\]\.times_s'),
+    (lambda d: d['results'][2].update(achieved_flops_per_s=-1.0),
+     r'results\[2\]\.achieved_flops_per_s must be a number > 0'),
 ])
 def test_validate_rejects_broken_dicts(tiny_run, breakage, key):
   _, out, _ = tiny_run
@@ -137,6 +144,20 @@ def test_roofline_compute_bound_matches_hand_count():
   got = bench.predicted_speedup(_HAND, _HAND, 1, 2, 2, 4, peak_flops=1.0,
                                 bandwidth=1e30, mode='max')
   assert got == pytest.approx(ar / pf)
+
+
+def test_decode_totals_match_hand_count():
+  # The two tests above, summed: AR (FLOPs, bytes) and PF k=2 (with its
+  # noise encoder) for prompt 2 and 4 new tokens.
+  assert bench.decode_totals(_HAND, 1, 2, 1, 4) == (276, 226)
+  assert bench.decode_totals(_HAND, 1, 2, 2, 4) == (568, 197)
+  # 'sum' mode charges every pass FLOPs / peak + bytes / bandwidth, so a
+  # whole decode costs the totals at those rates.
+  for k in (1, 2):
+    flops, nbytes = bench.decode_totals(_HAND, 3, 2, k, 4)
+    assert bench.predict_decode_time(_HAND, 3, 2, k, 4, 7.0, 5.0,
+                                     mode='sum') == pytest.approx(
+                                         flops / 7.0 + nbytes / 5.0)
 
 
 def test_weight_bound_regime_gives_k():
