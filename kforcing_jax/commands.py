@@ -122,7 +122,11 @@ def generate(flags_obj):
   if empty:
     raise ValueError(f'prompt {empty[0]!r} encodes to no tokens')
   max_new = pick(flags_obj.max_new_tokens, dc.max_new_tokens)
-  room = cfg.seq_len - max(len(i) for i in ids)
+  longest = max(len(i) for i in ids)
+  room = cfg.seq_len - longest
+  if room < 1:
+    raise ValueError(f'a prompt is {longest} tokens but model.seq_len is '
+                     f'{cfg.seq_len}: no room to generate (shorten it)')
   if max_new > room:
     print(f'NOTE: max_new_tokens={max_new} cut to {room}: the longest prompt '
           f'has {cfg.seq_len - room} tokens and model.seq_len is '

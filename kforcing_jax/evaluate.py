@@ -19,7 +19,9 @@ the mean over samples with a bootstrap CI):
                   full causal forward over [prefix | generated].
   evaluator_ppl   the same under an independent HF causal LM
                   (`eval.evaluator`, a local path): samples are decoded to
-                  text and re-tokenised by the evaluator's tokenizer; the
+                  text (each eos written as the evaluator's own eos token,
+                  e.g. <|endoftext|>, as between its training documents)
+                  and re-tokenised by the evaluator's tokenizer; the
                   scored tokens are the continuation, i.e. those after the
                   longest common token prefix of tokenize(prefix text) and
                   tokenize(full text). null when no evaluator is set.
@@ -421,6 +423,12 @@ class HFEvaluator:
     self.max_len = (getattr(mc, 'n_positions', None) or
                     getattr(mc, 'max_position_embeddings', None) or 1 << 30)
 
+  @property
+  def document_separator(self) -> str:
+    """What stands for our eos in the text it scores: its own eos token
+    (GPT-2's <|endoftext|>), as between documents in its training data."""
+    return self.tokenizer.eos_token or '\n\n'
+
   def _ids(self, texts: Sequence[str]) -> list[list[int]]:
     return [list(self.tokenizer(t)['input_ids']) for t in texts]
 
@@ -461,6 +469,21 @@ class HFEvaluator:
       lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
       out = torch.gather(lp, 2, ids[:, 1:, None])[..., 0]
     return out.double().cpu().numpy()
+
+
+def evaluator_text(tokenizer, ids, separator: str) -> str:
+  """`ids` decoded for the evaluator: the tokenizer drops eos, which would
+  glue two documents into one run-on text (with byte-level BPE even their
+  words), so each eos becomes `separator` between decoded pieces."""
+  pieces, piece = [], []
+  for t in np.asarray(ids).tolist():
+    if t == tokenizer.eos_id:
+      pieces.append(piece)
+      piece = []
+    else:
+      piece.append(t)
+  pieces.append(piece)
+  return separator.join(tokenizer.decode(p) for p in pieces)
 
 
 def load_evaluator(s: EvalSettings) -> HFEvaluator | None:
@@ -531,7 +554,9 @@ def decode_all(cfg, params, entry: ModelEntry, prefixes_NxP, noise_NxT,
   """Decodes every prefix in batches. Returns (tokens (N, T), timing dict).
 
   Batches are padded to batch_size (one compilation per model). tokens/s
-  excludes the first batch (compilation) when there is more than one.
+  counts every decoded row, a last partial batch's padding rows included
+  (they cost as much as real ones), and excludes the first batch
+  (compilation) when there is more than one.
   """
   n, max_new = noise_NxT.shape
   outs, times = [], []
@@ -542,7 +567,7 @@ def decode_all(cfg, params, entry: ModelEntry, prefixes_NxP, noise_NxT,
         cfg, params, _pad_rows(prefixes_NxP[lo:lo + rows], batch_size),
         _pad_rows(noise_NxT[lo:lo + rows], batch_size), entry.k,
         entry.penalty)
-    times.append((time.perf_counter() - t0, rows * max_new))
+    times.append((time.perf_counter() - t0, batch_size * max_new))
     outs.append(tokens[:rows])
   steady = times[1:] or times
   seconds = sum(t for t, _ in times)
@@ -762,10 +787,7 @@ def run_evaluate(config, workdir: str) -> dict:
       cfg, params, _ = checkpoints.load_params(os.path.join(workdir,
                                                             entry.run))
       loaded[entry.run] = cfg, params
-  models, teacher_tokens = {}, None
-  write = sharding.is_main_process()  # Every process computes the same.
-  if write:
-    os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
+  models, teacher_tokens, sample_files = {}, None, {}
   for entry in plan:
     if entry.kind == 'data':
       tokens, timing = np.asarray(seqs[:, s.prefix_len:]), None
@@ -777,15 +799,20 @@ def run_evaluate(config, workdir: str) -> dict:
     full = np.concatenate([prefixes, tokens], axis=1)
     texts = [tokenizer.decode(row) for row in full]
     t_nll = sequence_nll(teacher_lp, full, s.prefix_len, s.batch_size)
-    e_nll = None if evaluator is None else evaluator.nll(prefix_texts, texts)
+    e_nll = None
+    if evaluator is not None:
+      sep = evaluator.document_separator
+      e_nll = evaluator.nll(
+          [evaluator_text(tokenizer, p, sep) for p in prefixes],
+          [evaluator_text(tokenizer, row, sep) for row in full])
     row, stats = _model_row(entry, tokens, t_nll, e_nll, teacher_tokens,
                             timing, s)
     models[entry.name] = row
-    if write:
-      files.atomic_write_text(
-          os.path.join(workdir, row['samples_file']),
-          _sample_lines(entry, prefixes, tokens, prefix_texts, texts, t_nll,
-                        e_nll, stats['entropy']))
+    # Written with eval.json at the end: a run that fails part-way leaves
+    # the previous eval.json and the samples it describes as they were.
+    sample_files[row['samples_file']] = _sample_lines(
+        entry, prefixes, tokens, prefix_texts, texts, t_nll, e_nll,
+        stats['entropy'])
     _print_progress(entry, row, len(tokens), max_new)
   result = {
       'schema_version': SCHEMA_VERSION, 'name': str(config.get('name', '')),
@@ -798,7 +825,10 @@ def run_evaluate(config, workdir: str) -> dict:
           'evaluator': s.evaluator, 'evaluator_scope': 'continuation'},
       'notes': notes, 'models': models}
   validate_eval_json(result)
-  if write:
+  if sharding.is_main_process():  # Every process computed the same.
+    os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
+    for name, text in sample_files.items():
+      files.atomic_write_text(os.path.join(workdir, name), text)
     files.atomic_write_text(
         os.path.join(workdir, 'eval.json'),
         json.dumps(result, indent=1, allow_nan=False) + '\n')

@@ -144,8 +144,13 @@ def run_pipeline(config, workdir: str) -> str:
 
   if train_eval:
     _banner(3, n, 'independent evaluator')
-    config = _with_evaluator(config, workdir, timing)
-    _save_timing(workdir, timing)
+    if os.path.exists(os.path.join(workdir, 'eval.json')):
+      # evaluate will skip, so an evaluator trained now would score nothing.
+      print('eval.json exists, so evaluate will not run: evaluator not '
+            'trained (delete eval.json to train it and score with it)')
+    else:
+      config = _with_evaluator(config, workdir, timing)
+      _save_timing(workdir, timing)
 
   for i, (name, fn, out) in enumerate(
       [('evaluate', evaluate.run_evaluate, 'eval.json'),

@@ -71,6 +71,13 @@ def _evaluator_lines(path):
           'architecture, tokenizer, framework and seed, not in data.', '']
 
 
+def _ci_label(settings) -> str:
+  if not settings['bootstrap']:
+    return 'mean [no CI: eval.bootstrap=0, both bounds are the mean]'
+  return (f"mean [{100 * settings['ci_level']:g}% bootstrap CI, "
+          f"{settings['bootstrap']} resamples]")
+
+
 def quality_section(workdir):
   ev = _read_json(os.path.join(workdir, 'eval.json'))
   if ev is None:
@@ -79,7 +86,7 @@ def quality_section(workdir):
   lines = ['## Quality (eval.json)', '',
            f"{s['num_samples']} samples, {s['prefix_len']}-token held-out "
            f"prefixes completed to {s['seq_len']} tokens, one shared noise "
-           f"array (seed {s['seed']}); mean [95% bootstrap CI].", '',
+           f"array (seed {s['seed']}); {_ci_label(s)}.", '',
            *_evaluator_lines(s.get('evaluator', '')),
            '| model | k | penalty | gen. ppl (teacher) | gen. ppl '
            '(evaluator) | entropy | distinct-4 | rep-4 | agreement with '

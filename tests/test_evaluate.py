@@ -518,3 +518,118 @@ def test_only_process_0_writes_results(hf_dir, tmp_path, monkeypatch):
   result = ev.run_evaluate(config, workdir)
   assert set(result['models']) == {'data', 'teacher', 'student_k2'}
   assert not {'eval.json', 'samples'} & set(os.listdir(workdir))
+
+
+def test_a_failed_evaluate_leaves_the_previous_results_as_they_were(
+    hf_dir, tmp_path, monkeypatch):
+  # Samples are written with eval.json, after every model is scored: a run
+  # that fails part-way must not leave eval.json pointing at new samples.
+  config, workdir = _untrained_setup(hf_dir, tmp_path, monkeypatch)
+  ev.run_evaluate(config, workdir)
+  before = {}
+  for name in ('eval.json', 'samples/data.jsonl', 'samples/teacher.jsonl'):
+    with open(os.path.join(workdir, name)) as f:
+      before[name] = f.read()
+  config.eval.seed = 7  # Other noise: other teacher samples.
+  real = ev.decode_all
+
+  def fail_on_student(cfg, params, entry, *args):
+    if entry.kind == 'student':
+      raise RuntimeError('student decode failed')
+    return real(cfg, params, entry, *args)
+
+  monkeypatch.setattr(ev, 'decode_all', fail_on_student)
+  with pytest.raises(RuntimeError, match='student decode failed'):
+    ev.run_evaluate(config, workdir)
+  for name, text in before.items():
+    with open(os.path.join(workdir, name)) as f:
+      assert f.read() == text, name
+
+
+@pytest.mark.parametrize('num_samples', [64, 65, 33])
+def test_decode_rate_counts_the_padded_rows_of_a_partial_batch(
+    monkeypatch, num_samples):
+  # Every batch (32 rows, partial ones padded) costs 0.1 s on a fake clock:
+  # the rate is 32 rows * 3 tokens / 0.1 s whatever num_samples is.
+  clock = [0.0]
+  monkeypatch.setattr(ev.time, 'perf_counter', lambda: clock[0])
+
+  def fake_generate(cfg, params, prefixes, noise, k, penalty):
+    clock[0] += 0.1
+    return np.zeros((len(prefixes), noise.shape[1]), np.int32)
+
+  monkeypatch.setattr(ev, 'generate_fixed', fake_generate)
+  entry = ev.ModelEntry('teacher', 'teacher', 'teacher', 1)
+  tokens, timing = ev.decode_all(None, None, entry,
+                                 np.zeros((num_samples, 2), np.int32),
+                                 np.zeros((num_samples, 3), np.float32), 32)
+  assert tokens.shape == (num_samples, 3)
+  assert timing['tokens_per_s'] == pytest.approx(32 * 3 / 0.1)
+  assert timing['includes_compile'] is False
+
+
+class _EosTokenizer:
+  eos_id = 1
+
+  def decode(self, ids):
+    return ' '.join(f'w{i}' for i in ids)
+
+
+def test_evaluator_text_writes_eos_as_the_evaluators_separator():
+  tok = _EosTokenizer()
+  assert ev.evaluator_text(tok, [5, 6, 1, 7], '<E>') == 'w5 w6<E>w7'
+  assert ev.evaluator_text(tok, np.array([1, 5, 1, 1]), '|') == '|w5||'
+  assert ev.evaluator_text(tok, [5, 6], '<E>') == 'w5 w6'
+
+
+def test_evaluator_scores_eos_as_its_own_eos_token(hf_dir):
+  # The data tokenizer drops eos when decoding; the evaluator must see its
+  # own <|endoftext|> there, not two documents glued into one word.
+  from kforcing_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  config = defaults.base_config()
+  config.data.tokenizer_path = os.path.join(hf_dir, 'tokenizer.json')
+  tok = data_lib.get_tokenizer(config, hf_dir)
+  evaluator = ev.HFEvaluator(hf_dir)
+  ids = tok.encode('the cat sat.') + [tok.eos_id] + tok.encode('dogs ran')
+  text = ev.evaluator_text(tok, ids, evaluator.document_separator)
+  assert text == 'the cat sat.<|endoftext|>dogs ran'
+  eos = evaluator.tokenizer.eos_token_id
+  assert eos in evaluator.tokenizer(text)['input_ids']
+  assert 'sat.dogs' in tok.decode(ids)  # What it was given before.
+
+
+def test_generate_command_refuses_a_prompt_longer_than_seq_len(
+    hf_dir, tmp_path, monkeypatch):
+  # (Uses this file's tiny HF tokenizer and random-init runs.) A prompt
+  # that fills model.seq_len leaves no room; the error says so by name
+  # instead of "max_new_tokens=-23 must be >= 1".
+  import types  # pylint: disable=g-import-not-at-top
+  from kforcing_jax import commands  # pylint: disable=g-import-not-at-top
+  config, workdir = _untrained_setup(hf_dir, tmp_path, monkeypatch)
+  cfg = model_lib.ModelConfig.from_config(config.model)  # seq_len 14.
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
+  monkeypatch.setattr(commands.checkpoints, 'load_params',
+                      lambda d: (cfg, params, {'config': config.to_dict()}))
+  flags = types.SimpleNamespace(
+      workdir=workdir, k=1, model='', config=None, max_new_tokens=None,
+      seed=None, temperature=None, greedy=None, frequency_penalty=None,
+      prompt=['the cat sat on a mat while dogs ran far away from home'])
+  with pytest.raises(ValueError, match=r'a prompt is \d+ tokens but '
+                     r'model.seq_len is 14: no room to generate'):
+    commands.generate(flags)
+
+
+def test_report_names_the_ci_level_and_resamples(tmp_path):
+  from kforcing_jax import report  # pylint: disable=g-import-not-at-top
+  d = _minimal_eval_json()
+  for ci_level, bootstrap, label in (
+      (0.95, 1000, 'mean [95% bootstrap CI, 1000 resamples]'),
+      (0.5, 200, 'mean [50% bootstrap CI, 200 resamples]'),
+      (0.95, 0, 'mean [no CI: eval.bootstrap=0')):
+    d['settings'].update(ci_level=ci_level, bootstrap=bootstrap)
+    with open(tmp_path / 'eval.json', 'w') as f:
+      json.dump(d, f)
+    text = '\n'.join(report.quality_section(str(tmp_path)))
+    assert label in text
+    if bootstrap != 1000 or ci_level != 0.95:
+      assert '95% bootstrap CI, 1000' not in text

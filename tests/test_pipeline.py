@@ -121,3 +121,41 @@ def test_only_process_0_writes_timing_and_report(tmp_path, monkeypatch):
   pipeline._save_timing(str(tmp_path), timing)  # pylint: disable=protected-access
   report.write_report(str(tmp_path))
   assert sorted(os.listdir(tmp_path)) == ['pipeline.json', 'report.md']
+
+
+def test_evaluator_is_not_trained_when_eval_json_is_kept(tmp_path, monkeypatch,
+                                                         capsys):
+  # evaluate skips when eval.json exists, so a freshly trained evaluator
+  # would score nothing: minutes of work for no result. Stages are faked.
+  import types  # pylint: disable=g-import-not-at-top
+  from kforcing_jax import commands  # pylint: disable=g-import-not-at-top
+  from kforcing_jax import defaults  # pylint: disable=g-import-not-at-top
+  from kforcing_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from kforcing_jax import evaluator_train  # pylint: disable=g-import-not-at-top
+  from kforcing_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from kforcing_jax import report  # pylint: disable=g-import-not-at-top
+  calls = []
+  done = types.SimpleNamespace(seconds=0, tokens_per_s=0, preempted=False,
+                               run_dir=str(tmp_path / 'teacher'), name='teacher',
+                               steps=0)
+  monkeypatch.setattr(commands, 'run_teacher', lambda c, w: done)
+  monkeypatch.setattr(commands, 'run_distill',
+                      lambda c, w, on_result=None: [])
+  monkeypatch.setattr(pipeline, '_add_run', lambda timing, r: None)
+  monkeypatch.setattr(evaluate, 'import_transformers', lambda *a: None)
+  monkeypatch.setattr(evaluate, 'run_evaluate',
+                      lambda c, w: calls.append('evaluate'))
+  monkeypatch.setattr(bench, 'run_bench', lambda c, w: calls.append('bench'))
+  monkeypatch.setattr(report, 'write_report', lambda w: 'report.md')
+  monkeypatch.setattr(evaluator_train, 'train_evaluator',
+                      lambda c, w: calls.append('train_evaluator') or w)
+  config = defaults.base_config()
+  config.evaluator_train.enabled = True
+  (tmp_path / 'eval.json').write_text('{}')
+  pipeline.run_pipeline(config, str(tmp_path))
+  assert calls == ['bench']
+  assert 'evaluator not trained' in capsys.readouterr().out
+  (tmp_path / 'eval.json').unlink()
+  pipeline.run_pipeline(config, str(tmp_path))
+  # (The fake bench wrote no bench.json, so it runs again.)
+  assert calls == ['bench', 'train_evaluator', 'evaluate', 'bench']
