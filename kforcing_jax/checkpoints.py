@@ -8,6 +8,7 @@ model is refused before anything is computed or written.
 
 import json
 import os
+import pathlib
 import re
 from typing import Any
 
@@ -71,8 +72,9 @@ class Manager:
               f'{self.directory}/{step} aside to resume from it'
               if earlier else '')
       raise CheckpointError(
-          f'checkpoint {self.directory}/{step} is unreadable (corrupt or '
-          f'incomplete): {type(e).__name__}: {reason}{hint}') from e
+          f'checkpoint {self.directory}/{step} is unreadable (corrupt, '
+          f'incomplete, or saved on a device layout this run cannot '
+          f'restore): {type(e).__name__}: {reason}{hint}') from e
 
   def read_meta(self, step: int | None = None) -> dict[str, Any]:
     step = self.latest_step() if step is None else step
@@ -159,6 +161,23 @@ def trained_windows(workdir: str) -> list[int]:
   return sorted(out)
 
 
+def _local_target(manager: 'Manager', step: int):
+  """Restore target placing every array on this process's first device,
+  so a checkpoint saved on N devices loads on any device count (without a
+  target, orbax needs the saved layout). None in a multi-process run,
+  where each process keeps restoring the layout it was saved with."""
+  if jax.process_count() > 1:
+    return None
+  try:
+    tree = ocp.StandardCheckpointHandler().metadata(
+        pathlib.Path(manager.directory, str(step), 'state')).tree
+  except Exception:  # pylint: disable=broad-except
+    return None  # Damaged metadata: restore() reports it by name.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
+
+
 def load_params(run_dir: str, use_ema: bool = True):
   """(ModelConfig, params, meta) of the latest checkpoint in run_dir."""
   manager = Manager(run_dir)
@@ -168,7 +187,9 @@ def load_params(run_dir: str, use_ema: bool = True):
         f'no checkpoint found in {manager.directory}; train it first')
   meta = manager.read_meta(step)
   cfg = model_lib.ModelConfig(**meta['model'])
-  state = manager.restore(step, state=ocp.args.StandardRestore())['state']
+  state = manager.restore(
+      step, state=ocp.args.StandardRestore(_local_target(manager, step))
+  )['state']
   params = state['ema_params'] if use_ema and 'ema_params' in state else (
       state['params'])
   return cfg, params, meta

@@ -45,9 +45,10 @@ def run_teacher(config, workdir: str) -> train_lib.TrainResult:
   train_iter = data_lib.make_train_iterator(
       config, tokenizer, workdir, process_index=jax.process_index(),
       process_count=jax.process_count())
-  eval_batches = data_lib.make_eval_batches(
-      config, tokenizer, workdir, batch_size=config.train.batch_size,
-      num_batches=config.train.eval_batches)
+  eval_batches = () if not config.train.eval_every else (
+      data_lib.make_eval_batches(
+          config, tokenizer, workdir, batch_size=config.train.batch_size,
+          num_batches=config.train.eval_batches))
   n = model_lib.count_params(
       jax.eval_shape(task.init_params, jax.random.PRNGKey(0)))
   _print_main(f'[teacher] {n / 1e6:.2f}M parameters, {jax.device_count()} '
@@ -201,9 +202,10 @@ def run_distill(config, workdir: str,
       requested, noise_window=max(config.distill.windows)))
   sconfig = stage_config(config)
   tokenizer = data_lib.get_tokenizer(config, workdir)
-  eval_batches = data_lib.make_eval_batches(
-      sconfig, tokenizer, workdir, batch_size=sconfig.train.batch_size,
-      num_batches=max(1, min(config.train.eval_batches, 4)))
+  eval_batches = () if not config.distill.eval_every else (
+      data_lib.make_eval_batches(
+          sconfig, tokenizer, workdir, batch_size=sconfig.train.batch_size,
+          num_batches=max(1, min(config.train.eval_batches, 4))))
   ds = config.distill
   results = []
   prev_params = teacher_params

@@ -347,8 +347,12 @@ def _read_documents(paths: Sequence[str], max_documents: int) -> list[str]:
     paths = paths[:max_documents]
   docs = []
   for path in paths:
-    with open(path, encoding='utf-8') as f:
-      docs.append(f.read())
+    try:
+      with open(path, encoding='utf-8') as f:
+        docs.append(f.read())
+    except UnicodeDecodeError as e:
+      raise ValueError(f'{path!r} is not UTF-8 text ({e}); convert it or '
+                       'leave it out of data.text_glob') from e
   return docs
 
 

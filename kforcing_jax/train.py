@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from kforcing_jax import checkpoints
+from kforcing_jax import files
 from kforcing_jax import model as model_lib
 from kforcing_jax import sharding as sharding_lib
 
@@ -275,7 +276,13 @@ def train(task: Task, config, workdir: str, data_iter, eval_batches=(),
 
   restored = manager.restore_latest(abstract, shardings)
   if restored is None:
-    state = jax.jit(init_fn, out_shardings=shardings)(rng, task.init_source)
+    # The source (e.g. a teacher from load_params) sits on one device; the
+    # init runs over the whole mesh.
+    source = jax.device_put(
+        task.init_source,
+        jax.tree.map(lambda _: sharding_lib.replicated(mesh),
+                     task.init_source))
+    state = jax.jit(init_fn, out_shardings=shardings)(rng, source)
   else:
     state, data_state = restored
     data_iter.set_state(data_state)
@@ -371,10 +378,13 @@ def _log(pending, path, bar, tc, tokens_done, t0, manager):
   metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
   if not all(np.isfinite(v) for v in metrics.values()):
     bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
+    last = manager.latest_step()
+    kept = ('no checkpoint was saved yet' if last is None else
+            f'the last good checkpoint (step {last}) is kept in '
+            f'{manager.directory}')
     raise FloatingPointError(
         f'non-finite training metrics at step {step}: {bad}. Stopped without '
-        f'saving; the last good checkpoint (step {manager.latest_step()}) is '
-        f'kept in {manager.directory}. Lower train.lr or check the data.')
+        f'saving; {kept}. Lower train.lr or check the data.')
   rate = tokens_done / max(time.time() - t0, 1e-9)
   bar.update(step - bar.n)
   bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f'{rate:,.0f}',
@@ -404,10 +414,19 @@ def _evaluate(eval_step, params, batches, frozen, step, path):
 
 
 def _truncate_metrics(path: str, step: int):
-  """Drops metric lines past the restored step (they will be redone)."""
+  """Drops metric lines past the restored step (they will be redone), and
+  any line cut short (a kill or a full disk mid-write), which would
+  otherwise block every resume. Rewritten atomically: a kill now cannot
+  lose the history."""
   if not os.path.exists(path):
     return
+  kept = []
   with open(path) as f:
-    lines = [l for l in f if l.strip() and json.loads(l).get('step', 0) <= step]
-  with open(path, 'w') as f:
-    f.writelines(lines)
+    for line in f:
+      try:
+        row = json.loads(line)
+      except ValueError:
+        continue
+      if isinstance(row, dict) and row.get('step', 0) <= step:
+        kept.append(line.rstrip('\n') + '\n')
+  files.atomic_write_text(path, ''.join(kept))

@@ -278,6 +278,12 @@ def test_text_source(tmp_path, monkeypatch):
   with pytest.raises(FileNotFoundError, match='nothing'):
     data.load_documents(c, 'train')
 
+  # One Latin-1 file among them: the error names it.
+  (folder / 'doc03.txt').write_bytes('Caf\xe9 au lait.'.encode('latin-1'))
+  c.data.text_glob = str(folder / '*.txt')
+  with pytest.raises(ValueError, match=r"doc03.txt' is not UTF-8 text"):
+    data.load_documents(c, 'train')
+
 
 # --------------------------------------------------------------------------
 # sotu / text batches.

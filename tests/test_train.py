@@ -70,6 +70,60 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
+def test_divergence_before_any_checkpoint_says_so(tmp_path):
+  config = _config()
+  config.train.lr = 1e30  # Diverges within a step or two.
+  with pytest.raises(FloatingPointError,
+                     match='no checkpoint was saved yet') as err:
+    train_lib.train(teacher_lib.teacher_task(config), config, str(tmp_path),
+                    helpers.ArrayIterator(_data(), 8), num_steps=15)
+  assert 'None' not in str(err.value)
+
+
+def test_resume_survives_a_metrics_line_cut_short(tmp_path):
+  # A kill or a full disk mid-write leaves half a line; resuming must not
+  # fail on it, and keeps every whole line up to the restored step.
+  config = _config()
+  config.train.log_every = 1
+  config.train.checkpoint_every = 2
+  task = teacher_lib.teacher_task(config)
+  train_lib.train(task, config, str(tmp_path),
+                  helpers.ArrayIterator(_data(), 8), num_steps=2)
+  path = tmp_path / 'teacher' / 'metrics.jsonl'
+  whole = path.read_text()
+  with open(path, 'a') as f:
+    f.write('{"step": 3, "tokens_per_s": 12')
+  train_lib.train(task, config, str(tmp_path),
+                  helpers.ArrayIterator(_data(), 8), num_steps=3)
+  text = path.read_text()
+  assert text.startswith(whole)
+  rows = [json.loads(line) for line in text.splitlines()]
+  assert [r['step'] for r in rows if 'loss' in r] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_evals_off_need_no_validation_split(tmp_path):
+  # Five documents: the text source's validation split (every 11th) is
+  # empty. With evals off neither teacher nor distill builds eval batches.
+  docs = tmp_path / 'docs'
+  docs.mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(5):
+    words = [''.join(rng.choice(list('abcdefghijklmnop'), rng.integers(2, 8)))
+             for _ in range(3000)]
+    (docs / f'{i}.txt').write_text(' '.join(words))
+  for cmd in ('train-teacher', 'distill'):
+    r = _cli([cmd, '--config=configs/tiny.py', '--config.data.source=text',
+              f'--config.data.text_glob={docs}/*.txt',
+              '--config.train.eval_every=0', '--config.distill.eval_every=0',
+              '--config.train.num_steps=2',
+              '--config.distill.steps_per_stage=2',
+              '--config.distill.windows=(1,)'], tmp_path,
+             env=dict(os.environ, XLA_FLAGS=''))
+    assert r.returncode == 0, r.stderr[-2000:]
+  assert (tmp_path / 'student_k1' / 'checkpoints').is_dir()
+
+
 @pytest.mark.parametrize('name,before,after', [('ema_decay', 0.0, 0.9),
                                                  ('grad_clip', 1.0, 0.0)])
 def test_resume_with_ema_or_clipping_toggled_is_refused_not_corrupt(
@@ -111,6 +165,31 @@ def test_corrupt_checkpoint_is_reported(tmp_path):
   assert (step_dir / 'meta').exists()  # Nothing was deleted by the error.
 
 
+@pytest.mark.parametrize('fsdp', [False, True])
+def test_checkpoint_saved_on_8_devices_loads_on_1(tmp_path, fsdp):
+  # generate / evaluate / bench / distill's teacher load with load_params,
+  # often on another machine than training ran on. Without a restore
+  # target orbax refused this as a topology mismatch.
+  config = _config(8, fsdp=fsdp)
+  train_lib.train(teacher_lib.teacher_task(config), config, str(tmp_path),
+                  helpers.ArrayIterator(_data(), 8), num_steps=2)
+  _, here, _ = checkpoints.load_params(str(tmp_path / 'teacher'))
+  expected = float(sum(np.abs(np.asarray(x, np.float64)).sum()
+                       for x in jax.tree.leaves(here)))
+  assert expected > 0
+  script = ('import jax, numpy as np; from kforcing_jax import checkpoints; '
+            f'_, p, _ = checkpoints.load_params({str(tmp_path / "teacher")!r}); '
+            'print(jax.device_count(), sum(float(np.abs(np.asarray(x, '
+            'np.float64)).sum()) for x in jax.tree.leaves(p)))')
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  proc = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  devices, total = proc.stdout.split()
+  assert int(devices) == 1
+  assert float(total) == pytest.approx(expected, rel=1e-12)
+
+
 def _cli(args, workdir, **kw):
   return subprocess.run(
       [sys.executable, '-m', 'kforcing_jax', *args, f'--workdir={workdir}'],
@@ -129,6 +208,9 @@ def _cli(args, workdir, **kw):
     # Later stages' fields too, so a pipeline never trains and then stops.
     ('--config.eval.num_samples=0', 'eval.num_samples=0'),
     ('--config.bench.batch_sizes=(0,)', 'bench.batch_sizes=(0,)'),
+    ('--config.train.eval_batches=0',
+     'train.eval_batches=0 must be >= 1 while train.eval_every=20'),
+    ('--config.data.shuffle_seed=-1', 'data.shuffle_seed=-1'),
 ])
 def test_cli_bad_config_fails_fast_with_named_value(tmp_path, override, needle):
   r = _cli(['train-teacher', '--config=configs/tiny.py', override], tmp_path)
