@@ -276,12 +276,14 @@ def train(task: Task, config, workdir: str, data_iter, eval_batches=(),
 
   restored = manager.restore_latest(abstract, shardings)
   if restored is None:
-    # The source (e.g. a teacher from load_params) sits on one device; the
-    # init runs over the whole mesh.
-    source = jax.device_put(
-        task.init_source,
-        jax.tree.map(lambda _: sharding_lib.replicated(mesh),
-                     task.init_source))
+    # A source from load_params sits on one device when this is one process;
+    # the init runs over the whole mesh. (Arrays already on the mesh's
+    # devices, as in a multi-process run, stay where they are.)
+    replicated = sharding_lib.replicated(mesh)
+    source = jax.tree.map(
+        lambda x: x if getattr(x, 'sharding', None) is not None and (
+            x.sharding.device_set == replicated.device_set) else
+        jax.device_put(x, replicated), task.init_source)
     state = jax.jit(init_fn, out_shardings=shardings)(rng, source)
   else:
     state, data_state = restored
