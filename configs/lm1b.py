@@ -20,6 +20,9 @@ def get_config():
   c.model.mlp_dim = 3072
   c.model.dropout_rate = 0.1
   c.model.dtype = 'bfloat16'
+  # The paper's noise encoder at width 768: ~5.9M parameters.
+  c.model.noise_feature_dim = 768
+  c.model.noise_mlp_dim = 3072
   c.data.source = 'tfds'
   c.data.tfds_name = 'lm1b'
   c.data.eval_split = 'test'  # lm1b ships train and test only.

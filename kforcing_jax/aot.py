@@ -33,6 +33,7 @@ import numpy as np
 
 from kforcing_jax import commands
 from kforcing_jax import config_files
+from kforcing_jax import defaults
 from kforcing_jax import distill as distill_lib
 from kforcing_jax import model as model_lib
 from kforcing_jax import sharding as sharding_lib
@@ -275,6 +276,15 @@ def main(argv, flag_values):
   if config is None:
     raise app.UsageError('--config is required, e.g. --config=configs/lm1b.py')
   steps = _steps_from_flag(fv['steps'])
+  # Everything a user can get wrong, before the first (minutes-long) compile.
+  defaults.validate(config)
+  for name in ('batch_size', 'distill_batch_size'):
+    if fv[name] < 0:
+      raise app.UsageError(f'--{name}={fv[name]} must be >= 0 (0: the '
+                           "config's)")
+  folder = os.path.dirname(os.path.abspath(fv['out'])) if fv['out'] else ''
+  if folder and not os.path.isdir(folder):
+    raise app.UsageError(f"--out={fv['out']}: folder {folder} does not exist")
   result = {'jax': jax.__version__, 'rows': []}
   if fv['tpu_topology']:
     try:
@@ -289,6 +299,15 @@ def main(argv, flag_values):
       sys.exit(1)
   else:
     mesh = cpu_mesh(fv['devices'])
+  size = mesh.shape[sharding_lib.DATA]
+  for which, flag, field, default in (
+      (TEACHER, 'batch_size', 'train.batch_size', config.train.batch_size),
+      (DISTILL, 'distill_batch_size', 'distill.batch_size',
+       config.distill.batch_size)):
+    batch = fv[flag] or default
+    if which in steps and batch % size:
+      raise app.UsageError(f'global batch {batch} (--{flag}, or {field} when '
+                           f'0) is not divisible by the {size} devices')
   result['rows'] = run(config, mesh, steps=steps, batch_size=fv['batch_size'],
                        distill_batch_size=fv['distill_batch_size'],
                        replicated=fv['replicated'])

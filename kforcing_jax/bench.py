@@ -119,7 +119,7 @@ ACCELERATORS = (
 # The paper's LM1B model (docs/METHOD.md), served in bfloat16.
 LM1B_MODEL = model_lib.ModelConfig(
     vocab_size=30522, seq_len=128, num_layers=12, d_model=768, num_heads=12,
-    mlp_dim=3072, dtype='bfloat16')
+    mlp_dim=3072, dtype='bfloat16', noise_feature_dim=768, noise_mlp_dim=3072)
 
 
 # ------------------------------------------------------------------ settings
@@ -158,8 +158,13 @@ def settings_from_config(config) -> BenchSettings:
   for f in dataclasses.fields(BenchSettings):
     if f.name in section:
       value = section[f.name]
-      values[f.name] = (tuple(int(v) for v in value)
-                        if f.name in ('batch_sizes', 'ks') else value)
+      if f.name in ('batch_sizes', 'ks'):
+        if isinstance(value, (str, bytes)) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+          raise ValueError(f'bench.{f.name}={value!r}: need a tuple of ints, '
+                           f"e.g. '--config.bench.{f.name}=(1,8)'")
+        value = tuple(value)
+      values[f.name] = value
   s = BenchSettings(**values)
   _check_settings(s, config.model.seq_len)
   return s
@@ -168,14 +173,28 @@ def settings_from_config(config) -> BenchSettings:
 def _check_settings(s: BenchSettings, seq_len: int) -> None:
   if not s.batch_sizes or min(s.batch_sizes) < 1:
     raise ValueError(f'bench.batch_sizes={s.batch_sizes}: need positive ints')
-  if any(k < 2 for k in s.ks):
-    raise ValueError(f'bench.ks={s.ks}: student k must be >= 2 (k=1 is the '
-                     'AR teacher, always timed)')
+  if not s.ks or any(k < 2 for k in s.ks):
+    raise ValueError(f'bench.ks={s.ks}: need student k values >= 2 (k=1 is '
+                     'the AR teacher, always timed)')
   if s.prefix_len < 1:
     raise ValueError(f'bench.prefix_len={s.prefix_len} must be >= 1')
+  if s.max_new_tokens < 0:
+    raise ValueError(f'bench.max_new_tokens={s.max_new_tokens} must be >= 0 '
+                     '(0: up to model.seq_len)')
   if new_tokens(s, seq_len) < 1:
     raise ValueError(f'bench.prefix_len={s.prefix_len} leaves no room to '
                      f'decode within model.seq_len={seq_len}')
+  if s.prefix_len + new_tokens(s, seq_len) > seq_len:
+    raise ValueError(f'bench.prefix_len + max_new_tokens = '
+                     f'{s.prefix_len + s.max_new_tokens} > model.seq_len='
+                     f'{seq_len}')
+  for name in ('matmul_size', 'copy_mib'):
+    if getattr(s, name) < 1:
+      raise ValueError(f'bench.{name}={getattr(s, name)} must be >= 1')
+  for name in ('peak_flops', 'bandwidth'):
+    if not getattr(s, name) >= 0:
+      raise ValueError(f'bench.{name}={getattr(s, name)} must be >= 0 '
+                       '(0: measure it)')
   if s.repeats < 1 or s.warmup < 0:
     raise ValueError(f'bench.repeats={s.repeats} must be >= 1 and '
                      f'bench.warmup={s.warmup} >= 0')
@@ -214,7 +233,8 @@ class ModelShape:
     itemsize = jnp.dtype(cfg.compute_dtype).itemsize
     if noise_params is None:
       noise_params = (noise_lib.noise_encoder_num_params(
-          cfg.d_model, mlp_dim=cfg.noise_mlp_dim) if cfg.noise_window else 0)
+          cfg.d_model, feature_dim=cfg.noise_feature_dim,
+          mlp_dim=cfg.noise_mlp_dim) if cfg.noise_window else 0)
     return cls(num_layers=cfg.num_layers, d_model=cfg.d_model,
                vocab_size=cfg.vocab_size, dense_params=dense_params(cfg),
                noise_params=noise_params,

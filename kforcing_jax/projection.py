@@ -12,8 +12,9 @@ functions with hidden states and the unembedding matrix. `impl` is the
                decoding (a few rows of logits; one matmul is fastest on CPU:
                chunked measured 626 vs 816 AR tokens/s at batch 1, demo size).
 Inverse-CDF sampling keeps the high-precision coupling of `noise.py` unless
-the resolved implementation is Pallas (TPU), whose f32 two-pass kernel
-disagrees with it only on draws within a few f32 ulps of a CDF step.
+the resolved implementation is Pallas (TPU) and float32 was asked for (or
+'auto' without jax_enable_x64): the f32 two-pass kernel disagrees with it
+only on draws within a few f32 ulps of a CDF step.
 """
 
 import jax.numpy as jnp
@@ -76,8 +77,14 @@ def argmax(h_MxD, w_DxV, impl, counts_MxV=None, penalty=0.0):
 
 def inverse_cdf(h_MxD, w_DxV, u_M, impl, temperature=1.0, counts_MxV=None,
                 penalty=0.0, precision='auto'):
-  """Inverse-CDF token per row; see the module docstring for precision."""
-  if resolved(impl) == 'pallas' and counts_MxV is None:
+  """Inverse-CDF token per row; see the module docstring for precision.
+
+  The Pallas kernel works in float32, so a float64 request (precision
+  'float64', or 'auto' with jax_enable_x64) takes the high-precision path
+  instead of being ignored; a bad precision is refused on every path.
+  """
+  wide = noise_lib.working_dtype(precision) == jnp.float64
+  if resolved(impl) == 'pallas' and counts_MxV is None and not wide:
     return kernels.projected_inverse_cdf(h_MxD, w_DxV, u_M,
                                          temperature=temperature,
                                          impl='pallas')

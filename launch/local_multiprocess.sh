@@ -52,7 +52,8 @@ die_usage() {
 
 # check_int FLAG VALUE MIN MAX: exits 2 unless MIN <= VALUE <= MAX.
 check_int() {
-  if ! [[ "$2" =~ ^[0-9]+$ ]] || (($2 < $3 || $2 > $4)); then
+  # No leading zero: bash arithmetic would read 010 as octal (8).
+  if ! [[ "$2" =~ ^[1-9][0-9]*$|^0$ ]] || (($2 < $3 || $2 > $4)); then
     die_usage "$1 must be an integer in [$3, $4], got '$2'"
   fi
 }

@@ -150,7 +150,17 @@ def test_a_step_that_does_not_compile_is_a_row_not_a_crash(monkeypatch,
     (['--config=configs/nope.py'], '--config=configs/nope.py: no such file'),
     (['--bogus=1'], "Unknown command line flag 'bogus'"),
     (['--steps=teacher', '--batch_size=3', '--devices=2'],
-     'global batch 3 is not divisible by the 2 devices'),
+     'global batch 3 (--batch_size, or train.batch_size when 0) is not '
+     'divisible by the 2 devices'),
+    # Checked before the teacher compiles, not after.
+    (['--distill_batch_size=5', '--devices=2'],
+     'global batch 5 (--distill_batch_size, or distill.batch_size when 0) is '
+     'not divisible by the 2 devices'),
+    (['--batch_size=-8'], "--batch_size=-8 must be >= 0 (0: the config's)"),
+    (['--out=/nonexistent/dir/aot.json'],
+     '--out=/nonexistent/dir/aot.json: folder /nonexistent/dir does not '
+     'exist'),
+    (['--config.train.grad_clip=-1'], 'train.grad_clip=-1.0 must be >= 0'),
 ])
 def test_bad_command_lines_are_one_line(args, message):
   if not any(a.startswith('--config=') for a in args):

@@ -213,6 +213,20 @@ def test_settings_defaults_and_errors():
     bench.settings_from_config(_tiny_config(ks=(1, 2)))
   with pytest.raises(ValueError, match='bench.roofline'):
     bench.settings_from_config(_tiny_config(roofline='guess'))
+  # Each of these used to pass, then fail after (or crash during) timing.
+  for fields, needle in (
+      (dict(ks=()), r'bench.ks=\(\): need student k values >= 2'),
+      (dict(max_new_tokens=1000),
+       r'bench.prefix_len \+ max_new_tokens = 1006 > model.seq_len=32'),
+      (dict(max_new_tokens=-5), 'bench.max_new_tokens=-5 must be >= 0'),
+      (dict(copy_mib=0), 'bench.copy_mib=0 must be >= 1'),
+      (dict(matmul_size=0), 'bench.matmul_size=0 must be >= 1'),
+      (dict(peak_flops=-1.0), 'bench.peak_flops=-1.0 must be >= 0'),
+      (dict(batch_sizes=(1.5, 8.9)), 'bench.batch_sizes=.*need a tuple of '
+       'ints'),
+  ):
+    with pytest.raises(ValueError, match=needle):
+      bench.settings_from_config(_tiny_config(**fields))
   with pytest.raises(ValueError, match="bench.key_layout='ks'"):
     bench.settings_from_config(_tiny_config(key_layout='ks'))
   with pytest.raises(ValueError, match='no room'):

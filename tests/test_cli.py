@@ -51,6 +51,10 @@ def test_help_after_double_dash_or_as_a_flag_value_is_not_help(tmp_path):
     (['trian-teacher', '--workdir=w'], 'unknown or missing subcommand: '
      'trian-teacher'),
     (['bench', '--workdir=w', '--bogus=1'], "Unknown command line flag 'bogus'"),
+    # An unquoted multi-word prompt: 'nation' is not a subcommand problem.
+    (['generate', '--workdir=w', '--prompt', 'The', 'nation'],
+     'unexpected argument(s) after generate: nation (quote a value with '
+     'spaces)'),
 ])
 def test_usage_errors_exit_2_and_point_at_help(args, needle):
   r = _cli(*args)

@@ -572,3 +572,28 @@ def test_a_single_step_decode_fits_its_cache(small_cfg, k):
                            noise=np.pad(noise, ((0, 0), (0, 2 * k)),
                                         constant_values=0.5))
   np.testing.assert_array_equal(out.tokens, longer.tokens[:, :k])
+
+
+def test_decoding_runs_under_x64_with_the_same_student_tokens():
+  # distill.precision='float64' needs jax_enable_x64; decoding in such a
+  # process used to fail (an int64 literal next to int32 step indices).
+  # The student's argmax tokens do not depend on the flag; the teacher's
+  # inverse CDF runs in float64 there, so it is only run.
+  cfg = model_lib.ModelConfig(vocab_size=37, seq_len=64, num_layers=2,
+                              d_model=32, num_heads=4, mlp_dim=64,
+                              noise_window=4)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(1))
+  noise = np.asarray(jax.random.uniform(jax.random.PRNGKey(2), (2, 7)))
+  kwargs = dict(max_new_tokens=7, k=3, noise=noise, frequency_penalty=0.3,
+                eos_id=5)
+  plain = decode.generate(params, cfg, [[3, 5, 7], [2]], **kwargs)
+  teacher_cfg = dataclasses.replace(cfg, noise_window=0)
+  with jax.enable_x64(True):
+    wide = decode.generate(params, cfg, [[3, 5, 7], [2]], **kwargs)
+    ar = decode.generate(model_lib.init_params(teacher_cfg,
+                                               jax.random.PRNGKey(1)),
+                         teacher_cfg, [[3, 5, 7], [2]], max_new_tokens=7,
+                         noise=noise)
+  np.testing.assert_array_equal(wide.tokens, plain.tokens)
+  np.testing.assert_array_equal(wide.lengths, plain.lengths)
+  assert ar.tokens.shape == (2, 7)

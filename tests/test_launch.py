@@ -409,6 +409,7 @@ def test_local_timeout(fake_python):
     ['-n', '0', 'generate'], ['-d', 'x', 'generate'], ['-p', '70000',
                                                        'generate'],
     ['--bogus', 'generate'], [],
+    ['-n', '010', 'generate'],  # Octal to bash arithmetic: refused.
 ])
 def test_local_bad_input_exits_2(args):
   r = local(*args, '--dry-run')

@@ -269,3 +269,23 @@ def test_model_config_ints_normalised_and_non_ints_rejected(small_cfg):
     dataclasses.replace(small_cfg, noise_window=2.5)
   with pytest.raises(ValueError, match='model.num_layers must be an int'):
     dataclasses.replace(small_cfg, num_layers=True)
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_model_logits_are_the_projection_logits(dtype):
+  # One set of logits per model: the full forward (teacher eval, noise
+  # inversion) and projection.logits (decoding, losses) must agree exactly,
+  # bfloat16 included (the unembedding used to run in bfloat16 there).
+  from kforcing_jax import projection  # pylint: disable=g-import-not-at-top
+  cfg = model_lib.ModelConfig(vocab_size=1000, seq_len=32, num_layers=2,
+                              d_model=64, num_heads=4, mlp_dim=128,
+                              dtype=dtype)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (4, 32), 0, 1000)
+  model = model_lib.Transformer(cfg)
+  full = model.apply({'params': params}, tokens)
+  h = model.apply({'params': params}, tokens,
+                  method=model_lib.Transformer.hidden)
+  np.testing.assert_array_equal(
+      full, projection.logits(h, params['unembed']['kernel']))
+  assert full.dtype == jnp.float32

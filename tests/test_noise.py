@@ -318,3 +318,21 @@ def test_check_noise():
     noise.check_noise(np.array([np.inf, 0.1]))
   with pytest.raises(TypeError, match='concrete'):
     jax.jit(noise.check_noise)(jnp.zeros(3))
+
+
+def test_paper_configs_build_the_papers_noise_encoder():
+  # docs/METHOD.md: about 5.9M parameters at width 768.
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from kforcing_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for name in ('lm1b', 'owt'):
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(root, 'configs', f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = model_lib.ModelConfig.from_config(module.get_config().model,
+                                            noise_window=4)
+    params = jax.eval_shape(lambda r, c=cfg: model_lib.init_params(c, r),
+                            jax.random.PRNGKey(0))
+    assert model_lib.count_params(params['noise_encoder']) == 5904384, name

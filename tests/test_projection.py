@@ -124,3 +124,23 @@ def test_teacher_penalty_equals_stepwise_reference(small_cfg, greedy):
   plain = decode.generate(params, small_cfg, [prompt], max_new_tokens=n,
                           noise=noise, greedy=greedy).tokens[0]
   assert not np.array_equal(plain, got)  # Else lambda checks nothing.
+
+
+def test_pallas_inverse_cdf_honours_the_asked_precision():
+  # The Pallas kernel is float32: a float64 request must take the float64
+  # path (stage-1 targets with distill.precision='float64' on TPU), and a
+  # bad value must be refused, not ignored.
+  rng = np.random.default_rng(0)
+  h = jnp.asarray(rng.normal(size=(6, 16)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(16, 300)) * 3, jnp.float32)
+  u = jnp.asarray(rng.uniform(size=6), jnp.float32)
+  with pytest.raises(ValueError, match="precision must be one of"):
+    projection.inverse_cdf(h, w, u, 'pallas', precision='bogus')
+  with pytest.raises(ValueError, match='jax_enable_x64'):
+    projection.inverse_cdf(h, w, u, 'pallas', precision='float64')
+  with jax.enable_x64(True):
+    lg = projection.logits(h, w)
+    want = noise_lib.inverse_cdf(lg, u, precision='float64')
+    for precision in ('float64', 'auto'):
+      got = projection.inverse_cdf(h, w, u, 'pallas', precision=precision)
+      np.testing.assert_array_equal(got, want)

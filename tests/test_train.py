@@ -70,6 +70,24 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
+@pytest.mark.parametrize('section,name,value,needle', [
+    # A negative clip norm flips every gradient: training climbed the loss.
+    ('train', 'grad_clip', -1.0, 'train.grad_clip=-1.0 must be >= 0'),
+    ('train', 'weight_decay', -1.0, 'train.weight_decay=-1.0 must be >= 0'),
+    ('train', 'b1', 1.5, r'train.b1=1.5 not in \[0, 1\)'),
+    ('train', 'b2', -0.5, r'train.b2=-0.5 not in \[0, 1\)'),
+    # Used to fail a step later as "non-finite metrics ... lower train.lr".
+    ('model', 'rope_base', -1.0, 'model.rope_base=-1.0 must be > 0'),
+    ('model', 'noise_scale', 0.0, 'model.noise_scale=0.0 must be > 0'),
+])
+def test_validate_names_a_bad_optimizer_or_model_value(section, name, value,
+                                                       needle):
+  config = _config()
+  config[section][name] = value
+  with pytest.raises(ValueError, match=needle):
+    defaults.validate(config)
+
+
 def test_divergence_before_any_checkpoint_says_so(tmp_path):
   config = _config()
   config.train.lr = 1e30  # Diverges within a step or two.
@@ -428,3 +446,24 @@ def test_ignored_sigint_stays_ignored():
       assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
   finally:
     signal.signal(signal.SIGINT, previous)
+
+
+def test_a_model_field_added_later_takes_its_default_in_old_checkpoints(
+    tmp_path, monkeypatch):
+  # A student checkpoint written before model.noise_feature_dim existed
+  # resumes under the default, and is still refused for a real change.
+  from kforcing_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  cfg = model_lib.ModelConfig(vocab_size=61, seq_len=16, num_layers=2,
+                              d_model=32, num_heads=4, mlp_dim=64,
+                              noise_window=2)
+  old = cfg.to_dict()
+  del old['noise_feature_dim']
+  manager = checkpoints.Manager(str(tmp_path))
+  monkeypatch.setattr(manager, 'latest_step', lambda: 7)
+  monkeypatch.setattr(manager, 'read_meta', lambda step=None: {'model': old})
+  assert manager.check_compatible({'model': cfg.to_dict()}) == {'model': old}
+  wider = dict(cfg.to_dict(), noise_feature_dim=768)
+  with pytest.raises(checkpoints.CheckpointError,
+                     match='model.noise_feature_dim: checkpoint=256 vs '
+                     'config=768'):
+    manager.check_compatible({'model': wider})
