@@ -761,6 +761,24 @@ def machine_info() -> dict[str, Any]:
       'load_avg_start': list(os.getloadavg())}
 
 
+def runnable_others(samples: int = 5, interval_s: float = 0.1,
+                    path: str = '/proc/loadavg') -> float | None:
+  """Runnable tasks other than the reading one, now: the median over a few
+  reads of the running count in /proc/loadavg, minus the reader. None
+  where that file is missing or unreadable (not Linux)."""
+  counts = []
+  for i in range(samples):
+    if i:
+      time.sleep(interval_s)
+    try:
+      with open(path) as f:
+        running = int(f.read().split()[3].split('/')[0])
+    except (OSError, ValueError, IndexError):
+      return None
+    counts.append(running - 1)
+  return float(np.median(counts))
+
+
 # ------------------------------------------------------------------ run
 
 
@@ -832,9 +850,17 @@ def run_bench(config, workdir: str,
       f'{max_new} new tokens; batches {list(s.batch_sizes)}; k = 1, '
       f'{list(s.ks)}; median of {s.repeats} (interleaved)')
 
+  # Other work on the cores skews every number below, torch's most. The
+  # 1-minute load average also counts this process's own work just before
+  # (the pipeline's evaluate stage), so where /proc allows, ask what else
+  # is runnable now.
+  others = runnable_others()
   load = machine['load_avg_start'][0]
-  if load > 0.5 * machine['cpu_count']:
-    # Other work on the cores skews every number below, torch's most.
+  if others is not None and others > 0.5 * machine['cpu_count']:
+    log(f'[bench] WARNING: {others:g} other runnable processes on '
+        f'{machine["cpu_count"]} cores: this machine is busy, timings will '
+        'be noisy; rerun on a quiet machine for numbers to report')
+  elif others is None and load > 0.5 * machine['cpu_count']:
     log(f'[bench] WARNING: 1-minute load average {load:.1f} on '
         f'{machine["cpu_count"]} cores: this machine is busy, timings will '
         'be noisy; rerun on a quiet machine for numbers to report')

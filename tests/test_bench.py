@@ -295,3 +295,28 @@ def test_only_process_0_writes_results(tmp_path, monkeypatch):
                         str(tmp_path), log=lambda line: None)
   assert out['results']
   assert not {'bench.json', 'bench.png'} & set(os.listdir(tmp_path))
+
+
+def test_runnable_others_reads_the_running_count(tmp_path):
+  path = tmp_path / 'loadavg'
+  path.write_text('0.50 0.40 0.30 3/200 1234\n')  # 3 running, one is us.
+  assert bench.runnable_others(3, 0.0, str(path)) == 2.0
+  assert bench.runnable_others(1, 0.0, str(tmp_path / 'missing')) is None
+  path.write_text('garbage\n')
+  assert bench.runnable_others(1, 0.0, str(path)) is None
+
+
+@pytest.mark.parametrize('others,loadavg,warns', [
+    (0.0, 9.0, False),  # A high average from our own earlier stage: quiet.
+    (5.0, 0.0, True),  # Other work runnable now.
+    (None, 9.0, True),  # No /proc: the 1-minute average decides.
+])
+def test_busy_warning_asks_what_else_runs_now(tmp_path, monkeypatch, others,
+                                              loadavg, warns):
+  monkeypatch.setattr(bench, 'runnable_others', lambda: others)
+  monkeypatch.setattr(bench.os, 'getloadavg',
+                      lambda: (loadavg, loadavg, loadavg))
+  lines = []
+  bench.run_bench(_tiny_config(**dict(_FAST, batch_sizes=(1,), ks=(2,))),
+                  str(tmp_path), log=lines.append)
+  assert any('WARNING' in l and 'busy' in l for l in lines) == warns
