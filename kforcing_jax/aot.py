@@ -185,10 +185,22 @@ def tpu_mesh(topology: str):
 def run(config, mesh, *, steps=(TEACHER, DISTILL), batch_size=0,
         distill_batch_size=0, replicated=False) -> list[dict]:
   """Compiles every requested step (FSDP, and replicated if asked)."""
+  batches = {TEACHER: ('batch_size', 'train.batch_size',
+                       batch_size or config.train.batch_size),
+             DISTILL: ('distill_batch_size', 'distill.batch_size',
+                       distill_batch_size or config.distill.batch_size)}
+  size = mesh.shape[sharding_lib.DATA]
+  for which in steps:  # All of them before the first (minutes-long) compile.
+    if which not in batches:
+      raise ValueError(f'unknown step {which!r}; expected {TEACHER!r} or '
+                       f'{DISTILL!r}')
+    flag, field, batch = batches[which]
+    if batch % size:
+      raise ValueError(f'global batch {batch} (--{flag}, or {field} when 0) '
+                       f'is not divisible by the {size} devices')
   rows, header = [], True
   for which in steps:
-    batch = (batch_size or config.train.batch_size) if which == TEACHER else (
-        distill_batch_size or config.distill.batch_size)
+    batch = batches[which][2]
     # Distillation always replicates its state, as training does.
     options = (True, False) if replicated else (True,)
     for fsdp in ((False,) if which == DISTILL else options):
@@ -299,15 +311,6 @@ def main(argv, flag_values):
       sys.exit(1)
   else:
     mesh = cpu_mesh(fv['devices'])
-  size = mesh.shape[sharding_lib.DATA]
-  for which, flag, field, default in (
-      (TEACHER, 'batch_size', 'train.batch_size', config.train.batch_size),
-      (DISTILL, 'distill_batch_size', 'distill.batch_size',
-       config.distill.batch_size)):
-    batch = fv[flag] or default
-    if which in steps and batch % size:
-      raise app.UsageError(f'global batch {batch} (--{flag}, or {field} when '
-                           f'0) is not divisible by the {size} devices')
   result['rows'] = run(config, mesh, steps=steps, batch_size=fv['batch_size'],
                        distill_batch_size=fv['distill_batch_size'],
                        replicated=fv['replicated'])

@@ -315,17 +315,9 @@ def predict_decode_time(shape: ModelShape, batch: int, prompt_len: int,
                         bandwidth: float, mode: str = 'max',
                         full_cache: bool = False) -> float:
   """Roofline seconds of a whole decode of max_new tokens per row."""
-  steps = -(-max_new // k)
-  cache_size = (decode.full_cache_size(prompt_len, steps, k) if full_cache
-                else None)
-  passes = decode_passes(prompt_len, k, steps, student=k > 1)
-  total = sum(pass_time(pass_costs(shape, batch, p, cache_size), peak_flops,
-                        bandwidth, mode) for p in passes)
-  if k > 1:
-    total += pass_time({'noise': noise_encoder_costs(shape, batch,
-                                                     steps * k)},
-                       peak_flops, bandwidth, mode)
-  return total
+  return sum(pass_time(costs, peak_flops, bandwidth, mode)
+             for costs in _decode_costs(shape, batch, prompt_len, k, max_new,
+                                        full_cache))
 
 
 def decode_totals(shape: ModelShape, batch: int, prompt_len: int, k: int,
@@ -333,12 +325,23 @@ def decode_totals(shape: ModelShape, batch: int, prompt_len: int, k: int,
   """(FLOPs, bytes) of a whole decode under the cost model above: what
   `predict_decode_time` charges, summed over its passes and the noise
   encoder. Divided by a measured time, the rates the decode achieved."""
-  steps = -(-max_new // k)
-  parts = [c for p in decode_passes(prompt_len, k, steps, student=k > 1)
-           for c in pass_costs(shape, batch, p).values()]
-  if k > 1:
-    parts.append(noise_encoder_costs(shape, batch, steps * k))
+  parts = [c for costs in _decode_costs(shape, batch, prompt_len, k, max_new)
+           for c in costs.values()]
   return sum(f for f, _ in parts), sum(b for _, b in parts)
+
+
+def _decode_costs(shape: ModelShape, batch: int, prompt_len: int, k: int,
+                  max_new: int, full_cache: bool = False) -> list[dict]:
+  """{part: (FLOPs, bytes)} of each pass of a decode, then (students) of
+  the noise encoder's one pass over all of its noise."""
+  steps = -(-max_new // k)
+  cache_size = (decode.full_cache_size(prompt_len, steps, k) if full_cache
+                else None)
+  out = [pass_costs(shape, batch, p, cache_size)
+         for p in decode_passes(prompt_len, k, steps, student=k > 1)]
+  if k > 1:
+    out.append({'noise': noise_encoder_costs(shape, batch, steps * k)})
+  return out
 
 
 def noise_encoder_costs(shape: ModelShape, batch: int,
@@ -855,15 +858,15 @@ def run_bench(config, workdir: str,
   # (the pipeline's evaluate stage), so where /proc allows, ask what else
   # is runnable now.
   others = runnable_others()
-  load = machine['load_avg_start'][0]
-  if others is not None and others > 0.5 * machine['cpu_count']:
-    log(f'[bench] WARNING: {others:g} other runnable processes on '
-        f'{machine["cpu_count"]} cores: this machine is busy, timings will '
-        'be noisy; rerun on a quiet machine for numbers to report')
-  elif others is None and load > 0.5 * machine['cpu_count']:
-    log(f'[bench] WARNING: 1-minute load average {load:.1f} on '
-        f'{machine["cpu_count"]} cores: this machine is busy, timings will '
-        'be noisy; rerun on a quiet machine for numbers to report')
+  if others is None:
+    busy = machine['load_avg_start'][0]
+    what = f'1-minute load average {busy:.1f}'
+  else:
+    busy, what = others, f'{others:g} other runnable processes'
+  if busy > 0.5 * machine['cpu_count']:
+    log(f'[bench] WARNING: {what} on {machine["cpu_count"]} cores: this '
+        'machine is busy, timings will be noisy; rerun on a quiet machine '
+        'for numbers to report')
   roof = _roofline_numbers(s, ar_cfg, log)
   vocab = min(m.cfg.vocab_size for m in models.values())
   big = make_prompts(config, workdir, s, max(s.batch_sizes), vocab)

@@ -778,6 +778,10 @@ def run_evaluate(config, workdir: str) -> dict:
   noise = np.asarray(jax.random.uniform(jax.random.PRNGKey(s.seed),
                                         (len(seqs), max_new)), np.float32)
   prefix_texts = [tokenizer.decode(p) for p in prefixes]
+  if evaluator is not None:  # The same prefixes for every model.
+    separator = evaluator.document_separator
+    evaluator_prefixes = [evaluator_text(tokenizer, p, separator)
+                          for p in prefixes]
   teacher_lp = teacher_logprob_fn(teacher_cfg, teacher_params)
   # Every run is restored before any scoring, so a damaged student
   # checkpoint stops evaluate at once, not after the earlier models.
@@ -801,10 +805,9 @@ def run_evaluate(config, workdir: str) -> dict:
     t_nll = sequence_nll(teacher_lp, full, s.prefix_len, s.batch_size)
     e_nll = None
     if evaluator is not None:
-      sep = evaluator.document_separator
       e_nll = evaluator.nll(
-          [evaluator_text(tokenizer, p, sep) for p in prefixes],
-          [evaluator_text(tokenizer, row, sep) for row in full])
+          evaluator_prefixes,
+          [evaluator_text(tokenizer, row, separator) for row in full])
     row, stats = _model_row(entry, tokens, t_nll, e_nll, teacher_tokens,
                             timing, s)
     models[entry.name] = row
