@@ -144,7 +144,7 @@ def base_config() -> ml_collections.ConfigDict:
   b.peak_flops = 0.0  # FLOP/s override (0 = measure).
   b.bandwidth = 0.0  # Bytes/s override (0 = measure).
   b.seed = 0  # Prompts, noise and random weights.
-  b.key_layout = 'auto'  # KV-cache key layout: 'auto' (CPU-tuned), 'k', 'kt'.
+  b.key_layout = 'auto'  # KV-cache key layout: 'auto' (per backend), 'k', 'kt'.
 
   # --- Vocabulary projection kernels (kforcing_jax/kernels). ---
   c.kernels = kn = ml_collections.ConfigDict()

@@ -467,14 +467,102 @@ def test_growing_cache_equals_full_size_cache(small_cfg, k):
 
 @pytest.mark.parametrize('k', [1, 3])
 def test_key_layouts_give_the_same_tokens(small_cfg, k):
-  # DecodeSpec.key_layout only changes how keys are stored; 'auto' picks
-  # 'k' for AR and 'kt' for push-forward, so each k checks the other one.
+  # DecodeSpec.key_layout only changes how keys are stored.
   (k_spec, k_out), (kt_spec, kt_out) = _decode_variants(
       small_cfg, k, [{'key_layout': 'k'}, {'key_layout': 'kt'}], seed=7)
   assert 'k' in decode.init_cache(k_spec, 2, 8)[0]
   assert 'kt' in decode.init_cache(kt_spec, 2, 8)[0]
   np.testing.assert_array_equal(k_out[0], kt_out[0])
   np.testing.assert_array_equal(k_out[1], kt_out[1])
+
+
+@pytest.mark.parametrize('backend, k, expected', [
+    ('cpu', 1, 'k'), ('cpu', 3, 'kt'), ('gpu', 3, 'k'), ('tpu', 3, 'k'),
+    ('gpu', 1, 'k')])
+def test_auto_key_layout_is_the_faster_one_per_backend(
+    small_cfg, monkeypatch, backend, k, expected):
+  # 'kt' helps push-forward steps on XLA:CPU only; on an H100 'k' was
+  # faster (decode.key_layout).
+  cfg = dataclasses.replace(small_cfg, noise_window=4)
+  spec = decode.DecodeSpec(model=cfg, k=k, num_steps=2, prompt_len=3)
+  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
+  assert decode.key_layout(spec) == expected
+  assert list(decode.init_cache(spec, 2, 8)[0]) == [expected, 'v']
+  forced = dataclasses.replace(spec, key_layout='kt')
+  assert decode.key_layout(forced) == 'kt'
+
+
+def _while_body_weight_casts(spec, params, batch):
+  """(float32 -> other converts of a >= 2-D block weight's shape inside the
+  decode loop's while bodies, the same outside them), from the jaxpr."""
+  shapes = {leaf.shape for name, leaf in jax.tree_util.tree_leaves_with_path(
+      params) if leaf.ndim >= 2 and 'block_' in jax.tree_util.keystr(name)}
+  p, n = spec.prompt_len, spec.num_steps * spec.k
+  jaxpr = jax.make_jaxpr(decode._loop, static_argnums=0)(  # pylint: disable=protected-access
+      spec, params, jnp.zeros((batch, p), jnp.int32),
+      jnp.zeros((batch,), jnp.int32), jnp.full((batch, n), 0.5), 1.0, 0.0)
+  counts = [0, 0]  # [inside, outside]
+
+  def walk(jaxpr, inside):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == 'convert_element_type':
+        aval = eqn.invars[0].aval
+        if aval.dtype == jnp.float32 and aval.shape in shapes:
+          counts[0 if inside else 1] += 1
+      for sub in _subjaxprs(eqn.params):
+        walk(sub, inside or eqn.primitive.name == 'while')
+  walk(jaxpr.jaxpr, False)
+  return tuple(counts)
+
+
+def _subjaxprs(params):
+  for value in params.values():
+    for v in value if isinstance(value, (tuple, list)) else [value]:
+      if hasattr(v, 'jaxpr') and hasattr(v.jaxpr, 'eqns'):
+        yield v.jaxpr  # ClosedJaxpr
+      elif hasattr(v, 'eqns'):
+        yield v
+
+
+@pytest.mark.parametrize('k', [1, 3])
+def test_bfloat16_loop_casts_block_weights_once_not_per_step(small_cfg, k):
+  # A bf16 layer casts its float32 weights on every call; in the loop that
+  # was 6 converts per layer per step (on an H100 about 40% of an AR step
+  # at batch 8). decode_loop casts them once, before the loop.
+  cfg = dataclasses.replace(small_cfg, dtype='bfloat16',
+                            noise_window=4 if k > 1 else 0)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
+  spec = decode.DecodeSpec(model=cfg, k=k, num_steps=4, prompt_len=3,
+                           greedy=True)
+  inside, outside = _while_body_weight_casts(spec, params, 2)
+  assert inside == 0
+  # Each block weight once (the noise encoder's same-shaped weights too).
+  assert outside >= 6 * cfg.num_layers
+
+
+@pytest.mark.parametrize('k', [1, 3])
+def test_bfloat16_loop_equals_steps_with_stored_weights(small_cfg, k):
+  # Casting the weights ahead must not change a token: decode_loop (cast
+  # once) against prefill/decode_step given the stored float32 weights.
+  cfg = dataclasses.replace(small_cfg, dtype='bfloat16',
+                            noise_window=4 if k > 1 else 0)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(3))
+  prompts, pad = decode.pad_prompts([[5, 9, 2, 33, 7], [1, 2]])
+  prompts, pad = jnp.asarray(prompts), jnp.asarray(pad)
+  steps = 12 // k
+  spec = decode.DecodeSpec(model=cfg, k=k, num_steps=steps, greedy=True,
+                           prompt_len=prompts.shape[1], cache_block=0)
+  noise = jax.random.uniform(jax.random.PRNGKey(4), (2, steps * k))
+  tokens, _ = decode.decode_loop(spec, params, prompts, pad, noise)
+  noise_x = (decode.embed_noise(spec, params, noise) if k > 1
+             else jnp.zeros((2, steps * k, 0)))
+  x = lambda s: noise_x[:, s * k:(s + 1) * k] if k > 1 else None
+  state = decode.prefill(spec, params, prompts, pad, noise[:, :k],
+                         noise_x=x(0))
+  for s in range(1, steps):
+    state = decode.decode_step(spec, params, state,
+                               noise[:, s * k:(s + 1) * k], noise_x=x(s))
+  np.testing.assert_array_equal(tokens, state.tokens)
 
 
 def _cache_copies_per_step(spec, params, batch):

@@ -289,3 +289,22 @@ def test_model_logits_are_the_projection_logits(dtype):
   np.testing.assert_array_equal(
       full, projection.logits(h, params['unembed']['kernel']))
   assert full.dtype == jnp.float32
+
+
+def test_compute_params_casts_exactly_what_the_layers_cast(small_cfg):
+  # Only the blocks' dense weights, which flax casts to the compute dtype
+  # anyway; norms, embedding, unembedding and noise encoder stay float32.
+  cfg = dataclasses.replace(small_cfg, dtype='bfloat16', noise_window=2)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
+  cast = model_lib.compute_params(cfg, params)
+  names = jax.tree_util.tree_leaves_with_path(cast)
+  bf16 = sorted(jax.tree_util.keystr(p) for p, x in names
+                if x.dtype == jnp.bfloat16)
+  per_block = ["['attn']['key']['kernel']", "['attn']['out']['kernel']",
+               "['attn']['query']['kernel']", "['attn']['value']['kernel']",
+               "['mlp_in']['bias']", "['mlp_in']['kernel']",
+               "['mlp_out']['bias']", "['mlp_out']['kernel']"]
+  assert bf16 == sorted(f"['block_{i}']{n}" for i in range(cfg.num_layers)
+                        for n in per_block)
+  f32 = dataclasses.replace(cfg, dtype='float32')
+  assert model_lib.compute_params(f32, params) is params
