@@ -52,7 +52,8 @@ bench.json (schema_version 1; `validate_bench_json` checks it):
                    load_avg_end ([1, 5, 15]-minute load averages)}.
   settings        {batch_sizes, ks, prefix_len, max_new_tokens, repeats,
                    warmup, prompts, random_weights, peer, roofline, seed,
-                   key_layout (optional: files written before it lack it)}.
+                   key_layout, profile (optional: files written before
+                   them lack them)}.
   models          [{name, weights ('trained'|'random'), noise_window,
                    num_params, serves_k [int]}].
   roofline        {peak_flops (FLOP/s), peak_flops_dtype, matmul_size,
@@ -70,6 +71,10 @@ bench.json (schema_version 1; `validate_bench_json` checks it):
                    achieved_bytes_per_s (those over median_s: how near the
                    measured peak and bandwidth each cell ran; these four
                    are optional, files written before them lack them),
+                   profile (only with bench.profile=True: {source ('device'
+                   or 'host'), steps, ops_per_step, busy_us_per_step,
+                   kinds [{kind, per_step, us_per_step}], trace_dir}; see
+                   step_profile.py),
                    memory {host_rss_delta_mib, host_maxrss_mib,
                    device_peak_bytes (null on CPU), compiled (dict of
                    memory_analysis() byte counts, or null)}}.
@@ -106,6 +111,7 @@ from kforcing_jax import files
 from kforcing_jax import model as model_lib
 from kforcing_jax import noise as noise_lib
 from kforcing_jax import sharding
+from kforcing_jax import step_profile
 
 SCHEMA_VERSION = 1
 MODES = ('max', 'sum', 'per_op')
@@ -144,6 +150,9 @@ class BenchSettings:
   bandwidth: float = 0.0  # Bytes/s; 0 measures it.
   seed: int = 0  # Prompts, noise and random weights.
   key_layout: str = 'auto'  # KV-cache key layout: decode.DecodeSpec.
+  # One more run of every cell under the profiler: ops per step, kept
+  # traces under WORKDIR/profile (step_profile.py).
+  profile: bool = False
 
 
 def settings_from_config(config) -> BenchSettings:
@@ -875,7 +884,8 @@ def run_bench(config, workdir: str,
 
   results = []
   for batch in s.batch_sizes:
-    for cell in time_batch(models, prompts[batch], max_new, s):
+    cells = time_batch(models, prompts[batch], max_new, s)
+    for cell in cells:
       r = cell.result()
       results.append(r)
       spread = (max(r['times_s']) - min(r['times_s'])) / r['median_s']
@@ -884,6 +894,8 @@ def run_bench(config, workdir: str,
           f'{r["median_s"]:.4f} s (spread {100 * spread:.0f}%), compile '
           f'{r["compile_s"]:.2f} s, RSS '
           f'+{r["memory"]["host_rss_delta_mib"]:.1f} MiB')
+    if s.profile:  # After the timed runs, so tracing cannot slow them.
+      _profile_cells(cells, results[-len(cells):], workdir, log)
 
   ar_shape = _shape_of(models[1])
   ar_tps = {r['batch']: r['tokens_per_s'] for r in results if r['k'] == 1}
@@ -926,7 +938,7 @@ def run_bench(config, workdir: str,
           'repeats': s.repeats, 'warmup': s.warmup, 'prompts': s.prompts,
           'random_weights': s.random_weights, 'peer': s.peer,
           'roofline': s.roofline, 'seed': s.seed,
-          'key_layout': s.key_layout},
+          'key_layout': s.key_layout, 'profile': s.profile},
       'models': _model_entries(models),
       'roofline': roof,
       'results': results,
@@ -941,6 +953,20 @@ def run_bench(config, workdir: str,
     plot_bench(out, os.path.join(workdir, 'bench.png'))
     log(f'[bench] wrote {os.path.join(workdir, "bench.json")} and bench.png')
   return out
+
+
+def _profile_cells(cells: list[Cell], results: list[dict[str, Any]],
+                   workdir: str, log: Callable[[str], None]) -> None:
+  """Traces one more decode of each cell; adds r['profile'] and logs one
+  batch's table."""
+  process = (f'_p{jax.process_index()}' if jax.process_count() > 1 else '')
+  labelled = []
+  for cell, r in zip(cells, results):
+    name = f'{r["model"]}_k{r["k"]}_b{r["batch"]}{process}'
+    r['profile'] = step_profile.profile_run(
+        cell.run, os.path.join(workdir, 'profile', name), cell.steps)
+    labelled.append((f'k={r["k"]}', r['profile']))
+  log(step_profile.format_profiles(results[0]['batch'], labelled))
 
 
 def _roofline_numbers(s: BenchSettings, cfg: model_lib.ModelConfig,
@@ -1131,6 +1157,9 @@ _RESULT = {'model': str, 'weights': str, 'k': int, 'batch': int,
 # Added after schema_version 1 files were written: checked when present.
 _RESULT_OPTIONAL = ('model_flops', 'model_bytes', 'achieved_flops_per_s',
                     'achieved_bytes_per_s')
+_PROFILE = {'source': str, 'steps': int, 'ops_per_step': _NUM,
+            'busy_us_per_step': _NUM, 'kinds': list, 'trace_dir': str}
+_PROFILE_KIND = {'kind': str, 'per_step': _NUM, 'us_per_step': _NUM}
 _MEMORY = {'host_rss_delta_mib': _NUM, 'host_maxrss_mib': _NUM,
            'device_peak_bytes': _OPT_NUM, 'compiled': _OPT_DICT}
 _ACCEL = {'name': str, 'model': str, 'peak_flops': _NUM, 'bandwidth': _NUM,
@@ -1191,6 +1220,10 @@ def validate_bench_json(d: dict[str, Any]) -> None:
       if key in r and not (_is(r[key], _NUM) and r[key] > 0):
         raise ValueError(f'bench.json: {where}.{key} must be a number > 0, '
                          f'got {r[key]!r}')
+    if 'profile' in r:
+      _check_fields(r['profile'], _PROFILE, f'{where}.profile')
+      for j, kind in enumerate(r['profile']['kinds']):
+        _check_fields(kind, _PROFILE_KIND, f'{where}.profile.kinds[{j}]')
     seen.add((r['k'], r['batch']))
   for k in [1, *d['settings']['ks']]:
     for b in d['settings']['batch_sizes']:

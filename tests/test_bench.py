@@ -320,3 +320,28 @@ def test_busy_warning_asks_what_else_runs_now(tmp_path, monkeypatch, others,
   bench.run_bench(_tiny_config(**dict(_FAST, batch_sizes=(1,), ks=(2,))),
                   str(tmp_path), log=lines.append)
   assert any('WARNING' in l and 'busy' in l for l in lines) == warns
+
+
+def test_profile_traces_each_cell_once_more(tmp_path, tiny_run):
+  lines = []
+  out = bench.run_bench(_tiny_config(**dict(_FAST, batch_sizes=(1,),
+                                            ks=(2,), profile=True)),
+                        str(tmp_path), log=lines.append)
+  assert out['settings']['profile'] is True
+  for r in out['results']:
+    p = r['profile']
+    assert p['source'] == 'host' and p['steps'] == r['num_steps']
+    assert p['ops_per_step'] > 0 and p['kinds']
+    assert p['trace_dir'] == os.path.join(
+        str(tmp_path), 'profile', f'{r["model"]}_k{r["k"]}_b1')
+    assert os.path.isdir(p['trace_dir'])
+  assert any(line.startswith('profile, batch 1') for line in lines)
+  # The profile round-trips through bench.json's schema check.
+  bench.load_bench_json(os.path.join(str(tmp_path), 'bench.json'))
+  broken = copy.deepcopy(out)
+  del broken['results'][0]['profile']['kinds'][0]['us_per_step']
+  with pytest.raises(ValueError,
+                     match=r'results\[0\]\.profile\.kinds\[0\]\.us_per_step'):
+    bench.validate_bench_json(broken)
+  # Off by default: no profile in the default run.
+  assert not any('profile' in r for r in tiny_run[1]['results'])

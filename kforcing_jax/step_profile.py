@@ -1,0 +1,128 @@
+"""Where a decode's time goes: one traced run, summarised per kind of op.
+
+`bench.profile=True` runs every timed cell once more under the JAX profiler
+and reduces the trace to a table of op kinds (XLA fusions, library kernels,
+with their numeric suffixes dropped, so `gemm_fusion_dot_1552` and
+`gemm_fusion_dot_388` count together) with how many ran per decode step and
+their microseconds per step. On a GPU or TPU the ops are the device's
+kernels; on CPU, XLA:CPU's thunks on the host threads. A traced run is
+slower than an untimed one (a GPU runs op by op while traced, not as one
+recorded graph), so compare kinds and counts, not the totals with the
+bench's medians.
+"""
+
+import glob
+import os
+import re
+from collections import defaultdict
+from typing import Any, Callable
+
+import jax
+
+# Host-trace events that are not ops, and ops that contain other ops
+# (counting them would count their ops twice).
+_NOT_OPS = ('ThunkExecutor::', 'ThreadpoolListener::', 'end: ')
+_CONTAINERS = ('while', 'conditional', 'call')
+_KIND_CHARS = 60
+_COLUMN = 22
+
+
+def op_kind(name: str) -> str:
+  """An op's name without its numeric suffixes ('fusion.12' -> 'fusion',
+  'wrapped_convert_2' -> 'wrapped_convert'), at most 60 characters."""
+  kind = re.sub(r'([._]\d+)+$', '', name)
+  return kind[:_KIND_CHARS]
+
+
+def _is_host_op(name: str) -> bool:
+  return not name.startswith(_NOT_OPS) and op_kind(name) not in _CONTAINERS
+
+
+def trace_events(xplane_path: str) -> tuple[str, list[tuple[str, float]]]:
+  """('device' or 'host', [(op name, duration in ns)]) of one trace file.
+
+  Device planes (GPU, TPU): the 'XLA Ops' line where there is one (TPU),
+  else every stream line (GPU kernels). Without a device plane (CPU): the
+  XLA:CPU client's host threads, minus containers and end markers.
+  """
+  from jax.profiler import ProfileData  # pylint: disable=g-import-not-at-top
+  data = ProfileData.from_file(xplane_path)
+  device = []
+  for plane in data.planes:
+    if not plane.name.startswith('/device:'):
+      continue
+    lines = list(plane.lines)
+    ops = [l for l in lines if l.name == 'XLA Ops']
+    for line in ops or [l for l in lines if l.name.startswith('Stream')]:
+      device += [(e.name, e.duration_ns) for e in line.events]
+  if device:
+    return 'device', device
+  host = []
+  for plane in data.planes:
+    for line in plane.lines:
+      if 'XLAPjRtCpuClient' not in line.name and 'XLAEigen' not in line.name:
+        continue
+      host += [(e.name, e.duration_ns) for e in line.events
+               if _is_host_op(e.name)]
+  return 'host', host
+
+
+def summarize(source: str, events: list[tuple[str, float]], steps: int,
+              top: int = 25) -> dict[str, Any]:
+  """Per-step op counts and times of one decode of `steps` steps."""
+  if steps < 1:
+    raise ValueError(f'steps={steps}: a decode has at least one step')
+  kinds = defaultdict(lambda: [0, 0.0])
+  for name, duration_ns in events:
+    kinds[op_kind(name)][0] += 1
+    kinds[op_kind(name)][1] += duration_ns
+  rows = sorted(kinds.items(), key=lambda kv: (-kv[1][1], kv[0]))
+  return {
+      'source': source, 'steps': steps,
+      'ops_per_step': len(events) / steps,
+      'busy_us_per_step': sum(d for _, d in events) / steps / 1e3,
+      'kinds': [{'kind': kind, 'per_step': count / steps,
+                 'us_per_step': ns / steps / 1e3}
+                for kind, (count, ns) in rows[:top]]}
+
+
+def profile_run(run: Callable[[], Any], trace_dir: str,
+                steps: int) -> dict[str, Any]:
+  """Runs `run` once under the profiler (trace kept in `trace_dir`, for
+  TensorBoard / XProf) and summarises it; see `summarize`."""
+  with jax.profiler.trace(trace_dir):
+    run()
+  paths = sorted(glob.glob(os.path.join(trace_dir, '**', '*.xplane.pb'),
+                           recursive=True), key=os.path.getmtime)
+  if not paths:
+    raise RuntimeError(f'the profiler wrote no trace under {trace_dir}')
+  source, events = trace_events(paths[-1])
+  return {**summarize(source, events, steps), 'trace_dir': trace_dir}
+
+
+def format_profiles(batch: int, labelled: list[tuple[str, dict[str, Any]]],
+                    rows: int = 12) -> str:
+  """One batch's profiles side by side: ops per step and us per step of
+  the kinds that cost most in any of them."""
+  kinds: dict[str, float] = {}
+  for _, p in labelled:
+    for row in p['kinds']:
+      kinds[row['kind']] = max(kinds.get(row['kind'], 0.0),
+                               row['us_per_step'])
+  shown = sorted(kinds, key=lambda k: -kinds[k])[:rows]
+
+  def cell(count, us):
+    return f'{count:10.1f}{us:12.1f}'
+  lines = [f'profile, batch {batch}: ops and microseconds per decode step',
+           f'{"op kind":<40}' + ''.join(f'{label:>{_COLUMN}}'
+                                         for label, _ in labelled)]
+  for kind in shown:
+    row = ''
+    for _, p in labelled:
+      r = next((r for r in p['kinds'] if r['kind'] == kind), None)
+      row += (cell(r['per_step'], r['us_per_step']) if r
+              else f'{"-":>{_COLUMN}}')
+    lines.append(f'{kind[:39]:<40}' + row)
+  lines.append(f'{"all ops":<40}' + ''.join(
+      cell(p['ops_per_step'], p['busy_us_per_step']) for _, p in labelled))
+  return '\n'.join(lines)
