@@ -45,8 +45,7 @@ def trace_events(xplane_path: str) -> tuple[str, list[tuple[str, float]]]:
   else every stream line (GPU kernels). Without a device plane (CPU): the
   XLA:CPU client's host threads, minus containers and end markers.
   """
-  from jax.profiler import ProfileData  # pylint: disable=g-import-not-at-top
-  data = ProfileData.from_file(xplane_path)
+  data = jax.profiler.ProfileData.from_file(xplane_path)
   device = []
   for plane in data.planes:
     if not plane.name.startswith('/device:'):

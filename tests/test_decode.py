@@ -527,8 +527,8 @@ def _subjaxprs(params):
 @pytest.mark.parametrize('k', [1, 3])
 def test_bfloat16_loop_casts_block_weights_once_not_per_step(small_cfg, k):
   # A bf16 layer casts its float32 weights on every call; in the loop that
-  # was 6 converts per layer per step (on an H100 about 40% of an AR step
-  # at batch 8). decode_loop casts them once, before the loop.
+  # was 6 converts per layer per step (on an H100 over a third of an AR
+  # step's kernel time at batch 8). decode_loop casts them once, before it.
   cfg = dataclasses.replace(small_cfg, dtype='bfloat16',
                             noise_window=4 if k > 1 else 0)
   params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
