@@ -2,7 +2,7 @@
 
 Public API:
   generate(params, cfg, prompts, *, max_new_tokens, k=1, ...)  -> GenerateOutput
-  ModelConfig, Transformer, init_params                       (model)
+  ModelConfig, Transformer, init_params, compute_params       (model)
   DecodeSpec, DecodeState, pad_prompts, init_cache, prefill,
   decode_step, decode_loop                                     (step-level decoding)
   load_params(run_dir)                                         (checkpoints)
@@ -20,10 +20,12 @@ from kforcing_jax.decode import pad_prompts
 from kforcing_jax.decode import prefill
 from kforcing_jax.model import ModelConfig
 from kforcing_jax.model import Transformer
+from kforcing_jax.model import compute_params
 from kforcing_jax.model import init_params
 
 __all__ = [
     'DecodeSpec', 'DecodeState', 'GenerateOutput', 'ModelConfig',
-    'Transformer', 'decode_loop', 'decode_step', 'generate', 'init_cache',
-    'init_params', 'load_params', 'pad_prompts', 'prefill',
+    'Transformer', 'compute_params', 'decode_loop', 'decode_step',
+    'generate', 'init_cache', 'init_params', 'load_params', 'pad_prompts',
+    'prefill',
 ]
