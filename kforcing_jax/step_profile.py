@@ -124,4 +124,8 @@ def format_profiles(batch: int, labelled: list[tuple[str, dict[str, Any]]],
     lines.append(f'{kind[:39]:<40}' + row)
   lines.append(f'{"all ops":<40}' + ''.join(
       cell(p['ops_per_step'], p['busy_us_per_step']) for _, p in labelled))
+  empty = [label for label, p in labelled if not p['ops_per_step']]
+  if empty:
+    lines.append(f'(no op events this module can read in the trace of '
+                 f'{", ".join(empty)}; open its trace_dir in TensorBoard)')
   return '\n'.join(lines)

@@ -74,3 +74,10 @@ def test_format_profiles_lines_up_kinds_and_marks_missing_ones():
   assert rows['slice'] == ['-', '1.0', '1.0']
   assert rows['convert'] == ['0.5', '2.0', '-']
   assert rows['all'] == ['ops', '1.0', '3.0', '2.0', '6.0']
+
+
+def test_format_profiles_says_when_a_trace_had_no_readable_ops():
+  empty = step_profile.summarize('host', [], 3)
+  assert empty['ops_per_step'] == 0 and empty['kinds'] == []
+  text = step_profile.format_profiles(1, [('k=1', empty)])
+  assert 'no op events this module can read in the trace of k=1' in text
