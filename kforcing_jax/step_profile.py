@@ -73,8 +73,9 @@ def summarize(source: str, events: list[tuple[str, float]], steps: int,
     raise ValueError(f'steps={steps}: a decode has at least one step')
   kinds = defaultdict(lambda: [0, 0.0])
   for name, duration_ns in events:
-    kinds[op_kind(name)][0] += 1
-    kinds[op_kind(name)][1] += duration_ns
+    row = kinds[op_kind(name)]
+    row[0] += 1
+    row[1] += duration_ns
   rows = sorted(kinds.items(), key=lambda kv: (-kv[1][1], kv[0]))
   return {
       'source': source, 'steps': steps,
