@@ -38,22 +38,31 @@ def _is_host_op(name: str) -> bool:
   return not name.startswith(_NOT_OPS) and op_kind(name) not in _CONTAINERS
 
 
+def device_ops(lines) -> list[tuple[str, float]]:
+  """[(op name, ns)] of one device plane's lines (objects with `name` and
+  `events`, each event with `name` and `duration_ns`): its 'XLA Ops' line
+  where it has one (TPU), else its stream lines (GPU kernels); containers
+  dropped, as their ops are on the same line."""
+  ops = [l for l in lines if l.name == 'XLA Ops']
+  out = []
+  for line in ops or [l for l in lines if l.name.startswith('Stream')]:
+    out += [(e.name, e.duration_ns) for e in line.events
+            if op_kind(e.name) not in _CONTAINERS]
+  return out
+
+
 def trace_events(xplane_path: str) -> tuple[str, list[tuple[str, float]]]:
   """('device' or 'host', [(op name, duration in ns)]) of one trace file.
 
-  Device planes (GPU, TPU): the 'XLA Ops' line where there is one (TPU),
-  else every stream line (GPU kernels). Without a device plane (CPU): the
-  XLA:CPU client's host threads, minus containers and end markers.
+  Device planes (GPU, TPU): see `device_ops`. Without a device plane
+  (CPU): the XLA:CPU client's host threads, minus containers and end
+  markers.
   """
   data = jax.profiler.ProfileData.from_file(xplane_path)
   device = []
   for plane in data.planes:
-    if not plane.name.startswith('/device:'):
-      continue
-    lines = list(plane.lines)
-    ops = [l for l in lines if l.name == 'XLA Ops']
-    for line in ops or [l for l in lines if l.name.startswith('Stream')]:
-      device += [(e.name, e.duration_ns) for e in line.events]
+    if plane.name.startswith('/device:'):
+      device += device_ops(list(plane.lines))
   if device:
     return 'device', device
   host = []

@@ -1,6 +1,7 @@
 """step_profile: op kinds, per-step summaries and a real trace on CPU."""
 
 import os
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -54,10 +55,32 @@ def test_profile_run_counts_a_loops_ops_per_step_on_cpu(tmp_path):
   assert any(f.endswith('.xplane.pb')
              for _, _, fs in os.walk(p['trace_dir']) for f in fs)
   assert p['busy_us_per_step'] > 0
-  # At least one op kind ran once per step or more: the loop body.
-  assert max(k['per_step'] for k in p['kinds']) >= 1.0
-  assert not {'while', 'ThunkExecutor::Execute'} & {
-      k['kind'] for k in p['kinds']}
+  # At least one op kind ran once per step or more: the loop body. None
+  # ran twice per step (each body op is one thunk per iteration; counting
+  # an event twice, or a loop's per-iteration markers, would double it).
+  per_step = [k['per_step'] for k in p['kinds']]
+  assert 1.0 <= max(per_step) < 2.0
+  assert p['ops_per_step'] < 8
+  kinds = {k['kind'] for k in p['kinds']}
+  assert not {'while', 'ThunkExecutor::Execute'} & kinds
+  assert not [k for k in kinds if k.startswith('end: ')]
+
+
+def test_device_ops_prefer_the_xla_ops_line_and_drop_containers():
+  def line(name, *events):
+    return SimpleNamespace(name=name, events=[
+        SimpleNamespace(name=n, duration_ns=d) for n, d in events])
+  tpu = [line('XLA Modules', ('jit_decode_loop', 900.0)),
+         line('XLA Ops', ('while.3', 800.0), ('fusion.1', 300.0),
+              ('convolution.2', 400.0)),
+         line('Stream #1', ('should_not_count', 5.0))]
+  assert step_profile.device_ops(tpu) == [('fusion.1', 300.0),
+                                          ('convolution.2', 400.0)]
+  gpu = [line('Stream #13(Compute)', ('gemm_fusion_dot_7', 10.0)),
+         line('Stream #14(MemcpyD2H)', ('MemcpyD2H', 2.0)),
+         line('Launch Stats', ('cuLaunchKernel', 1.0))]
+  assert step_profile.device_ops(gpu) == [('gemm_fusion_dot_7', 10.0),
+                                          ('MemcpyD2H', 2.0)]
 
 
 def test_format_profiles_lines_up_kinds_and_marks_missing_ones():
