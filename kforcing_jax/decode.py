@@ -170,10 +170,11 @@ class DecodeState:
 def key_layout(spec: DecodeSpec) -> str:
   """The key-cache layout `spec` decodes with ('k' or 'kt').
 
-  'auto' is whichever was measured faster: on CPU 'kt' for push-forward
-  steps (their scores dot about 2x faster) and 'k' for AR; elsewhere 'k'
-  (on an H100, LM1B size, k=4 at batch 8: 0.75 vs 0.79 ms per step; 'kt'
-  added 35 slicing kernels per step). Both give the same numbers.
+  'auto': on CPU 'kt' for push-forward steps (measured: their scores dot
+  about 2x faster) and 'k' for AR; elsewhere 'k' (measured on one H100 for
+  LM1B size, k=4 at batch 8 only: 0.75 vs 0.79 ms per step, 'kt' added 35
+  slicing kernels per step; not measured on a TPU). Both layouts give the
+  same numbers.
   """
   if spec.key_layout != 'auto':
     return spec.key_layout

@@ -565,6 +565,30 @@ def test_bfloat16_loop_equals_steps_with_stored_weights(small_cfg, k):
   np.testing.assert_array_equal(tokens, state.tokens)
 
 
+@pytest.mark.parametrize('k', [1, 3])
+def test_compute_params_gives_bitwise_equal_logits_and_cache(small_cfg, k):
+  # Stronger than equal tokens: a weight cast that the layers would not
+  # make themselves (a norm, the unembedding) changes logits, not always
+  # the argmax. Jitted, as decode_loop runs it.
+  cfg = dataclasses.replace(small_cfg, dtype='bfloat16',
+                            noise_window=4 if k > 1 else 0)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(5))
+  spec = decode.DecodeSpec(model=cfg, k=k, num_steps=4, prompt_len=5,
+                           greedy=True)
+  tokens = jax.random.randint(jax.random.PRNGKey(6), (2, 5), 0,
+                              cfg.vocab_size)
+  u = (jax.random.uniform(jax.random.PRNGKey(7), (2, k)) if k > 1
+       else jnp.zeros((2, 0)))
+  run = jax.jit(lambda p: decode.forward(
+      spec, p, tokens, u, decode.init_cache(spec, 2), 0,
+      jnp.zeros((2,), jnp.int32)))
+  (logits, cache), (logits_cast, cache_cast) = (
+      run(params), run(model_lib.compute_params(cfg, params)))
+  np.testing.assert_array_equal(logits, logits_cast)
+  for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(cache_cast)):
+    np.testing.assert_array_equal(a, b)
+
+
 def _cache_copies_per_step(spec, params, batch):
   """Copies of a whole KV-cache buffer in the compiled loop's while bodies."""
   p = spec.prompt_len
