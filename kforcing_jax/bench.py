@@ -20,13 +20,17 @@ of which e rows per row reach the unembedding (AR step: q=1, e=1; push-forward
 step: q=2k (k tokens + k noise slots), e=k; prefill: q=P (+k), e=1 (k)),
 written at cache index c, as three parts:
   weights:   FLOPs 2 * n_dense * B*q;
-             bytes n_dense * weight_bytes + embedding (or noise-slot) rows.
+             bytes n_dense * dense_bytes + embedding (or noise-slot) rows.
   attention: FLOPs 4 * layers * d_model * B*q * (c + q);
              bytes 2 * layers * d_model * kv_bytes * B * (c read + q written).
   unembed:   FLOPs 2 * d_model * V * B*e; bytes d_model * V * weight_bytes
              + float32 logits written and read back (2 * 4 * B*e*V).
 n_dense is every parameter that touches every position (attention and MLP
 projections, biases, norms): not the embedding, unembedding, noise encoder.
+Bytes per weight are those the decode loop reads: parameters are stored in
+float32 (weight_bytes 4), but `decode_loop` casts the block kernels to the
+compute dtype once before the loop (`model.compute_params`), so in a
+bfloat16 model dense_bytes is about 2; the unembedding stays float32.
 A student's noise encoder runs once per decode, before the loop, over all
 B*N noise values (`decode.embed_noise`): FLOPs 2 * n_noise * B*N; bytes
 n_noise * weight_bytes + the B*N embedded rows written in the compute dtype
@@ -52,8 +56,9 @@ bench.json (schema_version 1; `validate_bench_json` checks it):
                    load_avg_end ([1, 5, 15]-minute load averages)}.
   settings        {batch_sizes, ks, prefix_len, max_new_tokens, repeats,
                    warmup, prompts, random_weights, peer, roofline, seed,
-                   key_layout, profile (optional: files written before
-                   them lack them)}.
+                   key_layout (as asked: 'auto', 'k' or 'kt'), profile
+                   (bool) (these two optional: files written before them
+                   lack them)}.
   models          [{name, weights ('trained'|'random'), noise_window,
                    num_params, serves_k [int]}].
   roofline        {peak_flops (FLOP/s), peak_flops_dtype, matmul_size,
@@ -71,10 +76,14 @@ bench.json (schema_version 1; `validate_bench_json` checks it):
                    achieved_bytes_per_s (those over median_s: how near the
                    measured peak and bandwidth each cell ran; these four
                    are optional, files written before them lack them),
-                   profile (only with bench.profile=True: {source ('device'
-                   or 'host'), steps, ops_per_step, busy_us_per_step,
-                   kinds [{kind, per_step, us_per_step}], trace_dir}; see
-                   step_profile.py),
+                   key_layout (optional: the layout the cell decoded
+                   with, 'k' or 'kt', once 'auto' is resolved for this
+                   backend by decode.key_layout),
+                   profile (with bench.profile=True only: {source ('device'
+                   or 'host'), steps (= num_steps), ops_per_step,
+                   busy_us_per_step, kinds [{kind, per_step,
+                   us_per_step}], trace_dir}; see step_profile.py; a cell
+                   whose tracing failed has profile_error (str) instead),
                    memory {host_rss_delta_mib, host_maxrss_mib,
                    device_peak_bytes (null on CPU), compiled (dict of
                    memory_analysis() byte counts, or null)}}.
@@ -91,6 +100,7 @@ bench.json (schema_version 1; `validate_bench_json` checks it):
 """
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -109,7 +119,6 @@ from kforcing_jax import checkpoints
 from kforcing_jax import decode
 from kforcing_jax import files
 from kforcing_jax import model as model_lib
-from kforcing_jax import noise as noise_lib
 from kforcing_jax import sharding
 from kforcing_jax import step_profile
 
@@ -232,23 +241,49 @@ class ModelShape:
   vocab_size: int
   dense_params: int  # Parameters applied at every position.
   noise_params: int  # Noise encoder, applied at noise slots only.
-  weight_bytes: float  # Bytes per stored parameter read each step.
+  weight_bytes: float  # Bytes per embedding/unembedding/noise parameter.
   kv_bytes: float  # Bytes per KV-cache element.
+  # Bytes per dense parameter as the decode loop reads it: after
+  # model.compute_params, so a bfloat16 model's block kernels count 2, its
+  # float32 norms 4. None: weight_bytes.
+  dense_bytes: float | None = None
 
   @classmethod
-  def of(cls, cfg: model_lib.ModelConfig, weight_bytes: float | None = None,
-         noise_params: int | None = None) -> 'ModelShape':
-    """From a config; weight/KV bytes default to the compute dtype's."""
-    itemsize = jnp.dtype(cfg.compute_dtype).itemsize
-    if noise_params is None:
-      noise_params = (noise_lib.noise_encoder_num_params(
-          cfg.d_model, feature_dim=cfg.noise_feature_dim,
-          mlp_dim=cfg.noise_mlp_dim) if cfg.noise_window else 0)
+  def of(cls, cfg: model_lib.ModelConfig, params=None) -> 'ModelShape':
+    """From a config and its parameters (default: their shapes and dtypes,
+    traced from cfg). Bytes per weight are those the decode loop reads."""
+    if params is None:
+      params = _abstract_params(cfg)
+    noise = (model_lib.count_params(params['noise_encoder'])
+             if 'noise_encoder' in params else 0)
+    outside = ('embed', 'unembed', 'noise_encoder')
+    cast = jax.eval_shape(functools.partial(model_lib.compute_params, cfg),
+                          params)
+    dense = [v for n, v in cast.items() if n not in outside]
+    kept = [params[n] for n in outside if n in params]
     return cls(num_layers=cfg.num_layers, d_model=cfg.d_model,
                vocab_size=cfg.vocab_size, dense_params=dense_params(cfg),
-               noise_params=noise_params,
-               weight_bytes=itemsize if weight_bytes is None else weight_bytes,
-               kv_bytes=itemsize)
+               noise_params=noise, weight_bytes=_bytes_per_param(kept),
+               kv_bytes=jnp.dtype(cfg.compute_dtype).itemsize,
+               dense_bytes=_bytes_per_param(dense))
+
+  @property
+  def dense_weight_bytes(self) -> float:
+    return self.weight_bytes if self.dense_bytes is None else self.dense_bytes
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_params(cfg: model_lib.ModelConfig):
+  """cfg's parameter tree as shapes and dtypes (traced, no compute)."""
+  return jax.eval_shape(functools.partial(model_lib.init_params, cfg),
+                        jax.random.PRNGKey(0))
+
+
+def _bytes_per_param(trees) -> float:
+  leaves = jax.tree.leaves(trees)
+  size = sum(math.prod(x.shape) for x in leaves)
+  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+             for x in leaves) / max(1, size)
 
 
 def dense_params(cfg: model_lib.ModelConfig) -> int:
@@ -291,7 +326,7 @@ def pass_costs(shape: ModelShape, batch: int, p: Pass,
   keys = cache_size if cache_size else p.index + q
   read = cache_size if cache_size else p.index
   w_flops = 2.0 * shape.dense_params * batch * q
-  w_bytes = shape.dense_params * shape.weight_bytes
+  w_bytes = shape.dense_params * shape.dense_weight_bytes
   w_bytes += batch * p.tokens * d * shape.weight_bytes  # Embedding rows.
   # The noise slots' rows, embedded before the loop in the compute dtype
   # (that of the KV cache).
@@ -595,6 +630,7 @@ class Cell:
   lower_s: float
   compile_s: float
   memory: dict[str, Any]
+  key_layout: str  # Resolved: decode.key_layout(spec), 'k' or 'kt'.
   times: list[float] = dataclasses.field(default_factory=list)
 
   def run(self) -> None:
@@ -618,7 +654,7 @@ class Cell:
         'compile_s': self.compile_s, 'times_s': list(self.times),
         'median_s': median,
         'tokens_per_s': self.batch * self.max_new / median,
-        'memory': self.memory}
+        'key_layout': self.key_layout, 'memory': self.memory}
 
 
 def prepare_cell(m: BenchModel, k: int, prompts_BxP: np.ndarray,
@@ -654,7 +690,7 @@ def prepare_cell(m: BenchModel, k: int, prompts_BxP: np.ndarray,
             'device_peak_bytes': _device_peak_bytes(),
             'compiled': _compiled_memory(compiled)}
   return Cell(m, k, batch, max_new, steps, compiled, args, lower_s,
-              compile_s, memory)
+              compile_s, memory, decode.key_layout(spec))
 
 
 def time_batch(models: dict[int, BenchModel], prompts_BxP: np.ndarray,
@@ -804,12 +840,7 @@ def _predictions(ar: ModelShape, pf: ModelShape, batch: int, k: int,
 
 
 def _shape_of(m: BenchModel) -> ModelShape:
-  leaves = jax.tree.leaves(m.params)
-  weight_bytes = (sum(x.nbytes for x in leaves)
-                  / max(1, sum(x.size for x in leaves)))
-  noise = (model_lib.count_params(m.params['noise_encoder'])
-           if 'noise_encoder' in m.params else 0)
-  return ModelShape.of(m.cfg, weight_bytes=weight_bytes, noise_params=noise)
+  return ModelShape.of(m.cfg, m.params)
 
 
 def accelerator_predictions(cfg: model_lib.ModelConfig, s: BenchSettings,
@@ -963,10 +994,18 @@ def _profile_cells(cells: list[Cell], results: list[dict[str, Any]],
   labelled = []
   for cell, r in zip(cells, results):
     name = f'{r["model"]}_k{r["k"]}_b{r["batch"]}{process}'
-    r['profile'] = step_profile.profile_run(
-        cell.run, os.path.join(workdir, 'profile', name), cell.steps)
+    try:
+      r['profile'] = step_profile.profile_run(
+          cell.run, os.path.join(workdir, 'profile', name), cell.steps)
+    except Exception as e:  # pylint: disable=broad-except
+      # The timings are made; a failed trace must not lose them.
+      r['profile_error'] = f'{type(e).__name__}: {e}'
+      log(f'[bench] WARNING: profiling {name} failed ({r["profile_error"]});'
+          ' its timings stand, its profile is left out')
+      continue
     labelled.append((f'k={r["k"]}', r['profile']))
-  log(step_profile.format_profiles(results[0]['batch'], labelled))
+  if labelled:
+    log(step_profile.format_profiles(results[0]['batch'], labelled))
 
 
 def _roofline_numbers(s: BenchSettings, cfg: model_lib.ModelConfig,
@@ -1142,6 +1181,8 @@ _SETTINGS = {'batch_sizes': list, 'ks': list, 'prefix_len': int,
              'max_new_tokens': int, 'repeats': int, 'warmup': int,
              'prompts': str, 'random_weights': bool, 'peer': bool,
              'roofline': str, 'seed': int}
+# Added after schema_version 1 files were written: checked when present.
+_SETTINGS_OPTIONAL = {'key_layout': str, 'profile': bool}
 _MODEL = {'name': str, 'weights': str, 'noise_window': int,
           'num_params': int, 'serves_k': list}
 _ROOFLINE = {'peak_flops': _NUM, 'peak_flops_dtype': str, 'matmul_size': int,
@@ -1157,6 +1198,7 @@ _RESULT = {'model': str, 'weights': str, 'k': int, 'batch': int,
 # Added after schema_version 1 files were written: checked when present.
 _RESULT_OPTIONAL = ('model_flops', 'model_bytes', 'achieved_flops_per_s',
                     'achieved_bytes_per_s')
+_RESULT_OPTIONAL_FIELDS = {'key_layout': str, 'profile_error': str}
 _PROFILE = {'source': str, 'steps': int, 'ops_per_step': _NUM,
             'busy_us_per_step': _NUM, 'kinds': list, 'trace_dir': str}
 _PROFILE_KIND = {'kind': str, 'per_step': _NUM, 'us_per_step': _NUM}
@@ -1184,6 +1226,41 @@ def _check_fields(obj, spec: dict, where: str) -> None:
                        f'{obj[key]!r}')
 
 
+def _check_optional(obj: dict, spec: dict, where: str) -> None:
+  _check_fields(obj, {k: v for k, v in spec.items() if k in obj}, where)
+
+
+def _check_profile(r: dict, profiled: bool, where: str) -> None:
+  """A result's profile: there iff bench.profile (or its error instead),
+  per-step figures of this result's own steps."""
+  has = 'profile' in r or 'profile_error' in r
+  if has != profiled:
+    raise ValueError(f'bench.json: {where} ' + (
+        'has a profile but settings.profile is not true' if has else
+        'has no profile (nor profile_error) though settings.profile is '
+        'true'))
+  if 'profile' not in r:
+    return
+  p = r['profile']
+  _check_fields(p, _PROFILE, f'{where}.profile')
+  if p['source'] not in ('device', 'host'):
+    raise ValueError(f'bench.json: {where}.profile.source={p["source"]!r} '
+                     "not in ('device', 'host')")
+  if p['steps'] != r['num_steps']:
+    raise ValueError(f'bench.json: {where}.profile.steps={p["steps"]} but '
+                     f'num_steps={r["num_steps"]}')
+  rows = [(f'{where}.profile', p, ('ops_per_step', 'busy_us_per_step'))]
+  for j, kind in enumerate(p['kinds']):
+    _check_fields(kind, _PROFILE_KIND, f'{where}.profile.kinds[{j}]')
+    rows.append((f'{where}.profile.kinds[{j}]', kind,
+                 ('per_step', 'us_per_step')))
+  for name, obj, keys in rows:
+    for key in keys:
+      if obj[key] < 0:
+        raise ValueError(f'bench.json: {name}.{key}={obj[key]!r} must be '
+                         '>= 0')
+
+
 def validate_bench_json(d: dict[str, Any]) -> None:
   """Checks the bench.json schema; raises ValueError naming the bad key."""
   _check_fields(d, _TOP, 'bench')
@@ -1192,6 +1269,12 @@ def validate_bench_json(d: dict[str, Any]) -> None:
                      f'{d["schema_version"]}, expected {SCHEMA_VERSION}')
   _check_fields(d['machine'], _MACHINE, 'machine')
   _check_fields(d['settings'], _SETTINGS, 'settings')
+  _check_optional(d['settings'], _SETTINGS_OPTIONAL, 'settings')
+  layout = d['settings'].get('key_layout', 'auto')
+  if layout not in decode.KEY_LAYOUTS:
+    raise ValueError(f'bench.json: settings.key_layout={layout!r} not in '
+                     f'{decode.KEY_LAYOUTS}')
+  profiled = d['settings'].get('profile', False)
   _check_fields(d['roofline'], _ROOFLINE, 'roofline')
   if d['roofline']['mode'] not in MODES:
     raise ValueError(f'bench.json: roofline.mode={d["roofline"]["mode"]!r} '
@@ -1220,10 +1303,12 @@ def validate_bench_json(d: dict[str, Any]) -> None:
       if key in r and not (_is(r[key], _NUM) and r[key] > 0):
         raise ValueError(f'bench.json: {where}.{key} must be a number > 0, '
                          f'got {r[key]!r}')
-    if 'profile' in r:
-      _check_fields(r['profile'], _PROFILE, f'{where}.profile')
-      for j, kind in enumerate(r['profile']['kinds']):
-        _check_fields(kind, _PROFILE_KIND, f'{where}.profile.kinds[{j}]')
+    _check_optional(r, _RESULT_OPTIONAL_FIELDS, where)
+    if r.get('key_layout', 'k') not in ('k', 'kt'):
+      raise ValueError(f'bench.json: {where}.key_layout='
+                       f'{r["key_layout"]!r}: expected the resolved layout, '
+                       "'k' or 'kt'")
+    _check_profile(r, profiled, where)
     seen.add((r['k'], r['batch']))
   for k in [1, *d['settings']['ks']]:
     for b in d['settings']['batch_sizes']:

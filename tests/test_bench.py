@@ -70,6 +70,9 @@ def test_run_bench_writes_valid_json_and_png(tiny_run):
     if r['k'] == 1:
       assert r['speedup'] == 1.0
       assert r['predicted_speedup'] == pytest.approx(1.0)
+    # 'auto' as asked, and resolved per cell for this backend (CPU).
+    assert r['key_layout'] == ('kt' if r['k'] > 1 else 'k')
+  assert out['settings']['key_layout'] == 'auto'
   # One random student (window 4) serves every k; the teacher is separate.
   assert [(m['name'], m['serves_k'], m['noise_window'])
           for m in out['models']] == [('random_teacher', [1], 0),
@@ -98,6 +101,14 @@ def test_accelerator_rows_cover_both_models(tiny_run):
     (lambda d: d['results'][3]['memory'].update(host_rss_delta_mib=None),
      r'results\[3\]\.memory\.host_rss_delta_mib'),
     (lambda d: d['roofline'].update(mode='guess'), 'roofline.mode'),
+    (lambda d: d['settings'].update(key_layout='diagonal'),
+     "settings.key_layout='diagonal'"),
+    (lambda d: d['settings'].update(profile='yes'), 'settings.profile must '
+     'be bool'),
+    (lambda d: d['results'][0].update(key_layout='auto'),
+     r"results\[0\]\.key_layout='auto': expected the resolved layout"),
+    (lambda d: d['results'][0].update(profile_error='x'),
+     r'results\[0\] has a profile but settings.profile is not true'),
     (lambda d: d['results'].pop(), 'no row for k=4, batch=2'),
     (lambda d: d.pop('peer'), 'bench.peer is missing'),
     (lambda d: d['results'][1].update(times_s=[]), r'results\[1\]\.times_s'),
@@ -196,6 +207,33 @@ def test_dense_and_noise_param_counts_match_the_param_tree():
   assert bench.dense_params(cfg) == dense
   assert bench.ModelShape.of(cfg).noise_params == model_lib.count_params(
       params['noise_encoder'])
+
+
+def test_model_shape_charges_the_bytes_the_decode_loop_reads():
+  # Stored float32; in bfloat16, decode_loop casts the blocks' projection
+  # kernels and MLP biases once (model.compute_params): 2 bytes each. Norms,
+  # embedding, unembedding and noise encoder are read as stored: 4 bytes.
+  d, m, layers = 32, 64, 2
+  cfg = model_lib.ModelConfig(vocab_size=61, seq_len=16, num_layers=layers,
+                              d_model=d, num_heads=4, mlp_dim=m,
+                              noise_window=2, dtype='bfloat16')
+  cast = layers * (4 * d * d + 2 * d * m + m + d)
+  norms = layers * 4 * d + 2 * d
+  bf16 = bench.ModelShape.of(cfg)
+  assert bf16.dense_params == cast + norms
+  assert bf16.dense_bytes == pytest.approx((2 * cast + 4 * norms)
+                                           / (cast + norms))
+  assert (bf16.weight_bytes, bf16.kv_bytes) == (4, 2)
+  f32 = bench.ModelShape.of(dataclasses.replace(cfg, dtype='float32'))
+  assert (f32.dense_bytes, f32.weight_bytes, f32.kv_bytes) == (4, 4, 4)
+  # The weights part of a pass charges dense_bytes, not weight_bytes.
+  p = bench.Pass(index=0, tokens=1, noise=0, emit=1)
+  rows = d * 4  # One embedding row, float32.
+  assert bench.pass_costs(bf16, 1, p)['weights'][1] == pytest.approx(
+      bf16.dense_params * bf16.dense_bytes + rows)
+  # Real parameters give the same as their traced shapes.
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(1))
+  assert bench.ModelShape.of(cfg, params) == bf16
 
 
 def test_settings_defaults_and_errors():
@@ -322,13 +360,31 @@ def test_busy_warning_asks_what_else_runs_now(tmp_path, monkeypatch, others,
   assert any('WARNING' in l and 'busy' in l for l in lines) == warns
 
 
-def test_profile_traces_each_cell_once_more(tmp_path, tiny_run):
+def test_profile_traces_each_cell_once_more(tmp_path, tiny_run,
+                                            monkeypatch):
+  # The k=2 cell's tracing fails (as when another trace is running): its
+  # timings must still land in bench.json, with the error instead.
+  real = bench.step_profile.profile_run
+
+  def profile_run(run, trace_dir, steps):
+    if '_k2_' in trace_dir:
+      raise RuntimeError('Profile has already been started')
+    return real(run, trace_dir, steps)
+  monkeypatch.setattr(bench.step_profile, 'profile_run', profile_run)
   lines = []
   out = bench.run_bench(_tiny_config(**dict(_FAST, batch_sizes=(1,),
                                             ks=(2,), profile=True)),
                         str(tmp_path), log=lines.append)
   assert out['settings']['profile'] is True
+  failed = [r for r in out['results'] if r['k'] == 2]
+  assert [r['profile_error'] for r in failed] == [
+      'RuntimeError: Profile has already been started']
+  assert 'profile' not in failed[0] and failed[0]['tokens_per_s'] > 0
+  assert any('WARNING: profiling' in l and 'timings stand' in l
+             for l in lines)
   for r in out['results']:
+    if r['k'] == 2:
+      continue
     p = r['profile']
     assert p['source'] == 'host' and p['steps'] == r['num_steps']
     assert p['ops_per_step'] > 0 and p['kinds']
@@ -338,10 +394,22 @@ def test_profile_traces_each_cell_once_more(tmp_path, tiny_run):
   assert any(line.startswith('profile, batch 1') for line in lines)
   # The profile round-trips through bench.json's schema check.
   bench.load_bench_json(os.path.join(str(tmp_path), 'bench.json'))
-  broken = copy.deepcopy(out)
-  del broken['results'][0]['profile']['kinds'][0]['us_per_step']
-  with pytest.raises(ValueError,
-                     match=r'results\[0\]\.profile\.kinds\[0\]\.us_per_step'):
-    bench.validate_bench_json(broken)
+  i = next(i for i, r in enumerate(out['results']) if 'profile' in r)
+  for breakage, needle in (
+      (lambda r: r['profile']['kinds'][0].pop('us_per_step'),
+       'profile.kinds.0..us_per_step is missing'),
+      (lambda r: r['profile'].update(source='gpu'),
+       "profile.source='gpu' not in"),
+      (lambda r: r['profile'].update(steps=r['num_steps'] + 1),
+       'profile.steps=.* but num_steps='),
+      (lambda r: r['profile']['kinds'][0].update(per_step=-1.0),
+       'profile.kinds.0..per_step=-1.0 must be >= 0'),
+      (lambda r: r.pop('profile'),
+       'has no profile .nor profile_error. though settings.profile is true'),
+  ):
+    broken = copy.deepcopy(out)
+    breakage(broken['results'][i])
+    with pytest.raises(ValueError, match=rf'results\[{i}\].*{needle}'):
+      bench.validate_bench_json(broken)
   # Off by default: no profile in the default run.
   assert not any('profile' in r for r in tiny_run[1]['results'])
