@@ -30,7 +30,9 @@ projections, biases, norms): not the embedding, unembedding, noise encoder.
 Bytes per weight are those the decode loop reads: parameters are stored in
 float32 (weight_bytes 4), but `decode_loop` casts the block kernels to the
 compute dtype once before the loop (`model.compute_params`), so in a
-bfloat16 model dense_bytes is about 2; the unembedding stays float32.
+bfloat16 model dense_bytes is about 2; the unembedding stays float32. That
+cast is charged once per decode (cast_bytes: 4 read + 2 written per cast
+weight; nothing in float32).
 A student's noise encoder runs once per decode, before the loop, over all
 B*N noise values (`decode.embed_noise`): FLOPs 2 * n_noise * B*N; bytes
 n_noise * weight_bytes + the B*N embedded rows written in the compute dtype
@@ -247,6 +249,9 @@ class ModelShape:
   # model.compute_params, so a bfloat16 model's block kernels count 2, its
   # float32 norms 4. None: weight_bytes.
   dense_bytes: float | None = None
+  # Bytes that model.compute_params moves once per decode (reads the
+  # stored weights it casts, writes the cast copies); 0 in float32.
+  cast_bytes: float = 0.0
 
   @classmethod
   def of(cls, cfg: model_lib.ModelConfig, params=None) -> 'ModelShape':
@@ -261,11 +266,15 @@ class ModelShape:
                           params)
     dense = [v for n, v in cast.items() if n not in outside]
     kept = [params[n] for n in outside if n in params]
+    cast_bytes = sum(
+        _nbytes(a) + _nbytes(b) for a, b in zip(jax.tree.leaves(params),
+                                                 jax.tree.leaves(cast))
+        if a.dtype != b.dtype)
     return cls(num_layers=cfg.num_layers, d_model=cfg.d_model,
                vocab_size=cfg.vocab_size, dense_params=dense_params(cfg),
                noise_params=noise, weight_bytes=_bytes_per_param(kept),
                kv_bytes=jnp.dtype(cfg.compute_dtype).itemsize,
-               dense_bytes=_bytes_per_param(dense))
+               dense_bytes=_bytes_per_param(dense), cast_bytes=cast_bytes)
 
   @property
   def dense_weight_bytes(self) -> float:
@@ -279,11 +288,14 @@ def _abstract_params(cfg: model_lib.ModelConfig):
                         jax.random.PRNGKey(0))
 
 
+def _nbytes(x) -> int:
+  return math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+
+
 def _bytes_per_param(trees) -> float:
   leaves = jax.tree.leaves(trees)
   size = sum(math.prod(x.shape) for x in leaves)
-  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
-             for x in leaves) / max(1, size)
+  return sum(_nbytes(x) for x in leaves) / max(1, size)
 
 
 def dense_params(cfg: model_lib.ModelConfig) -> int:
@@ -367,8 +379,8 @@ def predict_decode_time(shape: ModelShape, batch: int, prompt_len: int,
 def decode_totals(shape: ModelShape, batch: int, prompt_len: int, k: int,
                   max_new: int) -> tuple[float, float]:
   """(FLOPs, bytes) of a whole decode under the cost model above: what
-  `predict_decode_time` charges, summed over its passes and the noise
-  encoder. Divided by a measured time, the rates the decode achieved."""
+  `predict_decode_time` charges, summed over its passes, the noise
+  encoder and the weight cast. Divided by a measured time, the rates the decode achieved."""
   parts = [c for costs in _decode_costs(shape, batch, prompt_len, k, max_new)
            for c in costs.values()]
   return sum(f for f, _ in parts), sum(b for _, b in parts)
@@ -377,7 +389,8 @@ def decode_totals(shape: ModelShape, batch: int, prompt_len: int, k: int,
 def _decode_costs(shape: ModelShape, batch: int, prompt_len: int, k: int,
                   max_new: int, full_cache: bool = False) -> list[dict]:
   """{part: (FLOPs, bytes)} of each pass of a decode, then (students) of
-  the noise encoder's one pass over all of its noise."""
+  the noise encoder's one pass over all of its noise, then (below float32)
+  of the one cast of the block weights."""
   steps = -(-max_new // k)
   cache_size = (decode.full_cache_size(prompt_len, steps, k) if full_cache
                 else None)
@@ -385,6 +398,8 @@ def _decode_costs(shape: ModelShape, batch: int, prompt_len: int, k: int,
          for p in decode_passes(prompt_len, k, steps, student=k > 1)]
   if k > 1:
     out.append({'noise': noise_encoder_costs(shape, batch, steps * k)})
+  if shape.cast_bytes:
+    out.append({'cast': (0.0, float(shape.cast_bytes))})
   return out
 
 

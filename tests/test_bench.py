@@ -231,6 +231,18 @@ def test_model_shape_charges_the_bytes_the_decode_loop_reads():
   rows = d * 4  # One embedding row, float32.
   assert bench.pass_costs(bf16, 1, p)['weights'][1] == pytest.approx(
       bf16.dense_params * bf16.dense_bytes + rows)
+  # The cast itself, once per decode: reads 4 and writes 2 bytes per cast
+  # weight, for AR and push-forward decodes alike; nothing in float32.
+  assert bf16.cast_bytes == 6 * cast and f32.cast_bytes == 0
+  uncast = dataclasses.replace(bf16, cast_bytes=0.0)
+  for k in (1, 2):
+    with_cast = bench.decode_totals(bf16, 3, 2, k, 4)
+    without = bench.decode_totals(uncast, 3, 2, k, 4)
+    assert with_cast[0] == without[0]
+    assert with_cast[1] - without[1] == pytest.approx(6 * cast)
+    assert bench.predict_decode_time(bf16, 3, 2, k, 4, 1e30, 1.0) == (
+        pytest.approx(bench.predict_decode_time(uncast, 3, 2, k, 4, 1e30,
+                                                1.0) + 6 * cast))
   # Real parameters give the same as their traced shapes.
   params = model_lib.init_params(cfg, jax.random.PRNGKey(1))
   assert bench.ModelShape.of(cfg, params) == bf16
