@@ -247,8 +247,8 @@ class ModelShape:
   kv_bytes: float  # Bytes per KV-cache element.
   # Bytes per dense parameter as the decode loop reads it: after
   # model.compute_params, so a bfloat16 model's block kernels count 2, its
-  # float32 norms 4. None: weight_bytes.
-  dense_bytes: float | None = None
+  # float32 norms 4.
+  dense_bytes: float
   # Bytes that model.compute_params moves once per decode (reads the
   # stored weights it casts, writes the cast copies); 0 in float32.
   cast_bytes: float = 0.0
@@ -258,7 +258,7 @@ class ModelShape:
     """From a config and its parameters (default: their shapes and dtypes,
     traced from cfg). Bytes per weight are those the decode loop reads."""
     if params is None:
-      params = _abstract_params(cfg)
+      params = model_lib.abstract_params(cfg)
     noise = (model_lib.count_params(params['noise_encoder'])
              if 'noise_encoder' in params else 0)
     outside = ('embed', 'unembed', 'noise_encoder')
@@ -275,17 +275,6 @@ class ModelShape:
                noise_params=noise, weight_bytes=_bytes_per_param(kept),
                kv_bytes=jnp.dtype(cfg.compute_dtype).itemsize,
                dense_bytes=_bytes_per_param(dense), cast_bytes=cast_bytes)
-
-  @property
-  def dense_weight_bytes(self) -> float:
-    return self.weight_bytes if self.dense_bytes is None else self.dense_bytes
-
-
-@functools.lru_cache(maxsize=16)
-def _abstract_params(cfg: model_lib.ModelConfig):
-  """cfg's parameter tree as shapes and dtypes (traced, no compute)."""
-  return jax.eval_shape(functools.partial(model_lib.init_params, cfg),
-                        jax.random.PRNGKey(0))
 
 
 def _nbytes(x) -> int:
@@ -338,7 +327,7 @@ def pass_costs(shape: ModelShape, batch: int, p: Pass,
   keys = cache_size if cache_size else p.index + q
   read = cache_size if cache_size else p.index
   w_flops = 2.0 * shape.dense_params * batch * q
-  w_bytes = shape.dense_params * shape.dense_weight_bytes
+  w_bytes = shape.dense_params * shape.dense_bytes
   w_bytes += batch * p.tokens * d * shape.weight_bytes  # Embedding rows.
   # The noise slots' rows, embedded before the loop in the compute dtype
   # (that of the KV cache).
@@ -380,7 +369,8 @@ def decode_totals(shape: ModelShape, batch: int, prompt_len: int, k: int,
                   max_new: int) -> tuple[float, float]:
   """(FLOPs, bytes) of a whole decode under the cost model above: what
   `predict_decode_time` charges, summed over its passes, the noise
-  encoder and the weight cast. Divided by a measured time, the rates the decode achieved."""
+  encoder and the weight cast. Divided by a measured time, the rates the
+  decode achieved."""
   parts = [c for costs in _decode_costs(shape, batch, prompt_len, k, max_new)
            for c in costs.values()]
   return sum(f for f, _ in parts), sum(b for _, b in parts)

@@ -416,13 +416,18 @@ def count_params(params) -> int:
 
 
 @functools.lru_cache(maxsize=32)
+def abstract_params(cfg: ModelConfig):
+  """`cfg`'s parameter tree as jax.ShapeDtypeStructs (traced, no compute)."""
+  return jax.eval_shape(functools.partial(init_params, cfg),
+                        jax.random.PRNGKey(0))
+
+
+@functools.lru_cache(maxsize=32)
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
   """{'/'-joined parameter path: shape} of `cfg`'s model (traced, no
   compute)."""
-  tree = jax.eval_shape(functools.partial(init_params, cfg),
-                        jax.random.PRNGKey(0))
-  return {_path_name(path): tuple(leaf.shape)
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+  return {_path_name(path): tuple(leaf.shape) for path, leaf in
+          jax.tree_util.tree_leaves_with_path(abstract_params(cfg))}
 
 
 def _path_name(path) -> str:

@@ -128,7 +128,7 @@ def test_validate_rejects_broken_dicts(tiny_run, breakage, key):
 # 10 dense params, 5 noise-encoder params, 1 byte per weight and KV element.
 _HAND = bench.ModelShape(num_layers=1, d_model=2, vocab_size=3,
                          dense_params=10, noise_params=5, weight_bytes=1,
-                         kv_bytes=1)
+                         kv_bytes=1, dense_bytes=1)
 
 
 def test_roofline_memory_bound_matches_hand_count():
