@@ -124,6 +124,15 @@ def test_validate_rejects_broken_dicts(tiny_run, breakage, key):
     bench.validate_bench_json(broken)
 
 
+
+@pytest.mark.parametrize('name', sorted(
+    n for n in os.listdir(os.path.join(ROOT, 'docs'))
+    if n.startswith('bench_') and n.endswith('.json')))
+def test_committed_bench_results_validate(name):
+  # The README quotes these files; a schema change must keep them readable.
+  with open(os.path.join(ROOT, 'docs', name)) as f:
+    bench.validate_bench_json(json.load(f))
+
 # A model small enough to cost by hand: 1 layer, width 2, vocabulary 3,
 # 10 dense params, 5 noise-encoder params, 1 byte per weight and KV element.
 _HAND = bench.ModelShape(num_layers=1, d_model=2, vocab_size=3,
