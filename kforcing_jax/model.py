@@ -108,15 +108,49 @@ class ModelConfig:
 
 
 def apply_rope(x_BxLxHxK, positions_BxL, base: float):
-  """Rotary embedding (rotate-half form) at explicit integer positions."""
+  """Rotary embedding (rotate-half form) at explicit integer positions,
+  angles computed here (the model uses `rope_tables` instead)."""
   half = x_BxLxHxK.shape[-1] // 2
   freqs_K = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
   angles_BxLxK = positions_BxL[..., None].astype(jnp.float32) * freqs_K
-  sin = jnp.sin(angles_BxLxK)[:, :, None, :]
-  cos = jnp.cos(angles_BxLxK)[:, :, None, :]
+  return rotate(x_BxLxHxK, jnp.cos(angles_BxLxK), jnp.sin(angles_BxLxK))
+
+
+def rotate(x_BxLxHxK, cos_BxLxK, sin_BxLxK):
+  """Rotary embedding (rotate-half form) given the angles' cos and sin."""
+  cos, sin = cos_BxLxK[:, :, None, :], sin_BxLxK[:, :, None, :]
   x1, x2 = jnp.split(x_BxLxHxK.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BxLxHxK.dtype)
+
+
+def rope_span(cfg: 'ModelConfig') -> tuple[int, int]:
+  """[lo, hi): the positions `rope_tables` covers exactly. Left padding
+  gives positions down to 1 - seq_len; noise slots reach past seq_len by
+  at most 2 * noise_window (a self-forcing double forward, or a decode
+  step's slots); the table allows twice that."""
+  return -cfg.seq_len, cfg.seq_len + 4 * max(cfg.noise_window, 1)
+
+
+@functools.lru_cache(maxsize=16)
+def _rope_table(lo: int, hi: int, head_dim: int, base: float):
+  half = head_dim // 2
+  freqs = float(base) ** (-np.arange(half, dtype=np.float64) / half)
+  angles = np.arange(lo, hi, dtype=np.float64)[:, None] * freqs
+  return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def rope_tables(cfg: 'ModelConfig', positions_BxL):
+  """(cos, sin) of the rotary angles at `positions`, each
+  (B, L, head_dim // 2) float32, looked up in a table made once on the
+  host (exact for positions in `rope_span`; outside it, clipped to its
+  ends). Computed from the positions in the pass, sin and cos were fused
+  by XLA:CPU into every layer's rotation and recomputed per head and per
+  layer: decode steps ran about 10-20% slower on the demo model."""
+  lo, hi = rope_span(cfg)
+  cos, sin = _rope_table(lo, hi, cfg.head_dim, float(cfg.rope_base))
+  index = jnp.clip(positions_BxL - lo, 0, hi - lo - 1)
+  return jnp.asarray(cos)[index], jnp.asarray(sin)[index]
 
 
 # KV-cache entries and their axes (n = batch * heads, batch-major; s slot;
@@ -143,9 +177,11 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, kv_cache=None,
+  def __call__(self, x_BxLxD, rope, mask_BxLxS, kv_cache=None,
                cache_index=None, deterministic=True, num_out=None):
     """Masked attention; with `kv_cache`, new K/V are written at cache_index.
+
+    `rope`: (cos, sin) of the L positions, from `rope_tables`.
 
     `num_out` (static): only the last num_out positions query (all L still
     give keys and values); the output is (B, num_out, D).
@@ -161,12 +197,12 @@ class Attention(nn.Module):
         (cfg.num_heads, cfg.head_dim), use_bias=False, dtype=cfg.compute_dtype,
         name=name)
     if num_out is not None:
-      x_q, q_positions = x_BxLxD[:, -num_out:], positions_BxL[:, -num_out:]
+      x_q, q_rope = x_BxLxD[:, -num_out:], [t[:, -num_out:] for t in rope]
       mask_BxLxS = mask_BxLxS[:, -num_out:]
     else:
-      x_q, q_positions = x_BxLxD, positions_BxL
-    q = apply_rope(dense('query')(x_q), q_positions, cfg.rope_base)
-    k = apply_rope(dense('key')(x_BxLxD), positions_BxL, cfg.rope_base)
+      x_q, q_rope = x_BxLxD, rope
+    q = rotate(dense('query')(x_q), *q_rope)
+    k = rotate(dense('key')(x_BxLxD), *rope)
     v = dense('value')(x_BxLxD)
     new_cache = None
     b, lq, h, hd = q.shape
@@ -218,14 +254,15 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, kv_cache=None, cache_index=None,
+  def __call__(self, x, rope, mask, kv_cache=None, cache_index=None,
                deterministic=True, num_out=None):
-    """`num_out` (static): compute only the last num_out positions' output
-    (every position still writes K/V); see Attention."""
+    """`rope`: (cos, sin) from `rope_tables`. `num_out` (static): compute
+    only the last num_out positions' output (every position still writes
+    K/V); see Attention."""
     cfg = self.cfg
     h = nn.LayerNorm(dtype=cfg.compute_dtype, name='attn_norm')(x)
     h, new_cache = Attention(cfg, name='attn')(
-        h, positions, mask, kv_cache, cache_index, deterministic, num_out)
+        h, rope, mask, kv_cache, cache_index, deterministic, num_out)
     if num_out is not None:
       x = x[:, -num_out:]
     x = x + h
@@ -286,9 +323,10 @@ class Transformer(nn.Module):
     """
     new_caches = []
     last = len(self.blocks) - 1
+    rope = rope_tables(self.cfg, positions_BxL)  # Shared by every layer.
     for i, block in enumerate(self.blocks):
       cache = None if kv_caches is None else kv_caches[i]
-      x_BxLxD, new_cache = block(x_BxLxD, positions_BxL, mask, cache,
+      x_BxLxD, new_cache = block(x_BxLxD, rope, mask, cache,
                                  cache_index, deterministic,
                                  num_out if i == last else None)
       new_caches.append(new_cache)

@@ -241,6 +241,41 @@ def test_rope_is_a_complex_rotation_by_position_times_frequency():
                              atol=2e-5)
 
 
+
+def test_rope_tables_are_exact_over_the_span_the_model_uses(small_cfg):
+  # The model looks its rotary angles up in a host-made table; inside
+  # rope_span it must match the formula, and the span must hold every
+  # position the layouts give: left padding (down to 1 - seq_len), a
+  # training window of noise_window slots at t = seq_len - 1, and a
+  # self-forcing double forward of 2 x the teacher's window.
+  cfg = dataclasses.replace(small_cfg, noise_window=4)
+  lo, hi = model_lib.rope_span(cfg)
+  teacher_lo, teacher_hi = model_lib.rope_span(
+      dataclasses.replace(small_cfg, noise_window=2))
+  assert lo <= 1 - cfg.seq_len
+  assert hi > cfg.seq_len - 1 + cfg.noise_window
+  assert teacher_hi > cfg.seq_len - 1 + 2 * 2
+  train_pos, _ = layouts.pf_train_layout(
+      jnp.array([[0, cfg.seq_len - 1]]), cfg.seq_len, cfg.noise_window)
+  assert lo <= int(train_pos.min()) and int(train_pos.max()) < hi
+  pos = np.arange(lo, hi)[None]
+  cos, sin = model_lib.rope_tables(cfg, jnp.asarray(pos))
+  half = cfg.head_dim // 2
+  angles = pos[..., None] * cfg.rope_base ** (-np.arange(half) / half)
+  np.testing.assert_allclose(np.asarray(cos), np.cos(angles), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(sin), np.sin(angles), atol=1e-6)
+  # The rotation from the table is the formula's (apply_rope).
+  x = np.random.default_rng(2).normal(
+      size=(1, pos.shape[1], 2, cfg.head_dim)).astype(np.float32)
+  np.testing.assert_allclose(
+      np.asarray(model_lib.rotate(jnp.asarray(x), cos, sin)),
+      np.asarray(model_lib.apply_rope(jnp.asarray(x), jnp.asarray(pos),
+                                      cfg.rope_base)), atol=1e-4)
+  # Outside the span, positions clip to its ends.
+  out_cos, _ = model_lib.rope_tables(cfg, jnp.array([[lo - 5, hi + 5]]))
+  np.testing.assert_array_equal(np.asarray(out_cos[0]),
+                                np.asarray(cos[0, [0, -1]]))
+
 def test_rope_scores_depend_on_relative_position_only():
   # <rope(q, p), rope(k, s)> is a function of p - s: shifting both keeps the
   # score, changing the offset changes it. Attention relies on both.
