@@ -113,6 +113,15 @@ class DecodeSpec:
       raise ValueError(f'DecodeSpec.key_layout={self.key_layout!r}: expected '
                        f'one of {KEY_LAYOUTS}')
     projection.check_impl(self.kernel_impl)
+    # Rotary angles beyond the model's table would be clipped, not
+    # extrapolated: refuse a loop whose positions could reach them.
+    hi = model_lib.rope_span(self.model)[1]
+    if self.cache_size > hi:
+      raise ValueError(
+          f'DecodeSpec: prompt_len + num_steps * k = {self.cache_size} '
+          f'positions exceed what the model supports ({hi} for seq_len='
+          f'{self.model.seq_len}); generate() keeps prompt + new tokens '
+          '<= seq_len')
 
   @property
   def is_student(self) -> bool:

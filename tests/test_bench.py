@@ -133,6 +133,7 @@ def test_committed_bench_results_validate(name):
   with open(os.path.join(ROOT, 'docs', name)) as f:
     bench.validate_bench_json(json.load(f))
 
+
 # A model small enough to cost by hand: 1 layer, width 2, vocabulary 3,
 # 10 dense params, 5 noise-encoder params, 1 byte per weight and KV element.
 _HAND = bench.ModelShape(num_layers=1, d_model=2, vocab_size=3,

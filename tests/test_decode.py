@@ -631,7 +631,8 @@ def _cache_copies_per_step(spec, params, batch):
 
 def _ops_in_loop_steps(text, op_names):
   """How many of `op_names` the while bodies run, fusions and calls
-  followed (computations named by calls= / to_apply= / body=)."""
+  followed (computations named by calls= / to_apply= / body= /
+  condition= / branch_computations=)."""
   seen, todo, count = set(), re.findall(r'body=%([\w.\-]+)', text), 0
   while todo:
     name = todo.pop()
@@ -642,6 +643,8 @@ def _ops_in_loop_steps(text, op_names):
     count += sum(len(re.findall(rf'\b{op}\(', block)) for op in op_names)
     todo += re.findall(r'(?:calls|to_apply|body|condition)=%([\w.\-]+)',
                        block)
+    for branches in re.findall(r'branch_computations=\{([^}]*)\}', block):
+      todo += re.findall(r'%([\w.\-]+)', branches)
   return count, len(seen)
 
 

@@ -228,7 +228,7 @@ def test_generate_fixed_equals_a_longer_decode_cut_short():
   prefixes = np.array([[3, 4, 5], [7, 1, 2]], np.int32)
   noise = np.asarray(jax.random.uniform(jax.random.PRNGKey(1), (2, 9)))
   # k=3 over 9 tokens fits; over 8 it needs a 2-token last pass. A model
-  # with room for 9 decodes the same first 8 tokens (RoPE has no length).
+  # with room for 9 decodes the same first 8 tokens.
   got = ev.generate_fixed(cfg, params, prefixes, noise[:, :8], k=3,
                           penalty=0.5)
   want = decode.generate(params, cfg, prefixes, max_new_tokens=9, k=3,

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kforcing_jax import decode
 from kforcing_jax import layouts
 from kforcing_jax import model as model_lib
 
@@ -244,17 +245,13 @@ def test_rope_is_a_complex_rotation_by_position_times_frequency():
 
 def test_rope_tables_are_exact_over_the_span_the_model_uses(small_cfg):
   # The model looks its rotary angles up in a host-made table; inside
-  # rope_span it must match the formula, and the span must hold every
-  # position the layouts give: left padding (down to 1 - seq_len), a
-  # training window of noise_window slots at t = seq_len - 1, and a
-  # self-forcing double forward of 2 x the teacher's window.
+  # rope_span it must match the formula, and the span must hold the
+  # positions the layouts give: left padding (down to 1 - seq_len) and a
+  # training window of noise_window slots even at t = seq_len - 1 (decode
+  # loops that could pass it are refused: see the next test).
   cfg = dataclasses.replace(small_cfg, noise_window=4)
   lo, hi = model_lib.rope_span(cfg)
-  teacher_lo, teacher_hi = model_lib.rope_span(
-      dataclasses.replace(small_cfg, noise_window=2))
   assert lo <= 1 - cfg.seq_len
-  assert hi > cfg.seq_len - 1 + cfg.noise_window
-  assert teacher_hi > cfg.seq_len - 1 + 2 * 2
   train_pos, _ = layouts.pf_train_layout(
       jnp.array([[0, cfg.seq_len - 1]]), cfg.seq_len, cfg.noise_window)
   assert lo <= int(train_pos.min()) and int(train_pos.max()) < hi
@@ -275,6 +272,21 @@ def test_rope_tables_are_exact_over_the_span_the_model_uses(small_cfg):
   out_cos, _ = model_lib.rope_tables(cfg, jnp.array([[lo - 5, hi + 5]]))
   np.testing.assert_array_equal(np.asarray(out_cos[0]),
                                 np.asarray(cos[0, [0, -1]]))
+
+
+def test_inputs_longer_than_the_rotary_table_are_refused(small_cfg):
+  # Past rope_span the angles would be clipped, not extrapolated: the
+  # full forward and a decode spec refuse such lengths before compute.
+  _, hi = model_lib.rope_span(small_cfg)
+  params = model_lib.init_params(small_cfg, jax.random.PRNGKey(0))
+  model = model_lib.Transformer(small_cfg)
+  model.apply({'params': params}, jnp.zeros((1, hi), jnp.int32))
+  with pytest.raises(ValueError, match=f'{hi + 1} tokens exceed the {hi}'):
+    model.apply({'params': params}, jnp.zeros((1, hi + 1), jnp.int32))
+  decode.DecodeSpec(model=small_cfg, k=1, num_steps=hi - 2, prompt_len=2)
+  with pytest.raises(ValueError, match=f'= {hi + 1} positions exceed'):
+    decode.DecodeSpec(model=small_cfg, k=1, num_steps=hi - 1, prompt_len=2)
+
 
 def test_rope_scores_depend_on_relative_position_only():
   # <rope(q, p), rope(k, s)> is a function of p - s: shifting both keeps the
