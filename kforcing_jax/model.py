@@ -107,15 +107,6 @@ class ModelConfig:
     return dataclasses.asdict(self)
 
 
-def apply_rope(x_BxLxHxK, positions_BxL, base: float):
-  """Rotary embedding (rotate-half form) at explicit integer positions,
-  angles computed here (the model uses `rope_tables` instead)."""
-  half = x_BxLxHxK.shape[-1] // 2
-  freqs_K = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angles_BxLxK = positions_BxL[..., None].astype(jnp.float32) * freqs_K
-  return rotate(x_BxLxHxK, jnp.cos(angles_BxLxK), jnp.sin(angles_BxLxK))
-
-
 def rotate(x_BxLxHxK, cos_BxLxK, sin_BxLxK):
   """Rotary embedding (rotate-half form) given the angles' cos and sin."""
   cos, sin = cos_BxLxK[:, :, None, :], sin_BxLxK[:, :, None, :]
@@ -152,8 +143,8 @@ def rope_tables(cfg: 'ModelConfig', positions_BxL):
   ends). Computed from the positions in the pass, sin and cos were fused
   by XLA:CPU into every layer's rotation and recomputed per head and per
   layer. With the table, k=4 decoding on the demo model gets 16-18% more
-  tokens/s, AR 9-17% (means of the README's A/B). The table's values differ from that computation by up to
-  about 4e-6."""
+  tokens/s, AR 9-17% (means of the README's A/B). Its values differ from
+  the float32 computation by up to about 4e-6."""
   lo, hi = rope_span(cfg)
   cos, sin = _rope_table(lo, hi, cfg.head_dim, float(cfg.rope_base))
   index = jnp.clip(positions_BxL - lo, 0, hi - lo - 1)

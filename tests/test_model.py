@@ -226,14 +226,21 @@ def test_student_init_touches_noise_encoder(small_cfg):
   assert set(teacher) < set(params)
 
 
+def _rope(cfg, x, pos):
+  """The model's rotary embedding of x at integer positions."""
+  return model_lib.rotate(x, *model_lib.rope_tables(cfg, jnp.asarray(pos)))
+
+
 def test_rope_is_a_complex_rotation_by_position_times_frequency():
   # Rotate-half form: pairs (x_j, x_{j+half}) are the complex number
   # x_j + i x_{j+half}, multiplied by exp(i * pos * base^(-j/half)).
+  cfg = model_lib.ModelConfig(vocab_size=10, seq_len=128, num_layers=1,
+                              d_model=24, num_heads=3, mlp_dim=8,
+                              rope_base=100.0)  # head_dim 8.
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, 5, 3, 8)).astype(np.float32)
   pos = np.array([[0, 1, 7, 30, 127], [3, 3, 50, 2, 9]])
-  got = np.asarray(model_lib.apply_rope(jnp.asarray(x), jnp.asarray(pos),
-                                        100.0), np.float64)
+  got = np.asarray(_rope(cfg, jnp.asarray(x), pos), np.float64)
   half = 4
   freqs = 100.0 ** (-np.arange(half) / half)
   z = (x[..., :half] + 1j * x[..., half:]).astype(np.complex128)
@@ -261,13 +268,6 @@ def test_rope_tables_are_exact_over_the_span_the_model_uses(small_cfg):
   angles = pos[..., None] * cfg.rope_base ** (-np.arange(half) / half)
   np.testing.assert_allclose(np.asarray(cos), np.cos(angles), atol=1e-6)
   np.testing.assert_allclose(np.asarray(sin), np.sin(angles), atol=1e-6)
-  # The rotation from the table is the formula's (apply_rope).
-  x = np.random.default_rng(2).normal(
-      size=(1, pos.shape[1], 2, cfg.head_dim)).astype(np.float32)
-  np.testing.assert_allclose(
-      np.asarray(model_lib.rotate(jnp.asarray(x), cos, sin)),
-      np.asarray(model_lib.apply_rope(jnp.asarray(x), jnp.asarray(pos),
-                                      cfg.rope_base)), atol=1e-4)
   # Outside the span, positions clip to its ends.
   out_cos, _ = model_lib.rope_tables(cfg, jnp.array([[lo - 5, hi + 5]]))
   np.testing.assert_array_equal(np.asarray(out_cos[0]),
@@ -291,13 +291,15 @@ def test_inputs_longer_than_the_rotary_table_are_refused(small_cfg):
 def test_rope_scores_depend_on_relative_position_only():
   # <rope(q, p), rope(k, s)> is a function of p - s: shifting both keeps the
   # score, changing the offset changes it. Attention relies on both.
+  cfg = model_lib.ModelConfig(vocab_size=10, seq_len=128, num_layers=1,
+                              d_model=16, num_heads=1, mlp_dim=8)
   rng = np.random.default_rng(1)
   q, k = (jnp.asarray(rng.normal(size=(1, 1, 1, 16)), jnp.float32)
           for _ in range(2))
 
   def score(p, s):
-    rq = model_lib.apply_rope(q, jnp.array([[p]]), 10000.0)
-    rk = model_lib.apply_rope(k, jnp.array([[s]]), 10000.0)
+    rq = _rope(cfg, q, [[p]])
+    rk = _rope(cfg, k, [[s]])
     return float(jnp.sum(rq * rk))
 
   assert score(9, 4) == pytest.approx(score(105, 100), abs=1e-4)
