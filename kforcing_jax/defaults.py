@@ -97,6 +97,10 @@ def base_config() -> ml_collections.ConfigDict:
   e.bootstrap = 1000  # Bootstrap resamples per CI (0: lo = hi = mean).
   e.ci_level = 0.95  # Two-sided CI coverage.
   e.split = ''  # Split the prefixes come from; '' = data.eval_split.
+  e.sweep_contexts = 32  # Held-out contexts at which each unpenalised
+  #   student's slot-1 map is swept over u against the teacher's
+  #   (noise_sweep.py); 0 skips the sweep.
+  e.sweep_grid = 1024  # u grid points per swept context.
 
   # --- Independent evaluator trained offline (train-evaluator subcommand). ---
   # A small GPT-2-shaped torch LM with its own byte-level BPE, trained on the

@@ -34,7 +34,10 @@ the mean over samples with a bootstrap CI):
                   student token == teacher token), `per_slot[s]` (the same
                   over positions n with n % k == s) and `first_divergence`
                   (number of tokens before the first mismatch; the full length
-                  when there is none).
+                  when there is none); `noise_sweep` (unpenalised students
+                  with eval.sweep_contexts > 0): slot 1's map against the
+                  teacher's over a u grid at held-out contexts, see
+                  noise_sweep.py.
 Perplexity CIs resample samples and recompute exp(total NLL / total tokens).
 
 eval.json schema (`validate_eval_json` checks it):
@@ -58,12 +61,14 @@ eval.json schema (`validate_eval_json` checks it):
                     "entropy": STAT, "distinct_1": STAT, ..., "distinct_4":
                     STAT, "repetition_4": STAT},
         "coupling": null | {"agreement": STAT, "per_slot": [STAT] * k,
-                            "first_divergence": STAT}
+                            "first_divergence": STAT,
+                            "noise_sweep": null | SWEEP}  # optional key
       }, ...
     }
   }
   STAT = {"mean": float | null, "lo": float | null, "hi": float | null,
           "n": int}   # n samples contributing; null values when n == 0.
+  SWEEP = noise_sweep.py's JSON form (STATs over contexts, not samples).
 
 Each samples/NAME.jsonl line: {"index", "model", "k", "penalty", "prefix"
 (text), "text" (prefix + continuation, decoded together), "prefix_ids",
@@ -87,6 +92,7 @@ from kforcing_jax import data as data_lib
 from kforcing_jax import decode
 from kforcing_jax import files
 from kforcing_jax import model as model_lib
+from kforcing_jax import noise_sweep
 from kforcing_jax import sharding
 
 SCHEMA_VERSION = 1
@@ -108,6 +114,8 @@ _DEFAULTS = {
     'bootstrap': 1000,
     'ci_level': 0.95,
     'split': '',
+    'sweep_contexts': 32,
+    'sweep_grid': 1024,
 }
 
 
@@ -130,6 +138,8 @@ class EvalSettings:
   bootstrap: int
   ci_level: float
   split: str  # '' means data.eval_split.
+  sweep_contexts: int  # Held-out contexts of the noise sweep; 0: none.
+  sweep_grid: int  # u grid points per swept context.
 
   def penalty(self, k: int) -> float:
     return dict(self.penalties).get(k, 0.0)
@@ -165,13 +175,17 @@ def eval_settings(config) -> EvalSettings:
       evaluator=str(raw['evaluator']),
       evaluator_batch_size=int(raw['evaluator_batch_size']),
       bootstrap=int(raw['bootstrap']), ci_level=float(raw['ci_level']),
-      split=str(raw['split']))
+      split=str(raw['split']), sweep_contexts=int(raw['sweep_contexts']),
+      sweep_grid=int(raw['sweep_grid']))
   for name in ('num_samples', 'prefix_len', 'batch_size',
-               'evaluator_batch_size'):
+               'evaluator_batch_size', 'sweep_grid'):
     if getattr(s, name) < 1:
       raise ValueError(f'eval.{name}={getattr(s, name)} must be >= 1')
   if s.bootstrap < 0:
     raise ValueError(f'eval.bootstrap={s.bootstrap} must be >= 0')
+  if s.sweep_contexts < 0:
+    raise ValueError(f'eval.sweep_contexts={s.sweep_contexts} must be >= 0 '
+                     '(0 skips the noise sweep)')
   if not 0 < s.ci_level < 1:
     raise ValueError(f'eval.ci_level={s.ci_level} not in (0, 1)')
   if any(k < 1 for k in s.ks):
@@ -669,6 +683,9 @@ def _check_model(entry, where: str):
                        f'expected k={k}')
     for i, stat in enumerate(slots):
       _check_stat(stat, f'{cw}.per_slot[{i}]')
+    sweep = coupling.get('noise_sweep')  # Absent in older eval.json files.
+    if sweep is not None:
+      noise_sweep.validate(sweep, f'{cw}.noise_sweep', _check_stat)
 
 
 def validate_eval_json(d) -> None:
@@ -703,7 +720,7 @@ def _mean_or_none(total: float, count: int):
 
 
 def _model_row(entry, tokens_NxT, teacher_nll, evaluator_nll, teacher_tokens,
-               timing, s: EvalSettings):
+               timing, s: EvalSettings, sweep=None):
   """The eval.json entry of one model (see the schema)."""
   ci = dict(num_resamples=s.bootstrap, seed=s.seed, level=s.ci_level)
   stats = text_stats(tokens_NxT)
@@ -718,7 +735,9 @@ def _model_row(entry, tokens_NxT, teacher_nll, evaluator_nll, teacher_tokens,
         'agreement': bootstrap_ci(c['agreement'], **ci),
         'per_slot': [bootstrap_ci(c['per_slot'][:, i], **ci)
                      for i in range(entry.k)],
-        'first_divergence': bootstrap_ci(c['first_divergence'], **ci)}
+        'first_divergence': bootstrap_ci(c['first_divergence'], **ci),
+        'noise_sweep': (None if sweep is None else noise_sweep.to_json(
+            sweep, s.sweep_grid, lambda v: bootstrap_ci(v, **ci)))}
   return {'kind': entry.kind, 'run': entry.run, 'k': entry.k,
           'penalty': float(entry.penalty),
           'samples_file': f'samples/{entry.name}.jsonl',
@@ -792,6 +811,7 @@ def run_evaluate(config, workdir: str) -> dict:
                                                             entry.run))
       loaded[entry.run] = cfg, params
   models, teacher_tokens, sample_files = {}, None, {}
+  sweeper = _Sweeper(s, teacher_cfg, teacher_params, seqs, loaded)
   for entry in plan:
     if entry.kind == 'data':
       tokens, timing = np.asarray(seqs[:, s.prefix_len:]), None
@@ -809,7 +829,7 @@ def run_evaluate(config, workdir: str) -> dict:
           evaluator_prefixes,
           [evaluator_text(tokenizer, row, separator) for row in full])
     row, stats = _model_row(entry, tokens, t_nll, e_nll, teacher_tokens,
-                            timing, s)
+                            timing, s, sweeper.per_context(entry))
     models[entry.name] = row
     # Written with eval.json at the end: a run that fails part-way leaves
     # the previous eval.json and the samples it describes as they were.
@@ -838,6 +858,38 @@ def run_evaluate(config, workdir: str) -> dict:
     _note_other_samples(workdir,
                         {row['samples_file'] for row in models.values()})
   return result
+
+
+class _Sweeper:
+  """Noise sweeps of the plan's students (noise_sweep.py), one per run.
+
+  Contexts are held-out sequences cut at t >= prefix_len - 1 (seed
+  eval.seed); the teacher's grids are swept once and shared.
+  """
+
+  def __init__(self, s: EvalSettings, teacher_cfg, teacher_params, seqs,
+               loaded):
+    self._s, self._seqs, self._loaded = s, seqs, loaded
+    self._teacher = teacher_cfg, teacher_params
+    self._u = noise_sweep.grid(s.sweep_grid)
+    self._contexts = self._teacher_grids = None
+    self._runs = {}
+
+  def per_context(self, entry):
+    if (entry.kind != 'student' or entry.penalty > 0 or
+        self._s.sweep_contexts == 0):
+      return None
+    if entry.run not in self._runs:
+      if self._contexts is None:
+        self._contexts = noise_sweep.pick_contexts(
+            len(self._seqs), self._seqs.shape[1], self._s.prefix_len - 1,
+            self._s.sweep_contexts, self._s.seed)
+        self._teacher_grids = noise_sweep.teacher_grids(
+            *self._teacher, self._seqs, *self._contexts, self._u)
+      self._runs[entry.run] = noise_sweep.sweep_student(
+          *self._loaded[entry.run], self._seqs, *self._contexts, self._u,
+          self._teacher_grids)
+    return self._runs[entry.run]
 
 
 def _note_other_samples(workdir: str, written: set[str]) -> None:
@@ -870,4 +922,13 @@ def _print_progress(entry, row, num, max_new):
     line += f", evaluator ppl {_fmt(m['evaluator_ppl'])}"
   if row['coupling'] is not None:
     line += f", agreement {_fmt(row['coupling']['agreement'])}"
+    sweep = row['coupling']['noise_sweep']
+    if sweep is not None:
+      line += (f"; noise sweep ({sweep['contexts']} contexts x "
+               f"{sweep['grid']} u): slot-1 accuracy "
+               f"{_fmt(sweep['accuracy'])}, distinct tokens "
+               f"{_fmt(sweep['distinct_student'])} (teacher "
+               f"{_fmt(sweep['distinct_teacher'])}), entropy "
+               f"{_fmt(sweep['entropy_student'])} (teacher "
+               f"{_fmt(sweep['entropy_teacher'])})")
   print(line, flush=True)

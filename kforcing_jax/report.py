@@ -100,7 +100,29 @@ def quality_section(workdir):
         f"{_stat(x['entropy'], 3)} | {_stat(x['distinct_4'], 3)} | "
         f"{_stat(x['repetition_4'], 3)} | "
         f"{_stat(coupling.get('agreement'), 3)} |")
+  lines += _sweep_lines(ev['models'])
   lines += [''] + [f'- {n}' for n in ev.get('notes', [])]
+  return lines
+
+
+def _sweep_lines(models):
+  """Noise-sweep table (noise_sweep.py) of the rows that have one."""
+  rows = [(name, m['coupling']['noise_sweep']) for name, m in models.items()
+          if (m.get('coupling') or {}).get('noise_sweep')]
+  if not rows:
+    return []
+  first = rows[0][1]
+  lines = ['', f"Noise sweep: slot 1's map against the teacher's at "
+           f"{first['contexts']} held-out contexts, u on a {first['grid']}"
+           '-point grid (per-context means):', '',
+           '| model | slot-1 accuracy | distinct tokens (student / teacher) '
+           '| entropy, nats (student / teacher) |', '|---|---|---|---|']
+  for name, sw in rows:
+    lines.append(
+        f"| {name} | {_stat(sw['accuracy'], 3)} | "
+        f"{_stat(sw['distinct_student'])} / {_stat(sw['distinct_teacher'])} "
+        f"| {_stat(sw['entropy_student'], 2)} / "
+        f"{_stat(sw['entropy_teacher'], 2)} |")
   return lines
 
 

@@ -49,3 +49,34 @@ def sgd_update(task, mesh_config, batch, frozen):
     new, metrics = step(state, sharding.global_batch(np.asarray(batch), mesh),
                         frozen)
   return jax.tree.map(lambda a, b: a - b, new.params, state.params), metrics
+
+
+def stat(mean=1.0):
+  """An eval.json STAT with mean = lo = hi."""
+  return {'mean': mean, 'lo': mean, 'hi': mean, 'n': 2}
+
+
+def _eval_entry(kind, k=1):
+  from kforcing_jax import evaluate as ev  # pylint: disable=g-import-not-at-top
+  metrics = {key: stat() for key in ev.METRIC_KEYS}
+  metrics['evaluator_ppl'] = None
+  coupling = None
+  if kind == 'student':
+    coupling = {'agreement': stat(), 'per_slot': [stat()] * k,
+                'first_divergence': stat()}
+  return {'kind': kind, 'run': kind, 'k': k, 'penalty': 0.0,
+          'samples_file': f'samples/{kind}.jsonl',
+          'decode': {'seconds': 1.0, 'tokens_per_s': 2.0,
+                     'includes_compile': True},
+          'metrics': metrics, 'coupling': coupling}
+
+
+def minimal_eval_json():
+  """The smallest eval.json the schema accepts: a teacher and a k=2 student."""
+  from kforcing_jax import evaluate as ev  # pylint: disable=g-import-not-at-top
+  settings = {key: (0.95 if typ is float else '' if typ is str else 1)
+              for key, typ in ev.SETTINGS_TYPES.items()}
+  return {'schema_version': ev.SCHEMA_VERSION, 'name': 'x',
+          'settings': settings, 'notes': [],
+          'models': {'teacher': _eval_entry('teacher'),
+                     'student_k2': _eval_entry('student', 2)}}

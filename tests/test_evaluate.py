@@ -18,6 +18,7 @@ from kforcing_jax import decode
 from kforcing_jax import defaults
 from kforcing_jax import evaluate as ev
 from kforcing_jax import model as model_lib
+from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SETTINGS = ev.eval_settings(ml_collections.ConfigDict())
@@ -329,33 +330,6 @@ def test_missing_transformers_names_the_extra(monkeypatch, tmp_path):
 # --------------------------------------------------------------------------
 
 
-def _stat(mean=1.0):
-  return {'mean': mean, 'lo': mean, 'hi': mean, 'n': 2}
-
-
-def _entry(kind, k=1):
-  metrics = {key: _stat() for key in ev.METRIC_KEYS}
-  metrics['evaluator_ppl'] = None
-  coupling = None
-  if kind == 'student':
-    coupling = {'agreement': _stat(), 'per_slot': [_stat()] * k,
-                'first_divergence': _stat()}
-  return {'kind': kind, 'run': kind, 'k': k, 'penalty': 0.0,
-          'samples_file': f'samples/{kind}.jsonl',
-          'decode': {'seconds': 1.0, 'tokens_per_s': 2.0,
-                     'includes_compile': True},
-          'metrics': metrics, 'coupling': coupling}
-
-
-def _minimal_eval_json():
-  settings = {key: (0.95 if typ is float else '' if typ is str else 1)
-              for key, typ in ev.SETTINGS_TYPES.items()}
-  return {'schema_version': ev.SCHEMA_VERSION, 'name': 'x',
-          'settings': settings, 'notes': [],
-          'models': {'teacher': _entry('teacher'),
-                     'student_k2': _entry('student', 2)}}
-
-
 @pytest.mark.parametrize('mutate,needle', [
     (lambda d: d.pop('settings'), "'settings'"),
     (lambda d: d['settings'].pop('prefix_len'), 'settings.prefix_len'),
@@ -373,7 +347,7 @@ def _minimal_eval_json():
         mean=None), 'models.teacher.metrics.teacher_ppl'),
 ])
 def test_validate_eval_json_names_the_bad_key(mutate, needle):
-  d = _minimal_eval_json()
+  d = helpers.minimal_eval_json()
   ev.validate_eval_json(d)
   mutate(d)
   with pytest.raises(ValueError, match=needle.replace('[', r'\[')):
@@ -454,6 +428,10 @@ def test_run_evaluate_untrained_models(hf_dir, tmp_path, monkeypatch, capsys):
   assert d['settings']['max_new_tokens'] == 8
   for entry in d['models'].values():
     assert entry['metrics']['evaluator_ppl']['n'] == 5
+  sweep = d['models']['student_k2']['coupling']['noise_sweep']
+  assert (sweep['contexts'], sweep['grid']) == (32, 1024)  # The defaults.
+  assert 0 <= sweep['accuracy']['mean'] <= 1
+  assert 1 <= sweep['distinct_student']['mean'] <= 320
   # The 'data' row scores the held-out continuation itself.
   with open(os.path.join(workdir, 'samples', 'data.jsonl')) as f:
     first = json.loads(f.readline())
@@ -505,9 +483,19 @@ def test_run_evaluate_tiny_trained(trained_workdir, hf_dir, capsys):
   assert len(models['student_k4']['coupling']['per_slot']) == 4
   assert models['teacher']['coupling'] is None
   assert models['teacher']['decode']['tokens_per_s'] > 0
+  # One sweep per run, on unpenalised rows only: k=3 and k=4 share run
+  # student_k4, and every run's teacher side is the same.
+  sweeps = {name: m['coupling']['noise_sweep'] for name, m in models.items()
+            if m['kind'] == 'student'}
+  assert all((sw is None) == name.endswith('_penalty')
+             for name, sw in sweeps.items())
+  assert sweeps['student_k3'] == sweeps['student_k4']
+  assert len({json.dumps(sweeps[f'student_k{k}']['entropy_teacher'])
+              for k in (1, 2, 4)}) == 1
   assert d['settings']['max_new_tokens'] == 26
   out = capsys.readouterr().out
   assert all(f'[eval] {name}:' in out for name in names)
+  assert 'noise sweep (32 contexts x 1024 u): slot-1 accuracy' in out
   assert 'tok/s' in out
 
 
@@ -621,7 +609,7 @@ def test_generate_command_refuses_a_prompt_longer_than_seq_len(
 
 def test_report_names_the_ci_level_and_resamples(tmp_path):
   from kforcing_jax import report  # pylint: disable=g-import-not-at-top
-  d = _minimal_eval_json()
+  d = helpers.minimal_eval_json()
   for ci_level, bootstrap, label in (
       (0.95, 1000, 'mean [95% bootstrap CI, 1000 resamples]'),
       (0.5, 200, 'mean [50% bootstrap CI, 200 resamples]'),
