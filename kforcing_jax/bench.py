@@ -59,8 +59,9 @@ bench.json (schema_version 1; `validate_bench_json` checks it):
   settings        {batch_sizes, ks, prefix_len, max_new_tokens, repeats,
                    warmup, prompts, random_weights, peer, roofline, seed,
                    key_layout (as asked: 'auto', 'k' or 'kt'), profile
-                   (bool) (these two optional: files written before them
-                   lack them)}.
+                   (bool), kernel_impl (kernels.impl of the decode loop's
+                   vocabulary projection) (these three optional: files
+                   written before them lack them)}.
   models          [{name, weights ('trained'|'random'), noise_window,
                    num_params, serves_k [int]}].
   roofline        {peak_flops (FLOP/s), peak_flops_dtype, matmul_size,
@@ -121,6 +122,7 @@ from kforcing_jax import checkpoints
 from kforcing_jax import decode
 from kforcing_jax import files
 from kforcing_jax import model as model_lib
+from kforcing_jax import projection
 from kforcing_jax import sharding
 from kforcing_jax import step_profile
 
@@ -164,12 +166,16 @@ class BenchSettings:
   # One more run of every cell under the profiler: ops per step, kept
   # traces under WORKDIR/profile (step_profile.py).
   profile: bool = False
+  # Vocabulary projection of the decode loop: set from `kernels.impl`, not
+  # from the bench section (projection.py).
+  kernel_impl: str = 'auto'
 
 
 def settings_from_config(config) -> BenchSettings:
   """Reads `config.bench` (absent fields take defaults); raises ValueError."""
   section = config.get('bench', None) or {}
-  names = {f.name for f in dataclasses.fields(BenchSettings)}
+  names = {f.name for f in dataclasses.fields(BenchSettings)} - {
+      'kernel_impl'}
   unknown = sorted(set(section.keys()) - names)
   if unknown:
     raise ValueError(f'unknown bench field(s) {unknown}; known: '
@@ -185,6 +191,9 @@ def settings_from_config(config) -> BenchSettings:
                            f"e.g. '--config.bench.{f.name}=(1,8)'")
         value = tuple(value)
       values[f.name] = value
+  values['kernel_impl'] = str(
+      (config.get('kernels', None) or {}).get('impl', 'auto'))
+  projection.check_impl(values['kernel_impl'])
   s = BenchSettings(**values)
   _check_settings(s, config.model.seq_len)
   return s
@@ -669,7 +678,7 @@ def prepare_cell(m: BenchModel, k: int, prompts_BxP: np.ndarray,
   steps = -(-max_new // k)
   spec = decode.DecodeSpec(model=m.cfg, k=k, num_steps=steps,
                            prompt_len=prompt_len, greedy=True,
-                           key_layout=s.key_layout)
+                           key_layout=s.key_layout, kernel_impl=s.kernel_impl)
   rng = np.random.default_rng(s.seed + k)
   args = (m.params, jnp.asarray(prompts_BxP),
           jnp.zeros((batch,), jnp.int32),
@@ -974,7 +983,8 @@ def run_bench(config, workdir: str,
           'repeats': s.repeats, 'warmup': s.warmup, 'prompts': s.prompts,
           'random_weights': s.random_weights, 'peer': s.peer,
           'roofline': s.roofline, 'seed': s.seed,
-          'key_layout': s.key_layout, 'profile': s.profile},
+          'key_layout': s.key_layout, 'profile': s.profile,
+          'kernel_impl': s.kernel_impl},
       'models': _model_entries(models),
       'roofline': roof,
       'results': results,
@@ -1187,7 +1197,7 @@ _SETTINGS = {'batch_sizes': list, 'ks': list, 'prefix_len': int,
              'prompts': str, 'random_weights': bool, 'peer': bool,
              'roofline': str, 'seed': int}
 # Added after schema_version 1 files were written: checked when present.
-_SETTINGS_OPTIONAL = {'key_layout': str, 'profile': bool}
+_SETTINGS_OPTIONAL = {'key_layout': str, 'profile': bool, 'kernel_impl': str}
 _MODEL = {'name': str, 'weights': str, 'noise_window': int,
           'num_params': int, 'serves_k': list}
 _ROOFLINE = {'peak_flops': _NUM, 'peak_flops_dtype': str, 'matmul_size': int,
@@ -1279,6 +1289,10 @@ def validate_bench_json(d: dict[str, Any]) -> None:
   if layout not in decode.KEY_LAYOUTS:
     raise ValueError(f'bench.json: settings.key_layout={layout!r} not in '
                      f'{decode.KEY_LAYOUTS}')
+  impl = d['settings'].get('kernel_impl', 'auto')
+  if impl not in projection.IMPLS:
+    raise ValueError(f'bench.json: settings.kernel_impl={impl!r} not in '
+                     f'{projection.IMPLS}')
   profiled = d['settings'].get('profile', False)
   _check_fields(d['roofline'], _ROOFLINE, 'roofline')
   if d['roofline']['mode'] not in MODES:

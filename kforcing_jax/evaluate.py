@@ -93,6 +93,7 @@ from kforcing_jax import decode
 from kforcing_jax import files
 from kforcing_jax import model as model_lib
 from kforcing_jax import noise_sweep
+from kforcing_jax import projection
 from kforcing_jax import sharding
 
 SCHEMA_VERSION = 1
@@ -538,7 +539,8 @@ def plan_models(windows: Sequence[int], s: EvalSettings) -> list[ModelEntry]:
 
 
 def generate_fixed(cfg, params, prefixes_BxP, noise_BxT, k: int,
-                   penalty: float = 0.0) -> np.ndarray:
+                   penalty: float = 0.0,
+                   kernel_impl: str = 'auto') -> np.ndarray:
   """Exactly T = noise.shape[1] new tokens, k per pass, within seq_len.
 
   When k does not divide T, the last r = T % k tokens come from one more
@@ -553,18 +555,19 @@ def generate_fixed(cfg, params, prefixes_BxP, noise_BxT, k: int,
     parts.append(decode.generate(
         params, cfg, prefixes_BxP, max_new_tokens=main, k=k,
         noise=noise_BxT[:, :main], frequency_penalty=penalty,
-        eos_id=None).tokens)
+        eos_id=None, kernel_impl=kernel_impl).tokens)
   if main < max_new:
     context = np.concatenate([prefixes_BxP] + parts, axis=1)
     parts.append(decode.generate(
         params, cfg, context, max_new_tokens=max_new - main,
         k=max_new - main, noise=noise_BxT[:, main:],
-        frequency_penalty=penalty, eos_id=None).tokens)
+        frequency_penalty=penalty, eos_id=None,
+        kernel_impl=kernel_impl).tokens)
   return np.concatenate(parts, axis=1)
 
 
 def decode_all(cfg, params, entry: ModelEntry, prefixes_NxP, noise_NxT,
-               batch_size: int):
+               batch_size: int, kernel_impl: str = 'auto'):
   """Decodes every prefix in batches. Returns (tokens (N, T), timing dict).
 
   Batches are padded to batch_size (one compilation per model). tokens/s
@@ -580,7 +583,7 @@ def decode_all(cfg, params, entry: ModelEntry, prefixes_NxP, noise_NxT,
     tokens = generate_fixed(
         cfg, params, _pad_rows(prefixes_NxP[lo:lo + rows], batch_size),
         _pad_rows(noise_NxT[lo:lo + rows], batch_size), entry.k,
-        entry.penalty)
+        entry.penalty, kernel_impl)
     times.append((time.perf_counter() - t0, batch_size * max_new))
     outs.append(tokens[:rows])
   steady = times[1:] or times
@@ -778,6 +781,9 @@ def run_evaluate(config, workdir: str) -> dict:
   Returns the eval.json dict (already validated).
   """
   s = eval_settings(config)
+  # Decoding's vocabulary projection (projection.py), as generate uses it.
+  kernel_impl = projection.check_impl(str(
+      (config.get('kernels', None) or {}).get('impl', 'auto')))
   evaluator = load_evaluator(s)  # Fail on a bad evaluator before decoding.
   teacher_cfg, teacher_params = _load_teacher(workdir, config)
   if not 1 <= s.prefix_len < teacher_cfg.seq_len:
@@ -817,7 +823,7 @@ def run_evaluate(config, workdir: str) -> dict:
       tokens, timing = np.asarray(seqs[:, s.prefix_len:]), None
     else:
       tokens, timing = decode_all(*loaded[entry.run], entry, prefixes, noise,
-                                  s.batch_size)
+                                  s.batch_size, kernel_impl)
     if entry.kind == 'teacher':
       teacher_tokens = tokens
     full = np.concatenate([prefixes, tokens], axis=1)

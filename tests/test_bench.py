@@ -105,6 +105,8 @@ def test_accelerator_rows_cover_both_models(tiny_run):
      "settings.key_layout='diagonal'"),
     (lambda d: d['settings'].update(profile='yes'), 'settings.profile must '
      'be bool'),
+    (lambda d: d['settings'].update(kernel_impl='cuda'),
+     "settings.kernel_impl='cuda'"),
     (lambda d: d['results'][0].update(key_layout='auto'),
      r"results\[0\]\.key_layout='auto': expected the resolved layout"),
     (lambda d: d['results'][0].update(profile_error='x'),
@@ -291,6 +293,28 @@ def test_settings_defaults_and_errors():
     bench.settings_from_config(_tiny_config(key_layout='ks'))
   with pytest.raises(ValueError, match='no room'):
     bench.settings_from_config(_tiny_config(prefix_len=32))
+
+
+def test_bench_decodes_with_the_configured_projection(tmp_path,
+                                                      monkeypatch):
+  # kernels.impl (not a bench field) picks the decode loop's vocabulary
+  # projection, as for generate and evaluate, and bench.json records it.
+  config = _tiny_config(**dict(_FAST, batch_sizes=(1,), ks=(2,)))
+  config.kernels.impl = 'chunked'
+  specs = []
+  real_spec = bench.decode.DecodeSpec
+
+  def spec(**kwargs):
+    specs.append(kwargs.get('kernel_impl'))
+    return real_spec(**kwargs)
+
+  monkeypatch.setattr(bench.decode, 'DecodeSpec', spec)
+  out = bench.run_bench(config, str(tmp_path), log=lambda _: None)
+  assert out['settings']['kernel_impl'] == 'chunked'
+  assert specs and set(specs) == {'chunked'}
+  assert bench.settings_from_config(_tiny_config()).kernel_impl == 'auto'
+  with pytest.raises(ValueError, match="unknown bench field.*kernel_impl"):
+    bench.settings_from_config(_tiny_config(kernel_impl='chunked'))
 
 
 def test_random_weight_fallback_is_announced(tmp_path):

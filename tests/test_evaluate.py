@@ -443,6 +443,25 @@ def test_run_evaluate_untrained_models(hf_dir, tmp_path, monkeypatch, capsys):
   assert 'samples/teacher.jsonl' not in note[0]
 
 
+def test_run_evaluate_decodes_with_the_configured_projection(
+    hf_dir, tmp_path, monkeypatch):
+  """kernels.impl reaches every decode of evaluate, as it does generate's."""
+  config, workdir = _untrained_setup(hf_dir, tmp_path, monkeypatch)
+  config.kernels.impl = 'chunked'
+  config.eval.sweep_contexts = 0
+  seen = []
+  real_generate = decode.generate
+
+  def generate(*args, kernel_impl='auto', **kwargs):
+    seen.append(kernel_impl)
+    return real_generate(*args, kernel_impl=kernel_impl, **kwargs)
+
+  monkeypatch.setattr(ev.decode, 'generate', generate)
+  result = ev.run_evaluate(config, workdir)
+  assert result['models']['student_k2']['coupling']['noise_sweep'] is None
+  assert seen and set(seen) == {'chunked'}
+
+
 def test_run_evaluate_damaged_student_fails_before_scoring(
     hf_dir, tmp_path, monkeypatch):
   config, workdir = _untrained_setup(hf_dir, tmp_path, monkeypatch,
@@ -542,7 +561,8 @@ def test_decode_rate_counts_the_padded_rows_of_a_partial_batch(
   clock = [0.0]
   monkeypatch.setattr(ev.time, 'perf_counter', lambda: clock[0])
 
-  def fake_generate(cfg, params, prefixes, noise, k, penalty):
+  def fake_generate(cfg, params, prefixes, noise, k, penalty, kernel_impl):
+    del kernel_impl
     clock[0] += 0.1
     return np.zeros((len(prefixes), noise.shape[1]), np.int32)
 
