@@ -76,8 +76,10 @@ def base_config() -> ml_collections.ConfigDict:
   ds.lr = 1e-3  # Peak learning rate (Adam, constant after warm-up).
   ds.warmup_steps = 20  # Linear warm-up steps per stage.
   ds.ema_decay = 0.0  # EMA of student params (paper: 0.999); 0 disables.
-  ds.precision = 'auto'  # Coupling precision: 'auto' (float64 if x64 is
-  #                        enabled, else blocked float32), 'float32', 'float64'.
+  ds.precision = 'auto'  # Coupling precision of the stage-1 targets: 'auto'
+  #   (float64 if x64 is enabled, else the blocked double-word float32 path of
+  #   noise.py), 'float64', or 'float32' (that path, except on TPU: there the
+  #   faster, less exact float32 Pallas kernel; projection.py).
   ds.checkpoint_every = 100  # Steps between checkpoints of a stage.
   ds.eval_every = 100  # Steps between held-out per-slot accuracy evals.
 

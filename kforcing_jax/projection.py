@@ -11,10 +11,12 @@ functions with hidden states and the unembedding matrix. `impl` is the
                (its (M, V) logits are what costs memory) and reference for
                decoding (a few rows of logits; one matmul is fastest on CPU:
                chunked measured 626 vs 816 AR tokens/s at batch 1, demo size).
-Inverse-CDF sampling keeps the high-precision coupling of `noise.py` unless
-the resolved implementation is Pallas (TPU) and float32 was asked for (or
-'auto' without jax_enable_x64): the f32 two-pass kernel disagrees with it
-only on draws within a few f32 ulps of a CDF step.
+Inverse-CDF sampling keeps the high-precision coupling of `noise.py`
+(docs/METHOD.md: the authors use float64) unless precision='float32' is asked
+for by name and the resolved implementation is Pallas (TPU): only then does
+the f32 two-pass Pallas kernel sample, which avoids the (M, V) logits but
+disagrees with the exact coupling on draws near a CDF step. 'auto' never
+takes it.
 """
 
 import jax.numpy as jnp
@@ -79,12 +81,13 @@ def inverse_cdf(h_MxD, w_DxV, u_M, impl, temperature=1.0, counts_MxV=None,
                 penalty=0.0, precision='auto'):
   """Inverse-CDF token per row; see the module docstring for precision.
 
-  The Pallas kernel works in float32, so a float64 request (precision
-  'float64', or 'auto' with jax_enable_x64) takes the high-precision path
-  instead of being ignored; a bad precision is refused on every path.
+  The Pallas kernel works in plain float32, so only an explicit 'float32'
+  request reaches it; 'auto' and 'float64' take the high-precision path. A
+  bad precision is refused on every path.
   """
-  wide = noise_lib.working_dtype(precision) == jnp.float64
-  if resolved(impl) == 'pallas' and counts_MxV is None and not wide:
+  noise_lib.working_dtype(precision)  # Validates it.
+  if (resolved(impl) == 'pallas' and counts_MxV is None and
+      precision == 'float32'):
     return kernels.projected_inverse_cdf(h_MxD, w_DxV, u_M,
                                          temperature=temperature,
                                          impl='pallas')

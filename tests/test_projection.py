@@ -126,6 +126,31 @@ def test_teacher_penalty_equals_stepwise_reference(small_cfg, greedy):
   assert not np.array_equal(plain, got)  # Else lambda checks nothing.
 
 
+def test_only_an_explicit_float32_request_samples_with_the_pallas_kernel(
+    monkeypatch):
+  # docs/METHOD.md asks for a high-precision coupling: on TPU ('pallas')
+  # the default 'auto' keeps noise.py's exact path; the plain-f32 kernel
+  # runs only when asked for by name.
+  rng = np.random.default_rng(1)
+  h = jnp.asarray(rng.normal(size=(4, 8)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(8, 50)), jnp.float32)
+  u = jnp.asarray(rng.uniform(size=4), jnp.float32)
+  calls = []
+  real = projection.kernels.projected_inverse_cdf
+
+  def spy(*args, **kwargs):
+    calls.append(kwargs.get('impl'))
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(projection.kernels, 'projected_inverse_cdf', spy)
+  want = noise_lib.inverse_cdf(projection.logits(h, w), u)
+  got = projection.inverse_cdf(h, w, u, 'pallas')
+  np.testing.assert_array_equal(got, want)
+  assert not calls
+  projection.inverse_cdf(h, w, u, 'pallas', precision='float32')
+  assert calls == ['pallas']
+
+
 def test_pallas_inverse_cdf_honours_the_asked_precision():
   # The Pallas kernel is float32: a float64 request must take the float64
   # path (stage-1 targets with distill.precision='float64' on TPU), and a
