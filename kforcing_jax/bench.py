@@ -88,8 +88,11 @@ bench.json (schema_version 1; `validate_bench_json` checks it):
                    us_per_step}], trace_dir}; see step_profile.py; a cell
                    whose tracing failed has profile_error (str) instead),
                    memory {host_rss_delta_mib, host_maxrss_mib,
-                   device_peak_bytes (null on CPU), compiled (dict of
-                   memory_analysis() byte counts, or null)}}.
+                   device_peak_bytes (null on CPU; the device allocator's
+                   high-water mark of the whole process so far, so not
+                   per cell), compiled (dict of memory_analysis() byte
+                   counts, or null: the per-cell figure; the table's
+                   `peak MiB` is argument + output - alias + temp)}}.
                    full_cache: the 'max' prediction when attention reads the
                    whole preallocated cache every step (decode.py with
                    DecodeSpec.cache_block=0; by default it grows the cache
@@ -618,6 +621,17 @@ def _device_peak_bytes() -> int | None:
   return int(stats.get('peak_bytes_in_use', stats.get('bytes_in_use', 0)))
 
 
+def compiled_peak_bytes(memory) -> int | None:
+  """A cell's device footprint from its compiled memory analysis:
+  arguments (weights, prompts, noise) + outputs - aliased + temporaries
+  (the KV cache lives in the loop's temporaries). None if not reported."""
+  c = memory.get('compiled')
+  if not c or 'temp_size_in_bytes' not in c:
+    return None
+  return (c.get('argument_size_in_bytes', 0) + c.get('output_size_in_bytes', 0)
+          - c.get('alias_size_in_bytes', 0) + c['temp_size_in_bytes'])
+
+
 def _compiled_memory(compiled) -> dict[str, int] | None:
   try:
     ma = compiled.memory_analysis()
@@ -938,7 +952,8 @@ def run_bench(config, workdir: str,
           f'batch={batch}: {r["tokens_per_s"]:.1f} tok/s, median '
           f'{r["median_s"]:.4f} s (spread {100 * spread:.0f}%), compile '
           f'{r["compile_s"]:.2f} s, RSS '
-          f'+{r["memory"]["host_rss_delta_mib"]:.1f} MiB')
+          f'+{r["memory"]["host_rss_delta_mib"]:.1f} MiB, peak '
+          f'{_mib(compiled_peak_bytes(r["memory"]))} MiB (compiled)')
     if s.profile:  # After the timed runs, so tracing cannot slow them.
       _profile_cells(cells, results[-len(cells):], workdir, log)
 
@@ -1062,11 +1077,16 @@ def _model_entries(models: dict[int, BenchModel]) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------ report
 
 
+def _mib(num_bytes) -> str:
+  return '-' if num_bytes is None else f'{num_bytes / 2 ** 20:.1f}'
+
+
 def format_tables(d: dict[str, Any]) -> str:
   """The measured table, the peer comparison and the accelerator table."""
   mode = d['roofline']['mode']
   lines = [f'\nbatch  k  model            tok/s      speedup  '
-           f'pred({mode})  pred(sum)  meas/pred  GFLOP/s     GB/s']
+           f'pred({mode})  pred(sum)  meas/pred  GFLOP/s     GB/s  '
+           f'peak MiB']
   for r in sorted(d['results'], key=lambda r: (r['batch'], r['k'])):
     rates = ''.join(  # Files written before these fields lack them.
         f'  {r[key] / 1e9:7.1f}' if key in r else f'  {"-":>7s}'
@@ -1076,12 +1096,14 @@ def format_tables(d: dict[str, Any]) -> str:
         f'{r["tokens_per_s"]:10.1f}  {r["speedup"]:7.2f}  '
         f'{r["predicted_speedup"]:9.2f}  '
         f'{r["predicted_speedup_modes"]["sum"]:9.2f}  '
-        f'{r["measured_over_predicted"]:9.2f}' + rates)
+        f'{r["measured_over_predicted"]:9.2f}' + rates +
+        f'  {_mib(compiled_peak_bytes(r["memory"])):>8s}')
   roof = d['roofline']
   lines.append(f'(GFLOP/s, GB/s: the roofline cost model\'s FLOPs and bytes '
                f'of each decode over its median time; measured ceilings '
                f'{roof["peak_flops"] / 1e9:.1f} GFLOP/s and '
-               f'{roof["bandwidth"] / 1e9:.1f} GB/s)')
+               f'{roof["bandwidth"] / 1e9:.1f} GB/s; peak MiB: the compiled '
+               f'decode\'s arguments + outputs + temporaries)')
   peer = d['peer']
   if peer['available']:
     pf_k = peer['results'][0]['pf_k'] if peer['results'] else '?'

@@ -295,6 +295,24 @@ def test_settings_defaults_and_errors():
     bench.settings_from_config(_tiny_config(prefix_len=32))
 
 
+def test_table_shows_each_cells_compiled_peak(tiny_run):
+  _, out, _ = tiny_run
+  d = copy.deepcopy(out)
+  d['results'].sort(key=lambda r: (r['batch'], r['k']))
+  d['results'][0]['memory']['compiled'] = None  # A backend without it.
+  rows = [l.split() for l in bench.format_tables(d).splitlines()[2:]]
+  for r, row in zip(d['results'], rows):
+    assert row[:2] == [str(r['batch']), str(r['k'])]
+    c = r['memory']['compiled']
+    if c is None:
+      assert row[-1] == '-'
+      continue
+    total = (c['argument_size_in_bytes'] + c['output_size_in_bytes']
+             - c['alias_size_in_bytes'] + c['temp_size_in_bytes'])
+    assert row[-1] == f'{total / 2 ** 20:.1f}'
+  assert rows[0][-1] == '-' and rows[1][-1] != '-'
+
+
 def test_bench_decodes_with_the_configured_projection(tmp_path,
                                                       monkeypatch):
   # kernels.impl (not a bench field) picks the decode loop's vocabulary
