@@ -90,7 +90,8 @@ def quality_section(workdir):
            *_evaluator_lines(s.get('evaluator', '')),
            '| model | k | penalty | gen. ppl (teacher) | gen. ppl '
            '(evaluator) | entropy | distinct-4 | rep-4 | agreement with '
-           'teacher |', '|---|---|---|---|---|---|---|---|---|']
+           'teacher | agreement per slot |',
+           '|---|---|---|---|---|---|---|---|---|---|']
   for name, m in ev['models'].items():
     x = m['metrics']
     coupling = m.get('coupling') or {}
@@ -99,10 +100,19 @@ def quality_section(workdir):
         f"{_stat(x['teacher_ppl'])} | {_stat(x.get('evaluator_ppl'))} | "
         f"{_stat(x['entropy'], 3)} | {_stat(x['distinct_4'], 3)} | "
         f"{_stat(x['repetition_4'], 3)} | "
-        f"{_stat(coupling.get('agreement'), 3)} |")
+        f"{_stat(coupling.get('agreement'), 3)} | "
+        f"{_per_slot(coupling.get('per_slot'))} |")
   lines += _sweep_lines(ev['models'])
   lines += [''] + [f'- {n}' for n in ev.get('notes', [])]
   return lines
+
+
+def _per_slot(stats) -> str:
+  """Slot means s = 1..k (positions n with n % k == s - 1), 'n/a' if none."""
+  if not stats:
+    return 'n/a'
+  return ' / '.join('n/a' if x.get('mean') is None else f"{x['mean']:.3f}"
+                    for x in stats)
 
 
 def _sweep_lines(models):

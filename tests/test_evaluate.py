@@ -641,3 +641,15 @@ def test_report_names_the_ci_level_and_resamples(tmp_path):
     assert label in text
     if bootstrap != 1000 or ci_level != 0.95:
       assert '95% bootstrap CI, 1000' not in text
+
+
+def test_report_shows_agreement_per_slot(tmp_path):
+  from kforcing_jax import report  # pylint: disable=g-import-not-at-top
+  d = helpers.minimal_eval_json()
+  d['models']['student_k2']['coupling']['per_slot'] = [helpers.stat(0.25),
+                                                       helpers.stat(0.125)]
+  (tmp_path / 'eval.json').write_text(json.dumps(d))
+  rows = {line.split(' | ')[0]: line for line in
+          report.quality_section(str(tmp_path)) if line.startswith('| ')}
+  assert rows['| student_k2'].endswith('| 0.250 / 0.125 |')
+  assert rows['| teacher'].endswith('| n/a |')
