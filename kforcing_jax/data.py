@@ -292,6 +292,11 @@ def get_tokenizer(config, workdir: str) -> Tokenizer:
     if os.path.exists(path):
       tokenizer = load_tokenizer(path)
     else:
+      # Said aloud: a paper config run without its tokenizer file gets a
+      # different vocabulary than the paper's, and training one takes time.
+      print(f'[data] no data.tokenizer_path: training a SentencePiece '
+            f'tokenizer ({config.model.vocab_size} pieces) on the '
+            f'{config.data.train_split!r} split into {path}', flush=True)
       texts = raw_texts(config, config.data.train_split)
       tokenizer = train_sentencepiece(texts, config.model.vocab_size, path)
   if tokenizer.vocab_size > config.model.vocab_size:

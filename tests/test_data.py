@@ -127,6 +127,16 @@ def test_sentencepiece_training_is_deterministic(tmp_path):
   assert not [p for p in os.listdir(tmp_path) if p.startswith('.tmp')]
 
 
+def test_training_a_tokenizer_is_announced_and_reuse_is_silent(
+    tmp_path, capsys):
+  data.get_tokenizer(_config(), str(tmp_path))
+  out = capsys.readouterr().out
+  assert '[data] no data.tokenizer_path: training a SentencePiece' in out
+  assert str(tmp_path / 'tokenizer.model') in out
+  data.get_tokenizer(_config(), str(tmp_path))
+  assert 'training' not in capsys.readouterr().out
+
+
 def test_get_tokenizer_reuses_cached_model(workdir, sp_tok):
   path = os.path.join(workdir, 'tokenizer.model')
   mtime = os.path.getmtime(path)
