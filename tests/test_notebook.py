@@ -92,3 +92,22 @@ def test_colab_demo_runs_on_cpu(tmp_path, monkeypatch):
   teacher_cell, distill_cell = (_text_outputs(c) for c in nb.cells[-2:])
   assert "'step': 24" in teacher_cell, teacher_cell
   assert 'WARNING' in distill_cell and 'stale' in distill_cell, distill_cell
+
+
+def test_devices_cell_warns_when_jax_misses_the_runtimes_accelerator(
+    monkeypatch, capsys):
+  # On Colab the install cell can upgrade jax without its GPU/TPU plugin:
+  # the notebook must say so instead of silently training on the CPU.
+  import shutil  # pylint: disable=g-import-not-at-top
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  cell = next(c.source for c in nb.cells
+              if c.cell_type == 'code' and 'PLATFORM =' in c.source)
+  for which, warned in (('/usr/bin/nvidia-smi', True), (None, False)):
+    monkeypatch.setattr(shutil, 'which', lambda name, w=which: w)
+    monkeypatch.delenv('COLAB_TPU_ADDR', raising=False)
+    namespace = {'os': os}
+    exec(cell, namespace)  # pylint: disable=exec-used
+    out = capsys.readouterr().out
+    assert namespace['PLATFORM'] == 'cpu'
+    assert ('WARNING: this runtime has a GPU' in out) == warned, out
+    assert ('"jax[cuda12]"' in out) == warned
