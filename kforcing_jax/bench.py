@@ -60,8 +60,9 @@ bench.json (schema_version 1; `validate_bench_json` checks it):
                    warmup, prompts, random_weights, peer, roofline, seed,
                    key_layout (as asked: 'auto', 'k' or 'kt'), profile
                    (bool), kernel_impl (kernels.impl of the decode loop's
-                   vocabulary projection) (these three optional: files
-                   written before them lack them)}.
+                   vocabulary projection) and kernel_impl_resolved (what
+                   'auto' stood for on this backend) (these four optional:
+                   files written before them lack them)}.
   models          [{name, weights ('trained'|'random'), noise_window,
                    num_params, serves_k [int]}].
   roofline        {peak_flops (FLOP/s), peak_flops_dtype, matmul_size,
@@ -999,7 +1000,8 @@ def run_bench(config, workdir: str,
           'random_weights': s.random_weights, 'peer': s.peer,
           'roofline': s.roofline, 'seed': s.seed,
           'key_layout': s.key_layout, 'profile': s.profile,
-          'kernel_impl': s.kernel_impl},
+          'kernel_impl': s.kernel_impl,
+          'kernel_impl_resolved': projection.resolved(s.kernel_impl)},
       'models': _model_entries(models),
       'roofline': roof,
       'results': results,
@@ -1103,7 +1105,7 @@ def format_tables(d: dict[str, Any]) -> str:
                f'of each decode over its median time; measured ceilings '
                f'{roof["peak_flops"] / 1e9:.1f} GFLOP/s and '
                f'{roof["bandwidth"] / 1e9:.1f} GB/s; peak MiB: the compiled '
-               f'decode\'s arguments + outputs + temporaries)')
+               f'decode\'s arguments + outputs - aliased + temporaries)')
   peer = d['peer']
   if peer['available']:
     pf_k = peer['results'][0]['pf_k'] if peer['results'] else '?'
@@ -1219,7 +1221,8 @@ _SETTINGS = {'batch_sizes': list, 'ks': list, 'prefix_len': int,
              'prompts': str, 'random_weights': bool, 'peer': bool,
              'roofline': str, 'seed': int}
 # Added after schema_version 1 files were written: checked when present.
-_SETTINGS_OPTIONAL = {'key_layout': str, 'profile': bool, 'kernel_impl': str}
+_SETTINGS_OPTIONAL = {'key_layout': str, 'profile': bool, 'kernel_impl': str,
+                      'kernel_impl_resolved': str}
 _MODEL = {'name': str, 'weights': str, 'noise_window': int,
           'num_params': int, 'serves_k': list}
 _ROOFLINE = {'peak_flops': _NUM, 'peak_flops_dtype': str, 'matmul_size': int,
@@ -1311,10 +1314,11 @@ def validate_bench_json(d: dict[str, Any]) -> None:
   if layout not in decode.KEY_LAYOUTS:
     raise ValueError(f'bench.json: settings.key_layout={layout!r} not in '
                      f'{decode.KEY_LAYOUTS}')
-  impl = d['settings'].get('kernel_impl', 'auto')
-  if impl not in projection.IMPLS:
-    raise ValueError(f'bench.json: settings.kernel_impl={impl!r} not in '
-                     f'{projection.IMPLS}')
+  for key in ('kernel_impl', 'kernel_impl_resolved'):
+    impl = d['settings'].get(key, 'auto')
+    if impl not in projection.IMPLS:
+      raise ValueError(f'bench.json: settings.{key}={impl!r} not in '
+                       f'{projection.IMPLS}')
   profiled = d['settings'].get('profile', False)
   _check_fields(d['roofline'], _ROOFLINE, 'roofline')
   if d['roofline']['mode'] not in MODES:

@@ -39,6 +39,7 @@ import importlib.util
 import io
 import os
 import re
+import sys
 from typing import Any
 
 import grain
@@ -292,11 +293,15 @@ def get_tokenizer(config, workdir: str) -> Tokenizer:
     if os.path.exists(path):
       tokenizer = load_tokenizer(path)
     else:
-      # Said aloud: a paper config run without its tokenizer file gets a
-      # different vocabulary than the paper's, and training one takes time.
-      print(f'[data] no data.tokenizer_path: training a SentencePiece '
-            f'tokenizer ({config.model.vocab_size} pieces) on the '
-            f'{config.data.train_split!r} split into {path}', flush=True)
+      # Said aloud (on stderr: generate's stdout is JSON): a paper config
+      # run without its tokenizer file gets another vocabulary than the
+      # paper's, and training one takes time.
+      from kforcing_jax import sharding  # pylint: disable=g-import-not-at-top
+      if sharding.is_main_process():
+        print(f'[data] no data.tokenizer_path: training a SentencePiece '
+              f'tokenizer ({config.model.vocab_size} pieces) on the '
+              f'{config.data.train_split!r} split into {path}',
+              file=sys.stderr, flush=True)
       texts = raw_texts(config, config.data.train_split)
       tokenizer = train_sentencepiece(texts, config.model.vocab_size, path)
   if tokenizer.vocab_size > config.model.vocab_size:

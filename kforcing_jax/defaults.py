@@ -79,7 +79,8 @@ def base_config() -> ml_collections.ConfigDict:
   ds.precision = 'auto'  # Coupling precision of the stage-1 targets: 'auto'
   #   (float64 if x64 is enabled, else the blocked double-word float32 path of
   #   noise.py), 'float64', or 'float32' (that path, except on TPU: there the
-  #   faster, less exact float32 Pallas kernel; projection.py).
+  #   float32 Pallas kernel, less exact but without the (rows, vocabulary)
+  #   logits the other paths hold; projection.py).
   ds.checkpoint_every = 100  # Steps between checkpoints of a stage.
   ds.eval_every = 100  # Steps between held-out per-slot accuracy evals.
 

@@ -887,6 +887,10 @@ class _Sweeper:
       return None
     if entry.run not in self._runs:
       if self._contexts is None:
+        print(f'[eval] noise sweep: the teacher\'s map at '
+              f'{self._s.sweep_contexts} held-out contexts x '
+              f'{self._s.sweep_grid} u, then each student\'s slot 1',
+              flush=True)
         self._contexts = noise_sweep.pick_contexts(
             len(self._seqs), self._seqs.shape[1], self._s.prefix_len - 1,
             self._s.sweep_contexts, self._s.seed)

@@ -16,10 +16,14 @@ the sweep isolates it, per context:
   entropy_student   teacher's next-token entropy, and the entropy of the
                     student's push-forward at the same context
 
-Slot 1 only: slot i > 1 of a student is trained on its previous stage's
-rollout, not directly on the teacher's, so slot 1 is where every student is
-compared with the teacher itself. The frequency penalty does not enter (no
-tokens have been emitted at a swept slot).
+Slot 1 only: it is the one slot whose map every student shares with the
+teacher's one-token map (slot i > 1 also depends on u_1..u_(i-1)). Only the
+k=1 stage learns it from the AR teacher directly; later stages learn it from
+the previous stage's slot 1, so for them the sweep measures the whole chain
+against the teacher. Counts are over the grid: as u varies continuously the
+teacher's map reaches every token of positive mass, so `distinct_*` grow
+with G. The frequency penalty does not enter (no tokens have been emitted at
+a swept slot).
 
 JSON form (eval.json `coupling.noise_sweep` of an unpenalised student row):
   {"grid": int, "contexts": int, "accuracy": STAT, "distinct_teacher": STAT,
@@ -34,11 +38,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from kforcing_jax import distill
+from kforcing_jax import model as model_lib
+from kforcing_jax import noise as noise_lib
+from kforcing_jax import projection
 
 STAT_KEYS = ('accuracy', 'distinct_teacher', 'distinct_student',
              'entropy_teacher', 'entropy_student')
-# Grid points per forward pass: bounds the (chunk, vocab) logits and the
-# (N + chunk)^2 attention mask held at once.
+# Grid points per student forward pass: bounds the (chunk, vocab) logits
+# and the (N + chunk)^2 attention mask held at once.
 _CHUNK = 256
 
 
@@ -67,9 +74,13 @@ def pick_contexts(num_rows: int, seq_len: int, first_t: int, count: int,
 
 @functools.lru_cache(maxsize=None)
 def _teacher_fn(cfg):
-  def tokens(params, tokens_1xN, windows_1xG, u_1xGx1):
-    return distill.ar_targets(cfg, params, tokens_1xN, windows_1xG,
-                              u_1xGx1)[0, :, 0]
+  def tokens(params, tokens_1xN, t, u_G):
+    # One forward and one row of logits; every u reuses that row's CDF
+    # tables (noise.inverse_cdf), with the stage-1 targets' precision.
+    h = model_lib.Transformer(cfg).apply(
+        {'params': params}, tokens_1xN, method=model_lib.Transformer.hidden)
+    logits_1x1xV = projection.logits(h[:, t], params['unembed']['kernel'])
+    return noise_lib.inverse_cdf(logits_1x1xV[:, None], u_G[None])[0]
   return jax.jit(tokens)
 
 
@@ -82,7 +93,8 @@ def _student_fn(cfg):
   return jax.jit(tokens)
 
 
-def _sweep(fn, params, tokens_N, t: int, u_G) -> np.ndarray:
+def _student_sweep(fn, params, tokens_N, t: int, u_G) -> np.ndarray:
+  """Chunks of u through the training layout (one window per u)."""
   out = []
   for lo in range(0, len(u_G), _CHUNK):
     u = u_G[lo:lo + _CHUNK]
@@ -97,12 +109,14 @@ def _sweep(fn, params, tokens_N, t: int, u_G) -> np.ndarray:
 
 def teacher_tokens(cfg, params, tokens_N, t: int, u_G) -> np.ndarray:
   """The AR teacher's inverse-CDF token after x_<=t, at each u: (G,)."""
-  return _sweep(_teacher_fn(cfg), params, tokens_N, t, u_G)
+  return np.asarray(_teacher_fn(cfg)(
+      params, jnp.asarray(tokens_N[None], jnp.int32), jnp.int32(t),
+      jnp.asarray(u_G)))
 
 
 def student_tokens(cfg, params, tokens_N, t: int, u_G) -> np.ndarray:
   """A student's slot-1 argmax token after x_<=t, at each u: (G,)."""
-  return _sweep(_student_fn(cfg), params, tokens_N, t, u_G)
+  return _student_sweep(_student_fn(cfg), params, tokens_N, t, u_G)
 
 
 def histogram_entropy(tokens) -> float:

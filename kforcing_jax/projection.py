@@ -15,8 +15,10 @@ Inverse-CDF sampling keeps the high-precision coupling of `noise.py`
 (docs/METHOD.md: the authors use float64) unless precision='float32' is asked
 for by name and the resolved implementation is Pallas (TPU): only then does
 the f32 two-pass Pallas kernel sample, which avoids the (M, V) logits but
-disagrees with the exact coupling on draws near a CDF step. 'auto' never
-takes it.
+disagrees with the high-precision coupling on draws near a CDF step. 'auto'
+never takes it, so on TPU it too builds the (M, V) float32 logits and
+noise.py's tables. Decoding has no precision setting: it always samples
+with 'auto'.
 """
 
 import jax.numpy as jnp

@@ -73,6 +73,9 @@ def test_run_bench_writes_valid_json_and_png(tiny_run):
     # 'auto' as asked, and resolved per cell for this backend (CPU).
     assert r['key_layout'] == ('kt' if r['k'] > 1 else 'k')
   assert out['settings']['key_layout'] == 'auto'
+  # kernels.impl 'auto' decodes with full logits on CPU (projection.py).
+  assert (out['settings']['kernel_impl'],
+          out['settings']['kernel_impl_resolved']) == ('auto', 'reference')
   # One random student (window 4) serves every k; the teacher is separate.
   assert [(m['name'], m['serves_k'], m['noise_window'])
           for m in out['models']] == [('random_teacher', [1], 0),
@@ -133,7 +136,11 @@ def test_validate_rejects_broken_dicts(tiny_run, breakage, key):
 def test_committed_bench_results_validate(name):
   # The README quotes these files; a schema change must keep them readable.
   with open(os.path.join(ROOT, 'docs', name)) as f:
-    bench.validate_bench_json(json.load(f))
+    d = json.load(f)
+  bench.validate_bench_json(d)
+  table = bench.format_tables(d)  # Renders, new columns included.
+  assert len([l for l in table.splitlines() if l[:5].strip().isdigit()]) >= (
+      len(d['results']))
 
 
 # A model small enough to cost by hand: 1 layer, width 2, vocabulary 3,
@@ -329,6 +336,7 @@ def test_bench_decodes_with_the_configured_projection(tmp_path,
   monkeypatch.setattr(bench.decode, 'DecodeSpec', spec)
   out = bench.run_bench(config, str(tmp_path), log=lambda _: None)
   assert out['settings']['kernel_impl'] == 'chunked'
+  assert out['settings']['kernel_impl_resolved'] == 'chunked'
   assert specs and set(specs) == {'chunked'}
   assert bench.settings_from_config(_tiny_config()).kernel_impl == 'auto'
   with pytest.raises(ValueError, match="unknown bench field.*kernel_impl"):

@@ -130,11 +130,12 @@ def test_sentencepiece_training_is_deterministic(tmp_path):
 def test_training_a_tokenizer_is_announced_and_reuse_is_silent(
     tmp_path, capsys):
   data.get_tokenizer(_config(), str(tmp_path))
-  out = capsys.readouterr().out
-  assert '[data] no data.tokenizer_path: training a SentencePiece' in out
-  assert str(tmp_path / 'tokenizer.model') in out
+  out = capsys.readouterr()
+  assert '[data] no data.tokenizer_path: training a SentencePiece' in out.err
+  assert str(tmp_path / 'tokenizer.model') in out.err
+  assert not out.out  # stdout stays clean (generate prints JSON there).
   data.get_tokenizer(_config(), str(tmp_path))
-  assert 'training' not in capsys.readouterr().out
+  assert 'training' not in capsys.readouterr().err
 
 
 def test_get_tokenizer_reuses_cached_model(workdir, sp_tok):

@@ -384,8 +384,9 @@ def test_students_take_the_configs_noise_encoder_fields(tmp_path):
 
 @pytest.mark.parametrize('name', ['lm1b', 'owt'])
 def test_paper_configs_distill_with_the_authors_recipe(name):
-  # docs/METHOD.md: batch 512, lr 1e-4, Adam (0.9, 0.999), constant
-  # schedule, grad clip 1.0, EMA 0.999; not the demo's 16 x 1e-3.
+  # docs/METHOD.md: batch 512, lr 1e-4, grad clip 1.0, EMA 0.999 (Adam
+  # (0.9, 0.999) and the constant schedule are stage_config's for every
+  # config); not the demo's 16 x 1e-3 without EMA.
   import importlib.util  # pylint: disable=g-import-not-at-top
   from kforcing_jax import commands  # pylint: disable=g-import-not-at-top
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -397,6 +398,5 @@ def test_paper_configs_distill_with_the_authors_recipe(name):
   defaults.validate(config)
   tc = commands.stage_config(config).train  # What each stage trains with.
   assert (tc.batch_size, tc.lr, tc.ema_decay) == (512, 1e-4, 0.999)
-  assert (tc.schedule, tc.b1, tc.b2, tc.grad_clip) == ('constant', 0.9, 0.999,
-                                                     1.0)
+  assert tc.grad_clip == 1.0
   assert tc.num_steps == config.distill.steps_per_stage >= 10_000

@@ -423,8 +423,21 @@ def test_run_evaluate_untrained_models(hf_dir, tmp_path, monkeypatch, capsys):
   stale = os.path.join(workdir, 'samples', 'student_k3.jsonl')
   with open(stale, 'w') as f:
     f.write('{}\n')
+  calls = []
+  for name in ('teacher_grids', 'sweep_student'):
+    real = getattr(ev.noise_sweep, name)
+    monkeypatch.setattr(
+        ev.noise_sweep, name,
+        lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+  config.eval.penalties = {'k2': 0.3}  # A penalised row of the same run.
   result = ev.run_evaluate(config, workdir)
-  d = _check_outputs(workdir, result, ['data', 'teacher', 'student_k2'])
+  d = _check_outputs(workdir, result, ['data', 'teacher', 'student_k2',
+                                       'student_k2_penalty'])
+  # The teacher is swept once, the run once; its penalised row gets none.
+  assert calls == ['teacher_grids', 'sweep_student']
+  assert d['models']['student_k2_penalty']['coupling']['noise_sweep'] is None
+  out = capsys.readouterr().out
+  assert '[eval] noise sweep: the teacher' in out
   assert d['settings']['max_new_tokens'] == 8
   for entry in d['models'].values():
     assert entry['metrics']['evaluator_ppl']['n'] == 5
@@ -438,7 +451,7 @@ def test_run_evaluate_untrained_models(hf_dir, tmp_path, monkeypatch, capsys):
   assert first['text'].startswith(first['prefix'].rstrip())
   # A sample file of an earlier evaluate is named, and kept.
   assert os.path.exists(stale)
-  note = [l for l in capsys.readouterr().out.splitlines() if 'NOTE' in l]
+  note = [l for l in out.splitlines() if 'NOTE' in l]
   assert len(note) == 1 and 'samples/student_k3.jsonl' in note[0]
   assert 'samples/teacher.jsonl' not in note[0]
 

@@ -98,16 +98,25 @@ def test_devices_cell_warns_when_jax_misses_the_runtimes_accelerator(
     monkeypatch, capsys):
   # On Colab the install cell can upgrade jax without its GPU/TPU plugin:
   # the notebook must say so instead of silently training on the CPU.
+  import glob  # pylint: disable=g-import-not-at-top
   import shutil  # pylint: disable=g-import-not-at-top
   nb = nbformat.read(NOTEBOOK, as_version=4)
   cell = next(c.source for c in nb.cells
               if c.cell_type == 'code' and 'PLATFORM =' in c.source)
-  for which, warned in (('/usr/bin/nvidia-smi', True), (None, False)):
-    monkeypatch.setattr(shutil, 'which', lambda name, w=which: w)
-    monkeypatch.delenv('COLAB_TPU_ADDR', raising=False)
+  monkeypatch.delenv('COLAB_TPU_ADDR', raising=False)
+  for gpu, tpu, warning in (
+      (True, False, 'has a GPU, but JAX'), (False, True, 'has a TPU, but JAX'),
+      (False, False, None)):
+    monkeypatch.setattr(shutil, 'which',
+                        lambda name, g=gpu: '/usr/bin/nvidia-smi' if g else None)
+    monkeypatch.setattr(glob, 'glob',
+                        lambda pattern, t=tpu: ['/dev/accel0'] if t else [])
     namespace = {'os': os}
     exec(cell, namespace)  # pylint: disable=exec-used
     out = capsys.readouterr().out
     assert namespace['PLATFORM'] == 'cpu'
-    assert ('WARNING: this runtime has a GPU' in out) == warned, out
-    assert ('"jax[cuda12]"' in out) == warned
+    if warning is None:
+      assert 'WARNING' not in out, out
+    else:
+      assert warning in out, out
+      assert ('"jax[tpu]"' if tpu else '"jax[cuda12]"') in out
