@@ -59,8 +59,8 @@ def pick_contexts(num_rows: int, seq_len: int, first_t: int, count: int,
   """`count` (row, t) pairs, t in [first_t, seq_len - 2], fixed by seed.
 
   t is the last context position; the swept slot predicts token t + 1, so
-  t + 1 <= seq_len - 1. Pairs are drawn with replacement over rows, without
-  over (row, t) when there are enough of them.
+  t + 1 <= seq_len - 1. The pairs are distinct when count <= rows x
+  positions, else drawn with replacement.
   """
   ts = np.arange(first_t, seq_len - 1)
   if num_rows < 1 or ts.size < 1:
@@ -76,7 +76,8 @@ def pick_contexts(num_rows: int, seq_len: int, first_t: int, count: int,
 def _teacher_fn(cfg):
   def tokens(params, tokens_1xN, t, u_G):
     # One forward and one row of logits; every u reuses that row's CDF
-    # tables (noise.inverse_cdf), with the stage-1 targets' precision.
+    # tables (noise.inverse_cdf at the default precision, 'auto', as the
+    # stage-1 targets use unless distill.precision says otherwise).
     h = model_lib.Transformer(cfg).apply(
         {'params': params}, tokens_1xN, method=model_lib.Transformer.hidden)
     logits_1x1xV = projection.logits(h[:, t], params['unembed']['kernel'])
