@@ -515,8 +515,9 @@ def test_run_evaluate_tiny_trained(trained_workdir, hf_dir, capsys):
   assert len(models['student_k4']['coupling']['per_slot']) == 4
   assert models['teacher']['coupling'] is None
   assert models['teacher']['decode']['tokens_per_s'] > 0
-  # One sweep per run, on unpenalised rows only: k=3 and k=4 share run
-  # student_k4, and every run's teacher side is the same.
+  # Sweeps on unpenalised rows only; k=3 and k=4 share run student_k4, so
+  # theirs agree, and every run meets the same teacher grids (the caching
+  # itself is spied in test_run_evaluate_untrained_models).
   sweeps = {name: m['coupling']['noise_sweep'] for name, m in models.items()
             if m['kind'] == 'student'}
   assert all((sw is None) == name.endswith('_penalty')
