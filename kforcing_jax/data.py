@@ -296,6 +296,7 @@ def get_tokenizer(config, workdir: str) -> Tokenizer:
       # Said aloud (on stderr: generate's stdout is JSON): a paper config
       # run without its tokenizer file gets another vocabulary than the
       # paper's, and training one takes time.
+      # Imported here: the rest of data.py runs without jax.
       from kforcing_jax import sharding  # pylint: disable=g-import-not-at-top
       if sharding.is_main_process():
         print(f'[data] no data.tokenizer_path: training a SentencePiece '

@@ -95,6 +95,7 @@ from kforcing_jax import model as model_lib
 from kforcing_jax import noise_sweep
 from kforcing_jax import projection
 from kforcing_jax import sharding
+from kforcing_jax import token_stats
 
 SCHEMA_VERSION = 1
 NGRAM_ORDERS = (1, 2, 3, 4)
@@ -252,16 +253,6 @@ def bootstrap_ci(values, weights=None, *, num_resamples: int = 1000,
 # --------------------------------------------------------------------------
 
 
-def unigram_entropy(tokens) -> float:
-  """Entropy in nats of the empirical token distribution of one sample."""
-  tokens = np.asarray(tokens).reshape(-1)
-  if tokens.size == 0:
-    return math.nan
-  _, counts = np.unique(tokens, return_counts=True)
-  p = counts / counts.sum()
-  return float(-(p * np.log(p)).sum())
-
-
 def _ngrams(tokens, n: int) -> list[tuple[int, ...]]:
   t = [int(x) for x in np.asarray(tokens).reshape(-1)]
   return [tuple(t[i:i + n]) for i in range(len(t) - n + 1)]
@@ -296,7 +287,7 @@ def repetition_rate(tokens, n: int = REPETITION_N) -> float:
 def text_stats(tokens_NxT) -> dict[str, np.ndarray]:
   """Per-sample entropy, distinct-n and repetition arrays, each (N,)."""
   rows = np.asarray(tokens_NxT)
-  out = {'entropy': np.array([unigram_entropy(r) for r in rows])}
+  out = {'entropy': np.array([token_stats.unigram_entropy(r) for r in rows])}
   for n in NGRAM_ORDERS:
     out[f'distinct_{n}'] = np.array([distinct_n(r, n) for r in rows])
   out[f'repetition_{REPETITION_N}'] = np.array(

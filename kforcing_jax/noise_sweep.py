@@ -41,6 +41,7 @@ from kforcing_jax import distill
 from kforcing_jax import model as model_lib
 from kforcing_jax import noise as noise_lib
 from kforcing_jax import projection
+from kforcing_jax import token_stats
 
 STAT_KEYS = ('accuracy', 'distinct_teacher', 'distinct_student',
              'entropy_teacher', 'entropy_student')
@@ -120,13 +121,6 @@ def student_tokens(cfg, params, tokens_N, t: int, u_G) -> np.ndarray:
   return _student_sweep(_student_fn(cfg), params, tokens_N, t, u_G)
 
 
-def histogram_entropy(tokens) -> float:
-  """Entropy (nats) of the empirical distribution of `tokens`."""
-  _, counts = np.unique(np.asarray(tokens), return_counts=True)
-  p = counts / counts.sum()
-  return float(-(p * np.log(p)).sum())
-
-
 def grid_stats(student_G, teacher_G) -> dict[str, float]:
   """The per-context metrics of the module docstring."""
   student_G, teacher_G = np.asarray(student_G), np.asarray(teacher_G)
@@ -136,8 +130,8 @@ def grid_stats(student_G, teacher_G) -> dict[str, float]:
   return {'accuracy': float((student_G == teacher_G).mean()),
           'distinct_teacher': float(np.unique(teacher_G).size),
           'distinct_student': float(np.unique(student_G).size),
-          'entropy_teacher': histogram_entropy(teacher_G),
-          'entropy_student': histogram_entropy(student_G)}
+          'entropy_teacher': token_stats.unigram_entropy(teacher_G),
+          'entropy_student': token_stats.unigram_entropy(student_G)}
 
 
 def teacher_grids(cfg, params, seqs_NxL, rows, ts, u_G) -> list[np.ndarray]:

@@ -18,6 +18,7 @@ from kforcing_jax import decode
 from kforcing_jax import defaults
 from kforcing_jax import evaluate as ev
 from kforcing_jax import model as model_lib
+from kforcing_jax import token_stats
 from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,12 +31,12 @@ _SETTINGS = ev.eval_settings(ml_collections.ConfigDict())
 
 
 def test_unigram_entropy_hand_values():
-  assert ev.unigram_entropy([0, 0, 1, 1]) == pytest.approx(math.log(2))
-  assert ev.unigram_entropy([5, 5, 5]) == 0.0
-  assert ev.unigram_entropy([3, 1, 2, 0]) == pytest.approx(math.log(4))
+  assert token_stats.unigram_entropy([0, 0, 1, 1]) == pytest.approx(math.log(2))
+  assert token_stats.unigram_entropy([5, 5, 5]) == 0.0
+  assert token_stats.unigram_entropy([3, 1, 2, 0]) == pytest.approx(math.log(4))
   # p = (1/2, 1/4, 1/4): H = 1.5 ln 2.
-  assert ev.unigram_entropy([7, 7, 8, 9]) == pytest.approx(1.5 * math.log(2))
-  assert math.isnan(ev.unigram_entropy([]))
+  assert token_stats.unigram_entropy([7, 7, 8, 9]) == pytest.approx(1.5 * math.log(2))
+  assert math.isnan(token_stats.unigram_entropy([]))
 
 
 def test_distinct_n_hand_values():

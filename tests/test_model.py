@@ -249,7 +249,6 @@ def test_rope_is_a_complex_rotation_by_position_times_frequency():
                              atol=2e-5)
 
 
-
 def test_rope_tables_are_exact_over_the_span_the_model_uses(small_cfg):
   # The model looks its rotary angles up in a host-made table; inside
   # rope_span it must match the formula, and the span must hold the

@@ -15,14 +15,8 @@ from kforcing_jax import distill
 from kforcing_jax import evaluate as ev
 from kforcing_jax import model as model_lib
 from kforcing_jax import noise_sweep as ns
+from kforcing_jax import token_stats
 from tests import helpers
-
-
-def test_histogram_entropy_hand_values():
-  assert ns.histogram_entropy([7, 7, 7]) == 0.0
-  assert ns.histogram_entropy([1, 2, 1, 2]) == pytest.approx(np.log(2))
-  # p = (1/2, 1/4, 1/4): H = 1.5 ln 2.
-  assert ns.histogram_entropy([5, 5, 3, 9]) == pytest.approx(1.5 * np.log(2))
 
 
 def test_grid_stats_hand_values():
@@ -79,7 +73,7 @@ def test_teacher_grid_recovers_its_probabilities(small_cfg):
   p = np.asarray(jax.nn.softmax(np.asarray(logits[0, t], np.float64)))
   cum = np.cumsum(np.bincount(got, minlength=cfg.vocab_size)) / size
   assert np.abs(cum - np.cumsum(p)).max() <= 0.5 / size + 1e-5
-  assert ns.histogram_entropy(got) == pytest.approx(
+  assert token_stats.unigram_entropy(got) == pytest.approx(
       -(p * np.log(p)).sum(), abs=0.02)
 
 
