@@ -315,7 +315,20 @@ def forward(spec, params, tokens_BxT, u_BxK, cache, index, pad):
   """Cached forward of [tokens | noise slots] written at slot `index`.
 
   Returns (logits of the k emitting positions (B, k, V), new cache).
+  Shapes, the cache and the parameters are checked against `spec` at trace
+  time; token values are not (`generate` checks those). Slots before
+  `pad` are padding: their ids are never read.
   """
+  b, t = tokens_BxT.shape
+  _check_shape('pad', pad, (b,))
+  if spec.is_student:
+    _check_shape('noise', u_BxK, (b, spec.k))
+  _check_cache(spec, cache, b)
+  model_lib.check_params(spec.model, params)  # Shapes only: trace time.
+  # As in `prefill`: a padded slot's id is masked but never read, so an id
+  # outside the vocabulary (which would embed as NaN) cannot leak.
+  slots = index + jnp.arange(t)[None]
+  tokens_BxT = jnp.where(slots >= pad[:, None], tokens_BxT, 0)
   h, cache = _hidden(spec, params, tokens_BxT, u_BxK, cache, index, pad)
   return projection.logits(h, params['unembed']['kernel']), cache
 
@@ -338,6 +351,45 @@ def _check_shape(name: str, x, expected: tuple[int, ...]):
   if tuple(x.shape) != expected:
     raise ValueError(f'{name} has shape {tuple(x.shape)}; expected '
                      f'{expected}')
+
+
+def _check_cache(spec: DecodeSpec, cache, b: int):
+  """The cache must be one `init_cache(spec, b, ...)` made: another spec's
+  (key layout, layer count, batch) would decode wrong tokens silently."""
+  key_name = key_layout(spec)
+  cfg = spec.model
+  if not isinstance(cache, (tuple, list)) or len(cache) != cfg.num_layers:
+    raise ValueError(f'cache must hold {cfg.num_layers} layers (init_cache('
+                     f'spec, ...)); got {type(cache).__name__} of '
+                     f'{len(cache) if hasattr(cache, "__len__") else "?"}')
+  for layer in cache:
+    if not isinstance(layer, dict) or set(layer) != {key_name, 'v'}:
+      names = sorted(layer) if isinstance(layer, dict) else layer
+      raise ValueError(f'cache layers have {names!r}; this spec decodes '
+                       f"with keys {key_name!r} and 'v' (init_cache(spec, "
+                       '...) for this spec)')
+    for name, x in layer.items():
+      axes = model_lib.CACHE_LAYOUTS[name]
+      want = {'n': b * cfg.num_heads, 'k': cfg.head_dim}
+      got = {axis: x.shape[i] for i, axis in enumerate(axes) if axis != 's'}
+      if x.ndim != len(axes) or got != want:
+        raise ValueError(f'cache {name!r} has shape {tuple(x.shape)} '
+                         f'(axes {axes}); batch {b} x {cfg.num_heads} heads '
+                         f'and head_dim {cfg.head_dim} expected')
+
+
+def _check_state(spec: DecodeSpec, state: DecodeState):
+  """A state from another spec (another k, another length) would write its
+  tokens at the wrong offsets without an error: refuse it at trace time."""
+  b = state.pending.shape[0]
+  _check_shape('state.pending', state.pending, (b, spec.k))
+  _check_shape('state.tokens', state.tokens, (b, spec.max_new_tokens))
+  _check_shape('state.pad', state.pad, (b,))
+  _check_cache(spec, state.cache, b)
+  if spec.use_penalty != (state.counts is not None):
+    raise ValueError(f'DecodeSpec.use_penalty={spec.use_penalty} but the '
+                     'state was made by a spec with use_penalty='
+                     f'{state.counts is not None}')
 
 
 def _check_noise_x(spec: DecodeSpec, noise_x, b: int):
@@ -399,10 +451,13 @@ def decode_step(spec: DecodeSpec, params, state: DecodeState, noise_BxK,
   at least state.index + 2k slots (`grow_cache` pads one). Both bounds are
   the caller's to keep: they depend on traced values, and past them XLA
   clamps the writes, so earlier tokens are overwritten without an error.
-  `decode_loop` keeps them. `noise_x`: as in `prefill`.
+  `decode_loop` keeps them. `noise_x`: as in `prefill`. The state must
+  come from `prefill` with this spec (checked at trace time).
   """
+  _check_state(spec, state)
   _check_shape('noise', noise_BxK, state.pending.shape)
   _check_noise_x(spec, noise_x, state.pending.shape[0])
+  model_lib.check_params(spec.model, params)  # Shapes only: trace time.
   check_penalty_tracked(spec, penalty)
   h, cache = _hidden(spec, params, state.pending, noise_BxK, state.cache,
                      state.index, state.pad, noise_x)
@@ -501,6 +556,12 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0):
   `pad_id` may be any int32: padded positions are masked and their ids
   never read (`prefill` replaces them).
   """
+  if isinstance(prompts, (str, bytes)):
+    raise ValueError(f'prompts must be token-id lists, not text: got '
+                     f'{prompts[:40]!r} (tokenize it first)')
+  pad_id = model_lib.as_int(pad_id, 'pad_id', -2**31)
+  if pad_id >= 2**31:
+    raise ValueError(f'pad_id={pad_id} is not an int32')
   rows = []
   for i, p in enumerate(prompts):
     row = np.asarray(p)
@@ -567,7 +628,7 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
       If None, drawn from `rng` (default PRNGKey(0)).
     temperature: AR sampling temperature, finite and >= 1e-30 (near 0 it
       approaches greedy); ignored by students, whose noise encoder is fed
-      tau = 1.
+      tau = 1, but checked for them too.
     greedy: AR argmax decoding.
     frequency_penalty: lambda >= 0 of docs/METHOD.md (logit - lambda * count
       of the token so far, prompt included, slot by slot); 0 disables. It
@@ -615,8 +676,9 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
   # The loop computes in float32: a smaller temperature overflows
   # logits / temperature into NaN (all-zero tokens), and a penalty beyond
   # float32 is inf.
-  if (not greedy and not cfg.noise_window and
-      not MIN_TEMPERATURE <= temperature < np.inf):
+  # Checked for students too, which ignore it: a nonsense value is a
+  # caller's mistake either way.
+  if not greedy and not MIN_TEMPERATURE <= temperature < np.inf:
     raise ValueError(f'temperature={temperature} must be finite and >= '
                      f'{MIN_TEMPERATURE:g} (greedy=True for argmax)')
   if not (0 <= frequency_penalty <= np.finfo(np.float32).max):

@@ -484,6 +484,9 @@ def check_params(cfg: ModelConfig, params) -> None:
   kind = f'student (noise_window={cfg.noise_window})' if cfg.noise_window \
       else 'teacher'
   missing = sorted(expected.keys() - got.keys())
+  if missing and isinstance(params, dict) and set(params) == {'params'}:
+    raise ValueError("params is a {'params': ...} variables dict; pass "
+                     "params['params'] (load_params returns it unwrapped)")
   if missing:
     raise ValueError(f'params lack {missing[0]!r}, which the {kind} config '
                      'has; are they from another config?')

@@ -765,3 +765,69 @@ def test_decoding_runs_under_x64_with_the_same_student_tokens():
   np.testing.assert_array_equal(wide.tokens, plain.tokens)
   np.testing.assert_array_equal(wide.lengths, plain.lengths)
   assert ar.tokens.shape == (2, 7)
+
+
+def test_forward_never_reads_the_padding_ids(teacher):
+  # An id outside the vocabulary embeds as NaN; padded slots must not read
+  # it (prefill already masks them; the raw forward must too).
+  cfg, params = teacher
+  spec = decode.DecodeSpec(model=cfg, k=1, num_steps=1, prompt_len=3)
+  logits = {}
+  for pad_id in (0, 1000, cfg.vocab_size):
+    prompts, pad = decode.pad_prompts([[1, 2, 3], [5]], pad_id=pad_id)
+    logits[pad_id], _ = decode.forward(
+        spec, params, jnp.asarray(prompts), None, decode.init_cache(spec, 2),
+        0, jnp.asarray(pad))
+  assert np.isfinite(np.asarray(logits[1000])).all()
+  np.testing.assert_array_equal(logits[1000], logits[0])
+  np.testing.assert_array_equal(logits[cfg.vocab_size], logits[0])
+
+
+def test_decode_step_refuses_a_state_of_another_spec(small_cfg):
+  # A k=4 state stepped under a k=2 spec used to overwrite earlier tokens
+  # and advance lengths by 4, without an error.
+  cfg = dataclasses.replace(small_cfg, noise_window=4)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
+  prompts, pad = decode.pad_prompts([[4, 5, 6]])
+  spec4 = decode.DecodeSpec(model=cfg, k=4, num_steps=3, prompt_len=3)
+  state = decode.prefill(spec4, params, prompts, pad, jnp.full((1, 4), 0.3))
+  u = jnp.full((1, 4), 0.3)
+  spec2 = dataclasses.replace(spec4, k=2)
+  with pytest.raises(ValueError, match=r'state.pending has shape \(1, 4\); '
+                     r'expected \(1, 2\)'):
+    decode.decode_step(spec2, params, state, u[:, :2])
+  with pytest.raises(ValueError, match=r'state.tokens has shape \(1, 12\); '
+                     r'expected \(1, 16\)'):
+    decode.decode_step(dataclasses.replace(spec4, num_steps=4), params,
+                       state, u)
+  with pytest.raises(ValueError, match='use_penalty=True but the state'):
+    decode.decode_step(dataclasses.replace(spec4, use_penalty=True), params,
+                       state, u)
+  other = 'k' if decode.key_layout(spec4) == 'kt' else 'kt'
+  with pytest.raises(ValueError, match=f"keys '{other}' and 'v'"):
+    decode.decode_step(dataclasses.replace(spec4, key_layout=other), params,
+                       state, u)
+  wrapped = {'params': params}
+  with pytest.raises(ValueError, match=r"pass params\['params'\]"):
+    decode.decode_step(spec4, wrapped, state, u)
+  # The spec that made the state still steps it.
+  decode.decode_step(spec4, params, state, u)
+
+
+@pytest.mark.parametrize('kwargs, needle', [
+    (dict(prompts='hello'), "not text: got 'hello'"),
+    (dict(prompts=[[1]], pad_id=2**40), 'pad_id=1099511627776'),
+    (dict(prompts=[[1]], pad_id=1.0), 'pad_id must be an int'),
+])
+def test_pad_prompts_refuses_text_and_bad_pad_ids(kwargs, needle):
+  with pytest.raises(ValueError, match=needle):
+    decode.pad_prompts(**kwargs)
+
+
+def test_students_refuse_a_nonsense_temperature(small_cfg):
+  # Students ignore the temperature, but -5 is a caller's mistake.
+  cfg = dataclasses.replace(small_cfg, noise_window=2)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match='temperature=-5.0'):
+    decode.generate(params, cfg, [[1]], max_new_tokens=2, k=2,
+                    temperature=-5.0)
