@@ -11,6 +11,7 @@ Subcommands:
   --help, -h     this text; `SUBCOMMAND --help` adds that subcommand's summary
 """
 
+import os
 import sys
 
 from absl import app
@@ -100,12 +101,40 @@ def _run(argv):
     raise app.UsageError(f'unknown or missing subcommand: {got}\n{_usage()}')
   if not FLAGS.workdir:
     raise app.UsageError(f'--workdir is required\n{_usage()}')
+  _check_workdir(FLAGS.workdir)
   SUBCOMMANDS[argv[1]](FLAGS)
+
+
+def _check_workdir(workdir: str) -> None:
+  """Before any work: a workdir that is (or lies under) a file would fail
+  only when the first result is saved, e.g. after training an evaluator."""
+  path = os.path.abspath(workdir)
+  while not os.path.exists(path) and os.path.dirname(path) != path:
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    where = '' if path == os.path.abspath(workdir) else f' ({path} is)'
+    raise app.UsageError(f'--workdir={workdir} is not a directory: a file '
+                         f'is in the way{where}')
 
 
 def _fail(message: str):
   print(f'error: {message}', file=sys.stderr)
   sys.exit(2)
+
+
+def _fail_now(message: str):
+  """`_fail` for a damaged checkpoint. TensorStore's reads of it can still
+  be pending, and their threads print pages of "Event loop is closed"
+  tracebacks around the message until the process ends; so stderr is
+  silenced, the message written past it, and the process ends at once. Nothing of ours
+  is in flight: these errors come from restores and checks, and every
+  save is awaited before them."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  stderr = os.dup(2)  # Silence fd 2 first, then write the message past it.
+  os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+  os.write(stderr, f'error: {message}\n'.encode())
+  os._exit(2)  # pylint: disable=protected-access
 
 
 def main():
@@ -135,6 +164,8 @@ def main():
     sys.exit(130)
   except app.UsageError as e:
     _fail(str(e))
-  except (ValueError, checkpoints.CheckpointError, FileNotFoundError,
-          FloatingPointError, ImportError) as e:  # Optional extras name a fix.
+  except checkpoints.CheckpointError as e:
+    _fail_now(str(e))
+  except (ValueError, FileNotFoundError, FloatingPointError,
+          ImportError) as e:  # Optional extras name a fix.
     _fail(str(e))

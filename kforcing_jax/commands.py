@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import sys
 
 import jax
@@ -86,6 +87,11 @@ def load_run_config(workdir: str, run: str = teacher_lib.TEACHER):
 def pick_run(workdir: str, k: int, model: str = '') -> str:
   """Run directory name to decode with: explicit, or by k."""
   if model:
+    # A run of this workdir by name: a path would decode another run with
+    # this workdir's tokenizer.
+    if not re.fullmatch(r'teacher|student_k[1-9][0-9]*', model):
+      raise ValueError(f"--model={model!r}: expected 'teacher' or "
+                       "'student_kN' (a run in --workdir)")
     return model
   if k == 1:
     return teacher_lib.TEACHER
@@ -134,6 +140,12 @@ def generate(flags_obj):
           f'{cfg.seq_len}', file=sys.stderr)
     max_new = room
   seed = pick(flags_obj.seed, dc.seed)
+  ignored = [f'--{name}' for name in ('greedy', 'temperature')
+             if getattr(flags_obj, name) is not None]
+  if cfg.noise_window and ignored:
+    print(f"NOTE: {' and '.join(ignored)} ignored: a student's tokens are "
+          'the argmax of its noise slots (these set AR sampling)',
+          file=sys.stderr)
   out = decode.generate(
       params, cfg, ids, max_new_tokens=max_new, k=flags_obj.k,
       rng=jax.random.PRNGKey(seed),

@@ -49,11 +49,18 @@ def check_file(argv) -> str | None:
   if not os.path.isfile(path):
     if ':' in path and os.path.isfile(path.rsplit(':', 1)[0]):
       return None
+    if os.path.isdir(path):
+      return f'--config={path} is a directory; name a config file in it'
     return f'--config={path}: no such file'
   try:
-    load_config(path)
+    config = load_config(path)
   except Exception as e:  # pylint: disable=broad-except
     return f'--config={path}: {file_error(e)}'
+  # Checked by name: importing ml_collections here is not worth it.
+  if type(config).__name__ not in ('ConfigDict', 'FrozenConfigDict'):
+    return (f'--config={path}: get_config() returned a '
+            f'{type(config).__name__}; return a ConfigDict (start from '
+            'kforcing_jax.defaults.base_config())')
   return None
 
 

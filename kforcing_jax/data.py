@@ -180,9 +180,13 @@ class Tokenizer:
     return [list(ids) for ids in self._backend.encode_batch(list(texts))]
 
   def decode(self, ids) -> str:
-    """Text of `ids` (list or array); pad ids and special tokens are dropped."""
+    """Text of `ids` (list or array); pad ids and special tokens are dropped,
+    and so are ids the tokenizer does not have (a model's vocabulary may be
+    larger than its tokenizer's, and an untrained one emits any id)."""
     flat = np.asarray(ids, dtype=np.int64).reshape(-1)
-    return self._backend.decode([int(i) for i in flat if i != self.pad_id])
+    return self._backend.decode([int(i) for i in flat
+                                 if i != self.pad_id and
+                                 0 <= i < self.vocab_size])
 
   def __repr__(self) -> str:
     return (f'Tokenizer(path={self.path!r}, vocab_size={self.vocab_size}, '
@@ -310,7 +314,44 @@ def get_tokenizer(config, workdir: str) -> Tokenizer:
         f'Tokenizer {path!r} has vocab_size {tokenizer.vocab_size} > '
         f'model.vocab_size {config.model.vocab_size}; raise model.vocab_size '
         'to at least the tokenizer size.')
+  _check_workdir_tokenizer(tokenizer, workdir)
   return tokenizer
+
+
+# Which tokenizer a workdir's models were trained with (sha256 of its file).
+TOKENIZER_RECORD = 'tokenizer.sha256'
+
+
+def _check_workdir_tokenizer(tokenizer: Tokenizer, workdir: str) -> None:
+  """Refuses a tokenizer other than the one the workdir first used.
+
+  Its checkpoints hold models of that tokenizer's ids: resuming them on
+  another's would train on different ids, and decoding would map ids to
+  the wrong text, without an error. The first call records the
+  fingerprint (process 0 writes; the others only compare).
+  """
+  record = os.path.join(workdir, TOKENIZER_RECORD)
+  if os.path.exists(record):
+    with open(record, encoding='utf-8') as f:
+      recorded = f.read().split()
+    if recorded and recorded[0] != tokenizer.fingerprint:
+      first = ' '.join(recorded[1:]) or 'another file'
+      raise ValueError(
+          f'{workdir} was made with the tokenizer {first} (sha256 '
+          f'{recorded[0][:12]}...); {tokenizer.path!r} (sha256 '
+          f'{tokenizer.fingerprint[:12]}...) is another one, and the '
+          "workdir's models read the first one's ids. Set "
+          'data.tokenizer_path to the original file or use another '
+          f'--workdir (or delete {record} if you are sure).')
+    return
+  # Imported here: the rest of data.py runs without jax.
+  from kforcing_jax import sharding  # pylint: disable=g-import-not-at-top
+  if sharding.is_main_process():
+    os.makedirs(workdir, exist_ok=True)
+    tmp = record + '.tmp'
+    with open(tmp, 'w', encoding='utf-8') as f:
+      f.write(f'{tokenizer.fingerprint} {tokenizer.path}\n')
+    os.replace(tmp, record)
 
 
 def raw_texts(config, split: str) -> list[str]:

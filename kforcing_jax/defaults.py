@@ -6,6 +6,8 @@ config; the config is locked, so a misspelled field is an error. Override
 any field from the command line: `--config.train.lr=1e-3`.
 """
 
+import math
+
 import ml_collections
 
 
@@ -220,8 +222,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if t.eval_every and t.eval_batches < 1:
     raise ValueError(f'train.eval_batches={t.eval_batches} must be >= 1 while '
                      f'train.eval_every={t.eval_every} (0 turns evals off)')
-  if not t.lr > 0:
-    raise ValueError(f'train.lr={t.lr} must be > 0')
+  _check_finite_positive('train.lr', t.lr)
   if t.schedule not in ('cosine', 'constant'):
     raise ValueError(f"train.schedule={t.schedule!r}; expected 'cosine' or "
                      "'constant'")
@@ -229,14 +230,29 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise ValueError(f'train.ema_decay={t.ema_decay} not in [0, 1)')
   # A negative clip norm would flip every gradient: training climbs the loss.
   for name in ('grad_clip', 'weight_decay'):
-    if not t[name] >= 0:
-      raise ValueError(f'train.{name}={t[name]} must be >= 0')
+    if not 0 <= t[name] < math.inf:
+      raise ValueError(f'train.{name}={t[name]} must be finite and >= 0')
   for name in ('b1', 'b2'):
     if not 0.0 <= t[name] < 1.0:
       raise ValueError(f'train.{name}={t[name]} not in [0, 1)')
   if c.data.source not in ('sotu', 'text', 'tfds'):
     raise ValueError(f"data.source={c.data.source!r}; expected 'sotu', "
                      "'text' or 'tfds'")
+  if c.data.max_documents < 0:
+    raise ValueError(f'data.max_documents={c.data.max_documents} must be >= '
+                     '0 (0: every document)')
+  # sotu/text splits are fixed (data.SPLITS); a tfds dataset's own split
+  # names are checked when it is opened.
+  if c.data.source != 'tfds':
+    from kforcing_jax import data  # pylint: disable=g-import-not-at-top
+    splits = [('data.train_split', c.data.train_split),
+              ('data.eval_split', c.data.eval_split)]
+    if 'eval' in c and c.eval.get('split', ''):
+      splits.append(('eval.split', c.eval.split))
+    for name, split in splits:
+      if split not in data.SPLITS:
+        raise ValueError(f'{name}={split!r}: a {c.data.source} corpus has '
+                         f'splits {list(data.SPLITS)}')
   # grain seeds each epoch's shuffle with shuffle_seed + epoch (< 2**32).
   if not 0 <= c.data.shuffle_seed < 2**31:
     raise ValueError(f'data.shuffle_seed={c.data.shuffle_seed} must be in '
@@ -262,8 +278,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for name in ('num_windows', 'warmup_steps', 'eval_every'):
     if ds[name] < 0:
       raise ValueError(f'distill.{name}={ds[name]} must be >= 0')
-  if not ds.lr > 0:
-    raise ValueError(f'distill.lr={ds.lr} must be > 0')
+  _check_finite_positive('distill.lr', ds.lr)
   if not 0.0 <= ds.ema_decay < 1.0:
     raise ValueError(f'distill.ema_decay={ds.ema_decay} not in [0, 1)')
   if ds.precision not in ('auto', 'float32', 'float64'):
@@ -279,6 +294,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.mesh.data == 0 or c.mesh.data < -1:
     raise ValueError(f'mesh.data={c.mesh.data}: use -1 (all devices) or a '
                      'positive device count')
+
+
+def _check_finite_positive(name: str, value) -> None:
+  # `not value > 0` alone lets inf through: training would fail only after
+  # a compile and a step, with non-finite metrics.
+  if not 0 < value < math.inf:
+    raise ValueError(f'{name}={value} must be finite and > 0')
 
 
 def check_batches(c, *, teacher: bool, distill: bool) -> None:

@@ -157,9 +157,9 @@ def _parse_penalties(raw) -> tuple[tuple[int, float], ...]:
     except (TypeError, ValueError) as e:
       raise ValueError(f"eval.penalties key {key!r} is not a k (e.g. 'k2')"
                        ) from e
-    if k < 1 or not float(lam) >= 0:
+    if k < 1 or not 0 <= float(lam) < math.inf:
       raise ValueError(f'eval.penalties[{key!r}]={lam}: need k >= 1 and '
-                       'lambda >= 0')
+                       'a finite lambda >= 0')
     out.append((k, float(lam)))
   return tuple(sorted(out))
 
@@ -192,7 +192,25 @@ def eval_settings(config) -> EvalSettings:
     raise ValueError(f'eval.ci_level={s.ci_level} not in (0, 1)')
   if any(k < 1 for k in s.ks):
     raise ValueError(f'eval.ks={s.ks}: every k must be >= 1')
+  if len(set(s.ks)) != len(s.ks):
+    raise ValueError(f'eval.ks={s.ks}: each k once')
+  if s.evaluator:
+    # Checked here, with the other settings, so a pipeline refuses a bad
+    # path before training rather than at its evaluate stage.
+    check_evaluator_dir(s.evaluator)
   return s
+
+
+def check_evaluator_dir(path: str) -> None:
+  """A local `save_pretrained` folder: a directory with a config.json."""
+  if not os.path.isdir(path):
+    raise FileNotFoundError(
+        f'eval.evaluator={path!r} is not a directory; point it at a local '
+        'save_pretrained folder (model + tokenizer)')
+  if not os.path.isfile(os.path.join(path, 'config.json')):
+    raise ValueError(
+        f'eval.evaluator={path!r} has no config.json, so it is not a '
+        'Hugging Face save_pretrained folder (model + tokenizer)')
 
 
 # --------------------------------------------------------------------------
@@ -410,10 +428,7 @@ class HFEvaluator:
   """A causal LM from `transformers`, loaded from a local directory."""
 
   def __init__(self, path: str, batch_size: int = 8):
-    if not os.path.isdir(path):
-      raise FileNotFoundError(
-          f'eval.evaluator={path!r} is not a directory; point it at a local '
-          'save_pretrained folder (model + tokenizer)')
+    check_evaluator_dir(path)
     torch, transformers = import_transformers()
     self._torch = torch
     self.path = path

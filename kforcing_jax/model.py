@@ -85,8 +85,9 @@ class ModelConfig:
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f'model.dropout_rate={self.dropout_rate} not in [0, 1)')
     for name in ('rope_base', 'noise_scale'):
-      if not getattr(self, name) > 0:
-        raise ValueError(f'model.{name}={getattr(self, name)} must be > 0')
+      if not 0 < getattr(self, name) < float('inf'):
+        raise ValueError(f'model.{name}={getattr(self, name)} must be finite '
+                         'and > 0')
 
   @property
   def head_dim(self) -> int:

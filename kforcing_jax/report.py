@@ -39,13 +39,20 @@ def _stat(s, digits=1):
           f"{s['hi']:.{digits}f}]")
 
 
+def _run_order(run: str):
+  """The teacher, then students by window (k2 before k16)."""
+  window = run[len('student_k'):]
+  return (run != 'teacher', int(window) if window.isdigit() else 1 << 30, run)
+
+
 def training_section(workdir):
   lines = ['## Training', '',
            '| run | steps | eval | seconds |', '|---|---|---|---|']
   timing = (_read_json(os.path.join(workdir, 'pipeline.json')) or {}).get(
       'runs', {})
-  runs = sorted(d for d in os.listdir(workdir)
-                if d == 'teacher' or d.startswith('student_k'))
+  runs = sorted((d for d in os.listdir(workdir)
+                 if d == 'teacher' or d.startswith('student_k')),
+                key=_run_order)
   for run in runs:
     ev = _last_eval(os.path.join(workdir, run))
     if ev is None:

@@ -293,6 +293,10 @@ def train(task: Task, config, workdir: str, data_iter, eval_batches=(),
   if sharding_lib.is_main_process():
     os.makedirs(run_dir, exist_ok=True)
     _truncate_metrics(metrics_path, start)
+    if restored is not None and start < num_steps:
+      # Said aloud: the stage line before this describes a fresh start.
+      print(f'[{task.name}] resuming from the checkpoint at step {start} of '
+            f'{num_steps}', flush=True)
   if start >= num_steps:
     return TrainResult(state=state, run_dir=run_dir)
 
@@ -386,7 +390,8 @@ def _log(pending, path, bar, tc, tokens_done, t0, manager):
             f'{manager.directory}')
     raise FloatingPointError(
         f'non-finite training metrics at step {step}: {bad}. Stopped without '
-        f'saving; {kept}. Lower train.lr or check the data.')
+        f'saving; {kept}. Lower the learning rate (train.lr; for a student '
+        'distill.lr) or check the data.')
   rate = tokens_done / max(time.time() - t0, 1e-9)
   bar.update(step - bar.n)
   bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f'{rate:,.0f}',

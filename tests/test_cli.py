@@ -140,6 +140,10 @@ def test_generate_applies_config_decode_overrides(tmp_path):
   assert over[0]['text'] == over[1]['text']  # Greedy: the seed is unused.
   r = _cli(*base, '--k=0')
   assert r.returncode == 2 and r.stderr == 'error: --k=0 must be >= 1\n'
+  # A path would decode another run with this workdir's tokenizer.
+  r = _cli(*base, '--model=../other/teacher')
+  assert r.returncode == 2
+  assert "--model='../other/teacher': expected 'teacher'" in r.stderr
   # More new tokens than the context has room for: cut, and said so.
   r = _cli(*base, '--max_new_tokens=500')
   assert r.returncode == 0, r.stderr
@@ -168,3 +172,24 @@ def test_auto_join_without_a_cluster_names_the_variable(tmp_path):
   assert r.stderr.startswith('error: KFORCING_DISTRIBUTED=auto, but JAX '
                              'found no cluster to join')
   assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_damaged_checkpoint_error_is_the_last_thing_printed():
+  # TensorStore threads of a failed restore kept printing "Event loop is
+  # closed" tracebacks (up to ~1,200 lines) after the one-line error. Here
+  # a thread stands in for them, writing to stderr without pause.
+  script = '''
+import sys, threading, time
+from kforcing_jax import cli
+def spam():
+  while True:
+    sys.stderr.write("RuntimeError: Event loop is closed\\n")
+    sys.stderr.flush()
+threading.Thread(target=spam, daemon=True).start()
+time.sleep(0.2)
+cli._fail_now("checkpoint W/3 is unreadable")
+'''
+  r = subprocess.run([sys.executable, '-c', script], capture_output=True,
+                     text=True, timeout=120)
+  assert r.returncode == 2
+  assert r.stderr.endswith('error: checkpoint W/3 is unreadable\n')

@@ -194,6 +194,33 @@ def test_decode_drops_plain_pad_token(tmp_path):
   assert tok.decode(tok.encode(ENGLISH) + [tok.pad_id] * 2) == ENGLISH
 
 
+def test_decode_drops_ids_the_tokenizer_does_not_have(sp_tok):
+  # A model's vocabulary may exceed its tokenizer's: such ids used to crash
+  # SentencePiece ("piece id is out of range") in generate and evaluate.
+  ids = sp_tok.encode(ENGLISH)
+  beyond = [sp_tok.vocab_size, sp_tok.vocab_size + 7, -1]
+  assert sp_tok.decode(ids[:3] + beyond + ids[3:]) == sp_tok.decode(ids)
+
+
+def test_a_workdir_refuses_another_tokenizer(workdir, sp_tok, tmp_path):
+  # Its models read the first tokenizer's ids: resuming or decoding them
+  # with another used to run on (and then crash in generate).
+  record = os.path.join(workdir, data.TOKENIZER_RECORD)
+  assert open(record).read().split()[0] == sp_tok.fingerprint
+  other = str(tmp_path / 'other.json')
+  _train_bpe_json(other, ['<|endoftext|>']).save(other)
+  with pytest.raises(ValueError, match='other.json.*is another one'):
+    data.get_tokenizer(_config(tokenizer_path=other), workdir)
+  # The same file by its path is the same tokenizer.
+  assert data.get_tokenizer(_config(tokenizer_path=sp_tok.path),
+                            workdir).fingerprint == sp_tok.fingerprint
+  # A fresh workdir records whichever it is given first.
+  fresh = str(tmp_path / 'fresh')
+  data.get_tokenizer(_config(tokenizer_path=other), fresh)
+  with pytest.raises(ValueError, match='is another one'):
+    data.get_tokenizer(_config(tokenizer_path=sp_tok.path), fresh)
+
+
 def test_tokenizers_json_without_eos_is_rejected(tmp_path):
   path = str(tmp_path / 'no_eos.json')
   _train_bpe_json(path, ['[UNK]']).save(path)

@@ -320,6 +320,7 @@ def test_hf_evaluator_nll_matches_hand_computation(hf_dir):
 
 def test_missing_transformers_names_the_extra(monkeypatch, tmp_path):
   monkeypatch.setitem(sys.modules, 'transformers', None)
+  (tmp_path / 'config.json').write_text('{}')
   with pytest.raises(ImportError, match=r'kforcing_jax\[eval\]'):
     ev.HFEvaluator(str(tmp_path))
   with pytest.raises(FileNotFoundError, match='eval.evaluator'):

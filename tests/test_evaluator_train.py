@@ -249,7 +249,7 @@ def _fake_stages(monkeypatch, calls):
 
 @pytest.mark.parametrize('enabled,given,want', [
     (True, '', 'W/evaluator'),  # Trained, then used by evaluate.
-    (True, '/gpt2', '/gpt2'),  # An evaluator was given: not trained.
+    (True, 'G', 'G'),  # An evaluator was given: not trained.
     (False, '', ''),
 ])
 def test_pipeline_trains_the_evaluator_only_when_asked(
@@ -258,10 +258,15 @@ def test_pipeline_trains_the_evaluator_only_when_asked(
   pipeline = _fake_stages(monkeypatch, calls)
   config = defaults.base_config()
   config.evaluator_train.enabled = enabled
+  if given == 'G':  # A save_pretrained folder outside the workdir.
+    folder = tmp_path / 'given_gpt2'
+    folder.mkdir()
+    (folder / 'config.json').write_text('{}')
+    given = want = str(folder)
   config.eval.evaluator = given
-  workdir = str(tmp_path)
+  workdir = str(tmp_path / 'W')
   pipeline.run_pipeline(config, workdir)
-  want = want.replace('W', workdir)
+  want = want.replace('W', workdir) if want == 'W/evaluator' else want
   trained = [('train', workdir)] if want.startswith(workdir) else []
   assert calls == trained + [('evaluate', want)]
   assert config.eval.evaluator == given  # The caller's config is untouched.

@@ -11,6 +11,7 @@ import threading
 import pytest
 
 from kforcing_jax import bench
+from kforcing_jax import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = ('teacher', 'student_k1', 'student_k2', 'student_k4')
@@ -94,6 +95,15 @@ def test_tiny_pipeline_resumes_without_redoing_finished_stages(tmp_path):
     report = f.read()
   for section in ('## Training', '## Quality', '## Decoding speed'):
     assert section in report
+  # AR sampling flags on a student are said to be ignored, not dropped
+  # silently.
+  gen = subprocess.run(
+      [sys.executable, '-m', 'kforcing_jax', 'generate', f'--workdir={workdir}',
+       '--k=4', '--greedy', '--max_new_tokens=4'], cwd=ROOT,
+      capture_output=True, text=True, timeout=300, env=_ENV)
+  assert gen.returncode == 0, gen.stderr[-2000:]
+  assert 'NOTE: --greedy ignored' in gen.stderr
+  assert json.loads(gen.stdout)['model'] == 'student_k4'
 
   # Training the teacher on leaves every later result stale: each re-run
   # says so (nothing is deleted for the user).
@@ -102,6 +112,8 @@ def test_tiny_pipeline_resumes_without_redoing_finished_stages(tmp_path):
   assert third.returncode == 0, third.stderr[-2000:]
   # Wall time sums the resumed segment onto the first one.
   assert _run_seconds(workdir, 'teacher') > teacher_seconds > 0
+  assert '[teacher] resuming from the checkpoint at step 40 of 50' in \
+      third.stdout
   assert ('[student_k1] WARNING: trained from teacher at step 40; its source '
           'is now teacher at step 50') in third.stdout
   for name in ('eval.json', 'bench.json'):
@@ -159,3 +171,17 @@ def test_evaluator_is_not_trained_when_eval_json_is_kept(tmp_path, monkeypatch,
   pipeline.run_pipeline(config, str(tmp_path))
   # (The fake bench wrote no bench.json, so it runs again.)
   assert calls == ['bench', 'train_evaluator', 'evaluate', 'bench']
+
+
+def test_report_lists_the_teacher_then_students_by_window(tmp_path):
+  # os.listdir order, or a plain sort, put students before the teacher and
+  # k16 before k2.
+  for i, run in enumerate(['student_k16', 'teacher', 'student_k2',
+                           'student_k4', 'student_k1']):
+    (tmp_path / run).mkdir()
+    (tmp_path / run / 'metrics.jsonl').write_text(
+        json.dumps({'step': 10 + i, 'eval_loss': 1.0}) + '\n')
+  rows = [line.split('|')[1].strip()
+          for line in report.training_section(str(tmp_path))[4:]]
+  assert rows == ['teacher', 'student_k1', 'student_k2', 'student_k4',
+                  'student_k16']

@@ -1,6 +1,7 @@
 """Training loop: sharding equivalence, resume after SIGKILL, guards, CLI errors."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -72,13 +73,26 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
 
 @pytest.mark.parametrize('section,name,value,needle', [
     # A negative clip norm flips every gradient: training climbed the loss.
-    ('train', 'grad_clip', -1.0, 'train.grad_clip=-1.0 must be >= 0'),
-    ('train', 'weight_decay', -1.0, 'train.weight_decay=-1.0 must be >= 0'),
+    ('train', 'grad_clip', -1.0, 'train.grad_clip=-1.0 must be finite'),
+    ('train', 'weight_decay', -1.0, 'train.weight_decay=-1.0 must be finite'),
+    # inf passed `> 0` checks and failed only after a compile and a step
+    # (or, for the model fields, trained silently).
+    ('train', 'lr', math.inf, 'train.lr=inf must be finite and > 0'),
+    ('train', 'weight_decay', math.inf, 'train.weight_decay=inf'),
+    ('distill', 'lr', math.inf, 'distill.lr=inf must be finite and > 0'),
+    ('model', 'rope_base', math.inf, 'model.rope_base=inf must be finite'),
+    ('model', 'noise_scale', math.inf, 'model.noise_scale=inf'),
+    ('data', 'max_documents', -1, 'data.max_documents=-1 must be >= 0'),
+    ('data', 'train_split', 'trian', "data.train_split='trian': a sotu "
+     r"corpus has splits \['train', 'validation', 'test'\]"),
+    ('eval', 'split', 'bogus', "eval.split='bogus'"),
+    ('eval', 'ks', (3, 3), r'eval.ks=\(3, 3\): each k once'),
     ('train', 'b1', 1.5, r'train.b1=1.5 not in \[0, 1\)'),
     ('train', 'b2', -0.5, r'train.b2=-0.5 not in \[0, 1\)'),
     # Used to fail a step later as "non-finite metrics ... lower train.lr".
-    ('model', 'rope_base', -1.0, 'model.rope_base=-1.0 must be > 0'),
-    ('model', 'noise_scale', 0.0, 'model.noise_scale=0.0 must be > 0'),
+    ('model', 'rope_base', -1.0, 'model.rope_base=-1.0 must be finite and '
+     '> 0'),
+    ('model', 'noise_scale', 0.0, 'model.noise_scale=0.0 must be finite'),
 ])
 def test_validate_names_a_bad_optimizer_or_model_value(section, name, value,
                                                        needle):
@@ -229,12 +243,40 @@ def _cli(args, workdir, **kw):
     ('--config.train.eval_batches=0',
      'train.eval_batches=0 must be >= 1 while train.eval_every=20'),
     ('--config.data.shuffle_seed=-1', 'data.shuffle_seed=-1'),
+    # Used to fail only at the evaluate stage, after all training.
+    ('--config.eval.evaluator=/nonexistent',
+     "eval.evaluator='/nonexistent' is not a directory"),
+    ('--config.eval.evaluator=configs', "eval.evaluator='configs' has no "
+     'config.json'),
+    ('--config.eval.split=bogus', "eval.split='bogus'"),
 ])
 def test_cli_bad_config_fails_fast_with_named_value(tmp_path, override, needle):
   r = _cli(['train-teacher', '--config=configs/tiny.py', override], tmp_path)
   assert r.returncode == 2, r.stderr
   assert needle in r.stderr
   assert not (tmp_path / 'teacher').exists()
+
+
+@pytest.mark.parametrize('sub', ['', 'sub'])
+def test_cli_refuses_a_workdir_that_is_a_file(tmp_path, sub):
+  # Used to fail only when the first result was saved (a raw
+  # FileExistsError), e.g. after training a whole evaluator.
+  (tmp_path / 'F').write_text('hi')
+  workdir = tmp_path / 'F' / sub if sub else tmp_path / 'F'
+  r = _cli(['train-evaluator', '--config=configs/tiny.py'], workdir)
+  assert r.returncode == 2, r.stderr
+  assert f'--workdir={workdir} is not a directory' in r.stderr
+  assert 'Traceback' not in r.stderr
+
+
+def test_cli_names_a_config_that_is_a_directory_or_returns_a_dict(tmp_path):
+  r = _cli(['train-teacher', '--config=configs'], tmp_path)
+  assert r.returncode == 2 and '--config=configs is a directory' in r.stderr
+  bad = tmp_path / 'dict_config.py'
+  bad.write_text('def get_config():\n  return {"model": {}}\n')
+  r = _cli(['train-teacher', f'--config={bad}'], tmp_path)
+  assert r.returncode == 2, r.stderr
+  assert 'get_config() returned a dict; return a ConfigDict' in r.stderr
 
 
 def test_pipeline_refuses_eval_ks_its_students_cannot_serve(tmp_path):
