@@ -140,17 +140,23 @@ def generate(flags_obj):
           f'{cfg.seq_len}', file=sys.stderr)
     max_new = room
   seed = pick(flags_obj.seed, dc.seed)
-  ignored = [f'--{name}' for name in ('greedy', 'temperature')
-             if getattr(flags_obj, name) is not None]
-  if cfg.noise_window and ignored:
-    print(f"NOTE: {' and '.join(ignored)} ignored: a student's tokens are "
-          'the argmax of its noise slots (these set AR sampling)',
-          file=sys.stderr)
+  temperature = pick(flags_obj.temperature, dc.temperature)
+  greedy = pick(flags_obj.greedy, dc.greedy)
+  if cfg.noise_window:
+    # AR sampling settings mean nothing to a student: not passed on (so not
+    # checked either), and a flag that sets one is said to be ignored.
+    ignored = [flag for flag, given in (
+        ('--greedy', flags_obj.greedy), ('--temperature',
+                                         flags_obj.temperature is not None))
+               if given]
+    if ignored:
+      print(f"NOTE: {' and '.join(ignored)} ignored: a student's tokens are "
+            'the argmax of its noise slots (these set AR sampling)',
+            file=sys.stderr)
+    temperature, greedy = 1.0, False
   out = decode.generate(
       params, cfg, ids, max_new_tokens=max_new, k=flags_obj.k,
-      rng=jax.random.PRNGKey(seed),
-      temperature=pick(flags_obj.temperature, dc.temperature),
-      greedy=pick(flags_obj.greedy, dc.greedy),
+      rng=jax.random.PRNGKey(seed), temperature=temperature, greedy=greedy,
       frequency_penalty=pick(flags_obj.frequency_penalty,
                              dc.frequency_penalty),
       eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,

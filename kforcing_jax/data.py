@@ -328,12 +328,19 @@ def _check_workdir_tokenizer(tokenizer: Tokenizer, workdir: str) -> None:
   Its checkpoints hold models of that tokenizer's ids: resuming them on
   another's would train on different ids, and decoding would map ids to
   the wrong text, without an error. The first call records the
-  fingerprint (process 0 writes; the others only compare).
+  fingerprint (process 0 writes; the others only compare). A workdir made
+  before the record existed is checked against its trained
+  `tokenizer.model`, if it has one, before the record is written.
   """
   record = os.path.join(workdir, TOKENIZER_RECORD)
+  trained = os.path.join(workdir, 'tokenizer.model')
+  recorded = None
   if os.path.exists(record):
     with open(record, encoding='utf-8') as f:
       recorded = f.read().split()
+  elif os.path.isfile(trained):
+    recorded = [hashlib.sha256(_read_bytes(trained)).hexdigest(), trained]
+  if recorded is not None:
     if recorded and recorded[0] != tokenizer.fingerprint:
       first = ' '.join(recorded[1:]) or 'another file'
       raise ValueError(
@@ -343,15 +350,21 @@ def _check_workdir_tokenizer(tokenizer: Tokenizer, workdir: str) -> None:
           "workdir's models read the first one's ids. Set "
           'data.tokenizer_path to the original file or use another '
           f'--workdir (or delete {record} if you are sure).')
-    return
+    if os.path.exists(record):
+      return
   # Imported here: the rest of data.py runs without jax.
   from kforcing_jax import sharding  # pylint: disable=g-import-not-at-top
   if sharding.is_main_process():
-    os.makedirs(workdir, exist_ok=True)
-    tmp = record + '.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
-      f.write(f'{tokenizer.fingerprint} {tokenizer.path}\n')
-    os.replace(tmp, record)
+    try:
+      os.makedirs(workdir, exist_ok=True)
+      tmp = record + '.tmp'
+      with open(tmp, 'w', encoding='utf-8') as f:
+        f.write(f'{tokenizer.fingerprint} {tokenizer.path}\n')
+      os.replace(tmp, record)
+    except OSError as e:  # A read-only workdir still decodes.
+      print(f'[data] NOTE: could not record the tokenizer in {record} '
+            f'({e.strerror}); it is not checked on later runs',
+            file=sys.stderr)
 
 
 def raw_texts(config, split: str) -> list[str]:

@@ -22,7 +22,7 @@ Public step-level API (for callers that drive their own loop):
 """
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.struct
 import jax
@@ -363,16 +363,17 @@ def _check_cache(spec: DecodeSpec, cache, b: int):
                      f'spec, ...)); got {type(cache).__name__} of '
                      f'{len(cache) if hasattr(cache, "__len__") else "?"}')
   for layer in cache:
-    if not isinstance(layer, dict) or set(layer) != {key_name, 'v'}:
-      names = sorted(layer) if isinstance(layer, dict) else layer
+    if not isinstance(layer, Mapping) or set(layer) != {key_name, 'v'}:
+      names = sorted(layer) if isinstance(layer, Mapping) else layer
       raise ValueError(f'cache layers have {names!r}; this spec decodes '
                        f"with keys {key_name!r} and 'v' (init_cache(spec, "
                        '...) for this spec)')
     for name, x in layer.items():
       axes = model_lib.CACHE_LAYOUTS[name]
       want = {'n': b * cfg.num_heads, 'k': cfg.head_dim}
-      got = {axis: x.shape[i] for i, axis in enumerate(axes) if axis != 's'}
-      if x.ndim != len(axes) or got != want:
+      got = (None if x.ndim != len(axes) else
+             {axis: x.shape[i] for i, axis in enumerate(axes) if axis != 's'})
+      if got != want:
         raise ValueError(f'cache {name!r} has shape {tuple(x.shape)} '
                          f'(axes {axes}); batch {b} x {cfg.num_heads} heads '
                          f'and head_dim {cfg.head_dim} expected')
@@ -380,7 +381,9 @@ def _check_cache(spec: DecodeSpec, cache, b: int):
 
 def _check_state(spec: DecodeSpec, state: DecodeState):
   """A state from another spec (another k, another length) would write its
-  tokens at the wrong offsets without an error: refuse it at trace time."""
+  tokens at the wrong offsets without an error: refuse it at trace time.
+  Checks what the arrays show (shapes, key layout, penalty counts), not
+  the spec fields they do not (prompt_len, eos_id, pad_id, greedy)."""
   b = state.pending.shape[0]
   _check_shape('state.pending', state.pending, (b, spec.k))
   _check_shape('state.tokens', state.tokens, (b, spec.max_new_tokens))
@@ -452,7 +455,8 @@ def decode_step(spec: DecodeSpec, params, state: DecodeState, noise_BxK,
   the caller's to keep: they depend on traced values, and past them XLA
   clamps the writes, so earlier tokens are overwritten without an error.
   `decode_loop` keeps them. `noise_x`: as in `prefill`. The state must
-  come from `prefill` with this spec (checked at trace time).
+  come from `prefill` with this spec; its shapes, key layout and penalty
+  counts are checked against the spec at trace time.
   """
   _check_state(spec, state)
   _check_shape('noise', noise_BxK, state.pending.shape)

@@ -194,10 +194,6 @@ def eval_settings(config) -> EvalSettings:
     raise ValueError(f'eval.ks={s.ks}: every k must be >= 1')
   if len(set(s.ks)) != len(s.ks):
     raise ValueError(f'eval.ks={s.ks}: each k once')
-  if s.evaluator:
-    # Checked here, with the other settings, so a pipeline refuses a bad
-    # path before training rather than at its evaluate stage.
-    check_evaluator_dir(s.evaluator)
   return s
 
 

@@ -82,13 +82,16 @@ def _with_evaluator(config, workdir, timing):
 
 def _check_plan(config) -> None:
   """Fails now, not after training, on an eval.ks the students this run
-  distills cannot serve, or a batch this machine's devices cannot split
-  (defaults.validate checked every field)."""
+  distills cannot serve, an eval.evaluator that is not a save_pretrained
+  folder, or a batch this machine's devices cannot split
+  (defaults.validate checked every field's value)."""
   from kforcing_jax import evaluate  # pylint: disable=g-import-not-at-top
   defaults.check_batches(config, teacher=True, distill=True)
+  settings = evaluate.eval_settings(config)
+  if settings.evaluator:  # Here, not in validate: only evaluate reads it.
+    evaluate.check_evaluator_dir(settings.evaluator)
   windows = tuple(config.distill.windows)
-  too_big = [k for k in evaluate.eval_settings(config).ks
-             if k > max(windows)]
+  too_big = [k for k in settings.ks if k > max(windows)]
   if too_big:
     raise ValueError(f'eval.ks asks for k={too_big[0]} but the largest '
                      f'distill.windows is {max(windows)}')

@@ -160,7 +160,7 @@ def test_a_step_that_does_not_compile_is_a_row_not_a_crash(monkeypatch,
     (['--out=/nonexistent/dir/aot.json'],
      '--out=/nonexistent/dir/aot.json: folder /nonexistent/dir does not '
      'exist'),
-    (['--config.train.grad_clip=-1'], 'train.grad_clip=-1.0 must be >= 0'),
+    (['--config.train.grad_clip=-1'], 'train.grad_clip=-1.0 must be finite and >= 0'),
 ])
 def test_bad_command_lines_are_one_line(args, message):
   if not any(a.startswith('--config=') for a in args):

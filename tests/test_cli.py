@@ -193,3 +193,11 @@ cli._fail_now("checkpoint W/3 is unreadable")
                      text=True, timeout=120)
   assert r.returncode == 2
   assert r.stderr.endswith('error: checkpoint W/3 is unreadable\n')
+
+
+def test_checkpoint_errors_leave_through_the_quiet_exit(tmp_path):
+  # main() sends every CheckpointError through _fail_now: one line, rc 2.
+  r = _cli('generate', f'--workdir={tmp_path}')
+  assert r.returncode == 2
+  assert r.stderr == (f'error: no checkpoint found in {tmp_path}/teacher/'
+                      'checkpoints; train it first\n')

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -219,6 +220,36 @@ def test_a_workdir_refuses_another_tokenizer(workdir, sp_tok, tmp_path):
   data.get_tokenizer(_config(tokenizer_path=other), fresh)
   with pytest.raises(ValueError, match='is another one'):
     data.get_tokenizer(_config(tokenizer_path=sp_tok.path), fresh)
+
+
+def test_a_workdir_from_before_the_record_is_checked_against_its_model(
+    sp_tok, tmp_path):
+  # No tokenizer.sha256 yet, but a trained tokenizer.model: another
+  # tokenizer is refused before the record is written.
+  old = tmp_path / 'old'
+  old.mkdir()
+  shutil.copy(sp_tok.path, old / 'tokenizer.model')
+  other = str(tmp_path / 'other.json')
+  _train_bpe_json(other, ['<|endoftext|>']).save(other)
+  with pytest.raises(ValueError, match='is another one'):
+    data.get_tokenizer(_config(tokenizer_path=other), str(old))
+  assert not (old / data.TOKENIZER_RECORD).exists()
+  data.get_tokenizer(_config(), str(old))  # Its own: accepted, recorded.
+  assert (old / data.TOKENIZER_RECORD).exists()
+
+
+def test_a_read_only_workdir_still_gives_its_tokenizer(sp_tok, tmp_path,
+                                                       capsys, monkeypatch):
+  # generate on a shared, read-only results folder only reads it. (Writes
+  # fail by a patch: the tests may run as root, who can write anywhere.)
+  def refuse(*args, **kwargs):
+    raise PermissionError(13, 'Permission denied')
+  monkeypatch.setattr(data.os, 'replace', refuse)
+  tok = data.get_tokenizer(_config(tokenizer_path=sp_tok.path),
+                           str(tmp_path))
+  assert tok.fingerprint == sp_tok.fingerprint
+  assert not (tmp_path / data.TOKENIZER_RECORD).exists()
+  assert 'could not record the tokenizer' in capsys.readouterr().err
 
 
 def test_tokenizers_json_without_eos_is_rejected(tmp_path):

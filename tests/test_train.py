@@ -244,10 +244,6 @@ def _cli(args, workdir, **kw):
      'train.eval_batches=0 must be >= 1 while train.eval_every=20'),
     ('--config.data.shuffle_seed=-1', 'data.shuffle_seed=-1'),
     # Used to fail only at the evaluate stage, after all training.
-    ('--config.eval.evaluator=/nonexistent',
-     "eval.evaluator='/nonexistent' is not a directory"),
-    ('--config.eval.evaluator=configs', "eval.evaluator='configs' has no "
-     'config.json'),
     ('--config.eval.split=bogus', "eval.split='bogus'"),
 ])
 def test_cli_bad_config_fails_fast_with_named_value(tmp_path, override, needle):
@@ -277,6 +273,22 @@ def test_cli_names_a_config_that_is_a_directory_or_returns_a_dict(tmp_path):
   r = _cli(['train-teacher', f'--config={bad}'], tmp_path)
   assert r.returncode == 2, r.stderr
   assert 'get_config() returned a dict; return a ConfigDict' in r.stderr
+
+
+@pytest.mark.parametrize('path,needle', [
+    ('/nonexistent', "eval.evaluator='/nonexistent' is not a directory"),
+    ('configs', "eval.evaluator='configs' has no config.json"),
+])
+def test_pipeline_refuses_a_bad_evaluator_before_training(tmp_path, path,
+                                                          needle):
+  # Used to fail only at the evaluate stage, after all training. (Only
+  # pipeline and evaluate check the folder: other commands never read it,
+  # and train-evaluator may be about to create it.)
+  r = _cli(['pipeline', '--config=configs/tiny.py',
+            f'--config.eval.evaluator={path}'], tmp_path)
+  assert r.returncode == 2, r.stderr
+  assert needle in r.stderr
+  assert not (tmp_path / 'teacher').exists()
 
 
 def test_pipeline_refuses_eval_ks_its_students_cannot_serve(tmp_path):
