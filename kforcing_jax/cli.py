@@ -123,12 +123,13 @@ def _fail(message: str):
 
 
 def _fail_now(message: str):
-  """`_fail` for a damaged checkpoint. TensorStore's reads of it can still
-  be pending, and their threads print pages of "Event loop is closed"
-  tracebacks around the message until the process ends; so stderr is
-  silenced, the message written past it, and the process ends at once. Nothing of ours
-  is in flight: these errors come from restores and checks, and every
-  save is awaited before them."""
+  """`_fail` for a CheckpointError. After a damaged checkpoint, TensorStore's
+  reads of it can still be pending, and their threads print pages of
+  "Event loop is closed" tracebacks around the message until the process
+  ends; so stderr is silenced, the message written past it, and the
+  process ends at once (no atexit handlers). Nothing of ours is in
+  flight: these errors come from restores and checks, and every save is
+  awaited before them."""
   sys.stdout.flush()
   sys.stderr.flush()
   stderr = os.dup(2)  # Silence fd 2 first, then write the message past it.
