@@ -12,6 +12,7 @@ Subcommands:
 """
 
 import os
+import signal
 import sys
 
 from absl import app
@@ -138,6 +139,15 @@ def _fail_now(message: str):
   os._exit(2)  # pylint: disable=protected-access
 
 
+class _Terminated(Exception):
+  """SIGTERM outside a training loop (which saves and stops on its own)."""
+
+
+def _on_sigterm(signum, frame):
+  del signum, frame
+  raise _Terminated
+
+
 def main():
   argv = sys.argv
   if _wants_help(argv):  # Before joining a cluster, which would wait.
@@ -156,8 +166,18 @@ def main():
     _fail(str(e))
   except flags.Error as e:
     _fail(f'{e}\n{_usage()}')
+  # Training loops replace this with their save-and-stop handler while they
+  # run; elsewhere (evaluate, bench, the evaluator's torch loop) SIGTERM
+  # used to end the process with no word.
+  if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+    signal.signal(signal.SIGTERM, _on_sigterm)
   try:
     _run(argv)
+  except _Terminated:
+    if sharding.is_main_process():
+      print('terminated (SIGTERM); re-run the same command to resume: '
+            'finished stages are kept', file=sys.stderr)
+    sys.exit(143)
   except KeyboardInterrupt as e:
     if sharding.is_main_process():
       print(f'interrupted{": " + str(e) if str(e) else ""}; re-run the same '

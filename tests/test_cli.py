@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -201,3 +202,27 @@ def test_checkpoint_errors_leave_through_the_quiet_exit(tmp_path):
   assert r.returncode == 2
   assert r.stderr == (f'error: no checkpoint found in {tmp_path}/teacher/'
                       'checkpoints; train it first\n')
+
+
+def test_sigterm_outside_training_says_how_to_resume(tmp_path):
+  # Training loops save and stop on SIGTERM themselves; evaluate and bench
+  # used to die with no word. A stand-in subcommand waits to be signalled.
+  script = '''
+import sys, time
+from kforcing_jax import cli
+def wait(flags_obj):
+  print("ready", flush=True)
+  time.sleep(120)
+cli.SUBCOMMANDS["bench"] = wait
+sys.argv = ["kforcing_jax", "bench", "--workdir=%s"]
+cli.main()
+''' % tmp_path
+  proc = subprocess.Popen([sys.executable, '-c', script],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  assert proc.stdout.readline().strip() == 'ready'
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode == 143
+  assert err.endswith('terminated (SIGTERM); re-run the same command to '
+                      'resume: finished stages are kept\n')
