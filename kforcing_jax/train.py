@@ -297,6 +297,11 @@ def train(task: Task, config, workdir: str, data_iter, eval_batches=(),
       # Said aloud: the stage line before this describes a fresh start.
       print(f'[{task.name}] resuming from the checkpoint at step {start} of '
             f'{num_steps}', flush=True)
+    if start < num_steps and tc.warmup_steps > num_steps:
+      # Legal (a short trial of a long recipe), but easy to miss.
+      print(f'[{task.name}] NOTE: warmup_steps={tc.warmup_steps} > '
+            f'{num_steps} steps: the learning rate stays below its peak '
+            f'{tc.lr:g}', flush=True)
   if start >= num_steps:
     return TrainResult(state=state, run_dir=run_dir)
 

@@ -102,6 +102,19 @@ def test_validate_names_a_bad_optimizer_or_model_value(section, name, value,
     defaults.validate(config)
 
 
+def test_a_warmup_longer_than_the_run_is_noted(tmp_path, capsys):
+  config = _config()
+  config.train.warmup_steps = 50
+  task = teacher_lib.teacher_task(config)
+  train_lib.train(task, config, str(tmp_path),
+                  helpers.ArrayIterator(_data(), 8), num_steps=2)
+  assert 'NOTE: warmup_steps=50 > 2 steps' in capsys.readouterr().out
+  config.train.warmup_steps = 2  # Reaches its peak: nothing to say.
+  train_lib.train(task, config, str(tmp_path / 'b'),
+                  helpers.ArrayIterator(_data(), 8), num_steps=2)
+  assert 'NOTE: warmup_steps' not in capsys.readouterr().out
+
+
 def test_divergence_before_any_checkpoint_says_so(tmp_path):
   config = _config()
   config.train.lr = 1e30  # Diverges within a step or two.
