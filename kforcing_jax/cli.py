@@ -139,8 +139,10 @@ def _fail_now(message: str):
   os._exit(2)  # pylint: disable=protected-access
 
 
-class _Terminated(Exception):
-  """SIGTERM outside a training loop (which saves and stops on its own)."""
+class _Terminated(BaseException):
+  """SIGTERM outside a training loop (which saves and stops on its own).
+  A BaseException, as KeyboardInterrupt is: a broad `except Exception`
+  (orbax restores, config loading) must not turn it into another error."""
 
 
 def _on_sigterm(signum, frame):
