@@ -145,10 +145,8 @@ def generate(flags_obj):
   if cfg.noise_window:
     # AR sampling settings mean nothing to a student: not passed on (so not
     # checked either), and a flag that sets one is said to be ignored.
-    ignored = [flag for flag, given in (
-        ('--greedy', flags_obj.greedy), ('--temperature',
-                                         flags_obj.temperature is not None))
-               if given]
+    ignored = (['--greedy'] if flags_obj.greedy else []) + (
+        ['--temperature'] if flags_obj.temperature is not None else [])
     if ignored:
       print(f"NOTE: {' and '.join(ignored)} ignored: a student's tokens are "
             'the argmax of its noise slots (these set AR sampling)',

@@ -333,25 +333,19 @@ def _check_workdir_tokenizer(tokenizer: Tokenizer, workdir: str) -> None:
   `tokenizer.model`, if it has one, before the record is written.
   """
   record = os.path.join(workdir, TOKENIZER_RECORD)
-  trained = os.path.join(workdir, 'tokenizer.model')
-  recorded = None
   if os.path.exists(record):
     with open(record, encoding='utf-8') as f:
       recorded = f.read().split()
-  elif os.path.isfile(trained):
-    recorded = [hashlib.sha256(_read_bytes(trained)).hexdigest(), trained]
-  if recorded is not None:
-    if recorded and recorded[0] != tokenizer.fingerprint:
-      first = ' '.join(recorded[1:]) or 'another file'
-      raise ValueError(
-          f'{workdir} was made with the tokenizer {first} (sha256 '
-          f'{recorded[0][:12]}...); {tokenizer.path!r} (sha256 '
-          f'{tokenizer.fingerprint[:12]}...) is another one, and the '
-          "workdir's models read the first one's ids. Set "
-          'data.tokenizer_path to the original file or use another '
-          f'--workdir (or delete {record} if you are sure).')
-    if os.path.exists(record):
-      return
+    if recorded:
+      _refuse_another(tokenizer, workdir, recorded[0],
+                      ' '.join(recorded[1:]) or 'another file', record)
+    return
+  trained = os.path.join(workdir, 'tokenizer.model')
+  if os.path.isfile(trained) and (os.path.abspath(tokenizer.path) !=
+                                  os.path.abspath(trained)):
+    _refuse_another(tokenizer, workdir,
+                    hashlib.sha256(_read_bytes(trained)).hexdigest(), trained,
+                    record)
   # Imported here: the rest of data.py runs without jax.
   from kforcing_jax import sharding  # pylint: disable=g-import-not-at-top
   if sharding.is_main_process():
@@ -365,6 +359,19 @@ def _check_workdir_tokenizer(tokenizer: Tokenizer, workdir: str) -> None:
       print(f'[data] NOTE: could not record the tokenizer in {record} '
             f'({e.strerror}); it is not checked on later runs',
             file=sys.stderr)
+
+
+def _refuse_another(tokenizer: Tokenizer, workdir: str, first_sha: str,
+                    first: str, record: str) -> None:
+  """Raises unless `tokenizer` is the file whose sha256 is `first_sha`."""
+  if first_sha != tokenizer.fingerprint:
+    raise ValueError(
+        f'{workdir} was made with the tokenizer {first} (sha256 '
+        f'{first_sha[:12]}...); {tokenizer.path!r} (sha256 '
+        f'{tokenizer.fingerprint[:12]}...) is another one, and the '
+        "workdir's models read the first one's ids. Set "
+        'data.tokenizer_path to the original file or use another '
+        f'--workdir (or delete {record} if you are sure).')
 
 
 def raw_texts(config, split: str) -> list[str]:

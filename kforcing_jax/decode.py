@@ -57,6 +57,14 @@ def check_k(cfg: model_lib.ModelConfig, k, name: str = 'k') -> int:
   return k
 
 
+def _as_int32(value, name: str) -> int:
+  """`value` as a Python int that fits int32 (a pad id: any such value)."""
+  value = model_lib.as_int(value, name, -2**31)
+  if value >= 2**31:
+    raise ValueError(f'{name}={value} is not an int32')
+  return value
+
+
 def full_cache_size(prompt_len: int, num_steps: int, k: int) -> int:
   """KV slots of a whole decode. Step s >= 1 (prefill is step 0) writes
   its 2k inputs at [P + (s - 1) k, P + (s + 1) k), so the last step,
@@ -94,12 +102,12 @@ class DecodeSpec:
                       f'{type(self.model).__name__}')
     object.__setattr__(self, 'k', check_k(self.model, self.k, 'DecodeSpec.k'))
     ints = (('num_steps', 1), ('prompt_len', 1), ('cache_block', 0),
-            ('pad_id', -2**31), ('eos_id', -1))
+            ('eos_id', -1))
     for name, minimum in ints:
       object.__setattr__(self, name, model_lib.as_int(
           getattr(self, name), f'DecodeSpec.{name}', minimum))
-    if self.pad_id >= 2**31:
-      raise ValueError(f'DecodeSpec.pad_id={self.pad_id} is not an int32')
+    object.__setattr__(self, 'pad_id',
+                       _as_int32(self.pad_id, 'DecodeSpec.pad_id'))
     for name in ('greedy', 'use_penalty'):
       value = getattr(self, name)
       if not isinstance(value, (bool, np.bool_)):
@@ -319,16 +327,13 @@ def forward(spec, params, tokens_BxT, u_BxK, cache, index, pad):
   time; token values are not (`generate` checks those). Slots before
   `pad` are padding: their ids are never read.
   """
-  b, t = tokens_BxT.shape
+  b = tokens_BxT.shape[0]
   _check_shape('pad', pad, (b,))
   if spec.is_student:
     _check_shape('noise', u_BxK, (b, spec.k))
   _check_cache(spec, cache, b)
   model_lib.check_params(spec.model, params)  # Shapes only: trace time.
-  # As in `prefill`: a padded slot's id is masked but never read, so an id
-  # outside the vocabulary (which would embed as NaN) cannot leak.
-  slots = index + jnp.arange(t)[None]
-  tokens_BxT = jnp.where(slots >= pad[:, None], tokens_BxT, 0)
+  _, tokens_BxT = _unpad(tokens_BxT, index, pad)
   h, cache = _hidden(spec, params, tokens_BxT, u_BxK, cache, index, pad)
   return projection.logits(h, params['unembed']['kernel']), cache
 
@@ -353,6 +358,16 @@ def _check_shape(name: str, x, expected: tuple[int, ...]):
                      f'{expected}')
 
 
+def _unpad(tokens_BxT, index, pad_B):
+  """(valid (B, T), tokens with 0 in padded slots) for tokens written at
+  slot `index`. Padding is masked, but an id outside the vocabulary would
+  embed as NaN (jnp.take fills), which leaks through the mask: never read
+  it."""
+  slots = index + jnp.arange(tokens_BxT.shape[1])[None]
+  valid = slots >= pad_B[:, None]
+  return valid, jnp.where(valid, tokens_BxT, 0)
+
+
 def _check_cache(spec: DecodeSpec, cache, b: int):
   """The cache must be one `init_cache(spec, b, ...)` made: another spec's
   (key layout, layer count, batch) would decode wrong tokens silently."""
@@ -362,6 +377,7 @@ def _check_cache(spec: DecodeSpec, cache, b: int):
     raise ValueError(f'cache must hold {cfg.num_layers} layers (init_cache('
                      f'spec, ...)); got {type(cache).__name__} of '
                      f'{len(cache) if hasattr(cache, "__len__") else "?"}')
+  want = {'n': b * cfg.num_heads, 'k': cfg.head_dim}
   for layer in cache:
     if not isinstance(layer, Mapping) or set(layer) != {key_name, 'v'}:
       names = sorted(layer) if isinstance(layer, Mapping) else layer
@@ -370,7 +386,6 @@ def _check_cache(spec: DecodeSpec, cache, b: int):
                        '...) for this spec)')
     for name, x in layer.items():
       axes = model_lib.CACHE_LAYOUTS[name]
-      want = {'n': b * cfg.num_heads, 'k': cfg.head_dim}
       got = (None if x.ndim != len(axes) else
              {axis: x.shape[i] for i, axis in enumerate(axes) if axis != 's'})
       if got != want:
@@ -423,10 +438,7 @@ def prefill(spec: DecodeSpec, params, prompts_BxP, pad_B, noise_BxK,
   _check_noise_x(spec, noise_x, b)
   model_lib.check_params(spec.model, params)  # Shapes only: trace time.
   check_penalty_tracked(spec, penalty)
-  valid = jnp.arange(spec.prompt_len)[None] >= pad_B[:, None]
-  # Padding is masked, but an id outside the vocabulary would embed as NaN
-  # (jnp.take fills), which leaks through the mask: never read it.
-  prompts_BxP = jnp.where(valid, prompts_BxP, 0)
+  valid, prompts_BxP = _unpad(prompts_BxP, 0, pad_B)
   counts = None
   if spec.use_penalty:
     counts = jnp.zeros((b, spec.model.vocab_size), jnp.int32)
@@ -563,9 +575,7 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0):
   if isinstance(prompts, (str, bytes)):
     raise ValueError(f'prompts must be token-id lists, not text: got '
                      f'{prompts[:40]!r} (tokenize it first)')
-  pad_id = model_lib.as_int(pad_id, 'pad_id', -2**31)
-  if pad_id >= 2**31:
-    raise ValueError(f'pad_id={pad_id} is not an int32')
+  pad_id = _as_int32(pad_id, 'pad_id')
   rows = []
   for i, p in enumerate(prompts):
     row = np.asarray(p)
