@@ -321,7 +321,7 @@ def _validate_eval_and_bench(c) -> None:
   """The later stages' fields, so `pipeline` does not train for minutes
   and then stop at a bad eval.* or bench.* value."""
   # pylint: disable=g-import-not-at-top
-  from kforcing_jax import bench
+  from kforcing_jax import bench_settings
   from kforcing_jax import evaluate
   if 'eval' in c:
     s = evaluate.eval_settings(c)
@@ -329,4 +329,4 @@ def _validate_eval_and_bench(c) -> None:
       raise ValueError(f'eval.prefix_len={s.prefix_len} must be in [1, '
                        f'model.seq_len={c.model.seq_len})')
   if 'bench' in c:
-    bench.settings_from_config(c)
+    bench_settings.settings_from_config(c)

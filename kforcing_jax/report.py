@@ -8,6 +8,7 @@ time and every number in it points at the file it came from.
 import json
 import os
 
+from kforcing_jax import bench_report
 from kforcing_jax import files
 from kforcing_jax import sharding
 
@@ -144,7 +145,6 @@ def _sweep_lines(models):
 
 
 def speed_section(workdir):
-  from kforcing_jax import bench  # pylint: disable=g-import-not-at-top
   b = _read_json(os.path.join(workdir, 'bench.json'))
   if b is None:
     return []
@@ -153,7 +153,7 @@ def speed_section(workdir):
           f"Machine: {m.get('cpu_model')} x{m.get('cpu_count')}, "
           f"{m.get('backend')} ({m.get('device_kind')}), jax "
           f"{m.get('jax_version')}.", '', '```',
-          bench.format_tables(b).rstrip(), '```', '',
+          bench_report.format_tables(b).rstrip(), '```', '',
           '![speedup over AR](bench.png)']
 
 

@@ -16,7 +16,13 @@ import numpy as np
 import pytest
 
 from kforcing_jax import bench
+from kforcing_jax import bench_peer
+from kforcing_jax import bench_report
+from kforcing_jax import bench_schema
+from kforcing_jax import bench_settings
+from kforcing_jax import bench_timing
 from kforcing_jax import model as model_lib
+from kforcing_jax import roofline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,7 +58,7 @@ def test_run_bench_writes_valid_json_and_png(tiny_run):
   workdir, out, lines = tiny_run
   with open(os.path.join(workdir, 'bench.png'), 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
-  on_disk = bench.load_bench_json(os.path.join(workdir, 'bench.json'))
+  on_disk = bench_schema.load_bench_json(os.path.join(workdir, 'bench.json'))
   assert on_disk['results'] == json.loads(json.dumps(out['results']))
   # k = 1 (AR) + ks (2, 3, 4), each at batch 1 and 2.
   cells = sorted((r['k'], r['batch']) for r in out['results'])
@@ -126,7 +132,7 @@ def test_validate_rejects_broken_dicts(tiny_run, breakage, key):
   broken['results'].sort(key=lambda r: (r['k'], r['batch']))
   breakage(broken)
   with pytest.raises(ValueError, match=key):
-    bench.validate_bench_json(broken)
+    bench_schema.validate_bench_json(broken)
 
 
 
@@ -137,15 +143,15 @@ def test_committed_bench_results_validate(name):
   # The README quotes these files; a schema change must keep them readable.
   with open(os.path.join(ROOT, 'docs', name)) as f:
     d = json.load(f)
-  bench.validate_bench_json(d)
-  table = bench.format_tables(d)  # Renders, new columns included.
+  bench_schema.validate_bench_json(d)
+  table = bench_report.format_tables(d)  # Renders, new columns included.
   assert len([l for l in table.splitlines() if l[:5].strip().isdigit()]) >= (
       len(d['results']))
 
 
 # A model small enough to cost by hand: 1 layer, width 2, vocabulary 3,
 # 10 dense params, 5 noise-encoder params, 1 byte per weight and KV element.
-_HAND = bench.ModelShape(num_layers=1, d_model=2, vocab_size=3,
+_HAND = roofline.ModelShape(num_layers=1, d_model=2, vocab_size=3,
                          dense_params=10, noise_params=5, weight_bytes=1,
                          kv_bytes=1, dense_bytes=1)
 
@@ -159,10 +165,10 @@ def test_roofline_memory_bound_matches_hand_count():
   ar = (10 + 4 + 8 + 30) + (12 + 12 + 30) + (12 + 16 + 30) + (12 + 20 + 30)
   pf = (5 + 8) + (10 + 8 + 16 + 54) + (10 + 8 + 24 + 54)
   assert (ar, pf) == (226, 197)
-  got = bench.predicted_speedup(_HAND, _HAND, 1, 2, 2, 4, peak_flops=1e30,
+  got = roofline.predicted_speedup(_HAND, _HAND, 1, 2, 2, 4, peak_flops=1e30,
                                 bandwidth=1.0, mode='max')
   assert got == pytest.approx(ar / pf)
-  assert bench.predict_decode_time(_HAND, 1, 2, 1, 4, 1e30, 1.0) == (
+  assert roofline.predict_decode_time(_HAND, 1, 2, 1, 4, 1e30, 1.0) == (
       pytest.approx(ar))
 
 
@@ -171,7 +177,7 @@ def test_roofline_compute_bound_matches_hand_count():
   # once over its 4 noise values: 2*5*4.
   ar = (40 + 32 + 12) + (20 + 24 + 12) + (20 + 32 + 12) + (20 + 40 + 12)
   pf = 40 + (80 + 128 + 24) + (80 + 192 + 24)
-  got = bench.predicted_speedup(_HAND, _HAND, 1, 2, 2, 4, peak_flops=1.0,
+  got = roofline.predicted_speedup(_HAND, _HAND, 1, 2, 2, 4, peak_flops=1.0,
                                 bandwidth=1e30, mode='max')
   assert got == pytest.approx(ar / pf)
 
@@ -179,13 +185,13 @@ def test_roofline_compute_bound_matches_hand_count():
 def test_decode_totals_match_hand_count():
   # The two tests above, summed: AR (FLOPs, bytes) and PF k=2 (with its
   # noise encoder) for prompt 2 and 4 new tokens.
-  assert bench.decode_totals(_HAND, 1, 2, 1, 4) == (276, 226)
-  assert bench.decode_totals(_HAND, 1, 2, 2, 4) == (568, 197)
+  assert roofline.decode_totals(_HAND, 1, 2, 1, 4) == (276, 226)
+  assert roofline.decode_totals(_HAND, 1, 2, 2, 4) == (568, 197)
   # 'sum' mode charges every pass FLOPs / peak + bytes / bandwidth, so a
   # whole decode costs the totals at those rates.
   for k in (1, 2):
-    flops, nbytes = bench.decode_totals(_HAND, 3, 2, k, 4)
-    assert bench.predict_decode_time(_HAND, 3, 2, k, 4, 7.0, 5.0,
+    flops, nbytes = roofline.decode_totals(_HAND, 3, 2, k, 4)
+    assert roofline.predict_decode_time(_HAND, 3, 2, k, 4, 7.0, 5.0,
                                      mode='sum') == pytest.approx(
                                          flops / 7.0 + nbytes / 5.0)
 
@@ -195,21 +201,21 @@ def test_weight_bound_regime_gives_k():
   # same, so the speedup is the ratio of pass counts: exactly k.
   heavy = dataclasses.replace(_HAND, dense_params=10 ** 12)
   for k in (2, 4):
-    got = bench.predicted_speedup(heavy, heavy, 1, 2, k, 8, peak_flops=1e30,
+    got = roofline.predicted_speedup(heavy, heavy, 1, 2, k, 8, peak_flops=1e30,
                                   bandwidth=1.0)
     assert got == pytest.approx(k, rel=1e-6)
 
 
 def test_roofline_modes_are_ordered():
-  shape = bench.ModelShape.of(model_lib.ModelConfig(
+  shape = roofline.ModelShape.of(model_lib.ModelConfig(
       vocab_size=512, seq_len=32, num_layers=2, d_model=64, num_heads=4,
       mlp_dim=128, noise_window=4))
-  p = bench.Pass(index=10, tokens=4, noise=4, emit=4)
-  costs = bench.pass_costs(shape, 8, p)
-  t = {m: bench.pass_time(costs, 1e10, 1e9, m) for m in bench.MODES}
+  p = roofline.Pass(index=10, tokens=4, noise=4, emit=4)
+  costs = roofline.pass_costs(shape, 8, p)
+  t = {m: roofline.pass_time(costs, 1e10, 1e9, m) for m in roofline.MODES}
   assert t['max'] <= t['per_op'] <= t['sum']
   # Reading the whole cache never costs less than reading the valid part.
-  full = bench.pass_costs(shape, 8, p, cache_size=40)
+  full = roofline.pass_costs(shape, 8, p, cache_size=40)
   assert full['attention'][1] > costs['attention'][1]
 
 
@@ -223,8 +229,8 @@ def test_dense_and_noise_param_counts_match_the_param_tree():
   outside = ('embed', 'unembed', 'noise_encoder')
   dense = sum(model_lib.count_params(v) for n, v in params.items()
               if n not in outside)
-  assert bench.dense_params(cfg) == dense
-  assert bench.ModelShape.of(cfg).noise_params == model_lib.count_params(
+  assert roofline.dense_params(cfg) == dense
+  assert roofline.ModelShape.of(cfg).noise_params == model_lib.count_params(
       params['noise_encoder'])
 
 
@@ -238,50 +244,50 @@ def test_model_shape_charges_the_bytes_the_decode_loop_reads():
                               noise_window=2, dtype='bfloat16')
   cast = layers * (4 * d * d + 2 * d * m + m + d)
   norms = layers * 4 * d + 2 * d
-  bf16 = bench.ModelShape.of(cfg)
+  bf16 = roofline.ModelShape.of(cfg)
   assert bf16.dense_params == cast + norms
   assert bf16.dense_bytes == pytest.approx((2 * cast + 4 * norms)
                                            / (cast + norms))
   assert (bf16.weight_bytes, bf16.kv_bytes) == (4, 2)
-  f32 = bench.ModelShape.of(dataclasses.replace(cfg, dtype='float32'))
+  f32 = roofline.ModelShape.of(dataclasses.replace(cfg, dtype='float32'))
   assert (f32.dense_bytes, f32.weight_bytes, f32.kv_bytes) == (4, 4, 4)
   # The weights part of a pass charges dense_bytes, not weight_bytes.
-  p = bench.Pass(index=0, tokens=1, noise=0, emit=1)
+  p = roofline.Pass(index=0, tokens=1, noise=0, emit=1)
   rows = d * 4  # One embedding row, float32.
-  assert bench.pass_costs(bf16, 1, p)['weights'][1] == pytest.approx(
+  assert roofline.pass_costs(bf16, 1, p)['weights'][1] == pytest.approx(
       bf16.dense_params * bf16.dense_bytes + rows)
   # The cast itself, once per decode: reads 4 and writes 2 bytes per cast
   # weight, for AR and push-forward decodes alike; nothing in float32.
   assert bf16.cast_bytes == 6 * cast and f32.cast_bytes == 0
   uncast = dataclasses.replace(bf16, cast_bytes=0.0)
   for k in (1, 2):
-    with_cast = bench.decode_totals(bf16, 3, 2, k, 4)
-    without = bench.decode_totals(uncast, 3, 2, k, 4)
+    with_cast = roofline.decode_totals(bf16, 3, 2, k, 4)
+    without = roofline.decode_totals(uncast, 3, 2, k, 4)
     assert with_cast[0] == without[0]
     assert with_cast[1] - without[1] == pytest.approx(6 * cast)
-    assert bench.predict_decode_time(bf16, 3, 2, k, 4, 1e30, 1.0) == (
-        pytest.approx(bench.predict_decode_time(uncast, 3, 2, k, 4, 1e30,
+    assert roofline.predict_decode_time(bf16, 3, 2, k, 4, 1e30, 1.0) == (
+        pytest.approx(roofline.predict_decode_time(uncast, 3, 2, k, 4, 1e30,
                                                 1.0) + 6 * cast))
   # Real parameters give the same as their traced shapes.
   params = model_lib.init_params(cfg, jax.random.PRNGKey(1))
-  assert bench.ModelShape.of(cfg, params) == bf16
+  assert roofline.ModelShape.of(cfg, params) == bf16
 
 
 def test_settings_defaults_and_errors():
   config = _tiny_config()
-  s = bench.settings_from_config(config)
+  s = bench_settings.settings_from_config(config)
   assert s.batch_sizes == (1, 8, 64, 256) and s.ks == (2, 3, 4)
   assert s.prefix_len == 6 and s.repeats == 5 and s.warmup == 1
   no_section = _tiny_config()
   with no_section.unlocked():
     del no_section['bench']
-  assert bench.settings_from_config(no_section) == s
+  assert bench_settings.settings_from_config(no_section) == s
   with pytest.raises(ValueError, match='unknown bench field'):
-    bench.settings_from_config(_tiny_config(batch_size=3))
+    bench_settings.settings_from_config(_tiny_config(batch_size=3))
   with pytest.raises(ValueError, match='bench.ks'):
-    bench.settings_from_config(_tiny_config(ks=(1, 2)))
+    bench_settings.settings_from_config(_tiny_config(ks=(1, 2)))
   with pytest.raises(ValueError, match='bench.roofline'):
-    bench.settings_from_config(_tiny_config(roofline='guess'))
+    bench_settings.settings_from_config(_tiny_config(roofline='guess'))
   # Each of these used to pass, then fail after (or crash during) timing.
   for fields, needle in (
       (dict(ks=()), r'bench.ks=\(\): need student k values >= 2'),
@@ -295,11 +301,11 @@ def test_settings_defaults_and_errors():
        'ints'),
   ):
     with pytest.raises(ValueError, match=needle):
-      bench.settings_from_config(_tiny_config(**fields))
+      bench_settings.settings_from_config(_tiny_config(**fields))
   with pytest.raises(ValueError, match="bench.key_layout='ks'"):
-    bench.settings_from_config(_tiny_config(key_layout='ks'))
+    bench_settings.settings_from_config(_tiny_config(key_layout='ks'))
   with pytest.raises(ValueError, match='no room'):
-    bench.settings_from_config(_tiny_config(prefix_len=32))
+    bench_settings.settings_from_config(_tiny_config(prefix_len=32))
 
 
 def test_table_shows_each_cells_compiled_peak(tiny_run):
@@ -307,7 +313,7 @@ def test_table_shows_each_cells_compiled_peak(tiny_run):
   d = copy.deepcopy(out)
   d['results'].sort(key=lambda r: (r['batch'], r['k']))
   d['results'][0]['memory']['compiled'] = None  # A backend without it.
-  rows = [l.split() for l in bench.format_tables(d).splitlines()[2:]]
+  rows = [l.split() for l in bench_report.format_tables(d).splitlines()[2:]]
   for r, row in zip(d['results'], rows):
     assert row[:2] == [str(r['batch']), str(r['k'])]
     c = r['memory']['compiled']
@@ -327,20 +333,21 @@ def test_bench_decodes_with_the_configured_projection(tmp_path,
   config = _tiny_config(**dict(_FAST, batch_sizes=(1,), ks=(2,)))
   config.kernels.impl = 'chunked'
   specs = []
-  real_spec = bench.decode.DecodeSpec
+  real_spec = bench_timing.decode.DecodeSpec
 
   def spec(**kwargs):
     specs.append(kwargs.get('kernel_impl'))
     return real_spec(**kwargs)
 
-  monkeypatch.setattr(bench.decode, 'DecodeSpec', spec)
+  monkeypatch.setattr(bench_timing.decode, 'DecodeSpec', spec)
   out = bench.run_bench(config, str(tmp_path), log=lambda _: None)
   assert out['settings']['kernel_impl'] == 'chunked'
   assert out['settings']['kernel_impl_resolved'] == 'chunked'
   assert specs and set(specs) == {'chunked'}
-  assert bench.settings_from_config(_tiny_config()).kernel_impl == 'auto'
+  s = bench_settings.settings_from_config(_tiny_config())
+  assert s.kernel_impl == 'auto'
   with pytest.raises(ValueError, match="unknown bench field.*kernel_impl"):
-    bench.settings_from_config(_tiny_config(kernel_impl='chunked'))
+    bench_settings.settings_from_config(_tiny_config(kernel_impl='chunked'))
 
 
 def test_random_weight_fallback_is_announced(tmp_path):
@@ -365,8 +372,8 @@ def test_peer_times_hf_gpt2_when_installed():
   cfg = model_lib.ModelConfig(vocab_size=64, seq_len=16, num_layers=1,
                               d_model=32, num_heads=4, mlp_dim=64)
   prompts = {2: np.ones((2, 4), np.int32)}
-  s = bench.BenchSettings(repeats=1, warmup=1)
-  out = bench.run_peer(cfg, prompts, 12, s, log=lambda _: None)
+  s = bench_settings.BenchSettings(repeats=1, warmup=1)
+  out = bench_peer.run_peer(cfg, prompts, 12, s, log=lambda _: None)
   assert out['available'] and out['library'].startswith('torch')
   assert [p['batch'] for p in out['results']] == [2]
   assert out['results'][0]['tokens_per_s'] > 0
@@ -388,10 +395,10 @@ def test_time_batch_rewarms_every_cell_then_interleaves(monkeypatch):
     def run_once(self):
       events.append(('timed', self.k))
 
-  monkeypatch.setattr(bench, 'prepare_cell',
+  monkeypatch.setattr(bench_timing, 'prepare_cell',
                       lambda m, k, *args: FakeCell(k))
-  s = bench.BenchSettings(repeats=2)
-  cells = bench.time_batch({4: None, 1: None, 2: None}, None, 8, s)
+  s = bench_settings.BenchSettings(repeats=2)
+  cells = bench_timing.time_batch({4: None, 1: None, 2: None}, None, 8, s)
   assert [c.k for c in cells] == [1, 2, 4]
   assert events == [('untimed', 1), ('untimed', 2), ('untimed', 4),
                     ('timed', 1), ('timed', 2), ('timed', 4),
@@ -465,7 +472,7 @@ def test_profile_traces_each_cell_once_more(tmp_path, tiny_run,
     assert os.path.isdir(p['trace_dir'])
   assert any(line.startswith('profile, batch 1') for line in lines)
   # The profile round-trips through bench.json's schema check.
-  bench.load_bench_json(os.path.join(str(tmp_path), 'bench.json'))
+  bench_schema.load_bench_json(os.path.join(str(tmp_path), 'bench.json'))
   i = next(i for i, r in enumerate(out['results']) if 'profile' in r)
   for breakage, needle in (
       (lambda r: r['profile']['kinds'][0].pop('us_per_step'),
@@ -482,6 +489,6 @@ def test_profile_traces_each_cell_once_more(tmp_path, tiny_run,
     broken = copy.deepcopy(out)
     breakage(broken['results'][i])
     with pytest.raises(ValueError, match=rf'results\[{i}\].*{needle}'):
-      bench.validate_bench_json(broken)
+      bench_schema.validate_bench_json(broken)
   # Off by default: no profile in the default run.
   assert not any('profile' in r for r in tiny_run[1]['results'])
