@@ -322,9 +322,9 @@ def _validate_eval_and_bench(c) -> None:
   and then stop at a bad eval.* or bench.* value."""
   # pylint: disable=g-import-not-at-top
   from kforcing_jax import bench_settings
-  from kforcing_jax import evaluate
+  from kforcing_jax import eval_settings
   if 'eval' in c:
-    s = evaluate.eval_settings(c)
+    s = eval_settings.settings_from_config(c)
     if not 1 <= s.prefix_len < c.model.seq_len:
       raise ValueError(f'eval.prefix_len={s.prefix_len} must be in [1, '
                        f'model.seq_len={c.model.seq_len})')

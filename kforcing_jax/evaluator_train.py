@@ -34,7 +34,7 @@ import numpy as np
 
 from kforcing_jax import data as data_lib
 from kforcing_jax import defaults
-from kforcing_jax import evaluate
+from kforcing_jax import hf_evaluator
 
 DIR_NAME = 'evaluator'
 INFO_FILE = 'train_info.json'
@@ -360,7 +360,7 @@ def train_evaluator(config, workdir: str) -> str:
     workdir: Run directory; the default output is `{workdir}/evaluator`.
 
   Returns:
-    The folder, loadable by `evaluate.load_evaluator` (`eval.evaluator`).
+    The folder, loadable by `hf_evaluator.load_evaluator` (`eval.evaluator`).
 
   Raises:
     ValueError: A bad evaluator_train field or an unfinished folder in the
@@ -373,7 +373,7 @@ def train_evaluator(config, workdir: str) -> str:
     _report_skip(out, s)
     return out
   _check_output_dir(out)
-  torch, transformers = evaluate.import_transformers(
+  torch, transformers = hf_evaluator.import_transformers(
       'training the independent evaluator')
   t_start = time.perf_counter()
   tok, train_windows, heldout = _prepare_data(config, s)

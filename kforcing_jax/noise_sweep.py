@@ -28,7 +28,7 @@ a swept slot).
 JSON form (eval.json `coupling.noise_sweep` of an unpenalised student row):
   {"grid": int, "contexts": int, "accuracy": STAT, "distinct_teacher": STAT,
    "distinct_student": STAT, "entropy_teacher": STAT, "entropy_student": STAT}
-with STAT the bootstrap mean/CI over contexts (evaluate.bootstrap_ci).
+with STAT the bootstrap mean/CI over contexts (eval_metrics.bootstrap_ci).
 """
 
 import functools
@@ -152,7 +152,7 @@ def sweep_student(cfg, params, seqs_NxL, rows, ts, u_G,
 
 def to_json(per_context: dict[str, np.ndarray], grid_size: int,
             ci_fn) -> dict:
-  """eval.json form; ci_fn(values) -> STAT (evaluate.bootstrap_ci)."""
+  """eval.json form; ci_fn(values) -> STAT (eval_metrics.bootstrap_ci)."""
   out = {'grid': int(grid_size),
          'contexts': int(len(per_context['accuracy']))}
   out.update({key: ci_fn(per_context[key]) for key in STAT_KEYS})

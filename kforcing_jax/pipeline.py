@@ -62,10 +62,10 @@ def _with_evaluator(config, workdir, timing):
   Like bench's HF peer, it is skipped with a note when the `eval` extra is
   not installed: evaluate then runs without evaluator perplexity.
   """
-  from kforcing_jax import evaluate  # pylint: disable=g-import-not-at-top
   from kforcing_jax import evaluator_train  # pylint: disable=g-import-not-at-top
+  from kforcing_jax import hf_evaluator  # pylint: disable=g-import-not-at-top
   try:
-    evaluate.import_transformers('evaluator_train.enabled')
+    hf_evaluator.import_transformers('evaluator_train.enabled')
   except ImportError as e:
     print(f'[evaluator] skipped: {e}', flush=True)
     return config
@@ -85,11 +85,11 @@ def _check_plan(config) -> None:
   distills cannot serve, an eval.evaluator that is not a save_pretrained
   folder, or a batch this machine's devices cannot split
   (defaults.validate checked every field's value)."""
-  from kforcing_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from kforcing_jax import eval_settings  # pylint: disable=g-import-not-at-top
   defaults.check_batches(config, teacher=True, distill=True)
-  settings = evaluate.eval_settings(config)
+  settings = eval_settings.settings_from_config(config)
   if settings.evaluator:  # Here, not in validate: only evaluate reads it.
-    evaluate.check_evaluator_dir(settings.evaluator)
+    eval_settings.check_evaluator_dir(settings.evaluator)
   windows = tuple(config.distill.windows)
   too_big = [k for k in settings.ks if k > max(windows)]
   if too_big:

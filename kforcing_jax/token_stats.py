@@ -1,5 +1,5 @@
-"""Statistics of token sequences shared by the evaluation (`evaluate.py`: per
-sample) and the noise sweep (`noise_sweep.py`: per swept grid)."""
+"""Statistics of token sequences shared by the evaluation (`eval_metrics.py`:
+per sample) and the noise sweep (`noise_sweep.py`: per swept grid)."""
 
 import math
 

@@ -57,8 +57,8 @@ def stat(mean=1.0):
 
 
 def _eval_entry(kind, k=1):
-  from kforcing_jax import evaluate as ev  # pylint: disable=g-import-not-at-top
-  metrics = {key: stat() for key in ev.METRIC_KEYS}
+  from kforcing_jax import eval_schema  # pylint: disable=g-import-not-at-top
+  metrics = {key: stat() for key in eval_schema.METRIC_KEYS}
   metrics['evaluator_ppl'] = None
   coupling = None
   if kind == 'student':
@@ -73,10 +73,10 @@ def _eval_entry(kind, k=1):
 
 def minimal_eval_json():
   """The smallest eval.json the schema accepts: a teacher and a k=2 student."""
-  from kforcing_jax import evaluate as ev  # pylint: disable=g-import-not-at-top
+  from kforcing_jax import eval_schema  # pylint: disable=g-import-not-at-top
   settings = {key: (0.95 if typ is float else '' if typ is str else 1)
-              for key, typ in ev.SETTINGS_TYPES.items()}
-  return {'schema_version': ev.SCHEMA_VERSION, 'name': 'x',
+              for key, typ in eval_schema.SETTINGS_TYPES.items()}
+  return {'schema_version': eval_schema.SCHEMA_VERSION, 'name': 'x',
           'settings': settings, 'notes': [],
           'models': {'teacher': _eval_entry('teacher'),
                      'student_k2': _eval_entry('student', 2)}}

@@ -16,13 +16,17 @@ import pytest
 
 from kforcing_jax import decode
 from kforcing_jax import defaults
+from kforcing_jax import eval_metrics
+from kforcing_jax import eval_schema
+from kforcing_jax import eval_settings
 from kforcing_jax import evaluate as ev
+from kforcing_jax import hf_evaluator
 from kforcing_jax import model as model_lib
 from kforcing_jax import token_stats
 from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_SETTINGS = ev.eval_settings(ml_collections.ConfigDict())
+_SETTINGS = eval_settings.settings_from_config(ml_collections.ConfigDict())
 
 
 # --------------------------------------------------------------------------
@@ -41,24 +45,25 @@ def test_unigram_entropy_hand_values():
 
 def test_distinct_n_hand_values():
   t = [1, 2, 1, 2]
-  assert ev.distinct_n(t, 1) == pytest.approx(2 / 4)
-  assert ev.distinct_n(t, 2) == pytest.approx(2 / 3)  # 12, 21, 12.
-  assert ev.distinct_n(t, 3) == pytest.approx(1.0)  # 121, 212.
-  assert ev.distinct_n(t, 4) == pytest.approx(1.0)
-  assert math.isnan(ev.distinct_n(t, 5))
+  assert eval_metrics.distinct_n(t, 1) == pytest.approx(2 / 4)
+  assert eval_metrics.distinct_n(t, 2) == pytest.approx(2 / 3)  # 12, 21, 12.
+  assert eval_metrics.distinct_n(t, 3) == pytest.approx(1.0)  # 121, 212.
+  assert eval_metrics.distinct_n(t, 4) == pytest.approx(1.0)
+  assert math.isnan(eval_metrics.distinct_n(t, 5))
 
 
 def test_repetition_rate_hand_values():
   # The 4-gram 1234 recurs at position 4 and covers tokens 4..7.
-  assert ev.repetition_rate([1, 2, 3, 4, 1, 2, 3, 4]) == pytest.approx(0.5)
-  assert ev.repetition_rate([1, 2, 3, 4, 5, 6]) == 0.0
+  rate = eval_metrics.repetition_rate
+  assert rate([1, 2, 3, 4, 1, 2, 3, 4]) == pytest.approx(0.5)
+  assert rate([1, 2, 3, 4, 5, 6]) == 0.0
   # Eight equal tokens: 4-grams at 1..4 repeat the one at 0 -> tokens 1..7.
-  assert ev.repetition_rate([9] * 8) == pytest.approx(7 / 8)
-  assert ev.repetition_rate([1, 2, 3]) == 0.0  # Too short for a 4-gram.
+  assert rate([9] * 8) == pytest.approx(7 / 8)
+  assert rate([1, 2, 3]) == 0.0  # Too short for a 4-gram.
 
 
 def test_text_stats_rows_and_keys():
-  stats = ev.text_stats(np.array([[0, 0, 1, 1], [5, 5, 5, 5]]))
+  stats = eval_metrics.text_stats(np.array([[0, 0, 1, 1], [5, 5, 5, 5]]))
   assert set(stats) == {'entropy', 'distinct_1', 'distinct_2', 'distinct_3',
                         'distinct_4', 'repetition_4'}
   np.testing.assert_allclose(stats['entropy'], [math.log(2), 0.0])
@@ -68,13 +73,13 @@ def test_text_stats_rows_and_keys():
 def test_coupling_stats_hand_values():
   teacher = np.array([[1, 2, 3, 4, 5], [1, 2, 3, 4, 5]])
   student = np.array([[1, 2, 9, 4, 5], [1, 2, 3, 4, 5]])
-  c = ev.coupling_stats(student, teacher, k=2)
+  c = eval_metrics.coupling_stats(student, teacher, k=2)
   np.testing.assert_allclose(c['agreement'], [0.8, 1.0])
   # Slot 0: positions 0, 2, 4; slot 1: positions 1, 3.
   np.testing.assert_allclose(c['per_slot'], [[2 / 3, 1.0], [1.0, 1.0]])
   np.testing.assert_allclose(c['first_divergence'], [2, 5])
   with pytest.raises(ValueError, match='student tokens'):
-    ev.coupling_stats(student[:, :4], teacher, k=2)
+    eval_metrics.coupling_stats(student[:, :4], teacher, k=2)
 
 
 # --------------------------------------------------------------------------
@@ -95,38 +100,39 @@ def _bigram_logprob_fn(tokens):
 def test_sequence_nll_bigram_hand_values():
   tokens = np.array([[0, 1, 2, 1], [2, 0, 0, 1], [1, 1, 1, 1]])
   # batch_size=2 also exercises the padded last batch.
-  nll, count = ev.sequence_nll(_bigram_logprob_fn, tokens, start=2,
+  nll, count = eval_metrics.sequence_nll(_bigram_logprob_fn, tokens, start=2,
                                batch_size=2)
   want = -np.log([0.7 * 0.3, 0.5 * 0.25, 0.2 * 0.2])
   np.testing.assert_allclose(nll, want)
   np.testing.assert_array_equal(count, [2, 2, 2])
-  ppl = ev.perplexity_ci(nll, count, _SETTINGS)
+  ppl = eval_metrics.perplexity_ci(nll, count, _SETTINGS)
   assert ppl['mean'] == pytest.approx(math.exp(want.sum() / 6))
   with pytest.raises(ValueError, match='start=0'):
-    ev.sequence_nll(_bigram_logprob_fn, tokens, start=0, batch_size=2)
+    eval_metrics.sequence_nll(_bigram_logprob_fn, tokens, start=0, batch_size=2)
 
 
 def test_uniform_model_has_perplexity_vocab_size():
   uniform = lambda t: np.full((t.shape[0], t.shape[1] - 1), -math.log(4))
   tokens = np.random.default_rng(0).integers(0, 4, (5, 10))
-  ppl = ev.perplexity_ci(*ev.sequence_nll(uniform, tokens, 6, 4), _SETTINGS)
+  ppl = eval_metrics.perplexity_ci(
+      *eval_metrics.sequence_nll(uniform, tokens, 6, 4), _SETTINGS)
   assert ppl['mean'] == pytest.approx(4.0)
   assert ppl['lo'] == pytest.approx(4.0) and ppl['hi'] == pytest.approx(4.0)
 
 
 def test_perplexity_is_token_weighted():
   # Per-token NLL 2 over 1 token and 2 over 3 tokens -> exp(8 / 4).
-  ppl = ev.perplexity_ci([2.0, 6.0], [1, 3], _SETTINGS)
+  ppl = eval_metrics.perplexity_ci([2.0, 6.0], [1, 3], _SETTINGS)
   assert ppl['mean'] == pytest.approx(math.exp(2.0))
   # A sample with no scored tokens is dropped, not a division by zero.
-  ppl = ev.perplexity_ci([2.0, 0.0], [1, 0], _SETTINGS)
+  ppl = eval_metrics.perplexity_ci([2.0, 0.0], [1, 0], _SETTINGS)
   assert ppl['n'] == 1 and ppl['mean'] == pytest.approx(math.exp(2.0))
 
 
 def test_teacher_logprob_fn_matches_full_forward(small_cfg):
   params = model_lib.init_params(small_cfg, jax.random.PRNGKey(0))
   tokens = np.random.default_rng(1).integers(0, small_cfg.vocab_size, (3, 9))
-  got = np.asarray(ev.teacher_logprob_fn(small_cfg, params)(tokens))
+  got = np.asarray(eval_metrics.teacher_logprob_fn(small_cfg, params)(tokens))
   logits = model_lib.Transformer(small_cfg).apply({'params': params},
                                                   jnp.asarray(tokens))
   lp = np.asarray(jax.nn.log_softmax(logits, -1))
@@ -141,8 +147,8 @@ def test_teacher_logprob_fn_matches_full_forward(small_cfg):
 
 def test_bootstrap_contains_mean_and_shrinks_with_data():
   rng = np.random.default_rng(0)
-  small = ev.bootstrap_ci(rng.normal(size=30), num_resamples=500)
-  large = ev.bootstrap_ci(rng.normal(size=3000), num_resamples=500)
+  small = eval_metrics.bootstrap_ci(rng.normal(size=30), num_resamples=500)
+  large = eval_metrics.bootstrap_ci(rng.normal(size=3000), num_resamples=500)
   for ci in (small, large):
     assert ci['lo'] < ci['mean'] < ci['hi']
   assert large['hi'] - large['lo'] < 0.3 * (small['hi'] - small['lo'])
@@ -152,30 +158,30 @@ def test_bootstrap_contains_mean_and_shrinks_with_data():
 def test_bootstrap_width_matches_normal_theory():
   # Mean of 400 standard normals: 95% CI half-width ~ 1.96 / sqrt(400).
   values = np.random.default_rng(2).normal(size=400)
-  ci = ev.bootstrap_ci(values, num_resamples=2000)
+  ci = eval_metrics.bootstrap_ci(values, num_resamples=2000)
   assert (ci['hi'] - ci['lo']) / 2 == pytest.approx(1.96 / 20, rel=0.15)
-  narrow = ev.bootstrap_ci(values, num_resamples=2000, level=0.5)
+  narrow = eval_metrics.bootstrap_ci(values, num_resamples=2000, level=0.5)
   assert (narrow['hi'] - narrow['lo']) / 2 == pytest.approx(0.674 / 20,
                                                              rel=0.15)
 
 
 def test_bootstrap_is_deterministic_by_seed():
   values = np.random.default_rng(1).exponential(size=200)
-  a = ev.bootstrap_ci(values, seed=3)
-  assert a == ev.bootstrap_ci(values, seed=3)
-  b = ev.bootstrap_ci(values, seed=4)
+  a = eval_metrics.bootstrap_ci(values, seed=3)
+  assert a == eval_metrics.bootstrap_ci(values, seed=3)
+  b = eval_metrics.bootstrap_ci(values, seed=4)
   assert a['mean'] == b['mean'] and (a['lo'], a['hi']) != (b['lo'], b['hi'])
 
 
 def test_bootstrap_edge_cases():
-  assert ev.bootstrap_ci([]) == {'mean': None, 'lo': None, 'hi': None,
+  assert eval_metrics.bootstrap_ci([]) == {'mean': None, 'lo': None, 'hi': None,
                                  'n': 0}
-  assert ev.bootstrap_ci([2.0]) == {'mean': 2.0, 'lo': 2.0, 'hi': 2.0,
+  assert eval_metrics.bootstrap_ci([2.0]) == {'mean': 2.0, 'lo': 2.0, 'hi': 2.0,
                                     'n': 1}
-  ci = ev.bootstrap_ci([1.0, float('nan'), 3.0], num_resamples=0)
+  ci = eval_metrics.bootstrap_ci([1.0, float('nan'), 3.0], num_resamples=0)
   assert ci == {'mean': 2.0, 'lo': 2.0, 'hi': 2.0, 'n': 2}
   # Weighted, transformed statistic: exp((1*1 + 3*3) / 4).
-  ci = ev.bootstrap_ci([1.0, 3.0], [1, 3], transform=np.exp)
+  ci = eval_metrics.bootstrap_ci([1.0, 3.0], [1, 3], transform=np.exp)
   assert ci['mean'] == pytest.approx(math.exp(2.5))
   assert math.exp(1.0) <= ci['lo'] <= ci['hi'] <= math.exp(3.0)
 
@@ -190,14 +196,16 @@ def test_settings_defaults_and_overrides():
   assert _SETTINGS.penalty(4) == 0.5 and _SETTINGS.penalty(1) == 0.0
   config = ml_collections.ConfigDict({'eval': {
       'num_samples': 3, 'penalties': {'k2': 0.3, '3': 0.1}}})
-  s = ev.eval_settings(config)
+  s = eval_settings.settings_from_config(config)
   assert s.num_samples == 3 and s.penalties == ((2, 0.3), (3, 0.1))
-  assert ev.eval_settings({'eval': {'penalties': {4: 0.5}}}).penalty(4) == 0.5
+  s = eval_settings.settings_from_config({'eval': {'penalties': {4: 0.5}}})
+  assert s.penalty(4) == 0.5
   for bad, needle in (({'prefix_len': 0}, 'eval.prefix_len=0'),
                       ({'penalties': {'x': 1.0}}, "key 'x'"),
                       ({'ci_level': 1.5}, 'eval.ci_level')):
     with pytest.raises(ValueError, match=needle):
-      ev.eval_settings(ml_collections.ConfigDict({'eval': bad}))
+      eval_settings.settings_from_config(
+          ml_collections.ConfigDict({'eval': bad}))
 
 
 def test_plan_models_picks_smallest_window():
@@ -289,14 +297,15 @@ def _save_tiny_gpt2(out):
 
 
 def test_continuation_start():
-  assert ev.continuation_start([5, 6], [5, 6, 7, 8]) == 2
-  assert ev.continuation_start([5, 6], [5, 9, 7]) == 1  # Merged boundary.
-  assert ev.continuation_start([], [5, 6]) == 1  # First token: no context.
+  start = hf_evaluator.continuation_start
+  assert start([5, 6], [5, 6, 7, 8]) == 2
+  assert start([5, 6], [5, 9, 7]) == 1  # Merged boundary.
+  assert start([], [5, 6]) == 1  # First token: no context.
 
 
 def test_hf_evaluator_nll_matches_hand_computation(hf_dir):
   import torch  # pylint: disable=g-import-not-at-top
-  evaluator = ev.HFEvaluator(hf_dir, batch_size=2)
+  evaluator = hf_evaluator.HFEvaluator(hf_dir, batch_size=2)
   prefixes = ['the cat', 'dogs ran', 'blue']
   texts = ['the cat sat on a mat.', 'dogs ran far away from home and birds',
            'blue skies']
@@ -304,8 +313,8 @@ def test_hf_evaluator_nll_matches_hand_computation(hf_dir):
   assert np.all(count > 0) and np.all(np.isfinite(nll))
   for prefix, text, got_nll, got_count in zip(prefixes, texts, nll, count):
     ids = evaluator.tokenizer(text)['input_ids']
-    start = ev.continuation_start(evaluator.tokenizer(prefix)['input_ids'],
-                                  ids)
+    start = hf_evaluator.continuation_start(
+        evaluator.tokenizer(prefix)['input_ids'], ids)
     with torch.no_grad():
       logits = evaluator.model(torch.tensor([ids]).to(evaluator.device))
       logits = logits.logits[0].double().cpu()
@@ -313,7 +322,7 @@ def test_hf_evaluator_nll_matches_hand_computation(hf_dir):
     want = -sum(float(lp[j - 1, ids[j]]) for j in range(start, len(ids)))
     assert got_count == len(ids) - start
     assert got_nll == pytest.approx(want, rel=1e-4)
-  ppl = ev.perplexity_ci(nll, count, _SETTINGS)['mean']
+  ppl = eval_metrics.perplexity_ci(nll, count, _SETTINGS)['mean']
   assert ppl == pytest.approx(math.exp(nll.sum() / count.sum()))
   assert 1.0 < ppl < 1e4
 
@@ -322,9 +331,9 @@ def test_missing_transformers_names_the_extra(monkeypatch, tmp_path):
   monkeypatch.setitem(sys.modules, 'transformers', None)
   (tmp_path / 'config.json').write_text('{}')
   with pytest.raises(ImportError, match=r'kforcing_jax\[eval\]'):
-    ev.HFEvaluator(str(tmp_path))
+    hf_evaluator.HFEvaluator(str(tmp_path))
   with pytest.raises(FileNotFoundError, match='eval.evaluator'):
-    ev.HFEvaluator(str(tmp_path / 'nope'))
+    hf_evaluator.HFEvaluator(str(tmp_path / 'nope'))
 
 
 # --------------------------------------------------------------------------
@@ -350,10 +359,10 @@ def test_missing_transformers_names_the_extra(monkeypatch, tmp_path):
 ])
 def test_validate_eval_json_names_the_bad_key(mutate, needle):
   d = helpers.minimal_eval_json()
-  ev.validate_eval_json(d)
+  eval_schema.validate_eval_json(d)
   mutate(d)
   with pytest.raises(ValueError, match=needle.replace('[', r'\[')):
-    ev.validate_eval_json(d)
+    eval_schema.validate_eval_json(d)
 
 
 # --------------------------------------------------------------------------
@@ -364,7 +373,7 @@ def test_validate_eval_json_names_the_bad_key(mutate, needle):
 def _check_outputs(workdir, result, names):
   with open(os.path.join(workdir, 'eval.json')) as f:
     on_disk = json.load(f)
-  ev.validate_eval_json(on_disk)
+  eval_schema.validate_eval_json(on_disk)
   assert on_disk == json.loads(json.dumps(result))
   assert list(on_disk['models']) == names
   for name in names:
@@ -601,9 +610,10 @@ class _EosTokenizer:
 
 def test_evaluator_text_writes_eos_as_the_evaluators_separator():
   tok = _EosTokenizer()
-  assert ev.evaluator_text(tok, [5, 6, 1, 7], '<E>') == 'w5 w6<E>w7'
-  assert ev.evaluator_text(tok, np.array([1, 5, 1, 1]), '|') == '|w5||'
-  assert ev.evaluator_text(tok, [5, 6], '<E>') == 'w5 w6'
+  text = hf_evaluator.evaluator_text
+  assert text(tok, [5, 6, 1, 7], '<E>') == 'w5 w6<E>w7'
+  assert text(tok, np.array([1, 5, 1, 1]), '|') == '|w5||'
+  assert text(tok, [5, 6], '<E>') == 'w5 w6'
 
 
 def test_evaluator_scores_eos_as_its_own_eos_token(hf_dir):
@@ -613,9 +623,9 @@ def test_evaluator_scores_eos_as_its_own_eos_token(hf_dir):
   config = defaults.base_config()
   config.data.tokenizer_path = os.path.join(hf_dir, 'tokenizer.json')
   tok = data_lib.get_tokenizer(config, hf_dir)
-  evaluator = ev.HFEvaluator(hf_dir)
+  evaluator = hf_evaluator.HFEvaluator(hf_dir)
   ids = tok.encode('the cat sat.') + [tok.eos_id] + tok.encode('dogs ran')
-  text = ev.evaluator_text(tok, ids, evaluator.document_separator)
+  text = hf_evaluator.evaluator_text(tok, ids, evaluator.document_separator)
   assert text == 'the cat sat.<|endoftext|>dogs ran'
   eos = evaluator.tokenizer.eos_token_id
   assert eos in evaluator.tokenizer(text)['input_ids']

@@ -18,7 +18,9 @@ pytest.importorskip('transformers')
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from kforcing_jax import commands
 from kforcing_jax import defaults
+from kforcing_jax import eval_settings
 from kforcing_jax import evaluate as ev
+from kforcing_jax import hf_evaluator
 from kforcing_jax import evaluator_train as et
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,7 +74,8 @@ def test_saved_dir_loads_as_the_evaluator(trained):
   assert np.isfinite(info['heldout_ppl']) and info['seconds'] > 0
   config = config.copy_and_resolve_references()
   config.eval.evaluator = out
-  evaluator = ev.load_evaluator(ev.eval_settings(config))
+  evaluator = hf_evaluator.load_evaluator(
+      eval_settings.settings_from_config(config))
   assert evaluator.tokenizer.eos_token == et.EOS
   assert evaluator.max_len == 32
   texts = ['the quick brown fox jumps', 'over the lazy dog and runs home.']

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from kforcing_jax import distill
-from kforcing_jax import evaluate as ev
+from kforcing_jax import eval_schema
+from kforcing_jax import eval_settings
 from kforcing_jax import model as model_lib
 from kforcing_jax import noise_sweep as ns
 from kforcing_jax import token_stats
@@ -110,22 +111,23 @@ def _sweep_json():
 def test_eval_json_checks_the_noise_sweep(mutate, needle):
   d = helpers.minimal_eval_json()
   coupling = d['models']['student_k2']['coupling']
-  ev.validate_eval_json(d)  # Absent: an eval.json from before the sweep.
+  # Absent: an eval.json from before the sweep.
+  eval_schema.validate_eval_json(d)
   coupling['noise_sweep'] = None
-  ev.validate_eval_json(d)
+  eval_schema.validate_eval_json(d)
   coupling['noise_sweep'] = _sweep_json()
-  ev.validate_eval_json(d)
+  eval_schema.validate_eval_json(d)
   mutate(coupling['noise_sweep'])
   with pytest.raises(ValueError, match=needle):
-    ev.validate_eval_json(d)
+    eval_schema.validate_eval_json(d)
 
 
 def test_settings_refuse_a_bad_sweep():
   for field, value in (('sweep_contexts', -1), ('sweep_grid', 0)):
     config = ml_collections.ConfigDict({'eval': {field: value}})
     with pytest.raises(ValueError, match=f'eval.{field}={value}'):
-      ev.eval_settings(config)
-  off = ev.eval_settings(ml_collections.ConfigDict(
+      eval_settings.settings_from_config(config)
+  off = eval_settings.settings_from_config(ml_collections.ConfigDict(
       {'eval': {'sweep_contexts': 0}}))
   assert off.sweep_contexts == 0
 

@@ -145,6 +145,7 @@ def test_evaluator_is_not_trained_when_eval_json_is_kept(tmp_path, monkeypatch,
   from kforcing_jax import commands  # pylint: disable=g-import-not-at-top
   from kforcing_jax import defaults  # pylint: disable=g-import-not-at-top
   from kforcing_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from kforcing_jax import hf_evaluator  # pylint: disable=g-import-not-at-top
   from kforcing_jax import evaluator_train  # pylint: disable=g-import-not-at-top
   from kforcing_jax import pipeline  # pylint: disable=g-import-not-at-top
   from kforcing_jax import report  # pylint: disable=g-import-not-at-top
@@ -156,7 +157,7 @@ def test_evaluator_is_not_trained_when_eval_json_is_kept(tmp_path, monkeypatch,
   monkeypatch.setattr(commands, 'run_distill',
                       lambda c, w, on_result=None: [])
   monkeypatch.setattr(pipeline, '_add_run', lambda timing, r: None)
-  monkeypatch.setattr(evaluate, 'import_transformers', lambda *a: None)
+  monkeypatch.setattr(hf_evaluator, 'import_transformers', lambda *a: None)
   monkeypatch.setattr(evaluate, 'run_evaluate',
                       lambda c, w: calls.append('evaluate'))
   monkeypatch.setattr(bench, 'run_bench', lambda c, w: calls.append('bench'))
