@@ -241,18 +241,18 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.data.max_documents < 0:
     raise ValueError(f'data.max_documents={c.data.max_documents} must be >= '
                      '0 (0: every document)')
-  # sotu/text splits are fixed (data.SPLITS); a tfds dataset's own split
+  # sotu/text splits are fixed (documents.SPLITS); a tfds dataset's own split
   # names are checked when it is opened.
   if c.data.source != 'tfds':
-    from kforcing_jax import data  # pylint: disable=g-import-not-at-top
+    from kforcing_jax import documents  # pylint: disable=g-import-not-at-top
     splits = [('data.train_split', c.data.train_split),
               ('data.eval_split', c.data.eval_split)]
     if 'eval' in c and c.eval.get('split', ''):
       splits.append(('eval.split', c.eval.split))
     for name, split in splits:
-      if split not in data.SPLITS:
+      if split not in documents.SPLITS:
         raise ValueError(f'{name}={split!r}: a {c.data.source} corpus has '
-                         f'splits {list(data.SPLITS)}')
+                         f'splits {list(documents.SPLITS)}')
   # grain seeds each epoch's shuffle with shuffle_seed + epoch (< 2**32).
   if not 0 <= c.data.shuffle_seed < 2**31:
     raise ValueError(f'data.shuffle_seed={c.data.shuffle_seed} must be in '

@@ -34,6 +34,7 @@ import numpy as np
 
 from kforcing_jax import data as data_lib
 from kforcing_jax import defaults
+from kforcing_jax import documents
 from kforcing_jax import hf_evaluator
 
 DIR_NAME = 'evaluator'
@@ -150,7 +151,7 @@ def _windows(tok, texts, seq_len: int) -> np.ndarray:
 
 
 def _split_texts(config, split: str) -> list[str]:
-  texts = data_lib.raw_texts(config, split)
+  texts = documents.raw_texts(config, split)
   if not texts:
     raise ValueError(f'split {split!r} of data.source='
                      f'{config.data.source!r} has no documents to train or '

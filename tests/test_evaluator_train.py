@@ -171,7 +171,7 @@ def test_same_seed_gives_identical_loss_streams(trained, docs, tmp_path):
 ])
 def test_bad_values_fail_before_training(docs, tmp_path, monkeypatch, field,
                                          value, needle):
-  monkeypatch.setattr(et.data_lib, 'raw_texts', _must_not_run)
+  monkeypatch.setattr(et.documents, 'raw_texts', _must_not_run)
   config = _config(docs, **{field: value})
   with pytest.raises(ValueError, match=needle):
     et.train_evaluator(config, str(tmp_path))
@@ -181,7 +181,7 @@ def test_bad_values_fail_before_training(docs, tmp_path, monkeypatch, field,
 
 
 def test_unfinished_folder_in_the_way_is_kept(docs, tmp_path, monkeypatch):
-  monkeypatch.setattr(et.data_lib, 'raw_texts', _must_not_run)
+  monkeypatch.setattr(et.documents, 'raw_texts', _must_not_run)
   (tmp_path / 'evaluator').mkdir()
   (tmp_path / 'evaluator' / 'notes.txt').write_text('mine')
   with pytest.raises(ValueError, match='not a finished evaluator'):
