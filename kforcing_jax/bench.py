@@ -89,7 +89,7 @@ def run_bench(config, workdir: str,
               log: Callable[[str], None] = print) -> dict[str, Any]:
   """Runs the benchmark; writes WORKDIR/bench.json and WORKDIR/bench.png.
 
-  Returns the bench.json dict (see the module docstring).
+  Returns the bench.json dict (its schema: bench_schema.py).
   """
   s = bench_settings.settings_from_config(config)
   os.makedirs(workdir, exist_ok=True)

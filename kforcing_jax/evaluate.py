@@ -174,7 +174,7 @@ def _mean_or_none(total: float, count: int):
 
 def _model_row(entry, tokens_NxT, teacher_nll, evaluator_nll, teacher_tokens,
                timing, s: eval_settings.EvalSettings, sweep=None):
-  """The eval.json entry of one model (see the schema)."""
+  """The eval.json entry of one model (its schema: eval_schema.py)."""
   ci = dict(num_resamples=s.bootstrap, seed=s.seed, level=s.ci_level)
 
   def boot(values):
