@@ -19,7 +19,7 @@ class BenchSettings:
   peer: bool = True  # Time a Hugging Face GPT-2 if torch is importable.
   random_weights: bool = False  # Ignore trained runs in the workdir.
   prompts: str = 'random'  # 'random' ids or 'heldout' eval-split prefixes.
-  roofline: str = 'max'  # Which prediction is "predicted": MODES.
+  roofline: str = 'max'  # Which prediction is "predicted": roofline.MODES.
   matmul_size: int = 2048  # n of the n^3 matmul that measures peak FLOP/s.
   copy_mib: int = 256  # Array size of the bandwidth measurement.
   peak_flops: float = 0.0  # FLOP/s; 0 measures it.

@@ -70,7 +70,7 @@ def get_tokenizer(config, workdir: str) -> tokenizer_lib.Tokenizer:
       # Said aloud (on stderr: generate's stdout is JSON): a paper config
       # run without its tokenizer file gets another vocabulary than the
       # paper's, and training one takes time.
-      # Imported here: data.py runs without jax.
+      # Imported here, where it is needed: sharding imports jax.
       from kforcing_jax import sharding  # pylint: disable=g-import-not-at-top
       if sharding.is_main_process():
         print(f'[data] no data.tokenizer_path: training a SentencePiece '

@@ -1,6 +1,8 @@
 """The per-sample statistics of evaluate and their bootstrap confidence
 intervals: text statistics of the generated tokens, coupling with the
-teacher's rollout, and likelihoods (NLL, perplexity) under a model."""
+teacher's rollout, and likelihoods (NLL, perplexity) under a model; plus
+`pad_rows`, which pads a last partial batch so a jitted function compiles
+once."""
 
 import math
 from typing import Any, Callable

@@ -1,4 +1,6 @@
-"""The `eval` config section: `EvalSettings`, read and checked up front."""
+"""The `eval` config section: `EvalSettings`, read and checked up front, and
+`check_evaluator_dir`, the check of `eval.evaluator` that pipeline runs
+before training and the evaluator runs before loading."""
 
 import dataclasses
 import math

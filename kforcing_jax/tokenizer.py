@@ -247,7 +247,7 @@ def check_workdir_tokenizer(tokenizer: Tokenizer, workdir: str) -> None:
     _refuse_another(tokenizer, workdir,
                     hashlib.sha256(_read_bytes(trained)).hexdigest(), trained,
                     record)
-  # Imported here: tokenizers load without jax.
+  # Imported here, where it is needed: sharding imports jax.
   from kforcing_jax import sharding  # pylint: disable=g-import-not-at-top
   if sharding.is_main_process():
     try:

@@ -20,8 +20,8 @@ from kforcing_jax import commands
 from kforcing_jax import defaults
 from kforcing_jax import eval_settings
 from kforcing_jax import evaluate as ev
-from kforcing_jax import hf_evaluator
 from kforcing_jax import evaluator_train as et
+from kforcing_jax import hf_evaluator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SENTENCE = 'the quick brown fox jumps over the lazy dog and runs home. '

@@ -145,8 +145,8 @@ def test_evaluator_is_not_trained_when_eval_json_is_kept(tmp_path, monkeypatch,
   from kforcing_jax import commands  # pylint: disable=g-import-not-at-top
   from kforcing_jax import defaults  # pylint: disable=g-import-not-at-top
   from kforcing_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from kforcing_jax import hf_evaluator  # pylint: disable=g-import-not-at-top
   from kforcing_jax import evaluator_train  # pylint: disable=g-import-not-at-top
+  from kforcing_jax import hf_evaluator  # pylint: disable=g-import-not-at-top
   from kforcing_jax import pipeline  # pylint: disable=g-import-not-at-top
   from kforcing_jax import report  # pylint: disable=g-import-not-at-top
   calls = []
