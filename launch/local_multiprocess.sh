@@ -11,6 +11,12 @@
 #   -d, --devices D         fake CPU devices per process (default 4)
 #   -p, --port PORT         coordinator port on 127.0.0.1 (default: a free one)
 #   -t, --timeout SECONDS   stop everything after this long (default 1800)
+#   -g, --grace SECONDS     on a timeout or Ctrl-C, how long the processes
+#                           get to save and exit after SIGTERM before SIGKILL
+#                           (default 300): a multi-process run stops (and
+#                           saves) only at its next train.log_every step; a
+#                           second Ctrl-C kills at once. After one process
+#                           fails the others cannot save, and get 5 s.
 #   --dry-run               print each process's command with its env; run
 #                           nothing
 #   -h, --help              this help
@@ -25,7 +31,7 @@
 # current directory. kforcing_jax.sharding.maybe_initialize_distributed()
 # reads the KFORCING_* variables. Every output line is prefixed with [pI].
 # If any process fails, the others are stopped and the script exits with the
-# failing status; on timeout it exits with 124.
+# failing status; on timeout it exits with 124, after the grace period.
 #
 # Example:
 #   launch/local_multiprocess.sh -n 2 -- train-teacher \
@@ -62,6 +68,7 @@ num_processes=2
 devices=4
 port=''
 timeout_s=1800
+grace_s=300
 dry_run=0
 
 # ---------------------------------------------------------------- arguments
@@ -75,6 +82,8 @@ while (($#)); do
       port="$2"; shift 2 ;;
     -t|--timeout) (($# >= 2)) || die_usage "$1 needs a value"
       timeout_s="$2"; shift 2 ;;
+    -g|--grace) (($# >= 2)) || die_usage "$1 needs a value"
+      grace_s="$2"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; break ;;
@@ -88,6 +97,7 @@ done
 check_int --num-processes "$num_processes" 1 1024
 check_int --devices "$devices" 1 1024
 check_int --timeout "$timeout_s" 1 604800
+check_int --grace "$grace_s" 0 86400
 if [[ -n "$port" ]]; then
   check_int --port "$port" 1 65535
 else
@@ -145,14 +155,25 @@ signal_groups() {
   return "$sent"
 }
 
-# Stops everything still running: TERM, then KILL after a 5 s grace period.
+# Stops everything still running: TERM, then KILL once $stop_grace seconds
+# have passed or at a further INT/TERM. Training saves on TERM, but only at
+# its next log_every step when it runs as several processes, so a 5 s grace
+# used to kill runs mid-save.
+stop_grace=5
+force=0
 stop_all() {
-  local try
+  local tenths
   signal_groups TERM || return 0
-  for ((try = 0; try < 50; try++)); do
+  trap 'force=1' INT TERM
+  if ((stop_grace > 5)); then
+    echo "[launch] sent SIGTERM; waiting up to ${stop_grace}s for the" \
+      "processes to save and exit (Ctrl-C again kills them now)" >&2
+  fi
+  for ((tenths = 0; tenths < stop_grace * 10 && !force; tenths++)); do
     sleep 0.1
     signal_groups 0 || return 0
   done
+  echo "[launch] killing what is left (SIGKILL)" >&2
   signal_groups KILL || true
 }
 
@@ -172,7 +193,8 @@ cleanup() {
   rm -rf "$tmp"
 }
 trap cleanup EXIT
-trap 'echo "[launch] interrupted; stopping all processes" >&2; exit 130' INT TERM
+trap 'echo "[launch] interrupted; stopping all processes" >&2
+      stop_grace=$grace_s; exit 130' INT TERM
 
 # Copies stdin to stdout with "[pI] " before every line.
 prefix_lines() {
@@ -211,13 +233,14 @@ while ((remaining > 0)); do
     if ((rc != 0)); then
       echo "[launch] process $i failed with exit status $rc; stopping the" \
         "others" >&2
-      status=$rc
+      status=$rc  # The others cannot save without it: stop_grace stays 5.
       break 2
     fi
   done
   if ((SECONDS >= timeout_s)); then
     echo "[launch] timeout after ${timeout_s}s; stopping all processes" >&2
     status=124
+    stop_grace=$grace_s
     break
   fi
   ((remaining > 0)) && sleep 0.2

@@ -22,7 +22,10 @@ Examples:
   python launch/tpu_pod.py all --name=kf-pod --zone=us-central1-a \\
       --accelerator-type=v5litepod-16 --spot --env KFORCING_DISTRIBUTED=auto \\
       -- train-teacher --config=configs/demo.py --workdir=/mnt/shared/kf
-  python launch/tpu_pod.py logs --name=kf-pod --zone=us-central1-a
+  python launch/tpu_pod.py logs --name=kf-pod --zone=us-central1-a \\
+      --run-name=train-teacher
+  python launch/tpu_pod.py stop --name=kf-pod --zone=us-central1-a \\
+      --run-name=train-teacher
   python launch/tpu_pod.py delete --name=kf-pod --zone=us-central1-a
 
 `--dry-run` prints every command (one per line, shell-quoted) and runs
@@ -222,9 +225,13 @@ def run_script(args) -> str:
       f'2>/dev/null; then echo "run {run} is already running on '
       f'$(hostname); stop it first" >&2; exit 1; fi',
       f'cd "{_remote_dir(args)}"',
+      # Appended, not overwritten: a restart after a stop or a preemption
+      # keeps the earlier segments' "saved step N" lines and errors.
+      f'echo "=== $(date -u +%FT%TZ) start on $(hostname)" >> '
+      f'"{logs}/{run}.log"',
       # nohup + redirected stdio: the run outlives this ssh session.
       f'nohup {"env " + env + " " if env else ""}"{REMOTE_VENV}/bin/python" '
-      f'{command} > "{logs}/{run}.log" 2>&1 < /dev/null & '
+      f'{command} >> "{logs}/{run}.log" 2>&1 < /dev/null & '
       f'echo $! > "{logs}/{run}.pid"',
       f'echo "started {run} on $(hostname): pid $(cat "{logs}/{run}.pid"), '
       f'log {logs}/{run}.log"',
@@ -243,12 +250,26 @@ def logs_steps(args) -> list[Step]:
 
 
 def stop_steps(args) -> list[Step]:
-  pid_file = f'{REMOTE_LOGS}/{args.run_name}.pid'
+  """Signals the run, then waits up to --wait seconds for it to exit.
+
+  On SIGTERM a multi-host run saves only at its next train.log_every step,
+  so returning at once invited a `delete` that lost that save; a run still
+  alive after the wait makes the step fail (exit 1).
+  """
+  run = args.run_name
+  pid_file = f'{REMOTE_LOGS}/{run}.pid'
+  wait = (
+      f'i=0; while kill -0 "$pid" 2>/dev/null && [ $i -lt {args.wait} ]; '
+      'do sleep 1; i=$((i + 1)); done; '
+      f'if kill -0 "$pid" 2>/dev/null; then echo "{run} is still running on '
+      f'$(hostname) after {args.wait}s (it saves at its next log_every '
+      f'step): see its log, stop again, or --signal=KILL" >&2; exit 1; fi; '
+      f'echo "{run} exited on $(hostname)"; ') if args.wait else ''
   script = (
       f'if [ -f "{pid_file}" ] && kill -0 "$(cat "{pid_file}")" 2>/dev/null; '
-      f'then kill -{args.signal} "$(cat "{pid_file}")"; '
-      f'echo "sent SIG{args.signal} to {args.run_name} on $(hostname)"; '
-      f'else echo "{args.run_name} is not running on $(hostname)"; fi')
+      f'then pid="$(cat "{pid_file}")"; kill -{args.signal} "$pid"; '
+      f'echo "sent SIG{args.signal} to {run} on $(hostname)"; {wait}'
+      f'else echo "{run} is not running on $(hostname)"; fi')
   return [Step(argv=_ssh(args, script))]
 
 
@@ -366,6 +387,10 @@ def _parser() -> tuple[argparse.ArgumentParser,
   stop.add_argument('--signal', default='TERM', choices=('TERM', 'KILL'),
                     help='TERM (default): save a checkpoint at the next step '
                     'and exit; KILL: stop at once, without saving.')
+  stop.add_argument('--wait', type=int, default=600, metavar='SECONDS',
+                    help='Wait this long for the run to exit (a multi-host '
+                    'run saves at its next train.log_every step); fail if '
+                    'it is still running. 0: return at once.')
   delete = add('delete', 'Delete the TPU VM slice.')
   delete.add_argument('--yes', action='store_true',
                       help='Do not ask for confirmation (gcloud --quiet).')
@@ -445,6 +470,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     error(f'--worker={args.worker!r}: expected a worker index or all')
   if hasattr(args, 'lines') and args.lines < 0:
     error(f'--lines={args.lines} must be >= 0')
+  if hasattr(args, 'wait') and args.wait < 0:
+    error(f'--wait={args.wait} must be >= 0 (0: do not wait)')
   return args
 
 

@@ -118,7 +118,7 @@ def test_all_dry_run_prints_every_step_and_runs_nothing(tmp_path, fake_bin):
   assert '"$HOME/kforcing_logs/train-teacher.log"' in script
   # The kforcing_jax command survives both levels of quoting.
   assert '-m kforcing_jax train-teacher --config=configs/demo.py' in script
-  after_module = script.split('-m kforcing_jax ', 1)[1].split(' > ', 1)[0]
+  after_module = script.split('-m kforcing_jax ', 1)[1].split(' >> ', 1)[0]
   assert shell_words(after_module) == KF_ARGS
 
 
@@ -133,6 +133,14 @@ def test_remote_scripts_run_and_stop(tmp_path):
       with open(os.path.join(os.environ['HOME'], 'argv.json'), 'w') as f:
         json.dump({{'argv': sys.argv[1:], 'cwd': os.getcwd(),
                    'A': os.environ.get('A')}}, f)
+      import signal
+
+      def save_and_exit(*_):  # As training does: save, then exit.
+        time.sleep(2)
+        open(os.path.join(os.environ['HOME'], 'saved'), 'w').close()
+        sys.exit(0)
+
+      signal.signal(signal.SIGTERM, save_and_exit)
       print('training...', flush=True)
       time.sleep(60)
       """)
@@ -171,16 +179,26 @@ def test_remote_scripts_run_and_stop(tmp_path):
     r = pod('stop', '--dry-run', *POD, '--run-name=train-teacher')
     out = bash(remote_script(r.stdout.strip()))
     assert 'sent SIGTERM to train-teacher' in out.stdout
-    for _ in range(100):
-      try:
-        os.kill(pid, 0)
-      except ProcessLookupError:
-        break
-      time.sleep(0.1)
-    else:
-      pytest.fail('the run was not stopped')
+    # stop returns once the run has saved and exited, not before: a
+    # `delete` right after it must not lose the save.
+    assert 'train-teacher exited' in out.stdout, out.stderr
+    assert (home / 'saved').exists()
+    with pytest.raises(ProcessLookupError):
+      os.kill(pid, 0)
     out = bash(remote_script(r.stdout.strip()))
     assert 'train-teacher is not running' in out.stdout
+
+    # A restart appends to the log: the first segment's lines stay.
+    out = bash(run_script)
+    assert out.returncode == 0, out.stderr
+    pid = int((home / 'kforcing_logs' / 'train-teacher.pid').read_text())
+    log = home / 'kforcing_logs' / 'train-teacher.log'
+    for _ in range(100):
+      if log.read_text().count('training...') == 2:
+        break
+      time.sleep(0.1)
+    assert log.read_text().count('=== ') == 2
+    assert log.read_text().count('training...') == 2
   finally:
     try:
       os.kill(pid, signal.SIGKILL)
@@ -270,6 +288,7 @@ def test_run_accepts_every_cli_subcommand():
     (['all', *POD, '--accelerator-type=v4-8', '--', 'distill', '--workdir=w',
       '--zone=us-east1-b'], '--zone=us-east1-b comes after'),
     (['stop', *POD, '--run-name=x', '--signal=INT'], 'invalid choice'),
+    (['stop', *POD, '--run-name=x', '--wait=-1'], '--wait=-1'),
     (['logs', *POD], '--run-name is required'),
     (['logs', *POD, '--run-name=x', '--worker=first'], '--worker'),
     (['launch', *POD], 'invalid choice'),
@@ -405,9 +424,29 @@ def test_local_timeout(fake_python):
   assert 'timeout after 1s' in r.stderr
 
 
+def test_local_timeout_gives_processes_the_grace_period_to_save(tmp_path):
+  """Training saves on SIGTERM only at its next log_every step; a 5 s
+  grace used to SIGKILL the processes mid-save."""
+  slow_saver = _write_exe(tmp_path / 'python', """
+      #!/usr/bin/env bash
+      trap 'sleep 7; echo saved > "$SAVED/p$KFORCING_PROCESS_ID"; exit 0' TERM
+      echo started
+      sleep 60 & wait $!
+      """)
+  r = local('-n', '2', '-t', '1', '-g', '40', '--', 'train-teacher',
+            '--workdir=w', timeout=90,
+            env={'PYTHON': str(slow_saver), 'SAVED': str(tmp_path)})
+  assert r.returncode == 124, r.stderr
+  assert 'waiting up to 40s' in r.stderr
+  assert 'SIGKILL' not in r.stderr
+  for i in (0, 1):
+    assert (tmp_path / f'p{i}').read_text() == 'saved\n'
+
+
 @pytest.mark.parametrize('args', [
     ['-n', '0', 'generate'], ['-d', 'x', 'generate'], ['-p', '70000',
                                                        'generate'],
+    ['-g', '-1', 'generate'], ['--grace', 'x', 'generate'],
     ['--bogus', 'generate'], [],
     ['-n', '010', 'generate'],  # Octal to bash arithmetic: refused.
 ])
