@@ -1,4 +1,4 @@
-"""Ahead-of-time compile of the train steps at paper scale, without params.
+r"""Ahead-of-time compile of the train steps at paper scale, without params.
 
 Lowers and compiles the teacher train step and the distillation step (stage
 k=4 learning from a frozen k=2 student) exactly as `train.train` jits them,
@@ -35,6 +35,7 @@ from kforcing_jax import commands
 from kforcing_jax import config_files
 from kforcing_jax import defaults
 from kforcing_jax import distill as distill_lib
+from kforcing_jax import files
 from kforcing_jax import model as model_lib
 from kforcing_jax import sharding as sharding_lib
 from kforcing_jax import teacher as teacher_lib
@@ -248,6 +249,9 @@ def format_table(rows, header=True) -> str:
 
 def _steps_from_flag(names):
   mapping = {'teacher': TEACHER, 'distill': DISTILL}
+  if not names:
+    raise app.UsageError('--steps is empty; expected teacher, distill or '
+                         'both')
   bad = [n for n in names if n not in mapping]
   if bad:
     raise app.UsageError(f'--steps: unknown {bad}; expected teacher, distill')
@@ -294,9 +298,7 @@ def main(argv, flag_values):
     if fv[name] < 0:
       raise app.UsageError(f'--{name}={fv[name]} must be >= 0 (0: the '
                            "config's)")
-  folder = os.path.dirname(os.path.abspath(fv['out'])) if fv['out'] else ''
-  if folder and not os.path.isdir(folder):
-    raise app.UsageError(f"--out={fv['out']}: folder {folder} does not exist")
+  _check_out(fv['out'])
   result = {'jax': jax.__version__, 'rows': []}
   if fv['tpu_topology']:
     try:
@@ -320,10 +322,24 @@ def main(argv, flag_values):
     sys.exit(1)
 
 
+def _check_out(path: str) -> None:
+  """Refuses an --out that could not be written, before any compile."""
+  if not path:
+    return
+  folder = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(folder):
+    raise app.UsageError(f'--out={path}: folder {folder} does not exist')
+  if os.path.isdir(path):
+    raise app.UsageError(f'--out={path} is a directory; name a file, e.g. '
+                         f'{os.path.join(path, "aot.json")}')
+  if not os.access(folder, os.W_OK) or (os.path.exists(path) and
+                                        not os.access(path, os.W_OK)):
+    raise app.UsageError(f'--out={path} is not writable')
+
+
 def _write(result, path):
   if path:
-    with open(path, 'w') as f:
-      json.dump(result, f, indent=1)
+    files.atomic_write_text(path, json.dumps(result, indent=1))
 
 
 def _prepare_backend(argv):
@@ -347,10 +363,12 @@ def _prepare_backend(argv):
     # Compile-only: don't ask a GCE metadata server about a TPU VM.
     os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
     return
+  # --devices wins over an inherited device count (cpu_mesh's error
+  # message says this module sets it).
   flag = '--xla_force_host_platform_device_count'
-  if flag not in os.environ.get('XLA_FLAGS', ''):
-    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                               f' {flag}={int(devices)}')
+  kept = [f for f in os.environ.get('XLA_FLAGS', '').split()
+          if not f.startswith(flag + '=')]
+  os.environ['XLA_FLAGS'] = ' '.join(kept + [f'{flag}={int(devices)}'])
   # Compile for the CPU even on an accelerator host (jax is imported, but
   # its backends start only at the first device query).
   if not os.environ.get('JAX_PLATFORMS'):

@@ -78,7 +78,9 @@ def _help_text(argv) -> str:
       'config file;', 'kforcing_jax/defaults.py lists every field with its '
       'default and meaning.', 'Presets: configs/tiny.py (tests), '
       'configs/demo.py (the 30-minute CPU demo), configs/lm1b.py and '
-      'configs/owt.py (the paper setups).']
+      'configs/owt.py (the paper setups).', '',
+      'Compile-only memory check at paper scale, no params allocated: '
+      'python -m kforcing_jax.aot --help']
   return '\n'.join(parts)
 
 
@@ -99,7 +101,10 @@ def _run(argv):
                          f'{_usage()}')
   if len(argv) != 2 or argv[1] not in SUBCOMMANDS:
     got = ' '.join(argv[1:]) or '(none)'
-    raise app.UsageError(f'unknown or missing subcommand: {got}\n{_usage()}')
+    hint = ('\nthe compile-only memory check is its own module: python -m '
+            'kforcing_jax.aot --help') if argv[1:2] == ['aot'] else ''
+    raise app.UsageError(f'unknown or missing subcommand: {got}{hint}\n'
+                         f'{_usage()}')
   if not FLAGS.workdir:
     raise app.UsageError(f'--workdir is required\n{_usage()}')
   _check_workdir(FLAGS.workdir)

@@ -7,6 +7,7 @@ checked (FSDP vs replicated state bytes, positive memory analysis).
 """
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -161,6 +162,10 @@ def test_a_step_that_does_not_compile_is_a_row_not_a_crash(monkeypatch,
      '--out=/nonexistent/dir/aot.json: folder /nonexistent/dir does not '
      'exist'),
     (['--config.train.grad_clip=-1'], 'train.grad_clip=-1.0 must be finite and >= 0'),
+    # Refused before compiling: both used to fail only after the compiles.
+    (['--out=configs'], '--out=configs is a directory; name a file, e.g. '
+     'configs/aot.json'),
+    (['--steps='], '--steps is empty; expected teacher, distill or both'),
 ])
 def test_bad_command_lines_are_one_line(args, message):
   if not any(a.startswith('--config=') for a in args):
@@ -169,3 +174,30 @@ def test_bad_command_lines_are_one_line(args, message):
                         cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines() == [f'error: {message}']
+
+
+def test_devices_flag_replaces_an_inherited_device_count(tmp_path):
+  """--devices wins over XLA_FLAGS (the mesh error says this module sets
+  the count); an inherited count of 2 used to make --devices=4 fail."""
+  out = tmp_path / 'aot.json'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'kforcing_jax.aot', '--config=configs/tiny.py',
+       '--devices=4', '--steps=teacher', f'--out={out}'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ,
+               XLA_FLAGS='--xla_force_host_platform_device_count=2'))
+  assert proc.returncode == 0, proc.stderr
+  rows = json.loads(out.read_text())['rows']
+  assert [r['devices'] for r in rows] == [4]
+
+
+def test_main_cli_points_at_the_aot_module():
+  proc = subprocess.run([sys.executable, '-m', 'kforcing_jax', 'aot',
+                         '--workdir=w'], cwd=ROOT, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 2
+  assert 'python -m kforcing_jax.aot --help' in proc.stderr
+  helped = subprocess.run([sys.executable, '-m', 'kforcing_jax', '--help'],
+                          cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+  assert 'python -m kforcing_jax.aot --help' in helped.stdout
