@@ -251,11 +251,8 @@ def check_workdir_tokenizer(tokenizer: Tokenizer, workdir: str) -> None:
   from kforcing_jax import sharding  # pylint: disable=g-import-not-at-top
   if sharding.is_main_process():
     try:
-      os.makedirs(workdir, exist_ok=True)
-      tmp = record + '.tmp'
-      with open(tmp, 'w', encoding='utf-8') as f:
-        f.write(f'{tokenizer.fingerprint} {tokenizer.path}\n')
-      os.replace(tmp, record)
+      files.atomic_write_text(record,
+                              f'{tokenizer.fingerprint} {tokenizer.path}\n')
     except OSError as e:  # A read-only workdir still decodes.
       print(f'[data] NOTE: could not record the tokenizer in {record} '
             f'({e.strerror}); it is not checked on later runs',
