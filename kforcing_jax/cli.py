@@ -14,6 +14,7 @@ Subcommands:
 import os
 import signal
 import sys
+import time
 
 from absl import app
 from absl import logging
@@ -140,6 +141,10 @@ def _fail_now(message: str):
   sys.stderr.flush()
   stderr = os.dup(2)  # Silence fd 2 first, then write the message past it.
   os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+  # A thread already inside write(2) when fd 2 moved still writes to the
+  # old stderr; let such writes land before the message, so it stays last
+  # (seen once in CI on a loaded 2-core VM).
+  time.sleep(0.1)
   os.write(stderr, f'error: {message}\n'.encode())
   os._exit(2)  # pylint: disable=protected-access
 
