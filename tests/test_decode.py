@@ -544,6 +544,12 @@ def test_bfloat16_loop_casts_block_weights_once_not_per_step(small_cfg, k):
 def test_bfloat16_loop_equals_steps_with_stored_weights(small_cfg, k):
   # Casting the weights ahead must not change a token: decode_loop (cast
   # once) against prefill/decode_step given the stored float32 weights.
+  # XLA:CPU only: on an H100 (jax 0.11.2) the step path's gemms, fed
+  # float32 weights with the convert fused, rounded differently and one
+  # near-tie in 24 greedy tokens flipped; the logits test below checks
+  # other backends to bfloat16 tolerance instead.
+  if jax.default_backend() != 'cpu':
+    pytest.skip('bitwise-equal tokens hold for XLA:CPU only')
   cfg = dataclasses.replace(small_cfg, dtype='bfloat16',
                             noise_window=4 if k > 1 else 0)
   params = model_lib.init_params(cfg, jax.random.PRNGKey(3))
@@ -571,11 +577,8 @@ def test_compute_params_gives_bitwise_equal_logits_and_cache(small_cfg, k):
   # make themselves (a norm, the unembedding) changes logits, not always
   # the argmax. Jitted, as decode_loop runs it. Every weight is perturbed:
   # fresh LayerNorm scales (1) and biases (0) survive a bfloat16 cast.
-  # Bitwise on CPU only: a GPU may tune a gemm fed float32 weights (convert
-  # fused) differently from one fed bfloat16; tokens are compared there by
-  # test_bfloat16_loop_equals_steps_with_stored_weights.
-  if jax.default_backend() != 'cpu':
-    pytest.skip('bitwise comparison holds for XLA:CPU only')
+  # Bitwise on CPU. Elsewhere to bfloat16 rounding: a GPU may tune a gemm
+  # fed float32 weights (convert fused) differently from one fed bfloat16.
   cfg = dataclasses.replace(small_cfg, dtype='bfloat16',
                             noise_window=4 if k > 1 else 0)
   params = model_lib.init_params(cfg, jax.random.PRNGKey(5))
@@ -595,9 +598,15 @@ def test_compute_params_gives_bitwise_equal_logits_and_cache(small_cfg, k):
       jnp.zeros((2,), jnp.int32)))
   (logits, cache), (logits_cast, cache_cast) = (
       run(params), run(model_lib.compute_params(cfg, params)))
-  np.testing.assert_array_equal(logits, logits_cast)
-  for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(cache_cast)):
-    np.testing.assert_array_equal(a, b)
+  pairs = [(logits, logits_cast)] + list(
+      zip(jax.tree.leaves(cache), jax.tree.leaves(cache_cast)))
+  for a, b in pairs:
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    if jax.default_backend() == 'cpu':
+      np.testing.assert_array_equal(a, b)
+    else:  # A few bfloat16 ulps (2^-8 relative each) of the largest value.
+      np.testing.assert_allclose(a, b, rtol=0,
+                                 atol=2**-5 * np.abs(a).max())
 
 
 def _compiled_loop_text(spec, params, batch):
