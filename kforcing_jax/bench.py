@@ -60,8 +60,7 @@ def machine_info() -> dict[str, Any]:
   return {
       'platform': platform.platform(), 'python': platform.python_version(),
       'cpu_model': cpu_model,
-      'cpu_count': (len(os.sched_getaffinity(0))
-                    if hasattr(os, 'sched_getaffinity') else os.cpu_count()),
+      'cpu_count': bench_timing.usable_cpu_count(),
       'jax_version': jax.__version__, 'backend': jax.default_backend(),
       'device_kind': dev.device_kind, 'device_count': jax.device_count(),
       'load_avg_start': list(os.getloadavg())}

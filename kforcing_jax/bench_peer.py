@@ -2,7 +2,6 @@
 on a GPT-2 of the same shape (random weights), when torch and transformers
 are installed (the `eval` extra)."""
 
-import os
 import time
 from typing import Any, Callable
 
@@ -10,6 +9,7 @@ import jax
 import numpy as np
 
 from kforcing_jax import bench_settings
+from kforcing_jax import bench_timing
 from kforcing_jax import model as model_lib
 
 
@@ -24,8 +24,7 @@ def run_peer(cfg: model_lib.ModelConfig, prompts: dict[int, np.ndarray],
     return {'available': False, 'library': '', 'results': [],
             'note': f'peer skipped: {e.name} is not installed (pip install '
                     '".[eval]", i.e. torch and transformers)'}
-  threads = len(os.sched_getaffinity(0)) if hasattr(
-      os, 'sched_getaffinity') else os.cpu_count()
+  threads = bench_timing.usable_cpu_count()
   torch.set_num_threads(threads)
   torch.manual_seed(s.seed)
   # The peer runs where ours does: on the GPU when JAX decodes on one.
