@@ -371,8 +371,14 @@ def _prepare_backend(argv):
   os.environ['XLA_FLAGS'] = ' '.join(kept + [f'{flag}={int(devices)}'])
   # Compile for the CPU even on an accelerator host (jax is imported, but
   # its backends start only at the first device query).
-  if not os.environ.get('JAX_PLATFORMS'):
+  platforms = os.environ.get('JAX_PLATFORMS', '')
+  if not platforms:
     jax.config.update('jax_platforms', 'cpu')
+  elif 'cpu' not in platforms.split(','):
+    print(f'error: JAX_PLATFORMS={platforms!r} leaves out cpu, and without '
+          '--tpu_topology aot compiles for CPU devices: unset JAX_PLATFORMS '
+          'or add cpu to it', file=sys.stderr)
+    sys.exit(2)
 
 
 def _cli(argv, flag_values):
@@ -390,6 +396,10 @@ def _cli(argv, flag_values):
       return main(rest, flag_values)
     except (app.UsageError, ValueError) as e:
       error = str(e)
+    except (AssertionError, RuntimeError) as e:
+      error = sharding_lib.backend_failure(e)
+      if error is None:
+        raise
   print(f'error: {error}', file=sys.stderr)
   sys.exit(2)
 

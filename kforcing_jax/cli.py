@@ -199,6 +199,11 @@ def main():
     _fail(str(e))
   except checkpoints.CheckpointError as e:
     _fail_now(str(e))
+  except (AssertionError, RuntimeError) as e:
+    message = sharding.backend_failure(e)
+    if message is None:
+      raise
+    _fail(message)
   except (ValueError, FileNotFoundError, FloatingPointError,
           ImportError) as e:  # Optional extras name a fix.
     _fail(str(e))

@@ -115,6 +115,25 @@ def maybe_initialize_distributed() -> bool:
   return True
 
 
+def backend_failure(e: BaseException) -> str | None:
+  """A one-line error for an exception JAX raised while starting its
+  backends, else None. A platform this machine lacks in JAX_PLATFORMS
+  ends deep in jax: 'cuda' without the CUDA plugin as a bare
+  AssertionError, others as a RuntimeError."""
+  tb, last = e.__traceback__, None
+  while tb is not None:
+    last, tb = tb, tb.tb_next
+  if last is None or not last.tb_frame.f_code.co_filename.endswith(
+      'xla_bridge.py'):
+    return None
+  detail = (f'{type(e).__name__}: {e}' if str(e) else
+            'no backend of that name started (is its JAX plugin installed, '
+            "e.g. 'jax[cuda12]' for cuda?)")
+  return (f'JAX could not start its backend (JAX_PLATFORMS='
+          f'{os.environ.get("JAX_PLATFORMS", "")!r}): {detail}. Unset '
+          'JAX_PLATFORMS, or name platforms this machine has')
+
+
 def is_main_process() -> bool:
   """Process 0 writes a run's result files (every process computes them;
   one writer keeps them whole)."""

@@ -176,6 +176,20 @@ def test_bad_command_lines_are_one_line(args, message):
   assert proc.stderr.strip().splitlines() == [f'error: {message}']
 
 
+def test_jax_platforms_without_cpu_is_refused_in_one_line():
+  # aot compiles for CPU devices; JAX_PLATFORMS=cuda on a machine without
+  # the CUDA plugin ended in jax's bare AssertionError traceback.
+  proc = subprocess.run(
+      [sys.executable, '-m', 'kforcing_jax.aot', '--config=configs/tiny.py'],
+      cwd=ROOT, capture_output=True, text=True, timeout=120,
+      env=dict(os.environ, JAX_PLATFORMS='cuda'))
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines() == [
+      "error: JAX_PLATFORMS='cuda' leaves out cpu, and without "
+      '--tpu_topology aot compiles for CPU devices: unset JAX_PLATFORMS or '
+      'add cpu to it']
+
+
 def test_devices_flag_replaces_an_inherited_device_count(tmp_path):
   """--devices wins over XLA_FLAGS (the mesh error says this module sets
   the count); an inherited count of 2 used to make --devices=4 fail."""

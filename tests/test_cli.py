@@ -1,5 +1,6 @@
 """The command line's help and usage errors (subprocesses: real argv)."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import sys
 import pytest
 
 from kforcing_jax import cli
+from kforcing_jax import sharding
 
 
 def _cli(*args):
@@ -226,3 +228,28 @@ cli.main()
   assert proc.returncode == 143
   assert err.endswith('terminated (SIGTERM); re-run the same command to '
                       'resume: finished stages are kept\n')
+
+
+@pytest.mark.parametrize('platform', ['bogus', 'cuda'])
+def test_a_platform_jax_cannot_start_is_one_line_naming_it(tmp_path,
+                                                          platform):
+  # JAX_PLATFORMS naming a platform this machine lacks ended in jax's own
+  # traceback ('cuda' without its plugin: a bare AssertionError).
+  if platform == 'cuda' and any(importlib.util.find_spec(m) for m in (
+      'jax_cuda12_plugin', 'jax_cuda13_plugin')):
+    pytest.skip('this machine has a JAX CUDA plugin')
+  r = _cli_env({'JAX_PLATFORMS': platform}, 'train-teacher',
+               '--config=configs/tiny.py', f'--workdir={tmp_path / "w"}')
+  assert r.returncode == 2
+  assert 'Traceback' not in r.stderr
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: JAX could not start its backend '
+                         f"(JAX_PLATFORMS='{platform}')"), r.stderr
+
+
+def test_backend_failure_leaves_other_errors_alone():
+  try:
+    assert False, 'not a backend'
+  except AssertionError as e:
+    assert sharding.backend_failure(e) is None
+
