@@ -45,6 +45,14 @@ KEY_LAYOUTS = ('auto', 'k', 'kt')
 MIN_TEMPERATURE = 1e-30
 
 
+def max_frequency_penalty(seq_len: int) -> float:
+  """The largest frequency penalty whose lambda * count stays finite in
+  float32, with room for the logits: a token's count reaches at most
+  seq_len. Past it every seen token's logit became -inf, and once every
+  token had been seen the argmax fell back to token 0 at each step."""
+  return float(np.finfo(np.float32).max) / (2 * seq_len)
+
+
 def check_k(cfg: model_lib.ModelConfig, k, name: str = 'k') -> int:
   """k as an int in [1, window] (1 for an AR teacher); raises ValueError."""
   k = model_lib.as_int(k, name, 1)
@@ -431,6 +439,7 @@ def prefill(spec: DecodeSpec, params, prompts_BxP, pad_B, noise_BxK,
   (student only): `embed_noise(spec, params, noise_BxK)` if the caller
   embedded its noise ahead (as `decode_loop` does); computed here if None.
   """
+  _check_inputs(prompts_BxP, pad_B, noise_BxK)
   b = prompts_BxP.shape[0]
   _check_shape('prompts', prompts_BxP, (b, spec.prompt_len))
   _check_shape('pad', pad_B, (b,))
@@ -484,7 +493,26 @@ def decode_step(spec: DecodeSpec, params, state: DecodeState, noise_BxK,
   return _record(spec, state, new)
 
 
+def _check_array(name: str, x, kind, what: str):
+  """Trace-time dtype check naming the argument: a list, float ids or a
+  float pad otherwise failed deep in flax or jax, and bool ids decoded as
+  tokens 0 and 1."""
+  dtype = getattr(x, 'dtype', None)
+  if dtype is None or not hasattr(x, 'shape'):
+    raise ValueError(f'{name} must be an array (numpy or jax) of {what}; '
+                     f'got {type(x).__name__}')
+  if not jnp.issubdtype(dtype, kind):
+    raise ValueError(f'{name} must hold {what}; got dtype {dtype}')
+
+
+def _check_inputs(prompts_BxP, pad_B, noise):
+  _check_array('prompts', prompts_BxP, jnp.integer, 'integer token ids')
+  _check_array('pad', pad_B, jnp.integer, 'integer padding lengths')
+  _check_array('noise', noise, jnp.floating, 'floats in [0, 1)')
+
+
 def _loop(spec, params, prompts_BxP, pad_B, noise_BxN, temperature, penalty):
+  _check_inputs(prompts_BxP, pad_B, noise_BxN)
   k = spec.k
   _check_shape('noise', noise_BxN,
                (prompts_BxP.shape[0], spec.num_steps * k))
@@ -640,13 +668,16 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
     k: tokens per forward pass; 1 <= k <= cfg.noise_window for a student.
     noise: (B, max_new_tokens) uniforms in [0, 1): token n uses noise[:, n].
       If None, drawn from `rng` (default PRNGKey(0)).
-    temperature: AR sampling temperature, finite and >= 1e-30 (near 0 it
-      approaches greedy); ignored by students, whose noise encoder is fed
-      tau = 1, but checked for them too.
+    temperature: AR sampling temperature, >= 1e-30 and finite in float32
+      (near 0 it approaches greedy); ignored by students, whose noise
+      encoder is fed tau = 1, and by greedy decoding, but checked for them
+      too.
     greedy: AR argmax decoding.
     frequency_penalty: lambda >= 0 of docs/METHOD.md (logit - lambda * count
-      of the token so far, prompt included, slot by slot); 0 disables. It
-      applies to the AR teacher too (to its sampling or greedy logits).
+      of the token so far, prompt included, slot by slot); 0 disables. At
+      most `max_frequency_penalty(cfg.seq_len)`, so lambda * count stays
+      finite. It applies to the AR teacher too (to its sampling or greedy
+      logits).
     eos_id: stop a row after this token (a vocabulary id); None never stops
       early.
     pad_id: written after a row stops (any int32).
@@ -681,23 +712,26 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
   k, max_new_tokens = int(k), int(max_new_tokens)
   for name, value in (('temperature', temperature),
                       ('frequency_penalty', frequency_penalty)):
-    if not isinstance(value, (int, float, np.number, jax.Array)) or np.ndim(
-        value):
+    if (isinstance(value, (bool, np.bool_)) or
+        not isinstance(value, (int, float, np.number, jax.Array)) or
+        np.ndim(value) or jnp.issubdtype(jnp.result_type(value), jnp.bool_)):
       raise ValueError(f'{name}={value!r} must be a number (one for the '
                        'whole batch)')
   # Python floats: a jax scalar would make DecodeSpec.use_penalty unhashable.
   temperature, frequency_penalty = float(temperature), float(frequency_penalty)
   # The loop computes in float32: a smaller temperature overflows
-  # logits / temperature into NaN (all-zero tokens), and a penalty beyond
-  # float32 is inf.
-  # Checked for students too, which ignore it: a nonsense value is a
-  # caller's mistake either way.
-  if not greedy and not MIN_TEMPERATURE <= temperature < np.inf:
-    raise ValueError(f'temperature={temperature} must be finite and >= '
-                     f'{MIN_TEMPERATURE:g} (greedy=True for argmax)')
-  if not (0 <= frequency_penalty <= np.finfo(np.float32).max):
-    raise ValueError(f'frequency_penalty={frequency_penalty} must be >= 0 '
-                     'and a finite float32')
+  # logits / temperature into NaN (all-zero tokens), and one beyond float32
+  # is inf. Checked for greedy calls and students too, which ignore it: a
+  # nonsense value is a caller's mistake either way.
+  if not MIN_TEMPERATURE <= temperature <= float(np.finfo(np.float32).max):
+    raise ValueError(f'temperature={temperature} must be finite in float32 '
+                     f'and >= {MIN_TEMPERATURE:g} (greedy=True for argmax)')
+  most = max_frequency_penalty(cfg.seq_len)
+  if not 0 <= frequency_penalty <= most:
+    raise ValueError(f'frequency_penalty={frequency_penalty} must be in '
+                     f'[0, {most:.3g}]: lambda times a count of up to '
+                     f'model.seq_len={cfg.seq_len} must stay finite in '
+                     'float32')
   b = prompts_BxP.shape[0]
   steps = -(-max_new_tokens // k)
   spec = DecodeSpec(model=cfg, k=k, num_steps=steps,

@@ -6,6 +6,8 @@ import dataclasses
 import math
 import os
 
+from kforcing_jax import decode
+
 # Defaults of the `eval` config section, used for fields a config lacks.
 _DEFAULTS = {
     'num_samples': 256,
@@ -45,8 +47,10 @@ class EvalSettings:
     return dict(self.penalties).get(k, 0.0)
 
 
-def _parse_penalties(raw) -> tuple[tuple[int, float], ...]:
-  """Parses {k: lambda}; keys 'k2' (CLI-overridable), '2' or 2."""
+def _parse_penalties(raw, most: float = math.inf
+                     ) -> tuple[tuple[int, float], ...]:
+  """Parses {k: lambda}; keys 'k2' (CLI-overridable), '2' or 2; each
+  lambda in [0, most]."""
   items = raw.items() if hasattr(raw, 'items') else raw
   out = []
   for key, lam in items:
@@ -58,8 +62,19 @@ def _parse_penalties(raw) -> tuple[tuple[int, float], ...]:
     if k < 1 or not 0 <= float(lam) < math.inf:
       raise ValueError(f'eval.penalties[{key!r}]={lam}: need k >= 1 and '
                        'a finite lambda >= 0')
+    if float(lam) > most:
+      raise ValueError(f'eval.penalties[{key!r}]={lam}: at most {most:.3g}, '
+                       'so that lambda times a count of up to model.seq_len '
+                       'stays finite in float32')
     out.append((k, float(lam)))
   return tuple(sorted(out))
+
+
+def _max_penalty(config) -> float:
+  seq_len = (config.get('model', None) or {}).get('seq_len', None)
+  if not seq_len:
+    return math.inf
+  return decode.max_frequency_penalty(int(seq_len))
 
 
 def settings_from_config(config) -> EvalSettings:
@@ -71,7 +86,7 @@ def settings_from_config(config) -> EvalSettings:
       num_samples=int(raw['num_samples']), prefix_len=int(raw['prefix_len']),
       batch_size=int(raw['batch_size']), seed=int(raw['seed']),
       ks=tuple(int(k) for k in raw['ks']),
-      penalties=_parse_penalties(raw['penalties']),
+      penalties=_parse_penalties(raw['penalties'], _max_penalty(config)),
       evaluator=str(raw['evaluator']),
       evaluator_batch_size=int(raw['evaluator_batch_size']),
       bootstrap=int(raw['bootstrap']), ci_level=float(raw['ci_level']),

@@ -129,6 +129,16 @@ def test_tiny_temperature_is_greedy(teacher):
      'temperature=1e-45'),
     (dict(prompts=[[1]], max_new_tokens=2, frequency_penalty=1e300),
      r'frequency_penalty=1e\+300'),
+    # Past float32 (passed as inf), and checked when greedy ignores it.
+    (dict(prompts=[[1]], max_new_tokens=2, temperature=1e39),
+     r'temperature=1e\+39'),
+    (dict(prompts=[[1]], max_new_tokens=2, greedy=True,
+          temperature=float('nan')), 'temperature=nan'),
+    (dict(prompts=[[1]], max_new_tokens=2, temperature=True),
+     'temperature=True must be a number'),
+    # lambda x count overflowed to -inf on every seen token.
+    (dict(prompts=[[1]], max_new_tokens=2, frequency_penalty=3e38),
+     r'frequency_penalty=3e\+38 must be in \[0, 3.54e\+36\]'),
     (dict(prompts=[[1]], max_new_tokens=2, greedy='no'), "greedy='no'"),
     (dict(prompts=[[1]], max_new_tokens=2, pad_id=2**31), 'pad_id='),
 ])
@@ -149,6 +159,48 @@ def test_tiny_temperatures_and_int_greedy_are_accepted(teacher):
         decode.generate(params, cfg, temperature=t, **args).tokens, ref)
   np.testing.assert_array_equal(
       decode.generate(params, cfg, greedy=1, **args).tokens, ref)
+
+
+def test_the_largest_penalty_still_avoids_repeats():
+  # Every token of a vocabulary of 8 seen twice: lambda x count used to
+  # overflow to -inf for all of them at lambda 3e38, and greedy emitted
+  # token 0 at every step. At the largest lambda allowed, each step takes
+  # a least-counted token, so 6 new tokens are 6 different ones.
+  cfg = model_lib.ModelConfig(vocab_size=8, seq_len=64, num_layers=1,
+                              d_model=16, num_heads=2, mlp_dim=32)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
+  out = decode.generate(params, cfg, [list(range(8)) * 2], max_new_tokens=6,
+                        greedy=True, frequency_penalty=(
+                            decode.max_frequency_penalty(cfg.seq_len)))
+  assert len(set(out.tokens[0].tolist())) == 6, out.tokens
+
+
+@pytest.mark.parametrize('change,needle', [
+    (lambda p, d, u: (p.astype(np.float32), d, u),
+     'prompts must hold integer token ids; got dtype float32'),
+    (lambda p, d, u: (p.astype(bool), d, u),
+     'prompts must hold integer token ids; got dtype bool'),
+    (lambda p, d, u: (p, d.astype(np.float32), u),
+     'pad must hold integer padding lengths; got dtype float32'),
+    (lambda p, d, u: (p.tolist(), d, u),
+     'prompts must be an array .* got list'),
+    (lambda p, d, u: (p, d, u.astype(np.int32)),
+     r'noise must hold floats in \[0, 1\); got dtype int32'),
+])
+@pytest.mark.parametrize('entry', ['decode_loop', 'prefill'])
+def test_wrong_input_types_are_named(teacher, change, needle, entry):
+  # Float ids or pad failed deep in flax/jax, lists with an AttributeError,
+  # and bool ids decoded as tokens 0 and 1.
+  cfg, params = teacher
+  prompts, pad = decode.pad_prompts([[1, 2, 3], [4]])
+  noise = np.full((2, 2), 0.5, np.float32)
+  spec = decode.DecodeSpec(model=cfg, k=1, num_steps=2, prompt_len=3)
+  prompts, pad, noise = change(prompts, pad, noise)
+  with pytest.raises(ValueError, match=needle):
+    if entry == 'decode_loop':
+      decode.decode_loop(spec, params, prompts, pad, noise)
+    else:
+      decode.prefill(spec, params, prompts, pad, noise[:, :1])
 
 
 def test_swapped_params_and_config_are_named(teacher):

@@ -206,6 +206,13 @@ def test_settings_defaults_and_overrides():
     with pytest.raises(ValueError, match=needle):
       eval_settings.settings_from_config(
           ml_collections.ConfigDict({'eval': bad}))
+  # A lambda whose lambda x count overflows float32 at model.seq_len is
+  # refused up front (the pipeline checks this before training), not by
+  # generate after the students are trained.
+  with pytest.raises(ValueError, match=r"eval.penalties\['k4'\]=1e\+37: "
+                     r'at most 3.54e\+36'):
+    eval_settings.settings_from_config(ml_collections.ConfigDict(
+        {'model': {'seq_len': 48}, 'eval': {'penalties': {'k4': 1e37}}}))
 
 
 def test_plan_models_picks_smallest_window():
