@@ -594,11 +594,14 @@ class GenerateOutput:
   lengths: np.ndarray  # (B,) number of valid tokens (eos included).
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0):
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0,
+                width: int | None = None):
   """Left-pads a list of token lists -> (prompts_BxP, pad_B) numpy arrays.
 
   `pad_id` may be any int32: padded positions are masked and their ids
-  never read (`prefill` replaces them).
+  never read (`prefill` replaces them). `width`: P, at least the longest
+  prompt (default: the longest); one width for prompts of varying lengths
+  keeps a jitted decode from compiling again for each new longest prompt.
   """
   if isinstance(prompts, (str, bytes)):
     raise ValueError(f'prompts must be token-id lists, not text: got '
@@ -616,7 +619,12 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0):
   if not rows or min(lens) == 0:
     raise ValueError('every prompt needs at least one token; got lengths '
                      f'{lens}')
-  width = max(lens)
+  if width is None:
+    width = max(lens)
+  width = model_lib.as_int(width, 'width', 1)
+  if width < max(lens):
+    raise ValueError(f'width={width} is shorter than the longest prompt '
+                     f'({max(lens)} tokens)')
   out = np.full((len(rows), width), pad_id, np.int32)
   for i, row in enumerate(rows):
     out[i, width - len(row):] = row
@@ -651,11 +659,26 @@ def check_request(cfg: model_lib.ModelConfig, prompts_BxP, pad_B,
         f'model.seq_len={cfg.seq_len}; shorten the prompt or max_new_tokens')
 
 
+def _widen(cfg, prompts_BxP, pad_B, width, max_new_tokens):
+  """More left padding, up to `width` slots (generate's prompt_width)."""
+  width = model_lib.as_int(width, 'prompt_width', 1)
+  p = prompts_BxP.shape[1]
+  if width < p:
+    raise ValueError(f'prompt_width={width} is shorter than the longest '
+                     f'prompt ({p} tokens)')
+  if width + int(max_new_tokens) > cfg.seq_len:
+    raise ValueError(f'prompt_width={width} + {max_new_tokens} new tokens '
+                     f'exceeds model.seq_len={cfg.seq_len}')
+  return (np.pad(prompts_BxP, ((0, 0), (width - p, 0))),
+          (pad_B + (width - p)).astype(np.int32))
+
+
 def generate(params, cfg: model_lib.ModelConfig, prompts, *,
              max_new_tokens: int, k: int = 1, noise=None, rng=None,
              temperature: float = 1.0, greedy: bool = False,
              frequency_penalty: float = 0.0, eos_id: int | None = None,
-             pad_id: int = 0, kernel_impl: str = 'auto') -> GenerateOutput:
+             pad_id: int = 0, kernel_impl: str = 'auto',
+             prompt_width: int | None = None) -> GenerateOutput:
   """Decodes `max_new_tokens` per prompt, k tokens per forward pass.
 
   Args:
@@ -683,6 +706,11 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
     pad_id: written after a row stops (any int32).
     kernel_impl: vocabulary projection, 'auto' | 'pallas' | 'chunked' |
       'reference' (see projection.py); argmax tokens are identical for all.
+    prompt_width: left-pad every prompt to this many slots (>= the longest
+      prompt; prompt_width + max_new_tokens <= seq_len). Calls whose
+      prompts differ in length then share one compiled decode; None pads
+      to the longest prompt of the call, so each new length compiles once.
+      Padding does not change a row's tokens.
   Returns:
     GenerateOutput(tokens (B, max_new_tokens), lengths (B,)).
   """
@@ -709,6 +737,9 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
     # vocabulary whatever pad_id is.
     prompts_BxP, pad_B = pad_prompts(prompts, 0)
   check_request(cfg, prompts_BxP, pad_B, max_new_tokens, k)
+  if prompt_width is not None:
+    prompts_BxP, pad_B = _widen(cfg, prompts_BxP, pad_B, prompt_width,
+                                max_new_tokens)
   k, max_new_tokens = int(k), int(max_new_tokens)
   for name, value in (('temperature', temperature),
                       ('frequency_penalty', frequency_penalty)):

@@ -2,6 +2,7 @@
 
 
 import dataclasses
+import os
 import re
 
 import jax
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import kforcing_jax
 from kforcing_jax import decode
 from kforcing_jax import model as model_lib
 from kforcing_jax import noise as noise_lib
@@ -201,6 +203,48 @@ def test_wrong_input_types_are_named(teacher, change, needle, entry):
       decode.decode_loop(spec, params, prompts, pad, noise)
     else:
       decode.prefill(spec, params, prompts, pad, noise[:, :1])
+
+
+@pytest.mark.parametrize('k', [1, 2])
+def test_prompt_width_shares_one_program_and_keeps_the_tokens(
+    small_cfg, monkeypatch, k):
+  # Without prompt_width each new longest prompt is a new DecodeSpec (a
+  # jit static argument) and so a new compile.
+  cfg = dataclasses.replace(small_cfg, noise_window=2 if k > 1 else 0)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
+  calls, real = [], decode.decode_loop
+  def recording(spec, params, prompts, pad, noise, *rest):
+    calls.append((spec, prompts.shape, pad.shape, noise.shape))
+    return real(spec, params, prompts, pad, noise, *rest)
+  monkeypatch.setattr(decode, 'decode_loop', recording)
+  args = dict(max_new_tokens=8, k=k, greedy=True)
+  for prompts in ([[5, 9, 2]], [[7, 1, 3, 3, 8]],
+                  np.asarray([[4, 4, 6, 1]])):
+    wide = decode.generate(params, cfg, prompts, prompt_width=10, **args)
+    narrow = decode.generate(params, cfg, prompts, **args)
+    np.testing.assert_array_equal(wide.tokens, narrow.tokens)
+  assert calls[0] == calls[2] == calls[4]  # The prompt_width=10 calls.
+  assert calls[0][0].prompt_len == 10 and calls[1][0].prompt_len == 3
+
+
+@pytest.mark.parametrize('width,needle', [
+    (2, 'prompt_width=2 is shorter than the longest prompt \\(3 tokens\\)'),
+    (45, 'prompt_width=45 \\+ 4 new tokens exceeds model.seq_len=48'),
+    (0, 'prompt_width'),
+])
+def test_bad_prompt_widths_are_named(teacher, width, needle):
+  cfg, params = teacher
+  with pytest.raises(ValueError, match=needle):
+    decode.generate(params, cfg, [[1, 2, 3]], max_new_tokens=4,
+                    prompt_width=width)
+
+
+def test_pad_prompts_to_a_width():
+  prompts, pad = decode.pad_prompts([[1, 2], [3]], pad_id=9, width=4)
+  np.testing.assert_array_equal(prompts, [[9, 9, 1, 2], [9, 9, 9, 3]])
+  np.testing.assert_array_equal(pad, [2, 3])
+  with pytest.raises(ValueError, match='width=1 is shorter'):
+    decode.pad_prompts([[1, 2]], width=1)
 
 
 def test_swapped_params_and_config_are_named(teacher):
@@ -892,3 +936,24 @@ def test_students_refuse_a_nonsense_temperature(small_cfg):
   with pytest.raises(ValueError, match='temperature=-5.0'):
     decode.generate(params, cfg, [[1]], max_new_tokens=2, k=2,
                     temperature=-5.0)
+
+
+def test_the_readme_decoder_snippet_runs_as_written(small_cfg, monkeypatch):
+  # The README's "Using the decoder from other JAX code" block, verbatim,
+  # with load_params handing back a random student of window 4.
+  path = os.path.join(os.path.dirname(__file__), '..', 'README.md')
+  with open(path) as f:
+    text = f.read()
+  section = text[text.index('## Using the decoder from other JAX code'):]
+  start = section.index('```python\n') + len('```python\n')
+  code = section[start:section.index('\n```', start)]
+  cfg = dataclasses.replace(small_cfg, vocab_size=128, noise_window=4)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
+  monkeypatch.setattr(kforcing_jax, 'load_params',
+                      lambda path: (cfg, params, {}))
+  scope = {}
+  exec(compile(code, 'README.md', 'exec'), scope)  # pylint: disable=exec-used
+  out = scope['out']
+  assert out.tokens.shape == (2, 32) and out.lengths.tolist() == [32, 32]
+  assert ((0 <= out.tokens) & (out.tokens < cfg.vocab_size)).all()
+
