@@ -480,6 +480,7 @@ def decode_step(spec: DecodeSpec, params, state: DecodeState, noise_BxK,
   counts are checked against the spec at trace time.
   """
   _check_state(spec, state)
+  _check_array('noise', noise_BxK, jnp.floating, 'floats in [0, 1)')
   _check_shape('noise', noise_BxK, state.pending.shape)
   _check_noise_x(spec, noise_x, state.pending.shape[0])
   model_lib.check_params(spec.model, params)  # Shapes only: trace time.
@@ -693,8 +694,8 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
       If None, drawn from `rng` (default PRNGKey(0)).
     temperature: AR sampling temperature, >= 1e-30 and finite in float32
       (near 0 it approaches greedy); ignored by students, whose noise
-      encoder is fed tau = 1, and by greedy decoding, but checked for them
-      too.
+      encoder is fed tau = 1, but checked for them too; ignored and not
+      checked under greedy=True (where 0 is fine).
     greedy: AR argmax decoding.
     frequency_penalty: lambda >= 0 of docs/METHOD.md (logit - lambda * count
       of the token so far, prompt included, slot by slot); 0 disables. At
@@ -752,9 +753,11 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
   temperature, frequency_penalty = float(temperature), float(frequency_penalty)
   # The loop computes in float32: a smaller temperature overflows
   # logits / temperature into NaN (all-zero tokens), and one beyond float32
-  # is inf. Checked for greedy calls and students too, which ignore it: a
-  # nonsense value is a caller's mistake either way.
-  if not MIN_TEMPERATURE <= temperature <= float(np.finfo(np.float32).max):
+  # is inf. Checked for students too, which ignore it: a nonsense value is
+  # a caller's mistake either way. Not under greedy, where temperature=0
+  # is a common way of saying argmax.
+  if not greedy and not (
+      MIN_TEMPERATURE <= temperature <= float(np.finfo(np.float32).max)):
     raise ValueError(f'temperature={temperature} must be finite in float32 '
                      f'and >= {MIN_TEMPERATURE:g} (greedy=True for argmax)')
   most = max_frequency_penalty(cfg.seq_len)

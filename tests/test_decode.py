@@ -131,11 +131,9 @@ def test_tiny_temperature_is_greedy(teacher):
      'temperature=1e-45'),
     (dict(prompts=[[1]], max_new_tokens=2, frequency_penalty=1e300),
      r'frequency_penalty=1e\+300'),
-    # Past float32 (passed as inf), and checked when greedy ignores it.
+    # Past float32 (passed as inf), and a bool.
     (dict(prompts=[[1]], max_new_tokens=2, temperature=1e39),
      r'temperature=1e\+39'),
-    (dict(prompts=[[1]], max_new_tokens=2, greedy=True,
-          temperature=float('nan')), 'temperature=nan'),
     (dict(prompts=[[1]], max_new_tokens=2, temperature=True),
      'temperature=True must be a number'),
     # lambda x count overflowed to -inf on every seen token.
@@ -161,6 +159,10 @@ def test_tiny_temperatures_and_int_greedy_are_accepted(teacher):
         decode.generate(params, cfg, temperature=t, **args).tokens, ref)
   np.testing.assert_array_equal(
       decode.generate(params, cfg, greedy=1, **args).tokens, ref)
+  # Greedy ignores the temperature: 0 (a common way to ask for argmax) is
+  # not refused.
+  np.testing.assert_array_equal(decode.generate(
+      params, cfg, greedy=True, temperature=0.0, **args).tokens, ref)
 
 
 def test_the_largest_penalty_still_avoids_repeats():
@@ -203,6 +205,17 @@ def test_wrong_input_types_are_named(teacher, change, needle, entry):
       decode.decode_loop(spec, params, prompts, pad, noise)
     else:
       decode.prefill(spec, params, prompts, pad, noise[:, :1])
+
+
+def test_decode_step_names_integer_noise(teacher):
+  # Accepted silently before, decoding token 0.
+  cfg, params = teacher
+  prompts, pad = decode.pad_prompts([[1, 2, 3], [4]])
+  spec = decode.DecodeSpec(model=cfg, k=1, num_steps=2, prompt_len=3)
+  state = decode.prefill(spec, params, prompts, pad,
+                         np.full((2, 1), 0.5, np.float32))
+  with pytest.raises(ValueError, match='noise must hold floats'):
+    decode.decode_step(spec, params, state, np.zeros((2, 1), np.int32))
 
 
 @pytest.mark.parametrize('k', [1, 2])
@@ -668,7 +681,7 @@ def test_bfloat16_loop_equals_steps_with_stored_weights(small_cfg, k):
 
 
 @pytest.mark.parametrize('k', [1, 3])
-def test_compute_params_gives_bitwise_equal_logits_and_cache(small_cfg, k):
+def test_compute_params_gives_equal_logits_and_cache(small_cfg, k):
   # Stronger than equal tokens: a weight cast that the layers would not
   # make themselves (a norm, the unembedding) changes logits, not always
   # the argmax. Jitted, as decode_loop runs it. Every weight is perturbed:
