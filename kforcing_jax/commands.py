@@ -115,7 +115,8 @@ def generate(flags_obj):
   config = ml_collections.ConfigDict(meta['config'])
   # The tokenizer belongs to the trained run; decode defaults come from
   # --config (with its --config.decode.* overrides) when one is given.
-  tokenizer = data_lib.get_tokenizer(config, workdir)
+  # Prompts only: the corpus may have moved or changed since training.
+  tokenizer = data_lib.get_tokenizer(config, workdir, check_data=False)
   if flags_obj.config is not None:
     config = flags_obj.config
   dc = config.decode

@@ -32,6 +32,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from kforcing_jax import data_record
 from kforcing_jax import documents
 from kforcing_jax import files
 from kforcing_jax import tokenizer as tokenizer_lib
@@ -48,17 +49,39 @@ _TFDS_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=256)
 # --------------------------------------------------------------------------
 
 
-def get_tokenizer(config, workdir: str) -> tokenizer_lib.Tokenizer:
+def _needed_splits(config) -> list[tuple[str, str]]:
+  """The splits a training run reads: train, and the eval split when
+  held-out evals are on."""
+  splits = [('data.train_split', config.data.train_split)]
+  evals = [config.get(section, {}).get('eval_every', 0)
+           for section in ('train', 'distill')]
+  if any(evals):
+    splits.append(('data.eval_split', config.data.eval_split))
+  return splits
+
+
+def get_tokenizer(config, workdir: str, *,
+                  check_data: bool = True) -> tokenizer_lib.Tokenizer:
   """The run's tokenizer: `data.tokenizer_path`, or SentencePiece trained once.
 
   Without `data.tokenizer_path`, a SentencePiece model with
   `model.vocab_size` pieces is trained on the train split and cached at
   `{workdir}/tokenizer.model` (reused as is when present).
 
+  With `check_data` (every command that reads data; not `generate`, which
+  only encodes prompts): the splits the run reads must have documents,
+  and the data must be what the workdir was made from (`data_record`),
+  both checked before a tokenizer is trained; the first run records it.
+
   Raises:
-    ValueError: The tokenizer's vocabulary exceeds `model.vocab_size`.
+    ValueError: The tokenizer's vocabulary exceeds `model.vocab_size`, a
+      split is empty, or the workdir was made from other data.
   """
   documents.check_source(config)
+  identity = None
+  if check_data:
+    documents.check_splits(config, _needed_splits(config))
+    identity = data_record.check(config, workdir)
   path = config.data.tokenizer_path
   if path:
     tokenizer = tokenizer_lib.load_tokenizer(path)
@@ -86,6 +109,8 @@ def get_tokenizer(config, workdir: str) -> tokenizer_lib.Tokenizer:
         f'model.vocab_size {config.model.vocab_size}; raise model.vocab_size '
         'to at least the tokenizer size.')
   tokenizer_lib.check_workdir_tokenizer(tokenizer, workdir)
+  if identity is not None:
+    data_record.write(identity, workdir)
   return tokenizer
 
 
@@ -347,6 +372,22 @@ def _check_seq_len(config) -> int:
   return seq_len
 
 
+def _say_train_size(split: str, sequences: int, seq_len: int,
+                    batch_size: int) -> None:
+  """How much the run trains on, which nothing said: a tiny corpus made
+  batches that repeat the same few sequences, without a word."""
+  # Imported here, where it is needed: sharding imports jax.
+  from kforcing_jax import sharding  # pylint: disable=g-import-not-at-top
+  if not sharding.is_main_process():
+    return
+  note = (f'; NOTE: fewer than one batch of {batch_size}, so every batch '
+          'repeats them' if sequences < batch_size else
+          f', {sequences / batch_size:.1f} batches of {batch_size} per epoch')
+  print(f'[data] train split {split!r}: {sequences} sequences of {seq_len} '
+        f'tokens ({sequences * seq_len:,} tokens){note}', file=sys.stderr,
+        flush=True)
+
+
 def make_train_iterator(config, tokenizer: tokenizer_lib.Tokenizer,
                         workdir: str, *, process_index: int = 0,
                         process_count: int = 1) -> TokenIterator:
@@ -378,6 +419,7 @@ def make_train_iterator(config, tokenizer: tokenizer_lib.Tokenizer,
     if len(chunks) == 0:  # pylint: disable=g-explicit-length-test
       raise ValueError(f'Train split {split!r} is shorter than one window of '
                        f'seq_len {seq_len} tokens.')
+    _say_train_size(split, len(chunks), seq_len, batch_size)
     stream = _ChunkArrayStream(chunks, seed)
   return TokenIterator(stream, global_batch_size=batch_size, seq_len=seq_len,
                        process_index=process_index,

@@ -95,15 +95,52 @@ def sotu_documents(split: str, max_documents: int = 0) -> list[str]:
   return _read_documents(_split_items(paths, split), max_documents)
 
 
-def _text_documents(text_glob: str, split: str,
-                    max_documents: int) -> list[str]:
+def text_paths(text_glob: str) -> list[str]:
+  """The sorted files `data.text_glob` matches (directories skipped)."""
   if not text_glob:
     raise ValueError("data.source='text' needs data.text_glob to be set.")
   paths = sorted(p for p in glob.glob(text_glob, recursive=True)
                  if os.path.isfile(p))
   if not paths:
     raise FileNotFoundError(f'data.text_glob {text_glob!r} matches no files.')
-  return _read_documents(_split_items(paths, split), max_documents)
+  return paths
+
+
+def _text_documents(text_glob: str, split: str,
+                    max_documents: int) -> list[str]:
+  return _read_documents(_split_items(text_paths(text_glob), split),
+                         max_documents)
+
+
+def check_splits(config, named_splits: Sequence[tuple[str, str]]) -> None:
+  """Fails now, naming the setting, on a split the corpus cannot give:
+  one the every-20th rule leaves empty (sotu/text: it counts file names,
+  reads nothing) or one a tfds dataset lacks. Run before a tokenizer is
+  trained or a model compiled, which used to come first.
+
+  Args:
+    config: Experiment config (data.*).
+    named_splits: (setting, split) pairs, e.g. ('data.eval_split',
+      'validation'), for the error message.
+  """
+  source = check_source(config)
+  if source == 'tfds':
+    for _, split in named_splits:
+      tfds_source(config, split)
+    return
+  if source == 'sotu':
+    for _, split in named_splits:
+      _split_items([], split)  # Refuses an unknown split name.
+    return
+  paths = text_paths(config.data.text_glob)
+  for name, split in named_splits:
+    if not _split_items(paths, split):
+      raise ValueError(
+          f'{name}={split!r} has no documents: data.text_glob '
+          f'{config.data.text_glob!r} matches {len(paths)} file(s), and in '
+          f'sorted order file i goes to validation when i % {_SPLIT_PERIOD} '
+          f'== 10 and to test when i % {_SPLIT_PERIOD} == 5 (validation '
+          'needs at least 11 files, test at least 6)')
 
 
 def load_documents(config, split: str) -> list[str]:

@@ -16,6 +16,7 @@ import time
 
 from kforcing_jax import commands
 from kforcing_jax import defaults
+from kforcing_jax import documents
 from kforcing_jax import files
 from kforcing_jax import report
 from kforcing_jax import sharding
@@ -95,6 +96,12 @@ def _check_plan(config) -> None:
   if too_big:
     raise ValueError(f'eval.ks asks for k={too_big[0]} but the largest '
                      f'distill.windows is {max(windows)}')
+  # Every split the stages read; an empty or unknown one used to stop the
+  # run at evaluate, after training.
+  documents.check_splits(config, [
+      ('data.train_split', config.data.train_split),
+      ('data.eval_split', config.data.eval_split),
+      ('eval.split', settings.split or config.data.eval_split)])
 
 
 def _runs_newer_than(workdir: str, name: str) -> list[str]:

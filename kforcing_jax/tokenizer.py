@@ -163,9 +163,31 @@ def load_tokenizer(path: str) -> Tokenizer:
   return Tokenizer(backend, path=path, fingerprint=fingerprint)
 
 
+# SentencePiece's max_sentence_length, in bytes.
+_MAX_SENTENCE_BYTES = 1 << 16
+
+
+def _fitting_pieces(line: str) -> list[str]:
+  """`line` cut into pieces SentencePiece trains on: it silently skips a
+  sentence longer than _MAX_SENTENCE_BYTES, which left the text of
+  one-line documents out of the vocabulary (all unk). Cuts at a space
+  where there is one; a character is at most 4 bytes."""
+  if len(line.encode('utf-8')) <= _MAX_SENTENCE_BYTES:
+    return [line]
+  limit, pieces = _MAX_SENTENCE_BYTES // 4, []
+  while len(line) > limit:
+    cut = line.rfind(' ', 0, limit)
+    cut = cut if cut > 0 else limit
+    pieces.append(line[:cut])
+    line = line[cut:]
+  return pieces + [line]
+
+
 def _training_sentences(texts: Iterable[str]) -> list[str]:
   """Non-blank lines: SentencePiece trains on sentences, not documents."""
-  return [line for text in texts for line in text.split('\n') if line.strip()]
+  return [piece for text in texts for line in text.split('\n')
+          if line.strip() for piece in _fitting_pieces(line)
+          if piece.strip()]
 
 
 def train_sentencepiece(texts: Iterable[str], vocab_size: int,
@@ -208,7 +230,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int,
         input_sentence_size=0,
         shuffle_input_sentence=False,
         num_threads=1,  # Multi-threaded BPE breaks ties differently.
-        max_sentence_length=1 << 16,
+        max_sentence_length=_MAX_SENTENCE_BYTES,
         minloglevel=2)
   except RuntimeError as e:
     raise ValueError(

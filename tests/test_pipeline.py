@@ -188,3 +188,22 @@ def test_report_lists_the_teacher_then_students_by_window(tmp_path):
           for line in report.training_section(str(tmp_path))[4:]]
   assert rows == ['teacher', 'student_k1', 'student_k2', 'student_k4',
                   'student_k16']
+
+
+def test_a_split_evaluate_needs_is_checked_before_training(tmp_path):
+  # Five files give no validation split: the pipeline trained the teacher
+  # and students, then stopped at evaluate.
+  docs = tmp_path / 'docs'
+  docs.mkdir()
+  for i in range(5):
+    (docs / f'd{i}.txt').write_text(f'Document {i}: some words. ' * 40)
+  workdir = tmp_path / 'w'
+  r = subprocess.run(_pipeline_cmd(
+      workdir, '--config.data.source=text',
+      f'--config.data.text_glob={docs}/*.txt', '--config.train.eval_every=0',
+      '--config.distill.eval_every=0'),
+      cwd=ROOT, env=_ENV, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2, r.stderr
+  assert r.stderr.strip().splitlines()[-1].startswith(
+      "error: data.eval_split='validation' has no documents"), r.stderr
+  assert not os.path.exists(workdir / 'teacher')

@@ -1,0 +1,96 @@
+"""Which data a workdir was made from, recorded in `{workdir}/data.json`.
+
+Its tokenizer (when trained here) and its models were made from that data.
+Without a record, a later command with other data settings, or run after
+the corpus files changed, went on silently: a tokenizer trained on another
+corpus was reused (half the tokens unk), `distill` or `evaluate` run
+without the teacher's data flags used the demo corpus, and a file added
+under `data.text_glob` moved held-out files into training (the split rule
+goes by file position). What identifies the data: the source, the train
+split, `data.max_documents`, and for 'text' each matched file's name
+relative to their common folder and its size (so a corpus moved or copied
+elsewhere still matches); for 'tfds' the dataset name and text feature.
+"""
+
+import json
+import os
+import sys
+from typing import Any
+
+from kforcing_jax import documents
+from kforcing_jax import files
+
+RECORD = 'data.json'
+
+
+def identity(config) -> dict[str, Any]:
+  """What the record compares (module doc)."""
+  d = config.data
+  out = {'source': documents.check_source(config),
+         'train_split': d.train_split, 'max_documents': int(d.max_documents)}
+  if out['source'] == 'text':
+    paths = documents.text_paths(d.text_glob)
+    root = (os.path.commonpath(paths) if len(paths) > 1
+            else os.path.dirname(paths[0]))
+    out['files'] = [[os.path.relpath(p, root), os.path.getsize(p)]
+                    for p in paths]
+  elif out['source'] == 'tfds':
+    out.update(tfds_name=d.tfds_name, text_feature=d.text_feature)
+  return out
+
+
+def _differences(then: dict[str, Any], now: dict[str, Any]) -> list[str]:
+  out = []
+  for key in sorted(set(then) | set(now)):
+    if key == 'files' or then.get(key) == now.get(key):
+      continue
+    out.append(f'data.{key} was {then.get(key)!r}, now {now.get(key)!r}')
+  if 'files' in then and 'files' in now and then['files'] != now['files']:
+    old, new = dict(map(tuple, then['files'])), dict(map(tuple, now['files']))
+    added = sorted(set(new) - set(old))
+    removed = sorted(set(old) - set(new))
+    resized = sorted(n for n in set(old) & set(new) if old[n] != new[n])
+    parts = [f'{len(names)} {what} (e.g. {names[0]!r})'
+             for names, what in ((added, 'added'), (removed, 'removed'),
+                                 (resized, 'changed size')) if names]
+    out.append('the files data.text_glob matches: ' + ', '.join(parts))
+  return out
+
+
+def check(config, workdir: str) -> dict[str, Any]:
+  """Refuses data other than what the workdir was made from; returns this
+  run's identity, for `write` once the run's tokenizer is settled."""
+  now = identity(config)
+  path = os.path.join(workdir, RECORD)
+  if not os.path.exists(path):
+    return now
+  with open(path, encoding='utf-8') as f:
+    then = json.load(f)
+  changed = _differences(then, now)
+  if changed:
+    raise ValueError(
+        f'{workdir} was made from other data: {"; ".join(changed)}. Its '
+        'tokenizer and models were made from the recorded data, and the '
+        'held-out split goes by file position, so changed files move '
+        'documents between train and held-out. Give the same data settings '
+        '(every command of a workdir needs its data flags), or use another '
+        f'--workdir; to change the data on purpose, delete {path} (and '
+        'tokenizer.model, trained on the old data).')
+  return now
+
+
+def write(now: dict[str, Any], workdir: str) -> None:
+  """Records `now` if the workdir has no record (process 0 only)."""
+  path = os.path.join(workdir, RECORD)
+  if os.path.exists(path):
+    return
+  # Imported here, where it is needed: sharding imports jax.
+  from kforcing_jax import sharding  # pylint: disable=g-import-not-at-top
+  if not sharding.is_main_process():
+    return
+  try:
+    files.atomic_write_text(path, json.dumps(now, indent=1) + '\n')
+  except OSError as e:  # A read-only workdir still decodes.
+    print(f'[data] NOTE: could not record the data in {path} '
+          f'({e.strerror}); it is not checked on later runs',
+          file=sys.stderr)
