@@ -84,7 +84,9 @@ def make_prompts(config, workdir: str, s: bench_settings.BenchSettings,
   """(batch, prefix_len) int32 prompts: random ids or held-out prefixes."""
   if s.prompts == 'heldout':
     from kforcing_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-    tokenizer = data_lib.get_tokenizer(config, workdir)
+    tokenizer = data_lib.get_tokenizer(
+        config, workdir,
+        splits=[('data.eval_split', config.data.eval_split)])
     rows = data_lib.make_eval_batches(config, tokenizer, workdir,
                                       batch_size=1, num_batches=batch)
     prefixes = np.concatenate(rows)[:, :s.prefix_len]

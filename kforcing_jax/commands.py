@@ -42,7 +42,9 @@ def run_teacher(config, workdir: str) -> train_lib.TrainResult:
   # Refuse a mismatched workdir before tokenizing or compiling anything.
   checkpoints.Manager(os.path.join(workdir, task.name)).check_compatible(
       checkpoints.run_meta(task.model_cfg, config))
-  tokenizer = data_lib.get_tokenizer(config, workdir)
+  tokenizer = data_lib.get_tokenizer(
+      config, workdir, record_data=True,
+      splits=data_lib.training_splits(config, config.train.eval_every))
   train_iter = data_lib.make_train_iterator(
       config, tokenizer, workdir, process_index=jax.process_index(),
       process_count=jax.process_count())
@@ -218,7 +220,9 @@ def run_distill(config, workdir: str,
   distill_lib.check_fit(teacher_cfg, dataclasses.replace(
       requested, noise_window=max(config.distill.windows)))
   sconfig = stage_config(config)
-  tokenizer = data_lib.get_tokenizer(config, workdir)
+  tokenizer = data_lib.get_tokenizer(
+      config, workdir,
+      splits=data_lib.training_splits(config, config.distill.eval_every))
   eval_batches = () if not config.distill.eval_every else (
       data_lib.make_eval_batches(
           sconfig, tokenizer, workdir, batch_size=sconfig.train.batch_size,

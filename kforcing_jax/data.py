@@ -49,19 +49,18 @@ _TFDS_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=256)
 # --------------------------------------------------------------------------
 
 
-def _needed_splits(config) -> list[tuple[str, str]]:
-  """The splits a training run reads: train, and the eval split when
-  held-out evals are on."""
+def training_splits(config, eval_every: int) -> list[tuple[str, str]]:
+  """The (setting, split) pairs a training run reads: the train split, and
+  the eval split when its held-out evals are on (`eval_every` > 0)."""
   splits = [('data.train_split', config.data.train_split)]
-  evals = [config.get(section, {}).get('eval_every', 0)
-           for section in ('train', 'distill')]
-  if any(evals):
+  if eval_every:
     splits.append(('data.eval_split', config.data.eval_split))
   return splits
 
 
-def get_tokenizer(config, workdir: str, *,
-                  check_data: bool = True) -> tokenizer_lib.Tokenizer:
+def get_tokenizer(config, workdir: str, *, check_data: bool = True,
+                  splits: Sequence[tuple[str, str]] | None = None,
+                  record_data: bool = False) -> tokenizer_lib.Tokenizer:
   """The run's tokenizer: `data.tokenizer_path`, or SentencePiece trained once.
 
   Without `data.tokenizer_path`, a SentencePiece model with
@@ -69,9 +68,11 @@ def get_tokenizer(config, workdir: str, *,
   `{workdir}/tokenizer.model` (reused as is when present).
 
   With `check_data` (every command that reads data; not `generate`, which
-  only encodes prompts): the splits the run reads must have documents,
-  and the data must be what the workdir was made from (`data_record`),
-  both checked before a tokenizer is trained; the first run records it.
+  only encodes prompts): the `splits` the run reads ((setting, split)
+  pairs; default the train split) must have documents, and the data must
+  be what the workdir was made from (`data_record`), both checked before
+  a tokenizer is trained. `record_data`: record this run's data if the
+  workdir has no record (the teacher's run, which defines the workdir).
 
   Raises:
     ValueError: The tokenizer's vocabulary exceeds `model.vocab_size`, a
@@ -80,7 +81,9 @@ def get_tokenizer(config, workdir: str, *,
   documents.check_source(config)
   identity = None
   if check_data:
-    documents.check_splits(config, _needed_splits(config))
+    if splits is None:
+      splits = [('data.train_split', config.data.train_split)]
+    documents.check_splits(config, splits)
     identity = data_record.check(config, workdir)
   path = config.data.tokenizer_path
   if path:
@@ -109,7 +112,7 @@ def get_tokenizer(config, workdir: str, *,
         f'model.vocab_size {config.model.vocab_size}; raise model.vocab_size '
         'to at least the tokenizer size.')
   tokenizer_lib.check_workdir_tokenizer(tokenizer, workdir)
-  if identity is not None:
+  if identity is not None and record_data:
     data_record.write(identity, workdir)
   return tokenizer
 

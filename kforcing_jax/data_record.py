@@ -68,19 +68,24 @@ def check(config, workdir: str) -> dict[str, Any]:
     then = json.load(f)
   changed = _differences(then, now)
   if changed:
+    files_note = (' The held-out split goes by file position, so changed '
+                  'files move documents between train and held-out.'
+                  if changed[-1].startswith('the files') else '')
     raise ValueError(
         f'{workdir} was made from other data: {"; ".join(changed)}. Its '
-        'tokenizer and models were made from the recorded data, and the '
-        'held-out split goes by file position, so changed files move '
-        'documents between train and held-out. Give the same data settings '
-        '(every command of a workdir needs its data flags), or use another '
-        f'--workdir; to change the data on purpose, delete {path} (and '
-        'tokenizer.model, trained on the old data).')
+        f'tokenizer and models were made from the recorded data.{files_note}'
+        ' Give the same data settings (every command of a workdir needs its '
+        '--config.data.* flags), or use another --workdir; to go on with '
+        'changed data on purpose (keeping the tokenizer and the trained '
+        f'models), delete {path}.')
   return now
 
 
 def write(now: dict[str, Any], workdir: str) -> None:
-  """Records `now` if the workdir has no record (process 0 only)."""
+  """Records `now` if the workdir has no record (process 0 only). Called
+  by the teacher's run, which defines the workdir: another command first
+  on a workdir (an old one without a record) only checks, so a command run
+  with the wrong flags cannot record them."""
   path = os.path.join(workdir, RECORD)
   if os.path.exists(path):
     return

@@ -249,7 +249,9 @@ def run_evaluate(config, workdir: str) -> dict:
     notes.append(f'no student_k* run in {workdir}: teacher only')
   if evaluator is None:
     notes.append('eval.evaluator is empty: evaluator_ppl skipped')
-  tokenizer = data_lib.get_tokenizer(config, workdir)
+  tokenizer = data_lib.get_tokenizer(
+      config, workdir,
+      splits=[('eval.split', s.split or config.data.eval_split)])
   seqs = eval_sequences(config, tokenizer, workdir, s, notes)
   prefixes = seqs[:, :s.prefix_len]
   max_new = teacher_cfg.seq_len - s.prefix_len

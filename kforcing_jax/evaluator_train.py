@@ -34,6 +34,7 @@ import numpy as np
 
 from kforcing_jax import data as data_lib
 from kforcing_jax import defaults
+from kforcing_jax import data_record
 from kforcing_jax import documents
 from kforcing_jax import hf_evaluator
 
@@ -374,6 +375,11 @@ def train_evaluator(config, workdir: str) -> str:
     _report_skip(out, s)
     return out
   _check_output_dir(out)
+  # The workdir's data, as every data-reading command checks it.
+  documents.check_splits(config, [
+      ('data.train_split', config.data.train_split),
+      ('data.eval_split', config.data.eval_split)])
+  data_record.check(config, workdir)
   torch, transformers = hf_evaluator.import_transformers(
       'training the independent evaluator')
   t_start = time.perf_counter()

@@ -176,8 +176,8 @@ def _fitting_pieces(line: str) -> list[str]:
     return [line]
   limit, pieces = _MAX_SENTENCE_BYTES // 4, []
   while len(line) > limit:
-    cut = line.rfind(' ', 0, limit)
-    cut = cut if cut > 0 else limit
+    # After the space: a piece starting with one would learn '▁▁word'.
+    cut = line.rfind(' ', 0, limit - 1) + 1 or limit
     pieces.append(line[:cut])
     line = line[cut:]
   return pieces + [line]

@@ -621,7 +621,9 @@ def test_a_workdir_refuses_other_data_before_training_a_tokenizer(
   c = _config(source='text', text_glob=_text_corpus(tmp_path / 'a', 25),
               max_documents=0)
   workdir = str(tmp_path / 'run')
-  data.get_tokenizer(c, workdir)
+  data.get_tokenizer(c, workdir)  # Checks only: the teacher's run records.
+  assert not os.path.exists(os.path.join(workdir, 'data.json'))
+  data.get_tokenizer(c, workdir, record_data=True)
   with open(os.path.join(workdir, 'data.json')) as f:
     recorded = json.load(f)
   assert recorded['source'] == 'text' and len(recorded['files']) == 25
@@ -660,13 +662,15 @@ def test_an_empty_split_is_named_before_a_tokenizer_is_trained(
   with pytest.raises(ValueError, match=(
       "data.eval_split='validation' has no documents: data.text_glob .* "
       r'matches 5 file\(s\).*validation needs at least 11 files')):
-    data.get_tokenizer(c, str(tmp_path / 'run'))
+    data.get_tokenizer(c, str(tmp_path / 'run'), record_data=True,
+                       splits=data.training_splits(c, eval_every=200))
   assert not os.path.exists(tmp_path / 'run' / 'data.json')
-  # Without held-out evals only the train split is needed.
-  c.train.eval_every = 0
-  c.distill.eval_every = 0
+  # Without held-out evals only the train split is read.
+  assert data.training_splits(c, eval_every=0) == [('data.train_split',
+                                                    'train')]
   monkeypatch.undo()
-  data.get_tokenizer(c, str(tmp_path / 'run'))
+  data.get_tokenizer(c, str(tmp_path / 'run'),
+                     splits=data.training_splits(c, eval_every=0))
 
 
 def test_a_tfds_split_the_dataset_lacks_is_named_before_a_tokenizer(
@@ -675,7 +679,8 @@ def test_a_tfds_split_the_dataset_lacks_is_named_before_a_tokenizer(
   monkeypatch.setattr(tokenizer_lib, 'train_sentencepiece',
                       lambda *a, **k: pytest.fail('trained a tokenizer'))
   with pytest.raises(ValueError, match="'tset'"):
-    data.get_tokenizer(c, str(tmp_path / 'run'))
+    data.get_tokenizer(c, str(tmp_path / 'run'),
+                       splits=data.training_splits(c, eval_every=200))
 
 
 def test_one_line_documents_longer_than_sentencepiece_takes_are_learned(
@@ -690,6 +695,7 @@ def test_one_line_documents_longer_than_sentencepiece_takes_are_learned(
   assert 2 not in ids and tok.decode(ids) == 'αβγ δεζ'  # unk_id=2.
   pieces = tokenizer_lib._fitting_pieces(greek)
   assert ''.join(pieces) == greek and len(pieces) > 1
+  assert not any(p.startswith(' ') for p in pieces)  # Cut after a space.
   assert all(len(p.encode('utf-8')) <= tokenizer_lib._MAX_SENTENCE_BYTES
              for p in pieces)
 

@@ -366,6 +366,13 @@ def test_students_take_the_configs_noise_encoder_fields(tmp_path):
   config.distill.steps_per_stage = 2
   workdir = str(tmp_path)
   commands.run_teacher(config, workdir)
+  # The teacher's run records the workdir's data; later stages check it.
+  with open(os.path.join(workdir, 'data.json')) as f:
+    assert json.load(f)['max_documents'] == 12
+  config.data.max_documents = 13
+  with pytest.raises(ValueError, match='data.max_documents was 12, now 13'):
+    commands.run_distill(config, workdir)
+  config.data.max_documents = 12
   config.model.noise_scale = 77.0
   config.model.noise_mlp_dim = 24
   commands.run_distill(config, workdir)

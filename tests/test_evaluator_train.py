@@ -304,3 +304,13 @@ def test_base_config_is_disabled_and_demo_enabled():
   demo_config = demo.get_config()
   assert demo_config.evaluator_train.enabled
   defaults.validate(demo_config)
+
+
+def test_other_data_than_the_workdirs_is_refused_before_training(docs,
+                                                                 tmp_path):
+  # Run without the teacher's data flags, it trained on the demo corpus.
+  (tmp_path / 'data.json').write_text(json.dumps(
+      {'source': 'sotu', 'train_split': 'train', 'max_documents': 0}))
+  with pytest.raises(ValueError, match="data.source was 'sotu', now 'text'"):
+    et.train_evaluator(_config(docs), str(tmp_path))
+  assert not os.path.exists(tmp_path / 'evaluator')
