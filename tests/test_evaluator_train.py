@@ -192,7 +192,8 @@ def test_unfinished_folder_in_the_way_is_kept(docs, tmp_path, monkeypatch):
 def test_empty_heldout_split_is_named(tmp_path):
   for i in range(5):  # Document 10 would be the first validation one.
     (tmp_path / f'{i:02d}.txt').write_text(_SENTENCE * 20)
-  with pytest.raises(ValueError, match="split 'validation'"):
+  with pytest.raises(ValueError, match="data.eval_split='validation' has "
+                     r'no documents: .* matches 5 file\(s\)'):
     et.train_evaluator(_config(tmp_path), str(tmp_path / 'w'))
   assert not (tmp_path / 'w').exists()
 
