@@ -744,8 +744,8 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
   k, max_new_tokens = int(k), int(max_new_tokens)
   for name, value in (('temperature', temperature),
                       ('frequency_penalty', frequency_penalty)):
-    if (isinstance(value, (bool, np.bool_)) or
-        not isinstance(value, (int, float, np.number, jax.Array)) or
+    # A bool is an int to isinstance: its result type refuses it.
+    if (not isinstance(value, (int, float, np.number, jax.Array)) or
         np.ndim(value) or jnp.issubdtype(jnp.result_type(value), jnp.bool_)):
       raise ValueError(f'{name}={value!r} must be a number (one for the '
                        'whole batch)')

@@ -151,15 +151,6 @@ def _windows(tok, texts, seq_len: int) -> np.ndarray:
   return chunks.astype(np.int64)
 
 
-def _split_texts(config, split: str) -> list[str]:
-  texts = documents.raw_texts(config, split)
-  if not texts:
-    raise ValueError(f'split {split!r} of data.source='
-                     f'{config.data.source!r} has no documents to train or '
-                     'test the evaluator on')
-  return texts
-
-
 def _split_windows(tok, texts, split: str, seq_len: int) -> np.ndarray:
   chunks = _windows(tok, texts, seq_len)
   if not len(chunks):  # pylint: disable=g-explicit-length-test
@@ -319,8 +310,9 @@ def _save(out: str, model, fast_tokenizer, info: dict, metrics: str) -> None:
 def _prepare_data(config, s: EvaluatorSettings):
   """(tokenizer, train windows, held-out windows) from the raw splits."""
   train_split, eval_split = config.data.train_split, config.data.eval_split
-  train_texts = _split_texts(config, train_split)
-  eval_texts = _split_texts(config, eval_split)
+  # Both splits have documents: train_evaluator checked them up front.
+  train_texts = documents.raw_texts(config, train_split)
+  eval_texts = documents.raw_texts(config, eval_split)
   tok = train_tokenizer(train_texts, s.vocab_size)
   train_windows = _split_windows(tok, train_texts, train_split, s.seq_len)
   heldout = _split_windows(tok, eval_texts, eval_split, s.seq_len)
