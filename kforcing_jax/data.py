@@ -93,6 +93,7 @@ def get_tokenizer(config, workdir: str, *, check_data: bool = True,
     if os.path.exists(path):
       tokenizer = tokenizer_lib.load_tokenizer(path)
     else:
+      tokenizer_lib.check_before_training(workdir, path)
       # Said aloud (on stderr: generate's stdout is JSON): a paper config
       # run without its tokenizer file gets another vocabulary than the
       # paper's, and training one takes time.
@@ -106,6 +107,14 @@ def get_tokenizer(config, workdir: str, *, check_data: bool = True,
       texts = documents.raw_texts(config, config.data.train_split)
       tokenizer = tokenizer_lib.train_sentencepiece(
           texts, config.model.vocab_size, path)
+      if (sharding.is_main_process()
+          and tokenizer.vocab_size < config.model.vocab_size):
+        print(f'[data] the tokenizer has {tokenizer.vocab_size} pieces, '
+              f'fewer than model.vocab_size={config.model.vocab_size}: the '
+              'corpus is too small for more, so ids from '
+              f'{tokenizer.vocab_size} up are never used (a smaller '
+              'model.vocab_size saves their parameters)',
+              file=sys.stderr, flush=True)
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ValueError(
         f'Tokenizer {path!r} has vocab_size {tokenizer.vocab_size} > '

@@ -166,13 +166,36 @@ def _tfds_base_name(name: str) -> str:
   return name.split(':')[0].split('/')[0]
 
 
+def _tfds_built(data_dir: str, base_name: str) -> list[str]:
+  """The tfds names built under data_dir/base_name ('name:version' or
+  'name/config:version': folders with a dataset_info.json)."""
+  root = os.path.join(data_dir, base_name)
+  found = []
+  for info in sorted(glob.glob(os.path.join(root, '*', 'dataset_info.json'))
+                     + glob.glob(os.path.join(root, '*', '*',
+                                              'dataset_info.json'))):
+    parts = os.path.relpath(os.path.dirname(info), root).split(os.sep)
+    if any(p.startswith('incomplete') for p in parts):
+      continue  # An interrupted build.
+    config = f'/{parts[0]}' if len(parts) == 2 else ''
+    found.append(f'{base_name}{config}:{parts[-1]}')
+  return found
+
+
 def _tfds_build_hint(config) -> str:
   """Only for error messages: it lists tfds builders (a fraction of a
   second)."""
   name = config.data.tfds_name
   data_dir = config.data.tfds_data_dir or '<data_dir>'
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   base_name = _tfds_base_name(name)
+  built = (_tfds_built(config.data.tfds_data_dir, base_name)
+           if config.data.tfds_data_dir else [])
+  if built:  # Another version or config of it is built there.
+    which = 'it' if len(built) == 1 else 'one of them'
+    return (f'{data_dir} has {", ".join(built)}: set data.tfds_name to '
+            f'{which}, or build {name} with tfds build {name} '
+            f'--file_format=array_record --data_dir={data_dir}')
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   if base_name not in tfds.list_builders(with_community_datasets=False):
     return (f'TFDS has no builder named {base_name!r}: write one (a '
             'tfds.core.GeneratorBasedBuilder with a text feature, named '

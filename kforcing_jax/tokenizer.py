@@ -281,6 +281,28 @@ def check_workdir_tokenizer(tokenizer: Tokenizer, workdir: str) -> None:
             file=sys.stderr)
 
 
+def check_before_training(workdir: str, model_path: str) -> None:
+  """Refuses to train a tokenizer into `model_path` when the workdir's
+  models were made with another file (e.g. a run without the
+  data.tokenizer_path its workdir was made with): `check_workdir_tokenizer`
+  would refuse the result anyway, after the time training took."""
+  record = os.path.join(workdir, TOKENIZER_RECORD)
+  if not os.path.exists(record):
+    return
+  with open(record, encoding='utf-8') as f:
+    recorded = f.read().split()
+  if len(recorded) < 2:
+    return
+  first = ' '.join(recorded[1:])
+  if os.path.abspath(first) != os.path.abspath(model_path):
+    raise ValueError(
+        f'{workdir} was made with the tokenizer {first} (sha256 '
+        f'{recorded[0][:12]}...), and its models read that one\'s ids; '
+        f'without data.tokenizer_path this run would train another into '
+        f'{model_path}. Set data.tokenizer_path={first} or use another '
+        f'--workdir (or delete {record} if you are sure).')
+
+
 def _refuse_another(tokenizer: Tokenizer, workdir: str, first_sha: str,
                     first: str, record: str) -> None:
   """Raises unless `tokenizer` is the file whose sha256 is `first_sha`."""

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -222,6 +223,40 @@ def test_a_workdir_refuses_another_tokenizer(workdir, sp_tok, tmp_path):
   data.get_tokenizer(_config(tokenizer_path=other), fresh)
   with pytest.raises(ValueError, match='is another one'):
     data.get_tokenizer(_config(tokenizer_path=sp_tok.path), fresh)
+
+
+def test_a_workdir_made_with_a_tokenizer_file_refuses_training_another(
+    sp_tok, tmp_path, monkeypatch):
+  # A run without the workdir's data.tokenizer_path trained a SentencePiece
+  # model into it first, and only then was refused for its fingerprint.
+  run = str(tmp_path / 'run')
+  data.get_tokenizer(_config(tokenizer_path=sp_tok.path), run)
+  monkeypatch.setattr(tokenizer_lib, 'train_sentencepiece',
+                      lambda *a, **k: pytest.fail('trained a tokenizer'))
+  with pytest.raises(ValueError, match=(
+      f'made with the tokenizer {re.escape(sp_tok.path)} .*would train '
+      f'another into .*tokenizer.model. Set data.tokenizer_path=')):
+    data.get_tokenizer(_config(), run)
+  assert not os.path.exists(os.path.join(run, 'tokenizer.model'))
+  # A workdir whose own trained tokenizer went missing trains it again.
+  monkeypatch.undo()
+  own = str(tmp_path / 'own')
+  first = data.get_tokenizer(_config(), own)
+  os.remove(os.path.join(own, 'tokenizer.model'))
+  assert data.get_tokenizer(_config(), own).fingerprint == first.fingerprint
+
+
+def test_a_tokenizer_smaller_than_the_vocabulary_is_said(tmp_path, capsys):
+  c = _config(source='text', text_glob=_text_corpus(tmp_path / 'docs', 25),
+              max_documents=0)
+  c.model.vocab_size = 2000
+  tok = data.get_tokenizer(c, str(tmp_path / 'run'))
+  assert tok.vocab_size < 2000  # Else this test checks nothing.
+  assert (f'[data] the tokenizer has {tok.vocab_size} pieces, fewer than '
+          'model.vocab_size=2000') in capsys.readouterr().err
+  # Reused as it is, it is not said again.
+  data.get_tokenizer(c, str(tmp_path / 'run'))
+  assert 'pieces, fewer' not in capsys.readouterr().err
 
 
 def test_a_workdir_from_before_the_record_is_checked_against_its_model(
@@ -523,6 +558,18 @@ def test_tfds_known_builder_never_built_names_the_data_dir(
   with pytest.raises(FileNotFoundError, match='set data.tfds_data_dir') as e:
     _make(c, sp_tok, str(tmp_path))
   assert 'tfds build lm1b --file_format=array_record' in str(e.value)
+
+
+def test_tfds_other_version_names_what_is_built(tmp_path, sp_tok, tfds_dir):
+  # It said "TFDS has no builder named 'kf_tiny_text'", though version
+  # 1.0.0 of it was built in the data dir.
+  for name in ('kf_tiny_text:2.0.0', 'kf_tiny_text/small'):
+    c = _config(source='tfds', tfds_name=name, tfds_data_dir=tfds_dir)
+    with pytest.raises(FileNotFoundError, match=(
+        f'{re.escape(tfds_dir)} has kf_tiny_text:1.0.0: set data.tfds_name '
+        'to it')) as e:
+      _make(c, sp_tok, str(tmp_path))
+    assert 'no builder' not in str(e.value)
 
 
 def test_tfds_unknown_builder_says_there_is_none(tmp_path, sp_tok, tfds_dir):
