@@ -34,7 +34,9 @@ checks it):
 Each samples/NAME.jsonl line: {"index", "model", "k", "penalty", "prefix"
 (text), "text" (prefix + continuation, decoded together), "prefix_ids",
 "token_ids" (generated ids), "teacher_nll" (mean per token), "evaluator_nll"
-(mean per token or null), "entropy"}.
+(mean per token or null), "evaluator_tokens" (how many evaluator tokens that
+mean is over, or null: evaluator_ppl is exp of sum(evaluator_nll *
+evaluator_tokens) / sum(evaluator_tokens) over a model's file), "entropy"}.
 """
 
 import math

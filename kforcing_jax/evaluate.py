@@ -24,7 +24,12 @@ the mean over samples with a bootstrap CI):
                   and re-tokenised by the evaluator's tokenizer; the
                   scored tokens are the continuation, i.e. those after the
                   longest common token prefix of tokenize(prefix text) and
-                  tokenize(full text). null when no evaluator is set.
+                  tokenize(full text), each with the special tokens its
+                  tokenizer puts in front (a BOS) but none it appends (a
+                  sample is not a finished document). A text longer than
+                  the evaluator's context is cut to it (a note in
+                  eval.json says how many samples and tokens). null when
+                  no evaluator is set.
   entropy         unigram entropy (nats) of each sample's generated tokens.
   distinct_n      unique n-grams / total n-grams of each sample, n = 1..4.
   repetition_4    fraction of generated tokens covered by a 4-gram that
@@ -213,6 +218,8 @@ def _sample_lines(entry, prefixes, tokens, prefix_texts, texts, teacher_nll,
         'token_ids': tokens[i].tolist(),
         'teacher_nll': _mean_or_none(teacher_nll[0][i], teacher_nll[1][i]),
         'evaluator_nll': ev,
+        'evaluator_tokens': (None if evaluator_nll is None else
+                             int(evaluator_nll[1][i])),
         'entropy': (None if math.isnan(entropy[i]) else float(entropy[i]))},
                             ensure_ascii=False))
   return '\n'.join(lines) + '\n'
@@ -288,10 +295,16 @@ def run_evaluate(config, workdir: str) -> dict:
                                       s.batch_size)
     e_nll = None
     if evaluator is not None:
-      e_nll = evaluator.nll(
+      *e_nll, cut = evaluator.nll(
           evaluator_prefixes,
           [hf_evaluator.evaluator_text(tokenizer, row, separator)
            for row in full])
+      if cut.any():
+        notes.append(
+            f'{entry.name}: {int((cut > 0).sum())} of {len(cut)} samples '
+            f'are longer than the evaluator\'s {evaluator.max_len} '
+            f'positions in its tokens; their last {int(cut.sum())} tokens '
+            'in all are not scored in evaluator_ppl')
     row, stats = _model_row(entry, tokens, t_nll, e_nll, teacher_tokens,
                             timing, s, sweeper.per_context(entry))
     models[entry.name] = row

@@ -59,6 +59,7 @@ class HFEvaluator:
     mc = self.model.config
     self.max_len = (getattr(mc, 'n_positions', None) or
                     getattr(mc, 'max_position_embeddings', None) or 1 << 30)
+    self._lead = _leading_special_ids(self.tokenizer)
 
   @property
   def document_separator(self) -> str:
@@ -67,29 +68,39 @@ class HFEvaluator:
     return self.tokenizer.eos_token or '\n\n'
 
   def _ids(self, texts: Sequence[str]) -> list[list[int]]:
-    return [list(self.tokenizer(t)['input_ids']) for t in texts]
+    """Each text's ids after the special tokens its tokenizer puts in
+    front (a BOS), but without any it appends: a sample is cut at seq_len,
+    not a finished document, so an appended eos would be scored as if the
+    text ended there."""
+    return [self._lead + list(
+        self.tokenizer(t, add_special_tokens=False)['input_ids'])
+            for t in texts]
 
   def token_spans(self, prefix_texts, texts):
-    """(ids, start) per sample: evaluator ids (truncated), first scored."""
+    """(ids, start, cut) per sample: evaluator ids truncated to its
+    context, the first scored index, and how many ids the truncation cut."""
     out = []
     for p_ids, ids in zip(self._ids(prefix_texts), self._ids(texts)):
+      cut = max(len(ids) - self.max_len, 0)
       ids = ids[:self.max_len]
-      out.append((ids, min(continuation_start(p_ids, ids), len(ids))))
+      out.append((ids, min(continuation_start(p_ids, ids), len(ids)), cut))
     return out
 
   def nll(self, prefix_texts: Sequence[str], texts: Sequence[str]):
-    """(nll_sum (N,), count (N,)) of each text's continuation tokens."""
+    """(nll_sum (N,), count (N,), cut (N,)) of each text's continuation
+    tokens; cut: its tokens past the evaluator's context, not scored."""
     spans = self.token_spans(prefix_texts, texts)
     sums = np.zeros(len(spans))
     counts = np.zeros(len(spans), np.int64)
+    cuts = np.asarray([cut for _, _, cut in spans], np.int64)
     for lo in range(0, len(spans), self.batch_size):
       chunk = spans[lo:lo + self.batch_size]
-      lp = self._logprobs([ids for ids, _ in chunk])
-      for j, (ids, start) in enumerate(chunk):
+      lp = self._logprobs([ids for ids, _, _ in chunk])
+      for j, (ids, start, _) in enumerate(chunk):
         # lp[j, i] scores ids[i + 1]; scored tokens are ids[start:].
         sums[lo + j] = -lp[j, start - 1:len(ids) - 1].sum()
         counts[lo + j] = max(len(ids) - start, 0)
-    return sums, counts
+    return sums, counts, cuts
 
   def _logprobs(self, rows: list[list[int]]) -> np.ndarray:
     """(B, maxlen - 1) next-token log-probs of right-padded rows."""
@@ -106,6 +117,17 @@ class HFEvaluator:
       lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
       out = torch.gather(lp, 2, ids[:, 1:, None])[..., 0]
     return out.double().cpu().numpy()
+
+
+def _leading_special_ids(tokenizer) -> list[int]:
+  """The ids a tokenizer puts before a text's own (a BOS, or none)."""
+  probe = 'a b'
+  full = list(tokenizer(probe)['input_ids'])
+  plain = list(tokenizer(probe, add_special_tokens=False)['input_ids'])
+  for i in range(len(full) - len(plain) + 1):
+    if full[i:i + len(plain)] == plain:
+      return full[:i]
+  return []
 
 
 def evaluator_text(tokenizer, ids, separator: str) -> str:

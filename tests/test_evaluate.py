@@ -316,8 +316,8 @@ def test_hf_evaluator_nll_matches_hand_computation(hf_dir):
   prefixes = ['the cat', 'dogs ran', 'blue']
   texts = ['the cat sat on a mat.', 'dogs ran far away from home and birds',
            'blue skies']
-  nll, count = evaluator.nll(prefixes, texts)  # 3 rows: padded 2nd batch.
-  assert np.all(count > 0) and np.all(np.isfinite(nll))
+  nll, count, cut = evaluator.nll(prefixes, texts)  # Padded 2nd batch.
+  assert np.all(count > 0) and np.all(np.isfinite(nll)) and not cut.any()
   for prefix, text, got_nll, got_count in zip(prefixes, texts, nll, count):
     ids = evaluator.tokenizer(text)['input_ids']
     start = hf_evaluator.continuation_start(
@@ -332,6 +332,60 @@ def test_hf_evaluator_nll_matches_hand_computation(hf_dir):
   ppl = eval_metrics.perplexity_ci(nll, count, _SETTINGS)['mean']
   assert ppl == pytest.approx(math.exp(nll.sum() / count.sum()))
   assert 1.0 < ppl < 1e4
+
+
+def _save_special_token_gpt2(out, template):
+  """A tiny GPT-2 whose tokenizer wraps texts by `template` ('<s> $A',
+  '<s> $A </s>')."""
+  transformers = pytest.importorskip('transformers')
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(
+      add_prefix_space=False)
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  tok.train_from_iterator(_corpus(20, 30), tokenizers.trainers.BpeTrainer(
+      vocab_size=300, special_tokens=['<s>', '</s>'],
+      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+  tok.post_processor = tokenizers.processors.TemplateProcessing(
+      single=template, special_tokens=[('<s>', tok.token_to_id('<s>')),
+                                       ('</s>', tok.token_to_id('</s>'))])
+  transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, bos_token='<s>',
+      eos_token='</s>').save_pretrained(str(out))
+  torch.manual_seed(0)
+  transformers.GPT2LMHeadModel(transformers.GPT2Config(
+      n_layer=1, n_embd=16, n_head=2, n_positions=64,
+      vocab_size=tok.get_vocab_size())).save_pretrained(str(out))
+  return str(out)
+
+
+@pytest.mark.parametrize('template', ['<s> $A', '<s> $A </s>'])
+def test_evaluator_keeps_a_bos_and_scores_no_appended_eos(hf_dir, tmp_path,
+                                                          template):
+  # A tokenizer that appends eos (Llama's add_eos_token) had every sample
+  # scored as if its text ended a document: one made-up token per sample.
+  del hf_dir  # Only for its offline environment.
+  evaluator = hf_evaluator.HFEvaluator(
+      _save_special_token_gpt2(tmp_path / 'hf', template))
+  [(ids, start, cut)] = evaluator.token_spans(['the cat'],
+                                              ['the cat sat on a mat'])
+  scored = evaluator.tokenizer.convert_ids_to_tokens(ids[start:])
+  assert ''.join(scored).replace('Ġ', ' ') == ' sat on a mat'
+  assert ids[0] == evaluator.tokenizer.bos_token_id and cut == 0
+  assert evaluator.nll(['the cat'], ['the cat sat on a mat'])[1][0] == len(
+      scored)
+
+
+def test_evaluator_says_how_much_of_a_long_text_it_cut(hf_dir):
+  evaluator = hf_evaluator.HFEvaluator(hf_dir)  # 64 positions.
+  long_text = ' '.join(_WORDS * 4)
+  whole = len(evaluator.tokenizer(long_text)['input_ids'])
+  assert whole > 64
+  nll, count, cut = evaluator.nll(['the cat'], [long_text])
+  assert cut[0] == whole - 64
+  [(_, start, _)] = evaluator.token_spans(['the cat'], [long_text])
+  assert count[0] == 64 - start and np.isfinite(nll[0])
 
 
 def test_missing_transformers_names_the_extra(monkeypatch, tmp_path):
@@ -434,6 +488,25 @@ def _untrained_setup(hf_dir, tmp_path, monkeypatch, damaged=()):
   return config, str(tmp_path / 'w')
 
 
+def test_run_evaluate_notes_samples_the_evaluator_cut(hf_dir, tmp_path,
+                                                      monkeypatch):
+  # Texts past the evaluator's context were cut to it without a word.
+  config, workdir = _untrained_setup(hf_dir, tmp_path, monkeypatch)
+  real = ev.hf_evaluator.load_evaluator
+
+  def short_context(s):
+    evaluator = real(s)
+    evaluator.max_len = 8  # Prefix + 8 new tokens re-tokenise to more.
+    return evaluator
+
+  monkeypatch.setattr(ev.hf_evaluator, 'load_evaluator', short_context)
+  result = ev.run_evaluate(config, workdir)
+  cut = [n for n in result['notes'] if 'not scored in evaluator_ppl' in n]
+  assert [n.split(':')[0] for n in cut] == list(result['models'])
+  assert all("of 5 samples are longer than the evaluator's 8 positions" in n
+             for n in cut)
+
+
 def test_run_evaluate_untrained_models(hf_dir, tmp_path, monkeypatch, capsys):
   """Full driver on random-init models, a text corpus and the HF evaluator."""
   config, workdir = _untrained_setup(hf_dir, tmp_path, monkeypatch)
@@ -463,6 +536,15 @@ def test_run_evaluate_untrained_models(hf_dir, tmp_path, monkeypatch, capsys):
   assert (sweep['contexts'], sweep['grid']) == (32, 1024)  # The defaults.
   assert 0 <= sweep['accuracy']['mean'] <= 1
   assert 1 <= sweep['distinct_student']['mean'] <= 320
+  # The samples files rebuild the pooled evaluator perplexity.
+  for name, entry in d['models'].items():
+    with open(os.path.join(workdir, entry['samples_file'])) as f:
+      rows = [json.loads(line) for line in f]
+    tokens = sum(r['evaluator_tokens'] for r in rows)
+    total = sum(r['evaluator_nll'] * r['evaluator_tokens'] for r in rows)
+    assert math.exp(total / tokens) == pytest.approx(
+        entry['metrics']['evaluator_ppl']['mean'], rel=1e-9), name
+  assert not any('not scored in evaluator_ppl' in n for n in d['notes'])
   # The 'data' row scores the held-out continuation itself.
   with open(os.path.join(workdir, 'samples', 'data.jsonl')) as f:
     first = json.loads(f.readline())
