@@ -49,7 +49,8 @@ bench.json, as `bench.run_bench` writes it (schema_version 1;
                    full_cache: the 'max' prediction when attention reads the
                    whole preallocated cache every step (decode.py with
                    DecodeSpec.cache_block=0; by default it grows the cache
-                   in blocks of 32 slots, close to the valid-slots model).
+                   in blocks of 32 slots, and the other modes charge each
+                   pass the segment it reads).
   accelerators    [{name, model ('lm1b'|'config'), peak_flops, bandwidth,
                    batch, k, predicted_speedup, ar_step_bound
                    ('compute'|'memory')}] from datasheet numbers, bf16.
@@ -239,6 +240,9 @@ def validate_bench_json(d: dict[str, Any]) -> None:
                          f'batch={b}')
   for i, a in enumerate(d['accelerators']):
     _check_fields(a, _ACCEL, f'accelerators[{i}]')
+    if not a['predicted_speedup'] > 0:
+      raise ValueError(f'bench.json: accelerators[{i}].predicted_speedup '
+                       f'must be > 0, got {a["predicted_speedup"]!r}')
   _check_fields(d['peer'], _PEER, 'peer')
   for i, p in enumerate(d['peer']['results']):
     _check_fields(p, _PEER_RESULT, f'peer.results[{i}]')

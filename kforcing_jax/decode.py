@@ -73,6 +73,39 @@ def _as_int32(value, name: str) -> int:
   return value
 
 
+# DecodeSpec.cache_block's default: the cache grows in blocks of this many
+# slots (see `cache_segments`).
+CACHE_BLOCK = 32
+
+
+def cache_segments(prompt_len: int, k: int, num_steps: int,
+                   cache_block: int) -> list[tuple[int, int]]:
+  """(cache slots, first step that does not fit) of each loop segment.
+
+  Attention reads every slot of the cache, valid or not, and reading the
+  KV cache is most of a large-batch step. So the loop runs in segments
+  whose cache is only as large as their steps need, padded between
+  segments (one copy each); the prefill (step 0) uses the first segment's
+  cache. The step with `step` steps done writes slots
+  [P + (step - 1) k, P + (step + 1) k), so it fits a cache of S slots
+  while step < (S - P) // k. cache_block 0: one segment, the full cache.
+  """
+  full, p = full_cache_size(prompt_len, num_steps, k), prompt_len
+  sizes = []
+  if cache_block > 0:
+    size = -(-(p + 2 * k) // cache_block) * cache_block  # Prefill + step 1.
+    while size < full:
+      sizes.append(size)
+      size += cache_block
+  sizes.append(full)
+  out = []
+  for size in sizes:
+    out.append((size, min(num_steps, (size - p) // k)))
+    if out[-1][1] == num_steps:
+      break
+  return out
+
+
 def full_cache_size(prompt_len: int, num_steps: int, k: int) -> int:
   """KV slots of a whole decode. Step s >= 1 (prefill is step 0) writes
   its 2k inputs at [P + (s - 1) k, P + (s + 1) k), so the last step,
@@ -97,7 +130,7 @@ class DecodeSpec:
   kernel_impl: str = 'auto'  # Vocabulary projection: see projection.py.
   # The cache grows in blocks of this many slots (0: full size from the
   # start), so early steps attend over fewer slots; see `segments`.
-  cache_block: int = 32
+  cache_block: int = CACHE_BLOCK
   # Key-cache layout (model.CACHE_LAYOUTS): 'auto' is `key_layout(spec)`;
   # 'k' or 'kt' forces one (the tokens are the same), e.g. to time both.
   key_layout: str = 'auto'
@@ -148,30 +181,10 @@ class DecodeSpec:
     return full_cache_size(self.prompt_len, self.num_steps, self.k)
 
   def segments(self) -> list[tuple[int, int]]:
-    """(cache slots, first step that does not fit) of each loop segment.
-
-    Attention reads every slot of the cache, valid or not, and reading the
-    KV cache is most of a large-batch step. So the loop runs in segments
-    whose cache is only as large as their steps need, padded between
-    segments (one copy each). The step with `step` steps done writes slots
-    [P + (step - 1) k, P + (step + 1) k), so it fits a cache of S slots
-    while step < (S - P) // k.
-    """
-    full, p, k = self.cache_size, self.prompt_len, self.k
-    sizes = []
-    if self.cache_block > 0:
-      block = self.cache_block
-      size = -(-(p + 2 * k) // block) * block  # Prefill + first step.
-      while size < full:
-        sizes.append(size)
-        size += block
-    sizes.append(full)
-    out = []
-    for size in sizes:
-      out.append((size, min(self.num_steps, (size - p) // k)))
-      if out[-1][1] == self.num_steps:
-        break
-    return out
+    """(cache slots, first step that does not fit) of each loop segment:
+    `cache_segments` of this spec."""
+    return cache_segments(self.prompt_len, self.k, self.num_steps,
+                          self.cache_block)
 
   @property
   def max_new_tokens(self) -> int:

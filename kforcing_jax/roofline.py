@@ -5,17 +5,25 @@ matmul peak and copy bandwidth (`measure_peak_flops`, `measure_bandwidth`)
 and from datasheet numbers for named accelerators (`ACCELERATORS`).
 
 The cost of one cached forward pass over q positions per row, B rows,
-of which e rows per row reach the unembedding (AR step: q=1, e=1; push-forward
-step: q=2k (k tokens + k noise slots), e=k; prefill: q=P (+k), e=1 (k)),
-written at cache index c, as three parts:
-  weights:   FLOPs 2 * n_dense * B*q;
+of which e rows per row are emitting (AR step: q=1, e=1; push-forward step:
+q=2k (k tokens + k noise slots), e=k; prefill: q=P (+k), e=1 (k)), with S
+cache slots in attention, as three parts:
+  weights:   FLOPs 2 * (n_dense - n_emit) * B*q + 2 * n_emit * B*e;
              bytes n_dense * dense_bytes + embedding (or noise-slot) rows.
-  attention: FLOPs 4 * layers * d_model * B*q * (c + q);
-             bytes 2 * layers * d_model * kv_bytes * B * (c read + q written).
+  attention: FLOPs 4 * d_model * B*S * ((layers - 1) * q + e);
+             bytes 2 * layers * d_model * kv_bytes * B * (S read + q written).
   unembed:   FLOPs 2 * d_model * V * B*e; bytes d_model * V * weight_bytes
              + float32 logits written and read back (2 * 4 * B*e*V).
-n_dense is every parameter that touches every position (attention and MLP
-projections, biases, norms): not the embedding, unembedding, noise encoder.
+n_dense is every parameter of the blocks and the final norm (attention and
+MLP projections, biases, norms): not the embedding, unembedding, noise
+encoder. The last block computes only the emitting rows' outputs
+(`num_out`): every row still writes its keys and values, but its query,
+output projection, MLP, MLP norm and the final norm (n_emit parameters) and
+its attention run for the e emitting rows only.
+S is what the decode's attention reads: every slot of the cache it runs
+with, valid or not. `decode_loop` grows its cache in blocks of
+`decode.CACHE_BLOCK` slots (`decode.cache_segments`), so S is the size of
+the segment a pass runs in ('full_cache': the whole cache every pass).
 Bytes per weight are those the decode loop reads: parameters are stored in
 float32 (weight_bytes 4), but `decode_loop` casts the block kernels to the
 compute dtype once before the loop (`model.compute_params`), so in a
@@ -72,7 +80,7 @@ class ModelShape:
   num_layers: int
   d_model: int
   vocab_size: int
-  dense_params: int  # Parameters applied at every position.
+  dense_params: int  # Parameters of the blocks and final norm.
   noise_params: int  # Noise encoder, applied at noise slots only.
   weight_bytes: float  # Bytes per embedding/unembedding/noise parameter.
   kv_bytes: float  # Bytes per KV-cache element.
@@ -83,6 +91,8 @@ class ModelShape:
   # Bytes that model.compute_params moves once per decode (reads the
   # stored weights it casts, writes the cast copies); 0 in float32.
   cast_bytes: float = 0.0
+  # Of dense_params, those applied at emitting rows only (`emit_params`).
+  emit_params: int = 0
 
   @classmethod
   def of(cls, cfg: model_lib.ModelConfig, params=None) -> 'ModelShape':
@@ -105,7 +115,8 @@ class ModelShape:
                vocab_size=cfg.vocab_size, dense_params=dense_params(cfg),
                noise_params=noise, weight_bytes=_bytes_per_param(kept),
                kv_bytes=jnp.dtype(cfg.compute_dtype).itemsize,
-               dense_bytes=_bytes_per_param(dense), cast_bytes=cast_bytes)
+               dense_bytes=_bytes_per_param(dense), cast_bytes=cast_bytes,
+               emit_params=emit_params(cfg))
 
 
 def _nbytes(x) -> int:
@@ -126,22 +137,38 @@ def dense_params(cfg: model_lib.ModelConfig) -> int:
   return cfg.num_layers * per_layer + 2 * d  # + final LayerNorm.
 
 
+def emit_params(cfg: model_lib.ModelConfig) -> int:
+  """Of `dense_params`, those only the emitting rows meet: the last
+  block's query and output projections, MLP and MLP norm, and the final
+  norm (`Attention` and `Block` with num_out)."""
+  d, m = cfg.d_model, cfg.mlp_dim
+  return 2 * d * d + 2 * d * m + m + d + 2 * d + 2 * d
+
+
 @dataclasses.dataclass(frozen=True)
 class Pass:
   """One cached forward pass of a decode: per row, at cache slot `index`."""
   index: int  # Valid cached slots before the pass.
   tokens: int  # Token positions fed.
   noise: int  # Noise-slot positions fed.
-  emit: int  # Rows projected to logits.
+  emit: int  # Emitting rows: those projected to logits.
+  slots: int  # Cache slots attention reads (valid or not).
 
 
-def decode_passes(prompt_len: int, k: int, num_steps: int,
-                  student: bool) -> list[Pass]:
-  """The passes `decode.decode_loop` makes: prefill, then num_steps-1 steps."""
+def decode_passes(prompt_len: int, k: int, num_steps: int, student: bool,
+                  cache_block: int = decode.CACHE_BLOCK) -> list[Pass]:
+  """The passes `decode.decode_loop` makes: prefill, then num_steps-1
+  steps, each reading the cache of its segment (`decode.cache_segments`)."""
   noise = k if student else 0
-  passes = [Pass(0, prompt_len, noise, k)]
+  segments = decode.cache_segments(prompt_len, k, num_steps, cache_block)
+
+  def slots(step):  # Prefill is step 0, in the first segment.
+    return next(size for size, end in segments if step < end)
+
+  passes = [Pass(0, prompt_len, noise, k, slots(0))]
   for step in range(1, num_steps):
-    passes.append(Pass(prompt_len + (step - 1) * k, k, noise, k))
+    passes.append(Pass(prompt_len + (step - 1) * k, k, noise, k,
+                       slots(step)))
   return passes
 
 
@@ -150,21 +177,20 @@ def pass_costs(shape: ModelShape, batch: int, p: Pass,
   """{part: (FLOPs, bytes)} of one pass; see the module docstring.
 
   cache_size: if given, attention reads all these slots (decode.py with
-  DecodeSpec.cache_block=0) instead of the valid ones (decode.py grows its
-  cache in blocks, so it reads at most cache_block - 1 slots past them).
+  DecodeSpec.cache_block=0) instead of the pass's `slots`.
   """
   q = p.tokens + p.noise
   d, layers = shape.d_model, shape.num_layers
-  keys = cache_size if cache_size else p.index + q
-  read = cache_size if cache_size else p.index
-  w_flops = 2.0 * shape.dense_params * batch * q
+  slots = cache_size if cache_size else p.slots
+  w_flops = 2.0 * batch * ((shape.dense_params - shape.emit_params) * q
+                           + shape.emit_params * p.emit)
   w_bytes = shape.dense_params * shape.dense_bytes
   w_bytes += batch * p.tokens * d * shape.weight_bytes  # Embedding rows.
   # The noise slots' rows, embedded before the loop in the compute dtype
   # (that of the KV cache).
   w_bytes += batch * p.noise * d * shape.kv_bytes
-  a_flops = 4.0 * layers * d * batch * q * keys
-  a_bytes = 2.0 * layers * d * shape.kv_bytes * batch * (read + q)
+  a_flops = 4.0 * d * batch * slots * ((layers - 1) * q + p.emit)
+  a_bytes = 2.0 * layers * d * shape.kv_bytes * batch * (slots + q)
   u_flops = 2.0 * d * shape.vocab_size * batch * p.emit
   u_bytes = (d * shape.vocab_size * shape.weight_bytes
              + 2.0 * 4 * batch * p.emit * shape.vocab_size)
@@ -249,7 +275,7 @@ def predicted_speedup(ar: ModelShape, pf: ModelShape, batch: int,
 def ar_step_bound(shape: ModelShape, batch: int, context: int,
                   peak_flops: float, bandwidth: float) -> str:
   """'compute' or 'memory': which limit sets an AR step at `context`."""
-  costs = pass_costs(shape, batch, Pass(context, 1, 0, 1))
+  costs = pass_costs(shape, batch, Pass(context, 1, 0, 1, context + 1))
   flops = sum(f for f, _ in costs.values())
   nbytes = sum(b for _, b in costs.values())
   return 'compute' if flops / peak_flops > nbytes / bandwidth else 'memory'
@@ -315,10 +341,12 @@ def accelerator_predictions(cfg: model_lib.ModelConfig,
                             batch_sizes: Sequence[int], ks: Sequence[int],
                             prefix_len: int,
                             max_new: int) -> list[dict[str, Any]]:
-  """Datasheet roofline ('max') for the LM1B model and this config, bf16."""
+  """Datasheet roofline ('max') for the LM1B model and this config, bf16;
+  no LM1B rows for a prefix that leaves it no new token."""
   rows = []
   models = (('lm1b', LM1B_MODEL, LM1B_MODEL.seq_len - prefix_len),
             ('config', dataclasses.replace(cfg, dtype='bfloat16'), max_new))
+  models = tuple(m for m in models if m[2] > 0)
   for name, peak, bw in ACCELERATORS:
     for label, mcfg, new in models:
       ar = ModelShape.of(mcfg)

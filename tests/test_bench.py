@@ -11,6 +11,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from kforcing_jax import bench_report
 from kforcing_jax import bench_schema
 from kforcing_jax import bench_settings
 from kforcing_jax import bench_timing
+from kforcing_jax import decode
 from kforcing_jax import model as model_lib
 from kforcing_jax import roofline
 
@@ -112,6 +114,8 @@ def test_accelerator_rows_cover_both_models(tiny_run):
     (lambda d: d['roofline'].update(mode='guess'), 'roofline.mode'),
     (lambda d: d['settings'].update(key_layout='diagonal'),
      "settings.key_layout='diagonal'"),
+    (lambda d: d['accelerators'][0].update(predicted_speedup=-0.5),
+     r'accelerators\[0\]\.predicted_speedup must be > 0'),
     (lambda d: d['settings'].update(profile='yes'), 'settings.profile must '
      'be bool'),
     (lambda d: d['settings'].update(kernel_impl='cuda'),
@@ -159,12 +163,14 @@ _HAND = roofline.ModelShape(num_layers=1, d_model=2, vocab_size=3,
 def test_roofline_memory_bound_matches_hand_count():
   # Prompt 2, 4 new tokens. AR: prefill (2 tokens) + 3 one-token steps at
   # cache index 2, 3, 4. PF k=2: prefill (2 tokens + 2 slots) + one step.
-  # bytes = weights (10 + 2 * (tokens + noise slots)) + KV 4 * (index + q)
+  # Both caches are 6 slots (smaller than one cache block), and attention
+  # reads all of them every pass.
+  # bytes = weights (10 + 2 * (tokens + noise slots)) + KV 4 * (6 + q)
   #         + unembed (6 + 8 * 3 * emit); PF also embeds its 4 noise values
   #         once before the loop: 5 noise-encoder weights + 4 * 2 written.
-  ar = (10 + 4 + 8 + 30) + (12 + 12 + 30) + (12 + 16 + 30) + (12 + 20 + 30)
-  pf = (5 + 8) + (10 + 8 + 16 + 54) + (10 + 8 + 24 + 54)
-  assert (ar, pf) == (226, 197)
+  ar = (10 + 4 + 32 + 30) + 3 * (12 + 28 + 30)
+  pf = (5 + 8) + 2 * (10 + 8 + 40 + 54)
+  assert (ar, pf) == (286, 237)
   got = roofline.predicted_speedup(_HAND, _HAND, 1, 2, 2, 4, peak_flops=1e30,
                                 bandwidth=1.0, mode='max')
   assert got == pytest.approx(ar / pf)
@@ -173,10 +179,11 @@ def test_roofline_memory_bound_matches_hand_count():
 
 
 def test_roofline_compute_bound_matches_hand_count():
-  # FLOPs = 2*10*q + 8*q*(index + q) + 12*emit; PF's noise encoder runs
-  # once over its 4 noise values: 2*5*4.
-  ar = (40 + 32 + 12) + (20 + 24 + 12) + (20 + 32 + 12) + (20 + 40 + 12)
-  pf = 40 + (80 + 128 + 24) + (80 + 192 + 24)
+  # FLOPs = 2*10*q + 4*2*6*emit (one layer, which is the last: only the
+  # emitting rows attend) + 12*emit; PF's noise encoder runs once over its
+  # 4 noise values: 2*5*4.
+  ar = (40 + 48 + 12) + 3 * (20 + 48 + 12)
+  pf = 40 + 2 * (80 + 96 + 24)
   got = roofline.predicted_speedup(_HAND, _HAND, 1, 2, 2, 4, peak_flops=1.0,
                                 bandwidth=1e30, mode='max')
   assert got == pytest.approx(ar / pf)
@@ -185,8 +192,8 @@ def test_roofline_compute_bound_matches_hand_count():
 def test_decode_totals_match_hand_count():
   # The two tests above, summed: AR (FLOPs, bytes) and PF k=2 (with its
   # noise encoder) for prompt 2 and 4 new tokens.
-  assert roofline.decode_totals(_HAND, 1, 2, 1, 4) == (276, 226)
-  assert roofline.decode_totals(_HAND, 1, 2, 2, 4) == (568, 197)
+  assert roofline.decode_totals(_HAND, 1, 2, 1, 4) == (340, 286)
+  assert roofline.decode_totals(_HAND, 1, 2, 2, 4) == (440, 237)
   # 'sum' mode charges every pass FLOPs / peak + bytes / bandwidth, so a
   # whole decode costs the totals at those rates.
   for k in (1, 2):
@@ -210,13 +217,72 @@ def test_roofline_modes_are_ordered():
   shape = roofline.ModelShape.of(model_lib.ModelConfig(
       vocab_size=512, seq_len=32, num_layers=2, d_model=64, num_heads=4,
       mlp_dim=128, noise_window=4))
-  p = roofline.Pass(index=10, tokens=4, noise=4, emit=4)
+  p = roofline.Pass(index=10, tokens=4, noise=4, emit=4, slots=32)
   costs = roofline.pass_costs(shape, 8, p)
   t = {m: roofline.pass_time(costs, 1e10, 1e9, m) for m in roofline.MODES}
   assert t['max'] <= t['per_op'] <= t['sum']
-  # Reading the whole cache never costs less than reading the valid part.
+  # Reading the whole cache costs more than reading a segment of it.
   full = roofline.pass_costs(shape, 8, p, cache_size=40)
   assert full['attention'][1] > costs['attention'][1]
+
+
+@pytest.mark.parametrize('k, index', [(1, 9), (4, 14), (4, 38)])
+def test_roofline_flops_of_a_step_match_xla(k, index):
+  # The cost model's FLOPs of one decode step against XLA's count of the
+  # compiled step. It used to charge every layer's projections, MLP and
+  # attention at all 2k positions (the last block runs the k emitting
+  # ones), and attention over the valid slots (it reads the segment).
+  cfg = model_lib.ModelConfig(vocab_size=512, seq_len=64, num_layers=2,
+                              d_model=64, num_heads=4, mlp_dim=256,
+                              noise_window=4 if k > 1 else 0)  # AR teacher.
+  batch, prompt_len, steps = 4, 6, 48 // k
+  spec = decode.DecodeSpec(model=cfg, k=k, num_steps=steps,
+                           prompt_len=prompt_len, greedy=True)
+  p = next(p for p in roofline.decode_passes(prompt_len, k, steps, k > 1)
+           if p.index == index)
+  params = model_lib.compute_params(cfg, model_lib.abstract_params(cfg))
+  state = jax.eval_shape(lambda: decode.DecodeState(
+      cache=decode.init_cache(spec, batch, p.slots),
+      index=jnp.int32(index), pad=jnp.zeros((batch,), jnp.int32),
+      pending=jnp.zeros((batch, k), jnp.int32),
+      tokens=jnp.zeros((batch, steps * k), jnp.int32), step=jnp.int32(3),
+      done=jnp.zeros((batch,), bool), lengths=jnp.zeros((batch,), jnp.int32),
+      counts=None))
+  noise = jax.ShapeDtypeStruct((batch, k), jnp.float32)
+  noise_x = (jax.ShapeDtypeStruct((batch, k, cfg.d_model), jnp.float32)
+             if k > 1 else None)
+  step = jax.jit(lambda params, state, u, x: decode.decode_step(
+      spec, params, state, u, noise_x=x))
+  analysis = step.lower(params, state, noise, noise_x).compile().cost_analysis()
+  xla = (analysis[0] if isinstance(analysis, list) else analysis)['flops']
+  shape = roofline.ModelShape.of(cfg)
+  ours = sum(f for f, _ in roofline.pass_costs(shape, batch, p).values())
+  # XLA also counts softmax, norms, RoPE and sampling; we count matmuls.
+  assert ours == pytest.approx(xla, rel=0.05)  # The old model: 7-17% off.
+
+
+def test_accelerator_rows_skip_lm1b_when_the_prefix_fills_it():
+  # A prefix of 128+ tokens (owt's seq_len is 1024) left LM1B no new token:
+  # its rows printed 0.97 for every k from a negative noise-encoder cost.
+  cfg = model_lib.ModelConfig(vocab_size=61, seq_len=256, num_layers=1,
+                              d_model=16, num_heads=2, mlp_dim=32)
+  rows = roofline.accelerator_predictions(cfg, [1], [2], 130, 100)
+  assert {r['model'] for r in rows} == {'config'}
+  assert all(r['predicted_speedup'] > 1 for r in rows)
+  rows = roofline.accelerator_predictions(cfg, [1], [2], 6, 100)
+  assert {r['model'] for r in rows} == {'config', 'lm1b'}
+
+
+def test_emit_params_are_the_last_blocks_emitting_part():
+  cfg = model_lib.ModelConfig(vocab_size=61, seq_len=16, num_layers=2,
+                              d_model=32, num_heads=4, mlp_dim=64)
+  params = jax.eval_shape(functools.partial(model_lib.init_params, cfg),
+                          jax.random.PRNGKey(0))
+  last = params['block_1']
+  emitting = [last['attn']['query'], last['attn']['out'], last['mlp_in'],
+              last['mlp_out'], last['mlp_norm'], params['final_norm']]
+  assert roofline.emit_params(cfg) == sum(map(model_lib.count_params,
+                                              emitting))
 
 
 def test_dense_and_noise_param_counts_match_the_param_tree():
@@ -252,7 +318,7 @@ def test_model_shape_charges_the_bytes_the_decode_loop_reads():
   f32 = roofline.ModelShape.of(dataclasses.replace(cfg, dtype='float32'))
   assert (f32.dense_bytes, f32.weight_bytes, f32.kv_bytes) == (4, 4, 4)
   # The weights part of a pass charges dense_bytes, not weight_bytes.
-  p = roofline.Pass(index=0, tokens=1, noise=0, emit=1)
+  p = roofline.Pass(index=0, tokens=1, noise=0, emit=1, slots=32)
   rows = d * 4  # One embedding row, float32.
   assert roofline.pass_costs(bf16, 1, p)['weights'][1] == pytest.approx(
       bf16.dense_params * bf16.dense_bytes + rows)
