@@ -22,9 +22,11 @@ from kforcing_jax import bench_report
 from kforcing_jax import bench_schema
 from kforcing_jax import bench_settings
 from kforcing_jax import bench_timing
+from kforcing_jax import config_files
 from kforcing_jax import decode
 from kforcing_jax import model as model_lib
 from kforcing_jax import roofline
+from kforcing_jax import roofline_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -558,3 +560,45 @@ def test_profile_traces_each_cell_once_more(tmp_path, tiny_run,
       bench_schema.validate_bench_json(broken)
   # Off by default: no profile in the default run.
   assert not any('profile' in r for r in tiny_run[1]['results'])
+
+
+def test_roofline_cli_predicts_a_recorded_run_again(capsys):
+  # The committed demo run, predicted with the current cost model from its
+  # own ceilings and settings, next to its measured speedups.
+  path = os.path.join(os.path.dirname(__file__), '..', 'docs',
+                      'bench_demo_cpu.json')
+  demo = os.path.join(os.path.dirname(__file__), '..', 'configs', 'demo.py')
+  assert roofline_cli.main([f'--config={demo}', f'--bench_json={path}']) == 0
+  lines = capsys.readouterr().out.splitlines()
+  d = bench_schema.load_bench_json(path)
+  cfg = model_lib.ModelConfig.from_config(
+      config_files.load_config(demo).model)
+  want = roofline.predictions(
+      roofline.ModelShape.of(cfg),
+      roofline.ModelShape.of(dataclasses.replace(cfg, noise_window=4)), 8, 4,
+      6, 122, d['roofline']['peak_flops'], d['roofline']['bandwidth'])
+  row = next(l.split() for l in lines if l.split()[:2] == ['8', '4'])
+  speedup = next(r['speedup'] for r in d['results']
+                 if (r['batch'], r['k']) == (8, 4))
+  assert [float(v) for v in row[2:]] == pytest.approx(
+      [want['max'], want['sum'], want['per_op'], want['full_cache'], speedup,
+       speedup / want['max']], abs=0.006)
+  # Another config than the run's is named, not predicted.
+  lm1b = os.path.join(os.path.dirname(__file__), '..', 'configs', 'lm1b.py')
+  assert roofline_cli.main([f'--config={lm1b}', f'--bench_json={path}']) == 2
+  assert "model 'teacher' has 5,252,608 parameters" in capsys.readouterr().err
+
+
+def test_roofline_cli_for_given_ceilings(capsys):
+  tiny = os.path.join(os.path.dirname(__file__), '..', 'configs', 'tiny.py')
+  assert roofline_cli.main([f'--config={tiny}', '--peak_flops=1e12',
+                            '--bandwidth=1e11', '--batch_sizes=1,8',
+                            '--ks=2']) == 0
+  out = capsys.readouterr().out.splitlines()
+  assert [l.split()[:2] for l in out[2:]] == [['1', '2'], ['8', '2']]
+  assert roofline_cli.main([f'--config={tiny}']) == 2
+  assert 'give --peak_flops and --bandwidth' in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    roofline_cli.main([f'--config={tiny}', '--peak_flops=-1',
+                       '--bandwidth=1'])
+  assert "'-1' must be > 0" in capsys.readouterr().err
