@@ -13,6 +13,7 @@ import numpy as np
 
 from kforcing_jax import eval_settings
 from kforcing_jax import model as model_lib
+from kforcing_jax import noise as noise_lib
 from kforcing_jax import token_stats
 
 NGRAM_ORDERS = (1, 2, 3, 4)
@@ -109,24 +110,48 @@ def text_stats(tokens_NxT) -> dict[str, np.ndarray]:
   return out
 
 
-def coupling_stats(student_NxT, teacher_NxT, k: int) -> dict[str, Any]:
-  """Per-sample agreement of a student's tokens with the teacher's rollout.
+def _per_slot(equal_NxT: np.ndarray, k: int) -> np.ndarray:
+  """(N, k): mean of equal over positions n with n % k == s (NaN if none)."""
+  slots = np.arange(equal_NxT.shape[1]) % k
+  return np.stack([equal_NxT[:, slots == i].mean(1) if (slots == i).any()
+                   else np.full(len(equal_NxT), np.nan) for i in range(k)], 1)
 
+
+def coupling_stats(student_NxT, teacher_NxT, k: int,
+                   forced_NxT=None) -> dict[str, Any]:
+  """Per-sample agreement of a student's tokens with the teacher's.
+
+  Args:
+    student_NxT: the student's generated tokens.
+    teacher_NxT: the teacher's rollout from the same prefixes and noise.
+    k: the student's tokens per step.
+    forced_NxT: optional, the teacher's token at each of the student's
+      positions, given the student's own tokens before it and the same u
+      (`teacher_forced_fn`).
   Returns:
-    {'agreement': (N,) fraction of equal positions,
+    {'agreement': (N,) fraction of positions equal to the rollout,
      'per_slot': (N, k) the same over positions n with n % k == s,
-     'first_divergence': (N,) tokens before the first mismatch (T if none)}.
+     'first_divergence': (N,) tokens before the first mismatch (T if none)},
+    and with forced_NxT 'forced_agreement' (N,) and 'forced_per_slot'
+    (N, k), the same against the teacher's forced tokens. The rollout's
+    contexts part at the first mismatch, so its later positions say little
+    about the student; the forced tokens share the student's context at
+    every position, so they measure each slot's map throughout.
   """
   s, t = np.asarray(student_NxT), np.asarray(teacher_NxT)
   if s.shape != t.shape:
     raise ValueError(f'student tokens {s.shape} vs teacher {t.shape}')
   equal = s == t
-  slots = np.arange(s.shape[1]) % k
-  per_slot = np.stack([equal[:, slots == i].mean(1) if (slots == i).any()
-                       else np.full(len(s), np.nan) for i in range(k)], 1)
   first = np.where(equal.all(1), s.shape[1], np.argmin(equal, axis=1))
-  return {'agreement': equal.mean(1), 'per_slot': per_slot,
-          'first_divergence': first.astype(np.float64)}
+  out = {'agreement': equal.mean(1), 'per_slot': _per_slot(equal, k),
+         'first_divergence': first.astype(np.float64)}
+  if forced_NxT is not None:
+    forced = np.asarray(forced_NxT)
+    if forced.shape != s.shape:
+      raise ValueError(f'student tokens {s.shape} vs forced {forced.shape}')
+    out['forced_agreement'] = (s == forced).mean(1)
+    out['forced_per_slot'] = _per_slot(s == forced, k)
+  return out
 
 
 def sequence_nll(logprob_fn, tokens_NxL, start: int, batch_size: int):
@@ -165,6 +190,35 @@ def teacher_logprob_fn(cfg: model_lib.ModelConfig, params):
     return jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]
 
   return lambda tokens: fn(params, jnp.asarray(tokens, jnp.int32))
+
+
+def teacher_forced_fn(cfg: model_lib.ModelConfig, params):
+  """(B, L) tokens, (B, T) u -> (B, T): the teacher's inverse-CDF token
+  (temperature 1, as it decodes) at each of the last T positions, given
+  the tokens before it and that position's u: what the teacher would have
+  emitted there in the same context under the same noise."""
+  model = model_lib.Transformer(cfg)
+
+  @jax.jit
+  def fn(p, tokens, u):
+    logits = model.apply({'params': p}, tokens).astype(jnp.float32)
+    return noise_lib.inverse_cdf(logits[:, -u.shape[1] - 1:-1], u)
+
+  return lambda tokens, u: fn(params, jnp.asarray(tokens, jnp.int32),
+                              jnp.asarray(u, jnp.float32))
+
+
+def forced_tokens(forced_fn, tokens_NxL, noise_NxT,
+                  batch_size: int) -> np.ndarray:
+  """`forced_fn` over all rows in padded batches (as `sequence_nll`)."""
+  tokens, noise = np.asarray(tokens_NxL), np.asarray(noise_NxT)
+  out = []
+  for lo in range(0, len(tokens), batch_size):
+    rows = tokens[lo:lo + batch_size]
+    got = forced_fn(pad_rows(rows, batch_size),
+                    pad_rows(noise[lo:lo + batch_size], batch_size))
+    out.append(np.asarray(got)[:len(rows)])
+  return np.concatenate(out)
 
 
 def pad_rows(a: np.ndarray, rows: int) -> np.ndarray:

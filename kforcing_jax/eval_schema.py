@@ -23,6 +23,8 @@ checks it):
                     STAT, "repetition_4": STAT},
         "coupling": null | {"agreement": STAT, "per_slot": [STAT] * k,
                             "first_divergence": STAT,
+                            "forced_agreement": STAT,  # these two optional
+                            "forced_per_slot": [STAT] * k,
                             "noise_sweep": null | SWEEP}  # optional key
       }, ...
     }
@@ -120,6 +122,19 @@ def _check_model(entry, where: str):
                        f'expected k={k}')
     for i, stat in enumerate(slots):
       _check_stat(stat, f'{cw}.per_slot[{i}]')
+    # Absent in eval.json files from before the teacher-forced coupling.
+    if ('forced_agreement' in coupling) != ('forced_per_slot' in coupling):
+      raise ValueError(f'eval.json: {cw} has one of forced_agreement and '
+                       'forced_per_slot without the other')
+    if 'forced_agreement' in coupling:
+      _check_stat(_need(coupling, 'forced_agreement', dict, cw),
+                  f'{cw}.forced_agreement')
+      forced = _need(coupling, 'forced_per_slot', list, cw)
+      if len(forced) != k:
+        raise ValueError(f'eval.json: {cw}.forced_per_slot has '
+                         f'{len(forced)} entries, expected k={k}')
+      for i, stat in enumerate(forced):
+        _check_stat(stat, f'{cw}.forced_per_slot[{i}]')
     sweep = coupling.get('noise_sweep')  # Absent in older eval.json files.
     if sweep is not None:
       noise_sweep.validate(sweep, f'{cw}.noise_sweep', _check_stat)

@@ -39,7 +39,13 @@ the mean over samples with a bootstrap CI):
                   student token == teacher token), `per_slot[s]` (the same
                   over positions n with n % k == s) and `first_divergence`
                   (number of tokens before the first mismatch; the full length
-                  when there is none); `noise_sweep` (unpenalised students
+                  when there is none); `forced_agreement` and
+                  `forced_per_slot[s]`: the same against the teacher's
+                  token at each of the student's positions given the
+                  student's own context and the same u (after a first
+                  mismatch the rollout's context is another, so
+                  `agreement` says little about later positions; these
+                  measure every slot throughout); `noise_sweep` (unpenalised students
                   with eval.sweep_contexts > 0): slot 1's map against the
                   teacher's over a u grid at held-out contexts, see
                   noise_sweep.py.
@@ -178,7 +184,8 @@ def _mean_or_none(total: float, count: int):
 
 
 def _model_row(entry, tokens_NxT, teacher_nll, evaluator_nll, teacher_tokens,
-               timing, s: eval_settings.EvalSettings, sweep=None):
+               timing, s: eval_settings.EvalSettings, sweep=None,
+               forced_NxT=None):
   """The eval.json entry of one model (its schema: eval_schema.py)."""
   ci = dict(num_resamples=s.bootstrap, seed=s.seed, level=s.ci_level)
 
@@ -192,13 +199,18 @@ def _model_row(entry, tokens_NxT, teacher_nll, evaluator_nll, teacher_tokens,
   metrics.update({key: boot(v) for key, v in stats.items()})
   coupling = None
   if entry.kind == 'student':
-    c = eval_metrics.coupling_stats(tokens_NxT, teacher_tokens, entry.k)
+    c = eval_metrics.coupling_stats(tokens_NxT, teacher_tokens, entry.k,
+                                    forced_NxT)
     coupling = {
         'agreement': boot(c['agreement']),
         'per_slot': [boot(c['per_slot'][:, i]) for i in range(entry.k)],
         'first_divergence': boot(c['first_divergence']),
         'noise_sweep': (None if sweep is None else noise_sweep.to_json(
             sweep, s.sweep_grid, boot))}
+    if forced_NxT is not None:
+      coupling['forced_agreement'] = boot(c['forced_agreement'])
+      coupling['forced_per_slot'] = [boot(c['forced_per_slot'][:, i])
+                                     for i in range(entry.k)]
   return {'kind': entry.kind, 'run': entry.run, 'k': entry.k,
           'penalty': float(entry.penalty),
           'samples_file': f'samples/{entry.name}.jsonl',
@@ -271,6 +283,7 @@ def run_evaluate(config, workdir: str) -> dict:
     evaluator_prefixes = [hf_evaluator.evaluator_text(tokenizer, p, separator)
                           for p in prefixes]
   teacher_lp = eval_metrics.teacher_logprob_fn(teacher_cfg, teacher_params)
+  teacher_forced = eval_metrics.teacher_forced_fn(teacher_cfg, teacher_params)
   # Every run is restored before any scoring, so a damaged student
   # checkpoint stops evaluate at once, not after the earlier models.
   loaded = {'teacher': (teacher_cfg, teacher_params)}
@@ -305,8 +318,11 @@ def run_evaluate(config, workdir: str) -> dict:
             f'are longer than the evaluator\'s {evaluator.max_len} '
             f'positions in its tokens; their last {int(cut.sum())} tokens '
             'in all are not scored in evaluator_ppl')
+    forced = (eval_metrics.forced_tokens(teacher_forced, full, noise,
+                                         s.batch_size)
+              if entry.kind == 'student' else None)
     row, stats = _model_row(entry, tokens, t_nll, e_nll, teacher_tokens,
-                            timing, s, sweeper.per_context(entry))
+                            timing, s, sweeper.per_context(entry), forced)
     models[entry.name] = row
     # Written with eval.json at the end: a run that fails part-way leaves
     # the previous eval.json and the samples it describes as they were.
@@ -404,6 +420,9 @@ def _print_progress(entry, row, num, max_new):
     line += f", evaluator ppl {_fmt(m['evaluator_ppl'])}"
   if row['coupling'] is not None:
     line += f", agreement {_fmt(row['coupling']['agreement'])}"
+    if 'forced_agreement' in row['coupling']:
+      line += (', teacher-forced '
+               f"{_fmt(row['coupling']['forced_agreement'])}")
     sweep = row['coupling']['noise_sweep']
     if sweep is not None:
       line += (f"; noise sweep ({sweep['contexts']} contexts x "

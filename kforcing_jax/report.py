@@ -98,8 +98,8 @@ def quality_section(workdir):
            *_evaluator_lines(s.get('evaluator', '')),
            '| model | k | penalty | gen. ppl (teacher) | gen. ppl '
            '(evaluator) | entropy | distinct-4 | rep-4 | agreement with '
-           'teacher | agreement per slot |',
-           '|---|---|---|---|---|---|---|---|---|---|']
+           'teacher | agreement per slot | teacher-forced per slot |',
+           '|---|---|---|---|---|---|---|---|---|---|---|']
   for name, m in ev['models'].items():
     x = m['metrics']
     coupling = m.get('coupling') or {}
@@ -109,7 +109,8 @@ def quality_section(workdir):
         f"{_stat(x['entropy'], 3)} | {_stat(x['distinct_4'], 3)} | "
         f"{_stat(x['repetition_4'], 3)} | "
         f"{_stat(coupling.get('agreement'), 3)} | "
-        f"{_per_slot(coupling.get('per_slot'))} |")
+        f"{_per_slot(coupling.get('per_slot'))} | "
+        f"{_per_slot(coupling.get('forced_per_slot'))} |")
   lines += _sweep_lines(ev['models'])
   lines += [''] + [f'- {n}' for n in ev.get('notes', [])]
   return lines

@@ -63,7 +63,8 @@ def _eval_entry(kind, k=1):
   coupling = None
   if kind == 'student':
     coupling = {'agreement': stat(), 'per_slot': [stat()] * k,
-                'first_divergence': stat()}
+                'first_divergence': stat(), 'forced_agreement': stat(),
+                'forced_per_slot': [stat()] * k}
   return {'kind': kind, 'run': kind, 'k': k, 'penalty': 0.0,
           'samples_file': f'samples/{kind}.jsonl',
           'decode': {'seconds': 1.0, 'tokens_per_s': 2.0,

@@ -80,6 +80,31 @@ def test_coupling_stats_hand_values():
   np.testing.assert_allclose(c['first_divergence'], [2, 5])
   with pytest.raises(ValueError, match='student tokens'):
     eval_metrics.coupling_stats(student[:, :4], teacher, k=2)
+  # Against forced tokens: every position, whatever came before it.
+  forced = np.array([[7, 2, 9, 4, 7], [1, 2, 3, 4, 5]])
+  c = eval_metrics.coupling_stats(student, teacher, 2, forced_NxT=forced)
+  np.testing.assert_allclose(c['forced_agreement'], [0.6, 1.0])
+  np.testing.assert_allclose(c['forced_per_slot'], [[1 / 3, 1.0], [1.0, 1.0]])
+  with pytest.raises(ValueError, match='forced'):
+    eval_metrics.coupling_stats(student, teacher, 2, forced_NxT=forced[:1])
+
+
+def test_teacher_forced_tokens_reproduce_the_teachers_own_rollout():
+  # Forced on its own rollout, the teacher emits that rollout again: the
+  # same inverse CDF of the same u, the full forward in place of the cache.
+  cfg = model_lib.ModelConfig(vocab_size=23, seq_len=16, num_layers=1,
+                              d_model=16, num_heads=2, mlp_dim=32)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(2))
+  prefixes = np.array([[3, 4, 5], [7, 1, 2], [9, 9, 9]], np.int32)
+  noise = np.asarray(jax.random.uniform(jax.random.PRNGKey(3), (3, 13)))
+  rollout = ev.generate_fixed(cfg, params, prefixes, noise, k=1)
+  fn = eval_metrics.teacher_forced_fn(cfg, params)
+  full = np.concatenate([prefixes, rollout], axis=1)
+  forced = eval_metrics.forced_tokens(fn, full, noise, batch_size=2)
+  np.testing.assert_array_equal(forced, rollout)
+  # Another context or other noise gives other tokens: the check has teeth.
+  shifted = eval_metrics.forced_tokens(fn, full, np.roll(noise, 1, 1), 2)
+  assert (shifted != rollout).mean() > 0.3
 
 
 # --------------------------------------------------------------------------
@@ -414,6 +439,10 @@ def test_missing_transformers_names_the_extra(monkeypatch, tmp_path):
      'models.student_k2.coupling.per_slot'),
     (lambda d: d['models']['student_k2'].update(coupling=None),
      'models.student_k2.coupling'),
+    (lambda d: d['models']['student_k2']['coupling']['forced_per_slot'].pop(),
+     'models.student_k2.coupling.forced_per_slot has 1 entries'),
+    (lambda d: d['models']['student_k2']['coupling'].pop('forced_per_slot'),
+     'one of forced_agreement and forced_per_slot without the other'),
     (lambda d: d['models']['teacher'].update(k='1'), 'models.teacher.k'),
     (lambda d: d['models']['teacher']['metrics']['teacher_ppl'].update(
         mean=None), 'models.teacher.metrics.teacher_ppl'),
@@ -613,6 +642,9 @@ def test_run_evaluate_tiny_trained(trained_workdir, hf_dir, capsys):
   models = d['models']
   assert models['student_k3']['run'] == 'student_k4'
   assert len(models['student_k4']['coupling']['per_slot']) == 4
+  assert len(models['student_k4']['coupling']['forced_per_slot']) == 4
+  forced = models['student_k4']['coupling']['forced_agreement']
+  assert forced['n'] == 6 and 0 <= forced['mean'] <= 1
   assert models['teacher']['coupling'] is None
   assert models['teacher']['decode']['tokens_per_s'] > 0
   # Sweeps on unpenalised rows only; k=3 and k=4 share run student_k4, so
@@ -766,5 +798,5 @@ def test_report_shows_agreement_per_slot(tmp_path):
   (tmp_path / 'eval.json').write_text(json.dumps(d))
   rows = {line.split(' | ')[0]: line for line in
           report.quality_section(str(tmp_path)) if line.startswith('| ')}
-  assert rows['| student_k2'].endswith('| 0.250 / 0.125 |')
-  assert rows['| teacher'].endswith('| n/a |')
+  assert rows['| student_k2'].endswith('| 0.250 / 0.125 | 1.000 / 1.000 |')
+  assert rows['| teacher'].endswith('| n/a | n/a |')
