@@ -34,7 +34,9 @@ checks it):
   SWEEP = noise_sweep.py's JSON form (STATs over contexts, not samples).
 
 Each samples/NAME.jsonl line: {"index", "model", "k", "penalty", "prefix"
-(text), "text" (prefix + continuation, decoded together), "prefix_ids",
+(text), "text" (prefix + continuation, decoded together by the data
+tokenizer, which drops eos: the evaluator scores the same ids with each eos
+written as its own eos token), "prefix_ids",
 "token_ids" (generated ids), "teacher_nll" (mean per token), "evaluator_nll"
 (mean per token or null), "evaluator_tokens" (how many evaluator tokens that
 mean is over, or null: evaluator_ppl is exp of sum(evaluator_nll *
