@@ -79,8 +79,8 @@ def test_saved_dir_loads_as_the_evaluator(trained):
   assert evaluator.tokenizer.eos_token == et.EOS
   assert evaluator.max_len == 32
   texts = ['the quick brown fox jumps', 'over the lazy dog and runs home.']
-  nll, count = evaluator.nll(['the quick', 'over the'], texts)
-  assert np.all(count > 0) and np.all(np.isfinite(nll))
+  nll, count, cut = evaluator.nll(['the quick', 'over the'], texts)
+  assert np.all(count > 0) and np.all(np.isfinite(nll)) and not cut.any()
   # Byte-level BPE: any text round-trips, nothing is unknown.
   odd = 'Zürich 42 ✓ \n tabs\t'
   assert evaluator.tokenizer.decode(evaluator.tokenizer(odd)['input_ids']
