@@ -182,14 +182,15 @@ def _tfds_built(data_dir: str, base_name: str) -> list[str]:
   return found
 
 
-def _tfds_build_hint(config) -> str:
+def _tfds_build_hint(config, not_found: bool = False) -> str:
   """Only for error messages: it lists tfds builders (a fraction of a
-  second)."""
+  second). `not_found`: tfds found no such name, so other versions or
+  configs of it built in the data dir are named."""
   name = config.data.tfds_name
   data_dir = config.data.tfds_data_dir or '<data_dir>'
   base_name = _tfds_base_name(name)
   built = (_tfds_built(config.data.tfds_data_dir, base_name)
-           if config.data.tfds_data_dir else [])
+           if config.data.tfds_data_dir and not_found else [])
   if built:  # Another version or config of it is built there.
     which = 'it' if len(built) == 1 else 'one of them'
     return (f'{data_dir} has {", ".join(built)}: set data.tfds_name to '
@@ -226,7 +227,7 @@ def tfds_source(config, split: str):
   except tfds.core.DatasetNotFoundError as e:
     raise FileNotFoundError(
         f'TFDS dataset {name!r} not found (data_dir={data_dir!r}). '
-        f'{_tfds_build_hint(config)}') from e
+        f'{_tfds_build_hint(config, not_found=True)}') from e
   except KeyError as e:  # A known builder whose data was never prepared.
     raise FileNotFoundError(
         f'TFDS dataset {name!r} split {split!r} is not built in '

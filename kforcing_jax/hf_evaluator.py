@@ -127,7 +127,9 @@ def _leading_special_ids(tokenizer) -> list[int]:
   for i in range(len(full) - len(plain) + 1):
     if full[i:i + len(plain)] == plain:
       return full[:i]
-  return []
+  # The probe tokenised differently with specials: keep a leading BOS.
+  bos = getattr(tokenizer, 'bos_token_id', None)
+  return [bos] if bos is not None and full[:1] == [bos] else []
 
 
 def evaluator_text(tokenizer, ids, separator: str) -> str:

@@ -273,8 +273,9 @@ def check_workdir_tokenizer(tokenizer: Tokenizer, workdir: str) -> None:
   from kforcing_jax import sharding  # pylint: disable=g-import-not-at-top
   if sharding.is_main_process():
     try:
-      files.atomic_write_text(record,
-                              f'{tokenizer.fingerprint} {tokenizer.path}\n')
+      files.atomic_write_text(
+          record,
+          f'{tokenizer.fingerprint} {os.path.abspath(tokenizer.path)}\n')
     except OSError as e:  # A read-only workdir still decodes.
       print(f'[data] NOTE: could not record the tokenizer in {record} '
             f'({e.strerror}); it is not checked on later runs',
@@ -290,11 +291,15 @@ def check_before_training(workdir: str, model_path: str) -> None:
   if not os.path.exists(record):
     return
   with open(record, encoding='utf-8') as f:
-    recorded = f.read().split()
+    recorded = f.read().strip().split(maxsplit=1)
   if len(recorded) < 2:
     return
-  first = ' '.join(recorded[1:])
-  if os.path.abspath(first) != os.path.abspath(model_path):
+  first = recorded[1]
+  # Only a file that is there and is another: a record with a relative
+  # path (a relative --workdir) or of a moved workdir may not resolve from
+  # here; training then goes on and the fingerprint check decides.
+  if os.path.isfile(first) and not (os.path.exists(model_path) and
+                                    os.path.samefile(first, model_path)):
     raise ValueError(
         f'{workdir} was made with the tokenizer {first} (sha256 '
         f'{recorded[0][:12]}...), and its models read that one\'s ids; '

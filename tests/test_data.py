@@ -238,6 +238,16 @@ def test_a_workdir_made_with_a_tokenizer_file_refuses_training_another(
       f'another into .*tokenizer.model. Set data.tokenizer_path=')):
     data.get_tokenizer(_config(), run)
   assert not os.path.exists(os.path.join(run, 'tokenizer.model'))
+  # A recorded file that is not there (a workdir recorded under a relative
+  # path, run from elsewhere; a moved one) does not stop training: the
+  # fingerprint check decides, and here it is another tokenizer.
+  moved = str(tmp_path / 'moved')
+  os.makedirs(moved)
+  with open(os.path.join(moved, tokenizer_lib.TOKENIZER_RECORD), 'w') as f:
+    f.write(f'{sp_tok.fingerprint} elsewhere/tokenizer.model\n')
+  monkeypatch.undo()
+  with pytest.raises(ValueError, match='is another one'):
+    data.get_tokenizer(_config(max_documents=3), moved)
   # A workdir whose own trained tokenizer went missing trains it again.
   monkeypatch.undo()
   own = str(tmp_path / 'own')
@@ -570,6 +580,11 @@ def test_tfds_other_version_names_what_is_built(tmp_path, sp_tok, tfds_dir):
         'to it')) as e:
       _make(c, sp_tok, str(tmp_path))
     assert 'no builder' not in str(e.value)
+  # Other errors of a built name (an unbuilt split, another file format)
+  # do not offer the name the user already gave.
+  c = _config(source='tfds', tfds_name='kf_tiny_text:1.0.0',
+              tfds_data_dir=tfds_dir)
+  assert 'kf_tiny_text:1.0.0:' not in documents._tfds_build_hint(c)
 
 
 def test_tfds_unknown_builder_says_there_is_none(tmp_path, sp_tok, tfds_dir):

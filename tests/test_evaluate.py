@@ -402,6 +402,21 @@ def test_evaluator_keeps_a_bos_and_scores_no_appended_eos(hf_dir, tmp_path,
       scored)
 
 
+def test_leading_specials_fall_back_to_a_leading_bos():
+  # A tokenizer whose probe text tokenises differently with its specials
+  # still gets its BOS in front.
+  class Merging:
+    bos_token_id = 1
+
+    def __call__(self, text, add_special_tokens=True):
+      del text
+      return {'input_ids': [1, 7, 8] if add_special_tokens else [5, 6]}
+
+  assert hf_evaluator._leading_special_ids(Merging()) == [1]
+  Merging.bos_token_id = None
+  assert hf_evaluator._leading_special_ids(Merging()) == []
+
+
 def test_evaluator_says_how_much_of_a_long_text_it_cut(hf_dir):
   evaluator = hf_evaluator.HFEvaluator(hf_dir)  # 64 positions.
   long_text = ' '.join(_WORDS * 4)
