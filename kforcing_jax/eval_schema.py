@@ -40,7 +40,8 @@ written as its own eos token), "prefix_ids",
 "token_ids" (generated ids), "teacher_nll" (mean per token), "evaluator_nll"
 (mean per token or null), "evaluator_tokens" (how many evaluator tokens that
 mean is over, or null: evaluator_ppl is exp of sum(evaluator_nll *
-evaluator_tokens) / sum(evaluator_tokens) over a model's file), "entropy"}.
+evaluator_tokens) / sum(evaluator_tokens) over a model's file, skipping
+rows whose evaluator_nll is null), "entropy"}.
 """
 
 import math

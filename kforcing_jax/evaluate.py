@@ -45,7 +45,10 @@ the mean over samples with a bootstrap CI):
                   student's own context and the same u (after a first
                   mismatch the rollout's context is another, so
                   `agreement` says little about later positions; these
-                  measure every slot throughout); `noise_sweep` (unpenalised students
+                  measure every slot throughout; a note gives their
+                  ceiling when the teacher, forced on its own rollout,
+                  does not reproduce all of it, as in bfloat16);
+                  `noise_sweep` (unpenalised students
                   with eval.sweep_contexts > 0): slot 1's map against the
                   teacher's over a u grid at held-out contexts, see
                   noise_sweep.py.
@@ -177,6 +180,21 @@ def eval_sequences(config, tokenizer, workdir: str,
                  f'evaluated {len(seqs)} of eval.num_samples='
                  f'{s.num_samples}')
   return seqs
+
+
+def forced_ceiling_note(forced_NxT, rollout_NxT, dtype: str) -> str | None:
+  """A note when the teacher, forced on its own rollout, does not give it
+  back: the forced tokens come from its full forward, the rollout from its
+  cached decode, and in bfloat16 the two round differently, so inverse-CDF
+  samples near a boundary flip. That agreement bounds every student's
+  forced_agreement."""
+  same = float(np.mean(np.asarray(forced_NxT) == np.asarray(rollout_NxT)))
+  if same == 1.0:
+    return None
+  return (f'teacher-forced ceiling: the teacher forced on its own rollout '
+          f'agrees on {same:.4f} of its tokens (its full forward and its '
+          f'cached decode round differently in {dtype}); the students\' '
+          'forced_agreement is bounded by it')
 
 
 def _mean_or_none(total: float, count: int):
@@ -318,9 +336,14 @@ def run_evaluate(config, workdir: str) -> dict:
             f'are longer than the evaluator\'s {evaluator.max_len} '
             f'positions in its tokens; their last {int(cut.sum())} tokens '
             'in all are not scored in evaluator_ppl')
-    forced = (eval_metrics.forced_tokens(teacher_forced, full, noise,
-                                         s.batch_size)
-              if entry.kind == 'student' else None)
+    forced = None
+    if entry.kind in ('teacher', 'student'):
+      forced = eval_metrics.forced_tokens(teacher_forced, full, noise,
+                                          s.batch_size)
+    if entry.kind == 'teacher':
+      note = forced_ceiling_note(forced, tokens, teacher_cfg.dtype)
+      if note:
+        notes.append(note)
     row, stats = _model_row(entry, tokens, t_nll, e_nll, teacher_tokens,
                             timing, s, sweeper.per_context(entry), forced)
     models[entry.name] = row

@@ -23,7 +23,8 @@ its attention run for the e emitting rows only.
 S is what the decode's attention reads: every slot of the cache it runs
 with, valid or not. `decode_loop` grows its cache in blocks of
 `decode.CACHE_BLOCK` slots (`decode.cache_segments`), so S is the size of
-the segment a pass runs in ('full_cache': the whole cache every pass).
+the segment a pass runs in, and each growth copies the cache once
+(`grow_bytes`; 'full_cache': the whole cache every pass, never grown).
 Bytes per weight are those the decode loop reads: parameters are stored in
 float32 (weight_bytes 4), but `decode_loop` casts the block kernels to the
 compute dtype once before the loop (`model.compute_params`), so in a
@@ -235,19 +236,31 @@ def decode_totals(shape: ModelShape, batch: int, prompt_len: int, k: int,
 
 def _decode_costs(shape: ModelShape, batch: int, prompt_len: int, k: int,
                   max_new: int, full_cache: bool = False) -> list[dict]:
-  """{part: (FLOPs, bytes)} of each pass of a decode, then (students) of
-  the noise encoder's one pass over all of its noise, then (below float32)
-  of the one cast of the block weights."""
+  """{part: (FLOPs, bytes)} of each pass of a decode, then of each copy
+  that grows its cache to the next segment, then (students) of the noise
+  encoder's one pass over all of its noise, then (below float32) of the
+  one cast of the block weights."""
   steps = -(-max_new // k)
   cache_size = (decode.full_cache_size(prompt_len, steps, k) if full_cache
                 else None)
   out = [pass_costs(shape, batch, p, cache_size)
          for p in decode_passes(prompt_len, k, steps, student=k > 1)]
+  if not full_cache:
+    segments = decode.cache_segments(prompt_len, k, steps, decode.CACHE_BLOCK)
+    for (old, _), (new, _) in zip(segments, segments[1:]):
+      out.append({'grow': (0.0, grow_bytes(shape, batch, old, new))})
   if k > 1:
     out.append({'noise': noise_encoder_costs(shape, batch, steps * k)})
   if shape.cast_bytes:
     out.append({'cast': (0.0, float(shape.cast_bytes))})
   return out
+
+
+def grow_bytes(shape: ModelShape, batch: int, old: int, new: int) -> float:
+  """Bytes of `decode.grow_cache` from `old` to `new` slots: every
+  layer's keys and values read at the old size, written at the new."""
+  return (2.0 * shape.num_layers * shape.d_model * shape.kv_bytes * batch
+          * (old + new))
 
 
 def noise_encoder_costs(shape: ModelShape, batch: int,
@@ -275,7 +288,9 @@ def predicted_speedup(ar: ModelShape, pf: ModelShape, batch: int,
 def ar_step_bound(shape: ModelShape, batch: int, context: int,
                   peak_flops: float, bandwidth: float) -> str:
   """'compute' or 'memory': which limit sets an AR step at `context`."""
-  costs = pass_costs(shape, batch, Pass(context, 1, 0, 1, context + 1))
+  block = decode.CACHE_BLOCK  # The segment holding slot `context`.
+  slots = -(-(context + 1) // block) * block
+  costs = pass_costs(shape, batch, Pass(context, 1, 0, 1, slots))
   flops = sum(f for f, _ in costs.values())
   nbytes = sum(b for _, b in costs.values())
   return 'compute' if flops / peak_flops > nbytes / bandwidth else 'memory'

@@ -101,13 +101,15 @@ def main(argv=None) -> int:
       _check_models(d, cfg, dataclasses.replace(cfg, noise_window=max(ks)),
                     args.bench_json)
       measured = {(r['batch'], r['k']): r['speedup'] for r in d['results']}
+      mode = settings['roofline']
     else:
       if args.peak_flops is None or args.bandwidth is None:
         raise ValueError('give --peak_flops and --bandwidth, or --bench_json')
       batch_sizes, ks, prefix_len = args.batch_sizes, args.ks, args.prefix_len
       max_new = args.max_new_tokens or cfg.seq_len - prefix_len
       peak, bw = args.peak_flops, args.bandwidth
-    if not 1 <= prefix_len or prefix_len + max_new > cfg.seq_len:
+      mode = 'max'
+    if prefix_len < 1 or max_new < 1 or prefix_len + max_new > cfg.seq_len:
       raise ValueError(f'prefix_len={prefix_len} + max_new_tokens={max_new} '
                        f'must fit model.seq_len={cfg.seq_len}')
     table = rows(cfg, batch_sizes, ks, prefix_len, max_new, peak, bw)
@@ -118,12 +120,12 @@ def main(argv=None) -> int:
         f'GFLOP/s, bandwidth {bw / 1e9:,.2f} GB/s; {prefix_len}-token '
         f'prompts + {max_new} new tokens')
   head = 'batch  k  pred(max)  pred(sum)  per_op  full_cache'
-  print(head + ('  measured  meas/pred' if measured else ''))
+  print(head + (f'  measured  meas/pred({mode})' if measured else ''))
   for b, k, p in table:
     line = (f'{b:5d} {k:2d}  {p["max"]:9.2f}  {p["sum"]:9.2f}  '
             f'{p["per_op"]:6.2f}  {p["full_cache"]:10.2f}')
     if (b, k) in measured:
-      line += f'  {measured[b, k]:8.2f}  {measured[b, k] / p["max"]:9.2f}'
+      line += f'  {measured[b, k]:8.2f}  {measured[b, k] / p[mode]:9.2f}'
     print(line)
   return 0
 

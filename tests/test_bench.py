@@ -205,6 +205,24 @@ def test_decode_totals_match_hand_count():
                                          flops / 7.0 + nbytes / 5.0)
 
 
+def test_decode_totals_charge_each_cache_growth_once():
+  # Prompt 2 + 40 AR steps: a 32-slot segment, then the full 42 slots, so
+  # decode_loop copies the cache once: 1 layer x (K + V) x width 2 x 1 byte
+  # x (32 read + 42 written).
+  passes = roofline.decode_passes(2, 1, 40, student=False)
+  assert [p.slots for p in passes[::10]] == [32, 32, 32, 42]
+  pass_bytes = sum(b for p in passes
+                   for _, b in roofline.pass_costs(_HAND, 1, p).values())
+  assert roofline.decode_totals(_HAND, 1, 2, 1, 40)[1] == pass_bytes + 2 * 2 * (
+      32 + 42)
+  # A full cache from the start is never grown.
+  full = roofline.predict_decode_time(_HAND, 1, 2, 1, 40, 1e30, 1.0,
+                                      full_cache=True)
+  assert full == pytest.approx(sum(
+      b for p in passes
+      for _, b in roofline.pass_costs(_HAND, 1, p, cache_size=42).values()))
+
+
 def test_weight_bound_regime_gives_k():
   # When reading the weights dominates every step, each pass costs the
   # same, so the speedup is the ratio of pass counts: exactly k.
@@ -598,6 +616,9 @@ def test_roofline_cli_for_given_ceilings(capsys):
   assert [l.split()[:2] for l in out[2:]] == [['1', '2'], ['8', '2']]
   assert roofline_cli.main([f'--config={tiny}']) == 2
   assert 'give --peak_flops and --bandwidth' in capsys.readouterr().err
+  assert roofline_cli.main([f'--config={tiny}', '--peak_flops=1e12',
+                            '--bandwidth=1e11', '--max_new_tokens=-3']) == 2
+  assert 'max_new_tokens=-3 must fit' in capsys.readouterr().err
   with pytest.raises(SystemExit):
     roofline_cli.main([f'--config={tiny}', '--peak_flops=-1',
                        '--bandwidth=1'])

@@ -89,6 +89,15 @@ def test_coupling_stats_hand_values():
     eval_metrics.coupling_stats(student, teacher, 2, forced_NxT=forced[:1])
 
 
+def test_forced_ceiling_note_only_when_the_teacher_is_not_reproduced():
+  rollout = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+  assert ev.forced_ceiling_note(rollout, rollout, 'float32') is None
+  off = rollout.copy()
+  off[1, 3] = 0
+  note = ev.forced_ceiling_note(off, rollout, 'bfloat16')
+  assert 'agrees on 0.8750 of its tokens' in note and 'bfloat16' in note
+
+
 def test_teacher_forced_tokens_reproduce_the_teachers_own_rollout():
   # Forced on its own rollout, the teacher emits that rollout again: the
   # same inverse CDF of the same u, the full forward in place of the cache.
