@@ -90,6 +90,16 @@ def _check_stat(stat, where: str):
     raise ValueError(f'eval.json: {where!r} has lo > hi')
 
 
+def _check_slots(coupling, key: str, k: int, where: str):
+  """coupling[key] must be k STATs, one per slot."""
+  slots = _need(coupling, key, list, where)
+  if len(slots) != k:
+    raise ValueError(f'eval.json: {where}.{key} has {len(slots)} entries, '
+                     f'expected k={k}')
+  for i, stat in enumerate(slots):
+    _check_stat(stat, f'{where}.{key}[{i}]')
+
+
 def _check_model(entry, where: str):
   kind = _need(entry, 'kind', str, where)
   if kind not in ('data', 'teacher', 'student'):
@@ -119,12 +129,7 @@ def _check_model(entry, where: str):
     _check_stat(_need(coupling, 'agreement', dict, cw), f'{cw}.agreement')
     _check_stat(_need(coupling, 'first_divergence', dict, cw),
                 f'{cw}.first_divergence')
-    slots = _need(coupling, 'per_slot', list, cw)
-    if len(slots) != k:
-      raise ValueError(f'eval.json: {cw}.per_slot has {len(slots)} entries, '
-                       f'expected k={k}')
-    for i, stat in enumerate(slots):
-      _check_stat(stat, f'{cw}.per_slot[{i}]')
+    _check_slots(coupling, 'per_slot', k, cw)
     # Absent in eval.json files from before the teacher-forced coupling.
     if ('forced_agreement' in coupling) != ('forced_per_slot' in coupling):
       raise ValueError(f'eval.json: {cw} has one of forced_agreement and '
@@ -132,12 +137,7 @@ def _check_model(entry, where: str):
     if 'forced_agreement' in coupling:
       _check_stat(_need(coupling, 'forced_agreement', dict, cw),
                   f'{cw}.forced_agreement')
-      forced = _need(coupling, 'forced_per_slot', list, cw)
-      if len(forced) != k:
-        raise ValueError(f'eval.json: {cw}.forced_per_slot has '
-                         f'{len(forced)} entries, expected k={k}')
-      for i, stat in enumerate(forced):
-        _check_stat(stat, f'{cw}.forced_per_slot[{i}]')
+      _check_slots(coupling, 'forced_per_slot', k, cw)
     sweep = coupling.get('noise_sweep')  # Absent in older eval.json files.
     if sweep is not None:
       noise_sweep.validate(sweep, f'{cw}.noise_sweep', _check_stat)
