@@ -257,11 +257,10 @@ def check_workdir_tokenizer(tokenizer: Tokenizer, workdir: str) -> None:
   """
   record = os.path.join(workdir, TOKENIZER_RECORD)
   if os.path.exists(record):
-    with open(record, encoding='utf-8') as f:
-      recorded = f.read().split()
+    recorded = _read_record(record)
     if recorded:
       _refuse_another(tokenizer, workdir, recorded[0],
-                      ' '.join(recorded[1:]) or 'another file', record)
+                      recorded[1] or 'another file', record)
     return
   trained = os.path.join(workdir, 'tokenizer.model')
   if os.path.isfile(trained) and (os.path.abspath(tokenizer.path) !=
@@ -282,24 +281,30 @@ def check_workdir_tokenizer(tokenizer: Tokenizer, workdir: str) -> None:
             file=sys.stderr)
 
 
+def _read_record(record: str) -> list[str]:
+  """[sha256, path] from a tokenizer record ('' for a missing path), or
+  [] for an empty one."""
+  with open(record, encoding='utf-8') as f:
+    recorded = f.read().strip().split(maxsplit=1)
+  return recorded + [''] * (len(recorded) == 1)
+
+
 def check_before_training(workdir: str, model_path: str) -> None:
-  """Refuses to train a tokenizer into `model_path` when the workdir's
-  models were made with another file (e.g. a run without the
-  data.tokenizer_path its workdir was made with): `check_workdir_tokenizer`
-  would refuse the result anyway, after the time training took."""
+  """Refuses to train a tokenizer into `model_path` (which does not exist
+  yet) when the workdir's models were made with another file (e.g. a run
+  without the data.tokenizer_path its workdir was made with):
+  `check_workdir_tokenizer` would refuse the result anyway, after the time
+  training took."""
   record = os.path.join(workdir, TOKENIZER_RECORD)
   if not os.path.exists(record):
     return
-  with open(record, encoding='utf-8') as f:
-    recorded = f.read().strip().split(maxsplit=1)
-  if len(recorded) < 2:
-    return
-  first = recorded[1]
-  # Only a file that is there and is another: a record with a relative
-  # path (a relative --workdir) or of a moved workdir may not resolve from
-  # here; training then goes on and the fingerprint check decides.
-  if os.path.isfile(first) and not (os.path.exists(model_path) and
-                                    os.path.samefile(first, model_path)):
+  recorded = _read_record(record)
+  first = recorded[1] if recorded else ''
+  # Only a file that is there, so another than `model_path`: a record with
+  # a relative path (a relative --workdir) or of a moved workdir may not
+  # resolve from here; training then goes on and the fingerprint check
+  # decides.
+  if os.path.isfile(first):
     raise ValueError(
         f'{workdir} was made with the tokenizer {first} (sha256 '
         f'{recorded[0][:12]}...), and its models read that one\'s ids; '
