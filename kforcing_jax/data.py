@@ -82,7 +82,7 @@ def get_tokenizer(config, workdir: str, *, check_data: bool = True,
   identity = None
   if check_data:
     if splits is None:
-      splits = [('data.train_split', config.data.train_split)]
+      splits = training_splits(config, eval_every=0)
     documents.check_splits(config, splits)
     identity = data_record.check(config, workdir)
   path = config.data.tokenizer_path
