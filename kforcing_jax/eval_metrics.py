@@ -1,8 +1,8 @@
 """The per-sample statistics of evaluate and their bootstrap confidence
 intervals: text statistics of the generated tokens, coupling with the
 teacher's rollout, and likelihoods (NLL, perplexity) under a model; plus
-`pad_rows`, which pads a last partial batch so a jitted function compiles
-once."""
+`batched` and `pad_rows`, which run a jitted function over padded batches
+so it compiles once."""
 
 import math
 from typing import Any, Callable
@@ -131,7 +131,7 @@ def coupling_stats(student_NxT, teacher_NxT, k: int,
     k: the student's tokens per step.
     forced_NxT: optional, the teacher's token at each of the student's
       positions, given the student's own tokens before it and the same u
-      (`teacher_forced_fn`).
+      (`teacher_scores_fn`).
   Returns:
     {'agreement': (N,) fraction of positions equal to the rollout,
      'per_slot': (N, k) the same over positions n with n % k == s,
@@ -158,71 +158,62 @@ def coupling_stats(student_NxT, teacher_NxT, k: int,
   return out
 
 
-def sequence_nll(logprob_fn, tokens_NxL, start: int, batch_size: int):
+def batched(fn, arrays, batch_size: int):
+  """`fn` over the rows of `arrays` (each (N, ...)) in batches of
+  `batch_size`, the last padded to that size so a jitted `fn` compiles once.
+
+  Returns fn's output (an array, or a tuple of arrays) for all N rows,
+  padding cut off, as numpy arrays.
+  """
+  arrays = [np.asarray(a) for a in arrays]
+  n, parts, single = len(arrays[0]), [], False
+  for lo in range(0, n, batch_size):
+    got = fn(*(pad_rows(a[lo:lo + batch_size], batch_size) for a in arrays))
+    single = not isinstance(got, tuple)
+    parts.append([np.asarray(g)[:min(batch_size, n - lo)]
+                  for g in ((got,) if single else got)])
+  out = tuple(np.concatenate(column) for column in zip(*parts))
+  return out[0] if single else out
+
+
+def nll_from_logprobs(logprobs_NxLm1, start: int):
   """NLL of tokens[:, start:] given everything before them.
 
   Args:
-    logprob_fn: (B, L) int tokens -> (B, L - 1) log p(tokens[:, j + 1] |
-      tokens[:, :j + 1]), e.g. `teacher_logprob_fn`.
-    tokens_NxL: the full sequences [prefix | generated].
+    logprobs_NxLm1: (N, L - 1) log p(tokens[:, j + 1] | tokens[:, :j + 1]),
+      e.g. the first output of `teacher_scores_fn` run through `batched`.
     start: index of the first scored token (the prefix length, >= 1).
-    batch_size: rows per call (the last batch is padded to this size so a
-      jitted function compiles once).
   Returns:
     (nll_sum (N,), count (N,)) in float64 / int.
   """
-  tokens = np.asarray(tokens_NxL)
-  n, length = tokens.shape
+  lp = np.asarray(logprobs_NxLm1, np.float64)
+  n, length = lp.shape[0], lp.shape[1] + 1
   if not 1 <= start < length:
     raise ValueError(f'start={start} must be in [1, {length})')
-  sums = []
-  for lo in range(0, n, batch_size):
-    rows = tokens[lo:lo + batch_size]
-    lp = np.asarray(logprob_fn(pad_rows(rows, batch_size)), np.float64)
-    sums.append(-lp[:len(rows), start - 1:].sum(1))
-  return np.concatenate(sums), np.full(n, length - start)
+  return -lp[:, start - 1:].sum(1), np.full(n, length - start)
 
 
-def teacher_logprob_fn(cfg: model_lib.ModelConfig, params):
-  """`logprob_fn` of an AR model's full causal forward (temperature 1)."""
-  model = model_lib.Transformer(cfg)
+def teacher_scores_fn(cfg: model_lib.ModelConfig, params):
+  """(B, L) tokens, (B, T) u -> (log-probs (B, L - 1), forced (B, T)),
+  from one full causal forward of an AR model at temperature 1 (as it
+  decodes).
 
-  @jax.jit
-  def fn(p, tokens):
-    logits = model.apply({'params': p}, tokens).astype(jnp.float32)
-    lp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-    return jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]
-
-  return lambda tokens: fn(params, jnp.asarray(tokens, jnp.int32))
-
-
-def teacher_forced_fn(cfg: model_lib.ModelConfig, params):
-  """(B, L) tokens, (B, T) u -> (B, T): the teacher's inverse-CDF token
-  (temperature 1, as it decodes) at each of the last T positions, given
-  the tokens before it and that position's u: what the teacher would have
-  emitted there in the same context under the same noise."""
+  log-probs[:, j] is log p(tokens[:, j + 1] | tokens[:, :j + 1]); forced is
+  the inverse-CDF token at each of the last T positions, given the tokens
+  before it and that position's u: what the teacher would have emitted
+  there in the same context under the same noise.
+  """
   model = model_lib.Transformer(cfg)
 
   @jax.jit
   def fn(p, tokens, u):
     logits = model.apply({'params': p}, tokens).astype(jnp.float32)
-    return noise_lib.inverse_cdf(logits[:, -u.shape[1] - 1:-1], u)
+    lp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    lp = jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]
+    return lp, noise_lib.inverse_cdf(logits[:, -u.shape[1] - 1:-1], u)
 
   return lambda tokens, u: fn(params, jnp.asarray(tokens, jnp.int32),
                               jnp.asarray(u, jnp.float32))
-
-
-def forced_tokens(forced_fn, tokens_NxL, noise_NxT,
-                  batch_size: int) -> np.ndarray:
-  """`forced_fn` over all rows in padded batches (as `sequence_nll`)."""
-  tokens, noise = np.asarray(tokens_NxL), np.asarray(noise_NxT)
-  out = []
-  for lo in range(0, len(tokens), batch_size):
-    rows = tokens[lo:lo + batch_size]
-    got = forced_fn(pad_rows(rows, batch_size),
-                    pad_rows(noise[lo:lo + batch_size], batch_size))
-    out.append(np.asarray(got)[:len(rows)])
-  return np.concatenate(out)
 
 
 def pad_rows(a: np.ndarray, rows: int) -> np.ndarray:

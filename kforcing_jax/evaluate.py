@@ -300,8 +300,7 @@ def run_evaluate(config, workdir: str) -> dict:
     separator = evaluator.document_separator
     evaluator_prefixes = [hf_evaluator.evaluator_text(tokenizer, p, separator)
                           for p in prefixes]
-  teacher_lp = eval_metrics.teacher_logprob_fn(teacher_cfg, teacher_params)
-  teacher_forced = eval_metrics.teacher_forced_fn(teacher_cfg, teacher_params)
+  teacher_scores = eval_metrics.teacher_scores_fn(teacher_cfg, teacher_params)
   # Every run is restored before any scoring, so a damaged student
   # checkpoint stops evaluate at once, not after the earlier models.
   loaded = {'teacher': (teacher_cfg, teacher_params)}
@@ -322,8 +321,11 @@ def run_evaluate(config, workdir: str) -> dict:
       teacher_tokens = tokens
     full = np.concatenate([prefixes, tokens], axis=1)
     texts = [tokenizer.decode(row) for row in full]
-    t_nll = eval_metrics.sequence_nll(teacher_lp, full, s.prefix_len,
-                                      s.batch_size)
+    # One teacher forward gives both its NLL of the sample and the tokens
+    # it would have emitted at each position (the forced coupling).
+    t_lp, forced = eval_metrics.batched(teacher_scores, (full, noise),
+                                        s.batch_size)
+    t_nll = eval_metrics.nll_from_logprobs(t_lp, s.prefix_len)
     e_nll = None
     if evaluator is not None:
       *e_nll, cut = evaluator.nll(
@@ -336,10 +338,8 @@ def run_evaluate(config, workdir: str) -> dict:
             f'are longer than the evaluator\'s {evaluator.max_len} '
             f'positions in its tokens; their last {int(cut.sum())} tokens '
             'in all are not scored in evaluator_ppl')
-    forced = None
-    if entry.kind in ('teacher', 'student'):
-      forced = eval_metrics.forced_tokens(teacher_forced, full, noise,
-                                          s.batch_size)
+    if entry.kind == 'data':
+      forced = None  # The data were not drawn with this noise.
     if entry.kind == 'teacher':
       note = forced_ceiling_note(forced, tokens, teacher_cfg.dtype)
       if note:

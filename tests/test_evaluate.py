@@ -107,12 +107,13 @@ def test_teacher_forced_tokens_reproduce_the_teachers_own_rollout():
   prefixes = np.array([[3, 4, 5], [7, 1, 2], [9, 9, 9]], np.int32)
   noise = np.asarray(jax.random.uniform(jax.random.PRNGKey(3), (3, 13)))
   rollout = ev.generate_fixed(cfg, params, prefixes, noise, k=1)
-  fn = eval_metrics.teacher_forced_fn(cfg, params)
+  fn = eval_metrics.teacher_scores_fn(cfg, params)
   full = np.concatenate([prefixes, rollout], axis=1)
-  forced = eval_metrics.forced_tokens(fn, full, noise, batch_size=2)
+  # batch_size=2 also exercises the padded last batch.
+  _, forced = eval_metrics.batched(fn, (full, noise), batch_size=2)
   np.testing.assert_array_equal(forced, rollout)
   # Another context or other noise gives other tokens: the check has teeth.
-  shifted = eval_metrics.forced_tokens(fn, full, np.roll(noise, 1, 1), 2)
+  _, shifted = eval_metrics.batched(fn, (full, np.roll(noise, 1, 1)), 2)
   assert (shifted != rollout).mean() > 0.3
 
 
@@ -131,25 +132,28 @@ def _bigram_logprob_fn(tokens):
   return np.log(_BIGRAM[tokens[:, :-1], tokens[:, 1:]])
 
 
-def test_sequence_nll_bigram_hand_values():
+def test_nll_bigram_hand_values():
   tokens = np.array([[0, 1, 2, 1], [2, 0, 0, 1], [1, 1, 1, 1]])
   # batch_size=2 also exercises the padded last batch.
-  nll, count = eval_metrics.sequence_nll(_bigram_logprob_fn, tokens, start=2,
-                               batch_size=2)
+  lp = eval_metrics.batched(_bigram_logprob_fn, (tokens,), batch_size=2)
+  nll, count = eval_metrics.nll_from_logprobs(lp, start=2)
   want = -np.log([0.7 * 0.3, 0.5 * 0.25, 0.2 * 0.2])
   np.testing.assert_allclose(nll, want)
   np.testing.assert_array_equal(count, [2, 2, 2])
   ppl = eval_metrics.perplexity_ci(nll, count, _SETTINGS)
   assert ppl['mean'] == pytest.approx(math.exp(want.sum() / 6))
   with pytest.raises(ValueError, match='start=0'):
-    eval_metrics.sequence_nll(_bigram_logprob_fn, tokens, start=0, batch_size=2)
+    eval_metrics.nll_from_logprobs(lp, start=0)
+  with pytest.raises(ValueError, match='start=4'):
+    eval_metrics.nll_from_logprobs(lp, start=4)
 
 
 def test_uniform_model_has_perplexity_vocab_size():
   uniform = lambda t: np.full((t.shape[0], t.shape[1] - 1), -math.log(4))
   tokens = np.random.default_rng(0).integers(0, 4, (5, 10))
   ppl = eval_metrics.perplexity_ci(
-      *eval_metrics.sequence_nll(uniform, tokens, 6, 4), _SETTINGS)
+      *eval_metrics.nll_from_logprobs(
+          eval_metrics.batched(uniform, (tokens,), 4), 6), _SETTINGS)
   assert ppl['mean'] == pytest.approx(4.0)
   assert ppl['lo'] == pytest.approx(4.0) and ppl['hi'] == pytest.approx(4.0)
 
@@ -163,10 +167,12 @@ def test_perplexity_is_token_weighted():
   assert ppl['n'] == 1 and ppl['mean'] == pytest.approx(math.exp(2.0))
 
 
-def test_teacher_logprob_fn_matches_full_forward(small_cfg):
+def test_teacher_scores_log_probs_match_full_forward(small_cfg):
   params = model_lib.init_params(small_cfg, jax.random.PRNGKey(0))
   tokens = np.random.default_rng(1).integers(0, small_cfg.vocab_size, (3, 9))
-  got = np.asarray(eval_metrics.teacher_logprob_fn(small_cfg, params)(tokens))
+  noise = np.full((3, 4), 0.5, np.float32)
+  got, _ = eval_metrics.teacher_scores_fn(small_cfg, params)(tokens, noise)
+  got = np.asarray(got)
   logits = model_lib.Transformer(small_cfg).apply({'params': params},
                                                   jnp.asarray(tokens))
   lp = np.asarray(jax.nn.log_softmax(logits, -1))
