@@ -2,10 +2,11 @@
 
 Public API:
   generate(params, cfg, prompts, *, max_new_tokens, k=1, ...)  -> GenerateOutput
+  GenerateOutput(tokens, lengths)                              (generate's result)
   ModelConfig, Transformer, init_params, compute_params       (model)
   DecodeSpec, DecodeState, pad_prompts, init_cache, prefill,
   decode_step, decode_loop                                     (step-level decoding)
-  load_params(run_dir)                                         (checkpoints)
+  load_params(run_dir, use_ema=True) -> (cfg, params, meta)    (checkpoints)
 """
 
 from kforcing_jax.checkpoints import load_params

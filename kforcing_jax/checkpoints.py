@@ -184,7 +184,13 @@ def _local_target(manager: 'Manager', step: int):
 
 
 def load_params(run_dir: str, use_ema: bool = True):
-  """(ModelConfig, params, meta) of the latest checkpoint in run_dir."""
+  """(ModelConfig, params, meta) of the latest checkpoint in run_dir.
+
+  params are the EMA copy where training kept one, unless use_ema=False.
+  A single-process run restores them onto its first local device,
+  whatever device count saved them; a multi-process run, in their saved
+  layout.
+  """
   manager = Manager(run_dir)
   step = manager.latest_step()
   if step is None:

@@ -19,7 +19,8 @@ ENV_PROCESS_ID = 'KFORCING_PROCESS_ID'
 # 'auto': let JAX detect the cluster (Cloud TPU pod, Slurm, Open MPI);
 # 'off': never initialise, even on a TPU pod.
 ENV_DISTRIBUTED = 'KFORCING_DISTRIBUTED'
-# Set on Cloud TPU VMs; a comma-separated list means a multi-host slice.
+# Set by GKE on TPU pods (TPU VMs made by launch/tpu_pod.py need
+# KFORCING_DISTRIBUTED=auto); a comma-separated list means a multi-host slice.
 _TPU_HOSTS_ENV = 'TPU_WORKER_HOSTNAMES'
 
 
@@ -77,8 +78,9 @@ def maybe_initialize_distributed() -> bool:
   Call it first, before any other JAX call (devices, arrays, jit): JAX can
   only join a cluster before its backends start. Idempotent. Uses
   KFORCING_COORDINATOR / KFORCING_NUM_PROCESSES / KFORCING_PROCESS_ID when
-  set, auto-detection with KFORCING_DISTRIBUTED=auto or on a multi-host
-  Cloud TPU slice, and nothing otherwise.
+  set, auto-detection with KFORCING_DISTRIBUTED=auto or where
+  TPU_WORKER_HOSTNAMES (set by GKE) lists more than one worker, and nothing
+  otherwise.
 
   Returns:
     Whether jax.distributed is initialised when it returns.
