@@ -167,6 +167,9 @@ def batched(fn, arrays, batch_size: int):
   """
   arrays = [np.asarray(a) for a in arrays]
   n, parts, single = len(arrays[0]), [], False
+  if n == 0 or any(len(a) != n for a in arrays):
+    raise ValueError(f'batched needs the same number (> 0) of rows in '
+                     f'every array, got {[len(a) for a in arrays]}')
   for lo in range(0, n, batch_size):
     got = fn(*(pad_rows(a[lo:lo + batch_size], batch_size) for a in arrays))
     single = not isinstance(got, tuple)

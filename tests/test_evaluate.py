@@ -146,6 +146,8 @@ def test_nll_bigram_hand_values():
     eval_metrics.nll_from_logprobs(lp, start=0)
   with pytest.raises(ValueError, match='start=4'):
     eval_metrics.nll_from_logprobs(lp, start=4)
+  with pytest.raises(ValueError, match=r'\[3, 2\]'):
+    eval_metrics.batched(lambda a, b: a, (tokens, tokens[:2]), 2)
 
 
 def test_uniform_model_has_perplexity_vocab_size():
