@@ -155,9 +155,16 @@ def run_pipeline(config, workdir: str) -> str:
   if train_eval:
     _banner(3, n, 'independent evaluator')
     if os.path.exists(os.path.join(workdir, 'eval.json')):
-      # evaluate will skip, so an evaluator trained now would score nothing.
-      print('eval.json exists, so evaluate will not run: evaluator not '
-            'trained (delete eval.json to train it and score with it)')
+      from kforcing_jax import evaluator_train  # pylint: disable=g-import-not-at-top
+      trained = evaluator_train.output_dir(config, workdir)
+      if evaluator_train.is_complete(trained):
+        print(f'{trained} is trained: skipped (eval.json exists, so '
+              'evaluate will not run)')
+      else:
+        # evaluate will skip, so an evaluator trained now would score
+        # nothing.
+        print('eval.json exists, so evaluate will not run: evaluator not '
+              'trained (delete eval.json to train it and score with it)')
     else:
       config = _with_evaluator(config, workdir, timing)
       _save_timing(workdir, timing)

@@ -170,10 +170,18 @@ def test_evaluator_is_not_trained_when_eval_json_is_kept(tmp_path, monkeypatch,
   pipeline.run_pipeline(config, str(tmp_path))
   assert calls == ['bench']
   assert 'evaluator not trained' in capsys.readouterr().out
+  # A finished evaluator is said to be there, not "not trained".
+  (tmp_path / 'evaluator').mkdir()
+  (tmp_path / 'evaluator' / evaluator_train.INFO_FILE).write_text('{}')
+  pipeline.run_pipeline(config, str(tmp_path))
+  out = capsys.readouterr().out
+  assert 'is trained: skipped' in out and 'not trained' not in out
+  assert calls == ['bench', 'bench']
+  (tmp_path / 'evaluator' / evaluator_train.INFO_FILE).unlink()
   (tmp_path / 'eval.json').unlink()
   pipeline.run_pipeline(config, str(tmp_path))
   # (The fake bench wrote no bench.json, so it runs again.)
-  assert calls == ['bench', 'train_evaluator', 'evaluate', 'bench']
+  assert calls == ['bench', 'bench', 'train_evaluator', 'evaluate', 'bench']
 
 
 def test_report_lists_the_teacher_then_students_by_window(tmp_path):
