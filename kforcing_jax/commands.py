@@ -40,8 +40,8 @@ def run_teacher(config, workdir: str) -> train_lib.TrainResult:
   os.makedirs(workdir, exist_ok=True)
   task = teacher_lib.teacher_task(config)
   # Refuse a mismatched workdir before tokenizing or compiling anything.
-  checkpoints.Manager(os.path.join(workdir, task.name)).check_compatible(
-      checkpoints.run_meta(task.model_cfg, config))
+  manager = checkpoints.Manager(os.path.join(workdir, task.name))
+  manager.check_compatible(checkpoints.run_meta(task.model_cfg, config))
   tokenizer = data_lib.get_tokenizer(
       config, workdir, record_data=True,
       splits=data_lib.training_splits(config, config.train.eval_every))
@@ -52,11 +52,15 @@ def run_teacher(config, workdir: str) -> train_lib.TrainResult:
       data_lib.make_eval_batches(
           config, tokenizer, workdir, batch_size=config.train.batch_size,
           num_batches=config.train.eval_batches))
-  n = model_lib.count_params(
-      jax.eval_shape(task.init_params, jax.random.PRNGKey(0)))
-  _print_main(f'[teacher] {n / 1e6:.2f}M parameters, {jax.device_count()} '
-              f'device(s) in {jax.process_count()} process(es), batch '
-              f'{config.train.batch_size} x {config.model.seq_len}')
+  done = manager.latest_step()
+  if done is not None and done >= config.train.num_steps:
+    _print_main(f'[teacher] finished (step {done}): skipped')
+  else:
+    n = model_lib.count_params(
+        jax.eval_shape(task.init_params, jax.random.PRNGKey(0)))
+    _print_main(f'[teacher] {n / 1e6:.2f}M parameters, {jax.device_count()} '
+                f'device(s) in {jax.process_count()} process(es), batch '
+                f'{config.train.batch_size} x {config.model.seq_len}')
   return train_lib.train(task, config, workdir, train_iter, eval_batches)
 
 

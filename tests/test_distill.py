@@ -350,7 +350,7 @@ def test_sharded_step_draws_different_dropout_masks_per_device(small_cfg):
   assert helpers.max_abs_diff(grads(0.5, 1), grads(0.5, 8)) > 1e-3
 
 
-def test_students_take_the_configs_noise_encoder_fields(tmp_path):
+def test_students_take_the_configs_noise_encoder_fields(tmp_path, capsys):
   # model.noise_* are student-only: distill used to copy them from the
   # teacher's checkpoint, silently ignoring the config. Now the students
   # take them, a student trained with other values is refused by name,
@@ -381,8 +381,10 @@ def test_students_take_the_configs_noise_encoder_fields(tmp_path):
     assert (cfg.noise_scale, cfg.noise_mlp_dim) == (77.0, 24)
     assert params['noise_encoder']['mlp_in']['kernel'].shape[1] == 24
   config.model.noise_scale = 5.0
+  capsys.readouterr()
   result = commands.run_teacher(config, workdir)  # Finished: skipped.
   assert int(result.state.step) == 2
+  assert '[teacher] finished (step 2): skipped' in capsys.readouterr().out
   with pytest.raises(checkpoints.CheckpointError,
                      match=r'model.noise_scale: checkpoint=77.0 vs '
                            r'config=5.0'):
