@@ -47,7 +47,8 @@ the mean over samples with a bootstrap CI):
                   `agreement` says little about later positions; these
                   measure every slot throughout; a note gives their
                   ceiling when the teacher, forced on its own rollout,
-                  does not reproduce all of it, as in bfloat16);
+                  does not reproduce all of it: a little in float32,
+                  more in bfloat16);
                   `noise_sweep` (unpenalised students
                   with eval.sweep_contexts > 0): slot 1's map against the
                   teacher's over a u grid at held-out contexts, see
@@ -185,9 +186,9 @@ def eval_sequences(config, tokenizer, workdir: str,
 def forced_ceiling_note(forced_NxT, rollout_NxT, dtype: str) -> str | None:
   """A note when the teacher, forced on its own rollout, does not give it
   back: the forced tokens come from its full forward, the rollout from its
-  cached decode, and in bfloat16 the two round differently, so inverse-CDF
-  samples near a boundary flip. That agreement bounds every student's
-  forced_agreement."""
+  cached decode, and the two round differently (most in bfloat16; the demo
+  in float32 gives back 0.9997), so inverse-CDF samples near a boundary
+  flip. That agreement bounds every student's forced_agreement."""
   same = float(np.mean(np.asarray(forced_NxT) == np.asarray(rollout_NxT)))
   if same == 1.0:
     return None
