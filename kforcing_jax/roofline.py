@@ -160,8 +160,13 @@ def decode_passes(prompt_len: int, k: int, num_steps: int, student: bool,
                   cache_block: int = decode.CACHE_BLOCK) -> list[Pass]:
   """The passes `decode.decode_loop` makes: prefill, then num_steps-1
   steps, each reading the cache of its segment (`decode.cache_segments`)."""
-  noise = k if student else 0
   segments = decode.cache_segments(prompt_len, k, num_steps, cache_block)
+  return _passes(prompt_len, k, num_steps, student, segments)
+
+
+def _passes(prompt_len: int, k: int, num_steps: int, student: bool,
+            segments: list[tuple[int, int]]) -> list[Pass]:
+  noise = k if student else 0
 
   def slots(step):  # Prefill is step 0, in the first segment.
     return next(size for size, end in segments if step < end)
@@ -243,10 +248,10 @@ def _decode_costs(shape: ModelShape, batch: int, prompt_len: int, k: int,
   steps = -(-max_new // k)
   cache_size = (decode.full_cache_size(prompt_len, steps, k) if full_cache
                 else None)
+  segments = decode.cache_segments(prompt_len, k, steps, decode.CACHE_BLOCK)
   out = [pass_costs(shape, batch, p, cache_size)
-         for p in decode_passes(prompt_len, k, steps, student=k > 1)]
+         for p in _passes(prompt_len, k, steps, k > 1, segments)]
   if not full_cache:
-    segments = decode.cache_segments(prompt_len, k, steps, decode.CACHE_BLOCK)
     for (old, _), (new, _) in zip(segments, segments[1:]):
       out.append({'grow': (0.0, grow_bytes(shape, batch, old, new))})
   if k > 1:
@@ -285,12 +290,12 @@ def predicted_speedup(ar: ModelShape, pf: ModelShape, batch: int,
   return t_ar / t_pf
 
 
-def ar_step_bound(shape: ModelShape, batch: int, context: int,
-                  peak_flops: float, bandwidth: float) -> str:
-  """'compute' or 'memory': which limit sets an AR step at `context`."""
-  block = decode.CACHE_BLOCK  # The segment holding slot `context`.
-  slots = -(-(context + 1) // block) * block
-  costs = pass_costs(shape, batch, Pass(context, 1, 0, 1, slots))
+def ar_step_bound(shape: ModelShape, batch: int, prompt_len: int,
+                  max_new: int, peak_flops: float, bandwidth: float) -> str:
+  """'compute' or 'memory': which limit sets the middle step of an AR
+  decode of max_new tokens (the pass `decode_passes` gives it)."""
+  passes = decode_passes(prompt_len, 1, max_new, student=False)
+  costs = pass_costs(shape, batch, passes[len(passes) // 2])
   flops = sum(f for f, _ in costs.values())
   nbytes = sum(b for _, b in costs.values())
   return 'compute' if flops / peak_flops > nbytes / bandwidth else 'memory'
@@ -367,7 +372,7 @@ def accelerator_predictions(cfg: model_lib.ModelConfig,
       ar = ModelShape.of(mcfg)
       pf = ModelShape.of(dataclasses.replace(mcfg, noise_window=max(ks)))
       for batch in batch_sizes:
-        bound = ar_step_bound(ar, batch, prefix_len + new // 2, peak, bw)
+        bound = ar_step_bound(ar, batch, prefix_len, new, peak, bw)
         for k in ks:
           rows.append({
               'name': name, 'model': label, 'peak_flops': peak,

@@ -75,12 +75,11 @@ def _check_models(d: dict, ar: model_lib.ModelConfig,
           'used')
 
 
-def rows(cfg: model_lib.ModelConfig, batch_sizes, ks, prefix_len: int,
-         max_new: int, peak_flops: float, bandwidth: float):
+def rows(ar_cfg: model_lib.ModelConfig, pf_cfg: model_lib.ModelConfig,
+         batch_sizes, ks, prefix_len: int, max_new: int, peak_flops: float,
+         bandwidth: float):
   """[(batch, k, predictions in every mode)]."""
-  ar = roofline.ModelShape.of(cfg)
-  pf = roofline.ModelShape.of(dataclasses.replace(cfg,
-                                                  noise_window=max(ks)))
+  ar, pf = roofline.ModelShape.of(ar_cfg), roofline.ModelShape.of(pf_cfg)
   return [(b, k, roofline.predictions(ar, pf, b, k, prefix_len, max_new,
                                       peak_flops, bandwidth))
           for b in batch_sizes for k in ks]
@@ -98,8 +97,6 @@ def main(argv=None) -> int:
       batch_sizes, ks = settings['batch_sizes'], settings['ks']
       prefix_len, max_new = settings['prefix_len'], settings['max_new_tokens']
       peak, bw = roof['peak_flops'], roof['bandwidth']
-      _check_models(d, cfg, dataclasses.replace(cfg, noise_window=max(ks)),
-                    args.bench_json)
       measured = {(r['batch'], r['k']): r['speedup'] for r in d['results']}
       mode = settings['roofline']
     else:
@@ -109,10 +106,13 @@ def main(argv=None) -> int:
       max_new = args.max_new_tokens or cfg.seq_len - prefix_len
       peak, bw = args.peak_flops, args.bandwidth
       mode = 'max'
+    pf_cfg = dataclasses.replace(cfg, noise_window=max(ks))
+    if args.bench_json:
+      _check_models(d, cfg, pf_cfg, args.bench_json)
     if prefix_len < 1 or max_new < 1 or prefix_len + max_new > cfg.seq_len:
       raise ValueError(f'prefix_len={prefix_len} + max_new_tokens={max_new} '
                        f'must fit model.seq_len={cfg.seq_len}')
-    table = rows(cfg, batch_sizes, ks, prefix_len, max_new, peak, bw)
+    table = rows(cfg, pf_cfg, batch_sizes, ks, prefix_len, max_new, peak, bw)
   except (ValueError, OSError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

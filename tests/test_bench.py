@@ -223,6 +223,23 @@ def test_decode_totals_charge_each_cache_growth_once():
       for _, b in roofline.pass_costs(_HAND, 1, p, cache_size=42).values()))
 
 
+def test_ar_step_bound_judges_the_middle_pass_of_the_decode():
+  # Prompt 2 + 40 AR steps: the middle pass reads the 32-slot segment.
+  middle = roofline.decode_passes(2, 1, 40, student=False)[20]
+  flops = sum(f for f, _ in roofline.pass_costs(_HAND, 1, middle).values())
+  nbytes = sum(b for _, b in roofline.pass_costs(_HAND, 1, middle).values())
+  # Ceilings either side of the pass's own FLOPs-per-byte ratio.
+  ratio = flops / nbytes
+  assert roofline.ar_step_bound(_HAND, 1, 2, 40, ratio * 0.9, 1.0) == 'compute'
+  assert roofline.ar_step_bound(_HAND, 1, 2, 40, ratio * 1.1, 1.0) == 'memory'
+  # One new token: the prefill is the only pass.
+  prefill = roofline.decode_passes(2, 1, 1, student=False)[0]
+  costs = roofline.pass_costs(_HAND, 1, prefill).values()
+  ratio = sum(f for f, _ in costs) / sum(b for _, b in costs)
+  assert roofline.ar_step_bound(_HAND, 1, 2, 1, ratio * 0.9, 1.0) == 'compute'
+  assert roofline.ar_step_bound(_HAND, 1, 2, 1, ratio * 1.1, 1.0) == 'memory'
+
+
 def test_weight_bound_regime_gives_k():
   # When reading the weights dominates every step, each pass costs the
   # same, so the speedup is the ratio of pass counts: exactly k.
