@@ -220,16 +220,19 @@ def _model_row(entry, tokens_NxT, teacher_nll, evaluator_nll, teacher_tokens,
   if entry.kind == 'student':
     c = eval_metrics.coupling_stats(tokens_NxT, teacher_tokens, entry.k,
                                     forced_NxT)
+
+    def slots(name):  # One interval per slot of a step.
+      return [boot(c[name][:, i]) for i in range(entry.k)]
+
     coupling = {
         'agreement': boot(c['agreement']),
-        'per_slot': [boot(c['per_slot'][:, i]) for i in range(entry.k)],
+        'per_slot': slots('per_slot'),
         'first_divergence': boot(c['first_divergence']),
         'noise_sweep': (None if sweep is None else noise_sweep.to_json(
             sweep, s.sweep_grid, boot))}
     if forced_NxT is not None:
       coupling['forced_agreement'] = boot(c['forced_agreement'])
-      coupling['forced_per_slot'] = [boot(c['forced_per_slot'][:, i])
-                                     for i in range(entry.k)]
+      coupling['forced_per_slot'] = slots('forced_per_slot')
   return {'kind': entry.kind, 'run': entry.run, 'k': entry.k,
           'penalty': float(entry.penalty),
           'samples_file': f'samples/{entry.name}.jsonl',
