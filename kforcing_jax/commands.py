@@ -1,6 +1,7 @@
 """What each CLI subcommand does, callable from Python with a flags object."""
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -45,9 +46,9 @@ def run_teacher(config, workdir: str) -> train_lib.TrainResult:
   tokenizer = data_lib.get_tokenizer(
       config, workdir, record_data=True,
       splits=data_lib.training_splits(config, config.train.eval_every))
-  train_iter = data_lib.make_train_iterator(
-      config, tokenizer, workdir, process_index=jax.process_index(),
-      process_count=jax.process_count())
+  train_iter = data_lib.LazyIterator(functools.partial(
+      data_lib.make_train_iterator, config, tokenizer, workdir,
+      process_index=jax.process_index(), process_count=jax.process_count()))
   eval_batches = () if not config.train.eval_every else (
       data_lib.make_eval_batches(
           config, tokenizer, workdir, batch_size=config.train.batch_size,
@@ -260,9 +261,10 @@ def run_distill(config, workdir: str,
       _print_main(
           f'[{task.name}] stage k={window} ({ds.method}) from {source_name}'
           f'; {distill_lib.describe_transfer(prev_params, student_cfg)}')
-    train_iter = data_lib.make_train_iterator(
-        sconfig, tokenizer, workdir, process_index=jax.process_index(),
-        process_count=jax.process_count())
+    train_iter = data_lib.LazyIterator(functools.partial(
+        data_lib.make_train_iterator, sconfig, tokenizer, workdir,
+        process_index=jax.process_index(),
+        process_count=jax.process_count()))
     result = train_lib.train(task, sconfig, workdir, train_iter, eval_batches)
     results.append(result)
     if on_result is not None:

@@ -20,7 +20,7 @@ iterator state is global (the same on every process) and JSON-serialisable.
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 import copy
 import functools
 import hashlib
@@ -367,6 +367,43 @@ class TokenIterator:
             f'iterator has {key}={value!r}; it cannot be resumed from it.')
     self._stream.set_state(state['stream'])
     self._step = int(state['step'])
+
+
+class LazyIterator:
+  """A training iterator made on first use, by `make()`.
+
+  A finished run restores its iterator's state but never draws a batch,
+  so it need not read its data (nor say how much there is, as a skipped
+  stage of a resumed pipeline did). A state set before then is applied,
+  and checked, when the iterator is made.
+  """
+
+  def __init__(self, make: Callable[[], TokenIterator]):
+    self._make = make
+    self._iterator = None
+    self._state = None
+
+  def _get(self) -> TokenIterator:
+    if self._iterator is None:
+      self._iterator = self._make()
+      if self._state is not None:
+        self._iterator.set_state(self._state)
+    return self._iterator
+
+  def __iter__(self) -> LazyIterator:
+    return self
+
+  def __next__(self) -> np.ndarray:
+    return next(self._get())
+
+  def get_state(self) -> dict[str, Any]:
+    return self._get().get_state()
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if self._iterator is None:
+      self._state = state
+    else:
+      self._iterator.set_state(state)
 
 
 def _per_process_batch(batch_size: int, process_count: int) -> int:

@@ -517,6 +517,38 @@ def test_set_state_rejects_other_batch_size(workdir, sp_tok):
     _make(c, sp_tok, workdir).set_state(state)
 
 
+def test_lazy_iterator_makes_its_iterator_only_when_drawn(workdir, sp_tok,
+                                                        capsys):
+  c = _config()
+  reference = _take(_make(c, sp_tok, workdir), 5)
+  first = _make(c, sp_tok, workdir)
+  _take(first, 2)
+  state = first.get_state()
+  made = []
+
+  def make():
+    made.append(1)
+    return _make(c, sp_tok, workdir)
+
+  capsys.readouterr()
+  lazy = data.LazyIterator(make)
+  lazy.set_state(state)  # What a restore does, finished or not.
+  assert not made and '[data]' not in capsys.readouterr().err
+  # Drawn: made once, at the state set before.
+  np.testing.assert_array_equal(np.stack(_take(lazy, 3)),
+                                np.stack(reference[2:]))
+  assert len(made) == 1 and '[data] train split' in capsys.readouterr().err
+  plain = _make(c, sp_tok, workdir)
+  _take(plain, 5)
+  assert lazy.get_state() == plain.get_state()
+  # A state that does not fit is still refused, when the iterator is made.
+  c.train.batch_size = 16
+  bad = data.LazyIterator(make)
+  bad.set_state(state)
+  with pytest.raises(ValueError, match='16'):
+    next(bad)
+
+
 # --------------------------------------------------------------------------
 # Errors.
 # --------------------------------------------------------------------------

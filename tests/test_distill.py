@@ -380,11 +380,17 @@ def test_students_take_the_configs_noise_encoder_fields(tmp_path, capsys):
     cfg, params, _ = checkpoints.load_params(os.path.join(workdir, run))
     assert (cfg.noise_scale, cfg.noise_mlp_dim) == (77.0, 24)
     assert params['noise_encoder']['mlp_in']['kernel'].shape[1] == 24
-  config.model.noise_scale = 5.0
   capsys.readouterr()
+  commands.run_distill(config, workdir)  # Every stage finished: skipped.
+  out = capsys.readouterr()
+  assert 'stage k=2 finished (step 2): skipped' in out.out
+  assert '[data] train split' not in out.err  # Their data is never drawn.
+  config.model.noise_scale = 5.0
   result = commands.run_teacher(config, workdir)  # Finished: skipped.
   assert int(result.state.step) == 2
-  assert '[teacher] finished (step 2): skipped' in capsys.readouterr().out
+  out = capsys.readouterr()
+  assert '[teacher] finished (step 2): skipped' in out.out
+  assert '[data] train split' not in out.err  # Its data is never drawn.
   with pytest.raises(checkpoints.CheckpointError,
                      match=r'model.noise_scale: checkpoint=77.0 vs '
                            r'config=5.0'):
