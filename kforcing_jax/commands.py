@@ -46,15 +46,14 @@ def run_teacher(config, workdir: str) -> train_lib.TrainResult:
   tokenizer = data_lib.get_tokenizer(
       config, workdir, record_data=True,
       splits=data_lib.training_splits(config, config.train.eval_every))
-  train_iter = data_lib.LazyIterator(functools.partial(
-      data_lib.make_train_iterator, config, tokenizer, workdir,
-      process_index=jax.process_index(), process_count=jax.process_count()))
+  done = manager.latest_step()
+  finished = done is not None and done >= config.train.num_steps
+  train_iter = _train_iterator(config, tokenizer, workdir, finished)
   eval_batches = () if not config.train.eval_every else (
       data_lib.make_eval_batches(
           config, tokenizer, workdir, batch_size=config.train.batch_size,
           num_batches=config.train.eval_batches))
-  done = manager.latest_step()
-  if done is not None and done >= config.train.num_steps:
+  if finished:
     _print_main(f'[teacher] finished (step {done}): skipped')
   else:
     n = model_lib.count_params(
@@ -63,6 +62,16 @@ def run_teacher(config, workdir: str) -> train_lib.TrainResult:
                 f'device(s) in {jax.process_count()} process(es), batch '
                 f'{config.train.batch_size} x {config.model.seq_len}')
   return train_lib.train(task, config, workdir, train_iter, eval_batches)
+
+
+def _train_iterator(config, tokenizer, workdir: str, finished: bool):
+  """The run's training iterator; made now, so that bad data stops the run
+  before any compute, unless the run is finished: it never draws a batch,
+  so its data is not read (nor announced) at all."""
+  make = functools.partial(
+      data_lib.make_train_iterator, config, tokenizer, workdir,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  return data_lib.LazyIterator(make) if finished else make()
 
 
 def _print_main(*args):
@@ -254,17 +263,15 @@ def run_distill(config, workdir: str,
     done = checkpoints.Manager(os.path.join(workdir, task.name)).latest_step()
     source_name = ('the AR teacher' if source_cfg.noise_window == 0 else
                    f'student_k{source_cfg.noise_window}')
-    if done is not None and done >= ds.steps_per_stage:
+    finished = done is not None and done >= ds.steps_per_stage
+    if finished:
       _print_main(f'[{task.name}] stage k={window} finished (step {done}): '
                   'skipped')
     else:
       _print_main(
           f'[{task.name}] stage k={window} ({ds.method}) from {source_name}'
           f'; {distill_lib.describe_transfer(prev_params, student_cfg)}')
-    train_iter = data_lib.LazyIterator(functools.partial(
-        data_lib.make_train_iterator, sconfig, tokenizer, workdir,
-        process_index=jax.process_index(),
-        process_count=jax.process_count()))
+    train_iter = _train_iterator(sconfig, tokenizer, workdir, finished)
     result = train_lib.train(task, sconfig, workdir, train_iter, eval_batches)
     results.append(result)
     if on_result is not None:

@@ -372,10 +372,10 @@ class TokenIterator:
 class LazyIterator:
   """A training iterator made on first use, by `make()`.
 
-  A finished run restores its iterator's state but never draws a batch,
-  so it need not read its data (nor say how much there is, as a skipped
-  stage of a resumed pipeline did). A state set before then is applied,
-  and checked, when the iterator is made.
+  For a finished run: it restores its iterator's state but never draws a
+  batch, so it need not read its data (nor say how much there is, as a
+  skipped stage of a resumed pipeline did). A state set before the
+  iterator is made is applied, and checked, when it is.
   """
 
   def __init__(self, make: Callable[[], TokenIterator]):
