@@ -115,6 +115,12 @@ def _run(argv):
 def _check_workdir(workdir: str) -> None:
   """Before any work: a workdir that is (or lies under) a file would fail
   only when the first result is saved, e.g. after training an evaluator."""
+  if '://' in workdir:
+    # os.path would make gs://b/x the local folder ./gs:/b/x, silently.
+    raise app.UsageError(
+        f'--workdir={workdir} is a URL; checkpoints and results are written '
+        'through the file system: mount the bucket (e.g. gcsfuse) and pass '
+        'the mount path')
   path = os.path.abspath(workdir)
   while not os.path.exists(path) and os.path.dirname(path) != path:
     path = os.path.dirname(path)
@@ -204,6 +210,6 @@ def main():
     if message is None:
       raise
     _fail(message)
-  except (ValueError, FileNotFoundError, FloatingPointError,
+  except (ValueError, OSError, FloatingPointError,
           ImportError) as e:  # Optional extras name a fix.
     _fail(str(e))

@@ -58,6 +58,8 @@ def test_help_after_double_dash_or_as_a_flag_value_is_not_help(tmp_path):
     (['generate', '--workdir=w', '--prompt', 'The', 'nation'],
      'unexpected argument(s) after generate: nation (quote a value with '
      'spaces)'),
+    # Used to become the local folder ./gs:/b/kf, silently.
+    (['train-teacher', '--workdir=gs://b/kf'], '--workdir=gs://b/kf is a URL'),
 ])
 def test_usage_errors_exit_2_and_point_at_help(args, needle):
   r = _cli(*args)

@@ -278,6 +278,15 @@ def test_cli_refuses_a_workdir_that_is_a_file(tmp_path, sub):
   assert 'Traceback' not in r.stderr
 
 
+def test_cli_reports_a_workdir_it_cannot_create_in_one_line(tmp_path):
+  # Any OSError there, e.g. a pod's unmounted mount point (PermissionError)
+  # or, here, a name too long: it used to end in a traceback.
+  r = _cli(['train-teacher', '--config=configs/tiny.py'], tmp_path / ('w' * 300))
+  assert r.returncode == 2, r.stderr
+  assert r.stderr.startswith('error: ') and 'File name too long' in r.stderr
+  assert 'Traceback' not in r.stderr
+
+
 def test_cli_names_a_config_that_is_a_directory_or_returns_a_dict(tmp_path):
   r = _cli(['train-teacher', '--config=configs'], tmp_path)
   assert r.returncode == 2 and '--config=configs is a directory' in r.stderr
