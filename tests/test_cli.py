@@ -58,8 +58,6 @@ def test_help_after_double_dash_or_as_a_flag_value_is_not_help(tmp_path):
     (['generate', '--workdir=w', '--prompt', 'The', 'nation'],
      'unexpected argument(s) after generate: nation (quote a value with '
      'spaces)'),
-    # Used to become the local folder ./gs:/b/kf, silently.
-    (['train-teacher', '--workdir=gs://b/kf'], '--workdir=gs://b/kf is a URL'),
 ])
 def test_usage_errors_exit_2_and_point_at_help(args, needle):
   r = _cli(*args)
@@ -67,6 +65,19 @@ def test_usage_errors_exit_2_and_point_at_help(args, needle):
   assert r.stderr.startswith('error: ')
   assert needle in r.stderr
   assert 'python -m kforcing_jax --help' in r.stderr
+
+
+def test_a_url_workdir_is_refused(tmp_path):
+  # It used to become the local folder ./gs:/b/kf, silently.
+  r = subprocess.run([sys.executable, '-m', 'kforcing_jax', 'train-teacher',
+                      f'--config={os.path.abspath("configs/tiny.py")}',
+                      '--workdir=gs://b/kf'],
+                     capture_output=True, text=True, timeout=120,
+                     cwd=tmp_path)
+  assert r.returncode == 2
+  assert r.stderr.startswith('error: --workdir=gs://b/kf is a URL')
+  assert 'mount the bucket' in r.stderr
+  assert not (tmp_path / 'gs:').exists()
 
 
 @pytest.mark.parametrize('body, needle', [
