@@ -164,7 +164,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- Device mesh. ---
   c.mesh = ms = ml_collections.ConfigDict()
-  ms.data = -1  # Size of the 'data' axis; -1 uses every device.
+  ms.data = -1  # Size of the 'data' axis; -1 uses every device (multi-process
+  # runs must: a smaller mesh would leave some processes' devices out).
   ms.fsdp = False  # Shard parameters and optimizer state over 'data'.
 
   # --- Decoding defaults (generate subcommand). ---

@@ -148,6 +148,12 @@ def data_axis_size(mesh_cfg) -> int:
   size = n if mesh_cfg.data == -1 else mesh_cfg.data
   if size < 1 or size > n or n % size:
     raise ValueError(f'mesh.data={mesh_cfg.data} does not fit {n} devices')
+  if size != n and jax.process_count() > 1:
+    # The mesh would hold the first processes' devices only, while every
+    # process feeds its share of each batch.
+    raise ValueError(
+        f'mesh.data={mesh_cfg.data}: a multi-process run ({jax.process_count()}'
+        f' processes) uses every device, {n}; set mesh.data=-1')
   return size
 
 

@@ -16,6 +16,7 @@ import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -244,3 +245,18 @@ def test_too_late_is_a_clear_error(dist_env):
   dist_env.setenv(sharding.ENV_PROCESS_ID, '0')
   with pytest.raises(RuntimeError, match='call it first'):
     sharding.maybe_initialize_distributed()
+
+
+def test_a_partial_data_axis_is_refused_in_a_multi_process_run(monkeypatch):
+  # jax.devices()[:size] would be the first processes' devices only, while
+  # every process feeds its share of each batch: process 0 built half a
+  # global batch, process 1 died of a bare StopIteration.
+  assert jax.device_count() == 8  # conftest.py's fake CPU devices.
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  with pytest.raises(ValueError, match=r'mesh.data=4: a multi-process run '
+                     r'\(2 processes\) uses every device, 8; set mesh.data=-1'):
+    sharding.data_axis_size(ml_collections.ConfigDict({'data': 4}))
+  assert sharding.data_axis_size(ml_collections.ConfigDict({'data': -1})) == 8
+  assert sharding.data_axis_size(ml_collections.ConfigDict({'data': 8})) == 8
+  monkeypatch.setattr(jax, 'process_count', lambda: 1)  # One process: fine.
+  assert sharding.data_axis_size(ml_collections.ConfigDict({'data': 4})) == 4
