@@ -109,6 +109,7 @@ def _run(argv):
   if not FLAGS.workdir:
     raise app.UsageError(f'--workdir is required\n{_usage()}')
   _check_workdir(FLAGS.workdir)
+  sharding.check_shared_workdir(FLAGS.workdir)
   SUBCOMMANDS[argv[1]](FLAGS)
 
 

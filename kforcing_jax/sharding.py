@@ -5,6 +5,8 @@ device and `jax.jit` partitions it from the shardings chosen below.
 """
 
 import os
+import secrets
+import time
 
 import jax
 import numpy as np
@@ -140,6 +142,52 @@ def is_main_process() -> bool:
   """Process 0 writes a run's result files (every process computes them;
   one writer keeps them whole)."""
   return jax.process_index() == 0
+
+
+def check_shared_workdir(workdir: str, wait_s: float = 60.0) -> None:
+  """A multi-process run needs one workdir that every host sees.
+
+  Process 0 writes a marker file into it, and every process looks for it,
+  for up to `wait_s` seconds (a network file system may cache a missing
+  file's absence that long). A local path on each host used to go unseen
+  until the first collective checkpoint. Collective: every process calls it.
+
+  Raises:
+    ValueError: Process 0 cannot write there, or some process cannot see it.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  token = int(multihost_utils.broadcast_one_to_all(
+      np.int32(secrets.randbits(31))))
+  marker = os.path.join(workdir, f'.shared_check_{token}')
+  problem = ''
+  if is_main_process():
+    try:
+      os.makedirs(workdir, exist_ok=True)
+      with open(marker, 'w'):
+        pass
+    except OSError as e:
+      problem = str(e)
+  # Also the barrier: no process looks before the marker is written.
+  if not int(multihost_utils.broadcast_one_to_all(np.int32(not problem))):
+    raise ValueError(f'--workdir={workdir}: process 0 cannot write there'
+                     f'{": " + problem if problem else ""}')
+  deadline = time.monotonic() + wait_s
+  seen = os.path.exists(marker)
+  while not seen and time.monotonic() < deadline:
+    time.sleep(1.0)
+    seen = os.path.exists(marker)
+  seen_by = np.asarray(multihost_utils.process_allgather(np.int32(seen)))
+  if is_main_process():  # Every process has looked.
+    os.remove(marker)
+  blind = [i for i, s in enumerate(seen_by.ravel()) if not s]
+  if blind:
+    raise ValueError(
+        f'--workdir={workdir} is not shared: process(es) {blind} of '
+        f'{jax.process_count()} cannot see a file process 0 wrote there. A '
+        'multi-process run needs one directory every host sees (e.g. an NFS '
+        'or gcsfuse mount at the same path), not a local folder per host')
 
 
 def data_axis_size(mesh_cfg) -> int:

@@ -260,3 +260,48 @@ def test_a_partial_data_axis_is_refused_in_a_multi_process_run(monkeypatch):
   assert sharding.data_axis_size(ml_collections.ConfigDict({'data': 8})) == 8
   monkeypatch.setattr(jax, 'process_count', lambda: 1)  # One process: fine.
   assert sharding.data_axis_size(ml_collections.ConfigDict({'data': 4})) == 4
+
+
+_SHARED_CHECK = '''
+import sys
+from kforcing_jax import sharding
+assert sharding.maybe_initialize_distributed()
+try:
+  sharding.check_shared_workdir(sys.argv[1], wait_s=1.0)
+except ValueError as e:
+  print('refused:', e)
+  sys.exit(3)
+print('shared')
+'''
+
+
+def _check_shared(dirs):
+  """Runs check_shared_workdir in two processes, each given its dir."""
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, '-c', _SHARED_CHECK, str(d)], cwd=ROOT, text=True,
+      env=_env(1, KFORCING_COORDINATOR=f'localhost:{port}',
+               KFORCING_NUM_PROCESSES=2, KFORCING_PROCESS_ID=i),
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      stdin=subprocess.DEVNULL, start_new_session=True)
+           for i, d in enumerate(dirs)]
+  try:
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+  finally:
+    _kill(procs)
+  return [p.returncode for p in procs], outs
+
+
+@pytest.mark.slow
+def test_a_workdir_the_processes_do_not_share_is_refused(tmp_path):
+  # One directory for both: passes, and the marker is gone afterwards.
+  codes, outs = _check_shared([tmp_path / 'w', tmp_path / 'w'])
+  assert codes == [0, 0], outs
+  assert os.listdir(tmp_path / 'w') == []
+  # A folder per process, as a local path on each host of a pod would be:
+  # every process stops with the same error (none waits in a collective).
+  codes, outs = _check_shared([tmp_path / 'a', tmp_path / 'b'])
+  assert codes == [3, 3], outs
+  for out in outs:
+    assert 'is not shared: process(es) [1] of 2 cannot see a file' in out
+  assert os.listdir(tmp_path / 'a') == []
