@@ -225,6 +225,8 @@ def run_script(args) -> str:
       f'2>/dev/null; then echo "run {run} is already running on '
       f'$(hostname); stop it first" >&2; exit 1; fi',
       f'cd "{_remote_dir(args)}"',
+      f'if [ ! -x "{REMOTE_VENV}/bin/python" ]; then echo "no '
+      f'{REMOTE_VENV} on $(hostname): run install first" >&2; exit 1; fi',
       # Appended, not overwritten: a restart after a stop or a preemption
       # keeps the earlier segments' "saved step N" lines and errors.
       f'echo "=== $(date -u +%FT%TZ) start on $(hostname)" >> '
@@ -441,6 +443,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
             f'{got!r} (subcommands: {", ".join(KFORCING_SUBCOMMANDS)})')
     if not any(a == '--workdir' or a.startswith('--workdir=') for a in rest):
       error(f'the kforcing_jax command needs --workdir=W: {shlex.join(rest)}')
+    # Refused by the CLI too, but only on the workers, after create, copy
+    # and install ran.
+    for i, a in enumerate(rest):
+      value = (a.split('=', 1)[1] if a.startswith('--workdir=') else
+               rest[i + 1] if a == '--workdir' and i + 1 < len(rest) else '')
+      if '://' in value:
+        error(f'--workdir={value} is a URL; mount the bucket on every worker '
+              '(e.g. gcsfuse) and pass the mount path')
     # After `--` everything goes to kforcing_jax, which would refuse e.g.
     # --dry-run only on the workers, after create, copy and install ran.
     own = {s for a in subparsers[args.subcommand]._actions  # pylint: disable=protected-access

@@ -122,6 +122,19 @@ def test_all_dry_run_prints_every_step_and_runs_nothing(tmp_path, fake_bin):
   assert shell_words(after_module) == KF_ARGS
 
 
+def test_run_without_install_says_so(tmp_path):
+  # It used to print "started ... pid N" for a process that died at once.
+  home = tmp_path / 'home'
+  (home / 'kforcing_jax').mkdir(parents=True)
+  r = pod('run', '--dry-run', *POD, '--', *KF_ARGS)
+  out = subprocess.run(['bash', '-c', remote_script(r.stdout.strip())],
+                       env=dict(os.environ, HOME=str(home)),
+                       capture_output=True, text=True, timeout=30)
+  assert out.returncode == 1
+  assert 'run install first' in out.stderr and 'started' not in out.stdout
+  assert not (home / 'kforcing_logs' / 'train-teacher.pid').exists()
+
+
 def test_remote_scripts_run_and_stop(tmp_path):
   """The run/stop/logs/install scripts, run by bash in a fake $HOME."""
   home = tmp_path / 'home'
@@ -283,6 +296,10 @@ def test_run_accepts_every_cli_subcommand():
     (['run', *POD, '--', 'distill', '--config=configs/demo.py'],
      '--workdir'),
     (['run', *POD, '--env=1A=b', '--', 'distill', '--workdir=w'], '--env'),
+    (['all', *POD, '--accelerator-type=v4-8', '--', 'distill',
+      '--workdir=gs://b/kf'], '--workdir=gs://b/kf is a URL'),
+    (['run', *POD, '--', 'distill', '--workdir', 'gs://b/kf'],
+     '--workdir=gs://b/kf is a URL'),
     (['run', *POD, '--', 'distill', '--workdir=w', '--dry-run'],
      '--dry-run comes after `--`'),
     (['all', *POD, '--accelerator-type=v4-8', '--', 'distill', '--workdir=w',
