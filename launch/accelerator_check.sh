@@ -29,11 +29,21 @@ XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 "$PYTHON" -m kforcing_jax bench \
 bench_rc=${PIPESTATUS[0]}
 
 # The tests pin CPU unless JAX_PLATFORMS is set; empty means the default
-# backend. Full-precision float32 dots (GPUs default to TF32), so the tests'
+# backend. Only one process may hold a TPU, and a pytest worker that cannot
+# get it would fall back to the CPU with a mere warning: on a TPU, one
+# worker, pinned to the TPU so that it fails rather than falls back.
+backend=$("$PYTHON" -c 'import jax; print(jax.default_backend())' \
+  2>/dev/null | tail -n 1)
+workers=4 platforms=''
+if [[ "$backend" == tpu ]]; then
+  workers=1 platforms=tpu
+fi
+echo "accelerator_check: tests on backend '${backend}', $workers worker(s)"
+# Full-precision float32 dots (GPUs default to TF32), so the tests'
 # tolerances mean what they mean on CPU; no preallocation, for 4 workers.
-JAX_PLATFORMS='' JAX_DEFAULT_MATMUL_PRECISION=highest \
+JAX_PLATFORMS="$platforms" JAX_DEFAULT_MATMUL_PRECISION=highest \
   XLA_PYTHON_CLIENT_PREALLOCATE=false \
-  "$PYTHON" -m pytest -q -n 4 -p no:cacheprovider \
+  "$PYTHON" -m pytest -q -n "$workers" -p no:cacheprovider \
   tests/test_model.py tests/test_decode.py 2>&1 | tee "$out/tests.log"
 tests_rc=${PIPESTATUS[0]}
 echo "accelerator_check: bench exit $bench_rc, tests exit $tests_rc"

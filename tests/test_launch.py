@@ -521,13 +521,18 @@ def logging_python(tmp_path):
             n: os.environ.get(n) for n in (
                 'JAX_PLATFORMS', 'JAX_DEFAULT_MATMUL_PRECISION',
                 'XLA_PYTHON_CLIENT_MEM_FRACTION')}}}}) + '\\n')
+      if sys.argv[1] == '-c':  # The backend probe.
+        print(os.environ.get('FAKE_BACKEND', 'gpu'))
+        sys.exit(0)
       print('ran', ' '.join(sys.argv[1:3]))
       sys.exit(5 if os.environ.get('FAIL_ON', '-') in sys.argv else 0)
       """)
 
 
-def _accel_check(tmp_path, python, *args, fail_on=None):
-  env = dict(os.environ, PYTHON=str(python),
+def _accel_check(tmp_path, python, *args, fail_on=None, backend='gpu'):
+  """Runs the script; returns its result and the calls other than the
+  backend probe."""
+  env = dict(os.environ, PYTHON=str(python), FAKE_BACKEND=backend,
              CALL_LOG=str(tmp_path / 'calls.jsonl'))
   env.pop('JAX_PLATFORMS', None)
   if fail_on:
@@ -538,7 +543,7 @@ def _accel_check(tmp_path, python, *args, fail_on=None):
   if os.path.exists(env['CALL_LOG']):
     with open(env['CALL_LOG']) as f:
       calls = [json.loads(line) for line in f]
-  return r, calls
+  return r, [c for c in calls if c['argv'][0] != '-c']
 
 
 def test_accelerator_check_runs_bench_then_tests_on_the_accelerator(
@@ -555,11 +560,23 @@ def test_accelerator_check_runs_bench_then_tests_on_the_accelerator(
   assert bench['argv'][-1] == '--config.bench.ks=(4,)'  # Extra flags last.
   assert bench['env']['XLA_PYTHON_CLIENT_MEM_FRACTION'] == '0.5'
   assert tests['argv'][:2] == ['-m', 'pytest']
+  assert tests['argv'][tests['argv'].index('-n') + 1] == '4'
   # Empty JAX_PLATFORMS: the tests' conftest would otherwise pin the CPU.
   assert tests['env']['JAX_PLATFORMS'] == ''
   assert tests['env']['JAX_DEFAULT_MATMUL_PRECISION'] == 'highest'
   assert 'ran -m kforcing_jax' in (out / 'bench.log').read_text()
   assert 'ran -m pytest' in (out / 'tests.log').read_text()
+
+
+def test_accelerator_check_runs_the_tests_in_one_process_pinned_to_a_tpu(
+    tmp_path, logging_python):
+  # Three of four workers could not open the TPU and fell back to the CPU.
+  r, (_, tests) = _accel_check(tmp_path, logging_python, str(tmp_path / 'o'),
+                               backend='tpu')
+  assert r.returncode == 0, r.stdout + r.stderr
+  assert tests['argv'][tests['argv'].index('-n') + 1] == '1'
+  assert tests['env']['JAX_PLATFORMS'] == 'tpu'
+  assert "tests on backend 'tpu', 1 worker(s)" in r.stdout
 
 
 @pytest.mark.parametrize('fail_on', ['bench', 'pytest'])
