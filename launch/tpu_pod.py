@@ -210,6 +210,13 @@ def install_steps(args) -> list[Step]:
   return [Step(argv=_ssh(args, install_script(args)))]
 
 
+def _alive(pid: str) -> str:
+  """Shell test: process `pid` (a shell word) runs kforcing_jax. A pid
+  file outlives its process, and the pid may since name another one."""
+  return (f'kill -0 {pid} 2>/dev/null && '
+          f'grep -q kforcing_jax /proc/{pid}/cmdline 2>/dev/null')
+
+
 def run_script(args) -> str:
   """Bash run on every worker: start the command detached, save its pid."""
   logs = REMOTE_LOGS
@@ -217,13 +224,13 @@ def run_script(args) -> str:
   env = ' '.join(_shell_word(kv) for kv in args.env)
   command = ' '.join(_shell_word(a) for a in ['-m', 'kforcing_jax'] +
                      args.kforcing_args)
+  running = _alive(f'"$(cat "{logs}/{run}.pid")"')
   return '; '.join([
       'set -eu',
       f'mkdir -p "{logs}"',
       # Refuse to start a second copy of a run that is still going.
-      f'if [ -f "{logs}/{run}.pid" ] && kill -0 "$(cat "{logs}/{run}.pid")" '
-      f'2>/dev/null; then echo "run {run} is already running on '
-      f'$(hostname); stop it first" >&2; exit 1; fi',
+      f'if [ -f "{logs}/{run}.pid" ] && {running}; then echo "run {run} is '
+      f'already running on $(hostname); stop it first" >&2; exit 1; fi',
       f'cd "{_remote_dir(args)}"',
       f'if [ ! -x "{REMOTE_VENV}/bin/python" ]; then echo "no '
       f'{REMOTE_VENV} on $(hostname): run install first" >&2; exit 1; fi',
@@ -260,16 +267,17 @@ def stop_steps(args) -> list[Step]:
   """
   run = args.run_name
   pid_file = f'{REMOTE_LOGS}/{run}.pid'
+  running, pid_alive = _alive(f'"$(cat "{pid_file}")"'), _alive('"$pid"')
   wait = (
-      f'i=0; while kill -0 "$pid" 2>/dev/null && [ $i -lt {args.wait} ]; '
+      f'i=0; while {pid_alive} && [ $i -lt {args.wait} ]; '
       'do sleep 1; i=$((i + 1)); done; '
-      f'if kill -0 "$pid" 2>/dev/null; then echo "{run} is still running on '
+      f'if {pid_alive}; then echo "{run} is still running on '
       f'$(hostname) after {args.wait}s (it saves at its next log_every '
       f'step): see its log, stop again, or --signal=KILL" >&2; exit 1; fi; '
       f'echo "{run} exited on $(hostname)"; ') if args.wait else ''
   script = (
-      f'if [ -f "{pid_file}" ] && kill -0 "$(cat "{pid_file}")" 2>/dev/null; '
-      f'then pid="$(cat "{pid_file}")"; kill -{args.signal} "$pid"; '
+      f'if [ -f "{pid_file}" ] && {running}; then '
+      f'pid="$(cat "{pid_file}")"; kill -{args.signal} "$pid"; '
       f'echo "sent SIG{args.signal} to {run} on $(hostname)"; {wait}'
       f'else echo "{run} is not running on $(hostname)"; fi')
   return [Step(argv=_ssh(args, script))]
