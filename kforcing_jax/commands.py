@@ -126,6 +126,8 @@ def generate(flags_obj):
     raise ValueError(f'--workdir={workdir} does not exist; train first')
   if flags_obj.k < 1:
     raise ValueError(f'--k={flags_obj.k} must be >= 1')
+  if flags_obj.seed is not None:
+    defaults.check_seed('--seed', flags_obj.seed)
   run = pick_run(workdir, flags_obj.k, flags_obj.model)
   cfg, params, meta = checkpoints.load_params(os.path.join(workdir, run))
   config = ml_collections.ConfigDict(meta['config'])
@@ -157,6 +159,7 @@ def generate(flags_obj):
           f'{cfg.seq_len}', file=sys.stderr)
     max_new = room
   seed = pick(flags_obj.seed, dc.seed)
+  defaults.check_seed('decode.seed', dc.seed)
   temperature = pick(flags_obj.temperature, dc.temperature)
   greedy = pick(flags_obj.greedy, dc.greedy)
   if cfg.noise_window:

@@ -254,6 +254,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
       if split not in documents.SPLITS:
         raise ValueError(f'{name}={split!r}: a {c.data.source} corpus has '
                          f'splits {list(documents.SPLITS)}')
+  for name in SEED_FIELDS:
+    node = c
+    for part in name.split('.'):
+      node = node.get(part) if node is not None else None
+    if node is not None:
+      check_seed(name, node)
   # grain seeds each epoch's shuffle with shuffle_seed + epoch (< 2**32).
   if not 0 <= c.data.shuffle_seed < 2**31:
     raise ValueError(f'data.shuffle_seed={c.data.shuffle_seed} must be in '
@@ -295,6 +301,19 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.mesh.data == 0 or c.mesh.data < -1:
     raise ValueError(f'mesh.data={c.mesh.data}: use -1 (all devices) or a '
                      'positive device count')
+
+
+# Every seed but data.shuffle_seed (checked on its own, in [0, 2**31)).
+SEED_FIELDS = ('seed', 'eval.seed', 'bench.seed', 'decode.seed',
+               'evaluator_train.seed')
+
+
+def check_seed(name: str, value) -> None:
+  """A seed must be an int in [0, 2**32): a JAX key takes 32 bits, so 2**32
+  was silently seed 0, and larger ones crashed after training."""
+  if (isinstance(value, bool) or not isinstance(value, int)
+      or not 0 <= value < 2**32):
+    raise ValueError(f'{name}={value!r} must be an int in [0, 2**32)')
 
 
 def _check_finite_positive(name: str, value) -> None:

@@ -67,6 +67,14 @@ def test_usage_errors_exit_2_and_point_at_help(args, needle):
   assert 'python -m kforcing_jax --help' in r.stderr
 
 
+def test_generate_refuses_a_seed_a_jax_key_cannot_hold(tmp_path):
+  r = _cli('generate', f'--workdir={tmp_path}', '--prompt=a',
+           '--seed=4294967296')
+  assert r.returncode == 2
+  assert r.stderr == ('error: --seed=4294967296 must be an int in '
+                      '[0, 2**32)\n')
+
+
 def test_a_url_workdir_is_refused(tmp_path):
   # It used to become the local folder ./gs:/b/kf, silently.
   r = subprocess.run([sys.executable, '-m', 'kforcing_jax', 'train-teacher',

@@ -256,6 +256,12 @@ def _cli(args, workdir, **kw):
     ('--config.train.eval_batches=0',
      'train.eval_batches=0 must be >= 1 while train.eval_every=20'),
     ('--config.data.shuffle_seed=-1', 'data.shuffle_seed=-1'),
+    # A JAX key takes 32 bits: 2**32 was silently seed 0, and 2**64 crashed
+    # (a pipeline, at evaluate after all training).
+    ('--config.seed=99999999999999999999',
+     'seed=99999999999999999999 must be an int in [0, 2**32)'),
+    ('--config.eval.seed=4294967296', 'eval.seed=4294967296 must be an int'),
+    ('--config.evaluator_train.seed=-1', 'evaluator_train.seed=-1 must be'),
     # Used to fail only at the evaluate stage, after all training.
     ('--config.eval.split=bogus', "eval.split='bogus'"),
 ])
