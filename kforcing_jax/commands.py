@@ -224,6 +224,7 @@ def run_distill(config, workdir: str,
   """
   from kforcing_jax import distill as distill_lib  # pylint: disable=g-import-not-at-top
   defaults.check_batches(config, teacher=False, distill=True)
+  distill_lib.check_precision(config.distill.precision)
   teacher_dir = os.path.join(workdir, teacher_lib.TEACHER)
   teacher_cfg, teacher_params, _ = checkpoints.load_params(teacher_dir)
   teacher_step = checkpoints.Manager(teacher_dir).latest_step()

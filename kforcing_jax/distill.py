@@ -52,6 +52,15 @@ def check_fit(teacher_cfg: model_lib.ModelConfig,
     raise ValueError('the student config has noise_window=0 (no noise slots)')
 
 
+def check_precision(precision: str) -> None:
+  """distill.precision must be one this process can run (float64 needs
+  JAX's x64 mode), checked before any training; raises ValueError."""
+  try:
+    noise_lib.working_dtype(precision)
+  except ValueError as e:
+    raise ValueError(f'distill.precision={precision!r}: {e}') from None
+
+
 def transfer_params(source, target):
   """Copies every source leaf whose path and shape match into target.
 

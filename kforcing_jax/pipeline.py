@@ -84,10 +84,13 @@ def _with_evaluator(config, workdir, timing):
 def _check_plan(config) -> None:
   """Fails now, not after training, on an eval.ks the students this run
   distills cannot serve, an eval.evaluator that is not a save_pretrained
-  folder, or a batch this machine's devices cannot split
+  folder, a distill.precision this process cannot run (float64 without
+  x64), or a batch this machine's devices cannot split
   (defaults.validate checked every field's value)."""
+  from kforcing_jax import distill  # pylint: disable=g-import-not-at-top
   from kforcing_jax import eval_settings  # pylint: disable=g-import-not-at-top
   defaults.check_batches(config, teacher=True, distill=True)
+  distill.check_precision(config.distill.precision)
   settings = eval_settings.settings_from_config(config)
   if settings.evaluator:  # Here, not in validate: only evaluate reads it.
     eval_settings.check_evaluator_dir(settings.evaluator)

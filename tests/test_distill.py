@@ -274,6 +274,17 @@ def test_missing_teacher_checkpoint_is_reported(tmp_path):
   assert not os.path.exists(tmp_path / 'student_k1')
 
 
+def test_float64_precision_without_x64_is_refused_first(tmp_path):
+  from kforcing_jax import commands  # pylint: disable=g-import-not-at-top
+  c = defaults.base_config()
+  c.distill.precision = 'float64'
+  assert not jax.config.jax_enable_x64
+  # Before the teacher is even looked for: it used to fail at step 0.
+  with pytest.raises(ValueError, match="distill.precision='float64': "
+                     ".*JAX_ENABLE_X64=1"):
+    commands.run_distill(c, str(tmp_path))
+
+
 @pytest.mark.parametrize('method', ['self_forcing', 'noise_inversion'])
 def test_resumed_stage_equals_uninterrupted(small_cfg, tmp_path, method):
   # Stop a stage at step 2 (checkpoint), resume to 4: bitwise the same

@@ -215,3 +215,19 @@ def test_a_split_evaluate_needs_is_checked_before_training(tmp_path):
   assert r.stderr.strip().splitlines()[-1].startswith(
       "error: data.eval_split='validation' has no documents"), r.stderr
   assert not os.path.exists(workdir / 'teacher')
+
+
+def test_float64_distillation_without_x64_is_refused_before_training(
+    tmp_path):
+  # It used to train the whole teacher, then fail at distillation step 0.
+  workdir = tmp_path / 'w'
+  env = {k: v for k, v in _ENV.items() if k != 'JAX_ENABLE_X64'}
+  r = subprocess.run(_pipeline_cmd(workdir, '--config.distill.precision=float64'),
+                     cwd=ROOT, env=env, capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 2, r.stderr
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: distill.precision='float64': precision="
+                         "'float64' needs 64-bit floats"), r.stderr
+  assert 'JAX_ENABLE_X64=1' in last
+  assert not os.path.exists(workdir / 'teacher')
