@@ -3,6 +3,7 @@ from a local folder (`eval.evaluator`), scoring our samples' text after
 re-tokenising it with its own tokenizer, as the paper does with GPT-2 Large.
 torch and transformers come with the `eval` extra."""
 
+import os
 from typing import Sequence
 
 import numpy as np
@@ -49,8 +50,7 @@ class HFEvaluator:
     self._torch = torch
     self.path = path
     self.batch_size = batch_size
-    self.tokenizer = transformers.AutoTokenizer.from_pretrained(
-        path, local_files_only=True)
+    self.tokenizer = _load_tokenizer(transformers, path)
     # float32 whatever the saved dtype: perplexities must not depend on it.
     self.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     self.model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -145,6 +145,48 @@ def evaluator_text(tokenizer, ids, separator: str) -> str:
       piece.append(t)
   pieces.append(piece)
   return separator.join(tokenizer.decode(p) for p in pieces)
+
+
+# Any text: a tokenizer that makes no tokens of it is none at all.
+_PROBE_TEXT = 'The evaluator scores this sentence.'
+
+
+def _load_tokenizer(transformers, path: str):
+  """The folder's tokenizer, or a ValueError naming eval.evaluator: a folder
+  without tokenizer files failed with the loader's own words, or (with
+  transformers 5) loaded a tokenizer that makes no tokens, so every
+  evaluator perplexity came out n/a without a word."""
+  try:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        path, local_files_only=True)
+  except Exception as e:  # pylint: disable=broad-except
+    # Each tokenizer class fails its own way (OSError, ValueError, ...).
+    raise ValueError(f'eval.evaluator={path!r}: its tokenizer does not load '
+                     f'({type(e).__name__}: {e})') from e
+  if not tokenizer(_PROBE_TEXT, add_special_tokens=False)['input_ids']:
+    raise ValueError(f'eval.evaluator={path!r}: its tokenizer makes no '
+                     'tokens of text; does the folder hold the tokenizer '
+                     'files (save_pretrained of the tokenizer too)?')
+  return tokenizer
+
+
+def check_evaluator(path: str) -> None:
+  """What a pipeline checks before it trains: the folder's tokenizer loads
+  and makes tokens, and its model config loads (the weights are loaded by
+  evaluate only: they can be large). Needs the `eval` extra."""
+  eval_settings.check_evaluator_dir(path)
+  if not any(name.endswith(('.safetensors', '.bin', '.safetensors.index.json',
+                            '.bin.index.json'))
+             for name in os.listdir(path)):
+    raise ValueError(f'eval.evaluator={path!r} has no model weights '
+                     '(model.safetensors or pytorch_model.bin)')
+  _, transformers = import_transformers()
+  _load_tokenizer(transformers, path)
+  try:
+    transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f'eval.evaluator={path!r}: its config.json does not '
+                     f'load ({type(e).__name__}: {e})') from e
 
 
 def load_evaluator(s: eval_settings.EvalSettings) -> HFEvaluator | None:

@@ -93,7 +93,8 @@ def _check_plan(config) -> None:
   distill.check_precision(config.distill.precision)
   settings = eval_settings.settings_from_config(config)
   if settings.evaluator:  # Here, not in validate: only evaluate reads it.
-    eval_settings.check_evaluator_dir(settings.evaluator)
+    from kforcing_jax import hf_evaluator  # pylint: disable=g-import-not-at-top
+    hf_evaluator.check_evaluator(settings.evaluator)
   windows = tuple(config.distill.windows)
   too_big = [k for k in settings.ks if k > max(windows)]
   if too_big:

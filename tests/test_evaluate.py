@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -343,6 +344,33 @@ def _save_tiny_gpt2(out):
       vocab_size=tok.get_vocab_size()))
   model.save_pretrained(str(out))
   return str(out)
+
+
+@pytest.mark.parametrize('remove, needle', [
+    # Used to load an empty tokenizer (transformers 5): every evaluator
+    # perplexity n/a, exit 0, no note.
+    (('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json'),
+     'its tokenizer makes no tokens of text'),
+    (('model.safetensors',), 'has no model weights'),
+])
+def test_evaluator_folder_missing_a_part_is_named_before_loading(
+    hf_dir, tmp_path, remove, needle):
+  folder = tmp_path / 'hf'
+  shutil.copytree(hf_dir, folder)
+  for name in remove:
+    if (folder / name).exists():
+      (folder / name).unlink()
+  with pytest.raises(ValueError, match=f"eval.evaluator='{folder}'.*{needle}"):
+    hf_evaluator.check_evaluator(str(folder))
+  hf_evaluator.check_evaluator(hf_dir)  # The whole folder passes.
+
+
+def test_evaluator_whose_tokenizer_does_not_load_is_named(hf_dir, tmp_path):
+  folder = tmp_path / 'hf'
+  folder.mkdir()
+  (folder / 'config.json').write_text('{}')
+  with pytest.raises(ValueError, match=f"eval.evaluator='{folder}'"):
+    hf_evaluator.HFEvaluator(str(folder))
 
 
 def test_continuation_start():

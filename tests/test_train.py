@@ -319,6 +319,21 @@ def test_pipeline_refuses_a_bad_evaluator_before_training(tmp_path, path,
   assert not (tmp_path / 'teacher').exists()
 
 
+def test_pipeline_loads_the_evaluators_tokenizer_before_training(tmp_path):
+  # A folder with config.json but no tokenizer: it failed at evaluate, after
+  # all training, in the tokenizer loader's words.
+  folder = tmp_path / 'hf'
+  folder.mkdir()
+  (folder / 'config.json').write_text('{}')
+  (folder / 'model.safetensors').write_text('')
+  r = _cli(['pipeline', '--config=configs/tiny.py',
+            f'--config.eval.evaluator={folder}'], tmp_path / 'w')
+  assert r.returncode == 2, r.stderr
+  assert f"error: eval.evaluator='{folder}': its tokenizer does not load" in (
+      r.stderr)
+  assert not (tmp_path / 'w' / 'teacher').exists()
+
+
 def test_pipeline_refuses_eval_ks_its_students_cannot_serve(tmp_path):
   r = _cli(['pipeline', '--config=configs/tiny.py', '--config.eval.ks=(8,)'],
            tmp_path)
