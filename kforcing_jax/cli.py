@@ -131,6 +131,19 @@ def _check_workdir(workdir: str) -> None:
                          f'is in the way{where}')
 
 
+def out_of_memory(e: BaseException) -> str | None:
+  """A one-line error for an accelerator (or host) out of memory, else
+  None: XLA's RESOURCE_EXHAUSTED ended the run in a traceback."""
+  text = str(e)
+  if not text.startswith('RESOURCE_EXHAUSTED'):
+    return None
+  return (f'out of memory: {text.splitlines()[0]} Lower the batch size of '
+          'the stage that ran out (train.batch_size, distill.batch_size, '
+          'distill.num_windows, eval.batch_size, bench.batch_sizes) or add '
+          'devices; python -m kforcing_jax.aot estimates a training step\'s '
+          'memory without running it')
+
+
 def _fail(message: str):
   print(f'error: {message}', file=sys.stderr)
   sys.exit(2)
@@ -207,7 +220,7 @@ def main():
   except checkpoints.CheckpointError as e:
     _fail_now(str(e))
   except (AssertionError, RuntimeError) as e:
-    message = sharding.backend_failure(e)
+    message = sharding.backend_failure(e) or out_of_memory(e)
     if message is None:
       raise
     _fail(message)

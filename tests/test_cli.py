@@ -268,6 +268,16 @@ def test_a_platform_jax_cannot_start_is_one_line_naming_it(tmp_path,
                          f"(JAX_PLATFORMS='{platform}')"), r.stderr
 
 
+def test_out_of_memory_is_one_line_naming_the_batch_sizes():
+  e = RuntimeError('RESOURCE_EXHAUSTED: Out of memory allocating 74897863280 '
+                   'bytes.\nmore detail')
+  message = cli.out_of_memory(e)
+  assert message.startswith('out of memory: RESOURCE_EXHAUSTED: Out of memory '
+                            'allocating 74897863280 bytes. Lower the batch')
+  assert '\n' not in message and 'distill.batch_size' in message
+  assert cli.out_of_memory(RuntimeError('INTERNAL: something else')) is None
+
+
 def test_backend_failure_leaves_other_errors_alone():
   try:
     assert False, 'not a backend'
