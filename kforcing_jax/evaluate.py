@@ -269,6 +269,22 @@ def _load_teacher(workdir: str, config):
   return cfg, params
 
 
+def _stale_source(workdir: str, run: str, meta: dict) -> str | None:
+  """Why `run` no longer matches the run it was distilled from (trained on
+  since), or None. Its coupling and teacher scores would compare it with
+  a teacher it never saw."""
+  source = meta.get('source')
+  if not source:
+    return None
+  now = checkpoints.Manager(os.path.join(workdir,
+                                         source['run'])).latest_step()
+  if now == source['step']:
+    return None
+  return (f"{run} was distilled from {source['run']} at step "
+          f"{source['step']}, which is now at step {now}: {run} is stale "
+          f'(delete it and the stages after it, then re-run distill)')
+
+
 def run_evaluate(config, workdir: str) -> dict:
   """Evaluates teacher and students in `workdir`; writes eval.json + samples.
 
@@ -310,9 +326,14 @@ def run_evaluate(config, workdir: str) -> dict:
   loaded = {'teacher': (teacher_cfg, teacher_params)}
   for entry in plan:
     if entry.run is not None and entry.run not in loaded:
-      cfg, params, _ = checkpoints.load_params(os.path.join(workdir,
-                                                            entry.run))
+      cfg, params, meta = checkpoints.load_params(os.path.join(workdir,
+                                                               entry.run))
       loaded[entry.run] = cfg, params
+      stale = _stale_source(workdir, entry.run, meta)
+      if stale:
+        notes.append(stale)
+        if sharding.is_main_process():
+          print(f'[evaluate] WARNING: {stale}', flush=True)
   models, teacher_tokens, sample_files = {}, None, {}
   sweeper = _Sweeper(s, teacher_cfg, teacher_params, seqs, loaded)
   for entry in plan:

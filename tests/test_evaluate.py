@@ -719,9 +719,28 @@ def test_run_evaluate_tiny_trained(trained_workdir, hf_dir, capsys):
               for k in (1, 2, 4)}) == 1
   assert d['settings']['max_new_tokens'] == 26
   out = capsys.readouterr().out
+  assert 'stale' not in out and not any('stale' in n for n in d['notes'])
   assert all(f'[eval] {name}:' in out for name in names)
   assert 'noise sweep (32 contexts x 1024 u): slot-1 accuracy' in out
   assert 'tok/s' in out
+
+
+@pytest.mark.slow
+def test_a_student_whose_source_trained_on_is_noted_stale(trained_workdir):
+  # A teacher trained on after distillation: evaluate compared the old
+  # students with the new teacher, without a word.
+  from kforcing_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  _, _, meta = checkpoints.load_params(os.path.join(trained_workdir,
+                                                    'student_k2'))
+  assert meta['source']['run'] == 'student_k1'
+  assert ev._stale_source(trained_workdir, 'student_k2', meta) is None
+  step = meta['source']['step']
+  then = dict(meta, source={'run': 'student_k1', 'step': step - 5})
+  assert ev._stale_source(trained_workdir, 'student_k2', then) == (
+      f'student_k2 was distilled from student_k1 at step {step - 5}, which '
+      f'is now at step {step}: student_k2 is stale (delete it and the '
+      'stages after it, then re-run distill)')
+  assert ev._stale_source(trained_workdir, 'teacher', {}) is None
 
 
 def test_only_process_0_writes_results(hf_dir, tmp_path, monkeypatch):
