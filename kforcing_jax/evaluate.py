@@ -397,6 +397,8 @@ def run_evaluate(config, workdir: str) -> dict:
     files.atomic_write_text(
         os.path.join(workdir, 'eval.json'),
         json.dumps(result, indent=1, allow_nan=False) + '\n')
+    for note in notes:  # Said, not only recorded in eval.json.
+      print(f'[eval] NOTE: {note}', flush=True)
     _note_other_samples(workdir,
                         {row['samples_file'] for row in models.values()})
   return result

@@ -578,7 +578,7 @@ def _untrained_setup(hf_dir, tmp_path, monkeypatch, damaged=()):
 
 
 def test_run_evaluate_notes_samples_the_evaluator_cut(hf_dir, tmp_path,
-                                                      monkeypatch):
+                                                      monkeypatch, capsys):
   # Texts past the evaluator's context were cut to it without a word.
   config, workdir = _untrained_setup(hf_dir, tmp_path, monkeypatch)
   real = ev.hf_evaluator.load_evaluator
@@ -594,6 +594,9 @@ def test_run_evaluate_notes_samples_the_evaluator_cut(hf_dir, tmp_path,
   assert [n.split(':')[0] for n in cut] == list(result['models'])
   assert all("of 5 samples are longer than the evaluator's 8 positions" in n
              for n in cut)
+  # Said aloud too, not only written into eval.json.
+  out = capsys.readouterr().out
+  assert all(f'[eval] NOTE: {n}\n' in out for n in result['notes'])
 
 
 def test_run_evaluate_untrained_models(hf_dir, tmp_path, monkeypatch, capsys):
