@@ -207,8 +207,10 @@ def main():
     _run(argv)
   except _Terminated:
     if sharding.is_main_process():
-      print('terminated (SIGTERM); re-run the same command to resume: '
-            'finished stages are kept', file=sys.stderr)
+      print('terminated (SIGTERM); re-run the same command: finished '
+            'training stages and earlier results are kept, and the stage '
+            'that was stopped (evaluate, bench, the evaluator) starts over',
+            file=sys.stderr)
     sys.exit(143)
   except KeyboardInterrupt as e:
     if sharding.is_main_process():

@@ -247,8 +247,10 @@ cli.main()
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=60)
   assert proc.returncode == 143
-  assert err.endswith('terminated (SIGTERM); re-run the same command to '
-                      'resume: finished stages are kept\n')
+  assert err.endswith('terminated (SIGTERM); re-run the same command: '
+                      'finished training stages and earlier results are '
+                      'kept, and the stage that was stopped (evaluate, '
+                      'bench, the evaluator) starts over\n')
 
 
 @pytest.mark.parametrize('platform', ['bogus', 'cuda'])
