@@ -134,6 +134,11 @@ def generate(flags_obj):
   # The tokenizer belongs to the trained run; decode defaults come from
   # --config (with its --config.decode.* overrides) when one is given.
   # Prompts only: the corpus may have moved or changed since training.
+  if not config.data.tokenizer_path and not os.path.exists(
+      os.path.join(workdir, 'tokenizer.model')):
+    # get_tokenizer would train a new one: ids the run never saw.
+    raise ValueError(f'{workdir} has no tokenizer.model, the tokenizer {run} '
+                     'was trained with; generate decodes only with it')
   tokenizer = data_lib.get_tokenizer(config, workdir, check_data=False)
   if flags_obj.config is not None:
     config = flags_obj.config

@@ -173,6 +173,16 @@ def test_generate_applies_config_decode_overrides(tmp_path):
   assert r.returncode == 0, r.stderr
   assert 'NOTE: max_new_tokens=500 cut to ' in r.stderr
   assert json.loads(r.stdout)['new_tokens'] < 500
+  # Without the run's tokenizer: refused (it trained a new one and decoded
+  # with ids the run never saw).
+  for name in ('tokenizer.model', 'tokenizer.sha256'):
+    os.remove(tmp_path / name)
+  r = _cli(*base)
+  assert r.returncode == 2
+  assert r.stderr == (f'error: {tmp_path} has no tokenizer.model, the '
+                      'tokenizer teacher was trained with; generate decodes '
+                      'only with it\n')
+  assert not (tmp_path / 'tokenizer.model').exists()
 
 
 def _cli_env(env, *args, timeout=60):
