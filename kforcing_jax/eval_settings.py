@@ -1,6 +1,7 @@
 """The `eval` config section: `EvalSettings`, read and checked up front, and
-`check_evaluator_dir`, the check of `eval.evaluator` that pipeline runs
-before training and the evaluator runs before loading."""
+`check_evaluator_dir`, the first check of `eval.evaluator` (a folder with a
+config.json), without transformers; `hf_evaluator.check_evaluator`, which
+pipeline runs before training, adds the rest."""
 
 import dataclasses
 import math

@@ -333,7 +333,7 @@ def run_evaluate(config, workdir: str) -> dict:
       if stale:
         notes.append(stale)
         if sharding.is_main_process():
-          print(f'[evaluate] WARNING: {stale}', flush=True)
+          print(f'[eval] WARNING: {stale}', flush=True)
   models, teacher_tokens, sample_files = {}, None, {}
   sweeper = _Sweeper(s, teacher_cfg, teacher_params, seqs, loaded)
   for entry in plan:

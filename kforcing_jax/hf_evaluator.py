@@ -171,9 +171,10 @@ def _load_tokenizer(transformers, path: str):
 
 
 def check_evaluator(path: str) -> None:
-  """What a pipeline checks before it trains: the folder's tokenizer loads
-  and makes tokens, and its model config loads (the weights are loaded by
-  evaluate only: they can be large). Needs the `eval` extra."""
+  """What a pipeline checks before it trains: the folder holds model
+  weights, its tokenizer loads and makes tokens, and its model config loads
+  (the weights themselves are loaded by evaluate only: they can be large).
+  Needs the `eval` extra."""
   eval_settings.check_evaluator_dir(path)
   if not any(name.endswith(('.safetensors', '.bin', '.safetensors.index.json',
                             '.bin.index.json'))
