@@ -248,6 +248,10 @@ def _fake_stages(monkeypatch, calls):
   monkeypatch.setattr(report, 'write_report', lambda w: 'report.md')
   monkeypatch.setattr(et, 'train_evaluator', lambda c, w: calls.append(
       ('train', w)) or os.path.join(w, 'evaluator'))
+  # The given folder is a stand-in, not a loadable model: the up-front check
+  # (tested in test_evaluate.py) is recorded instead.
+  monkeypatch.setattr(hf_evaluator, 'check_evaluator',
+                      lambda path: calls.append(('check', path)))
   return pipeline
 
 
@@ -272,7 +276,8 @@ def test_pipeline_trains_the_evaluator_only_when_asked(
   pipeline.run_pipeline(config, workdir)
   want = want.replace('W', workdir) if want == 'W/evaluator' else want
   trained = [('train', workdir)] if want.startswith(workdir) else []
-  assert calls == trained + [('evaluate', want)]
+  checked = [('check', given)] if given else []
+  assert calls == checked + trained + [('evaluate', want)]
   assert config.eval.evaluator == given  # The caller's config is untouched.
 
 
