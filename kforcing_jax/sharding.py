@@ -155,7 +155,9 @@ def check_shared_workdir(workdir: str, wait_s: float = 60.0) -> None:
   Raises:
     ValueError: Process 0 cannot write there, or some process cannot see it.
   """
-  if jax.process_count() == 1:
+  # Not jax.process_count() alone: in a single process that would start
+  # the backend, whose threads can then take a SIGTERM meant for the CLI.
+  if not jax.distributed.is_initialized() or jax.process_count() == 1:
     return
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   token = int(multihost_utils.broadcast_one_to_all(
