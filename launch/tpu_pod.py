@@ -449,13 +449,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
       error(f'expected a kforcing_jax command after the flags, e.g. '
             f'`-- train-teacher --config=configs/demo.py --workdir=W`; got '
             f'{got!r} (subcommands: {", ".join(KFORCING_SUBCOMMANDS)})')
-    if not any(a == '--workdir' or a.startswith('--workdir=') for a in rest):
+    workdirs = [a.split('=', 1)[1] if a != '--workdir' else
+                rest[i + 1] if i + 1 < len(rest) else ''
+                for i, a in enumerate(rest)
+                if a == '--workdir' or a.startswith('--workdir=')]
+    if not workdirs:
       error(f'the kforcing_jax command needs --workdir=W: {shlex.join(rest)}')
     # Refused by the CLI too, but only on the workers, after create, copy
     # and install ran.
-    for i, a in enumerate(rest):
-      value = (a.split('=', 1)[1] if a.startswith('--workdir=') else
-               rest[i + 1] if a == '--workdir' and i + 1 < len(rest) else '')
+    for value in workdirs:
       if '://' in value:
         error(f'--workdir={value} is a URL; mount the bucket on every worker '
               '(e.g. gcsfuse) and pass the mount path')
