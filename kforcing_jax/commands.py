@@ -119,6 +119,18 @@ def pick_run(workdir: str, k: int, model: str = '') -> str:
   return f'student_k{fits[0]}'
 
 
+def _note_ignored_model_fields(given, saved, run: str):
+  """Says which of --config's model fields differ from the run's own: the
+  run decodes with the model it was trained as, whatever --config says."""
+  differ = sorted(f'model.{key}={given.model[key]!r}'
+                  for key in given.model.keys()
+                  if key in saved.model and given.model[key] != saved.model[key])
+  if differ:
+    print(f"NOTE: {', '.join(differ)} ignored: {run} decodes as it was "
+          'trained (its saved config); --config gives generate only its '
+          'decode.* settings', file=sys.stderr)
+
+
 def generate(flags_obj):
   """Decodes continuations of --prompt texts with a trained run."""
   workdir = flags_obj.workdir
@@ -141,6 +153,7 @@ def generate(flags_obj):
                      'was trained with; generate decodes only with it')
   tokenizer = data_lib.get_tokenizer(config, workdir, check_data=False)
   if flags_obj.config is not None:
+    _note_ignored_model_fields(flags_obj.config, config, run)
     config = flags_obj.config
   dc = config.decode
 

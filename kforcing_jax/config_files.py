@@ -20,12 +20,24 @@ def config_path(argv):
   return None
 
 
+def split_argument(path):
+  """(file, args) of ml_collections' `file.py:argument` form: the text
+  after the last ':' is passed to get_config when the rest is a file."""
+  if not os.path.isfile(path) and ':' in path:
+    file, argument = path.rsplit(':', 1)
+    if os.path.isfile(file):
+      return file, (argument,)
+  return path, ()
+
+
 def load_config(path):
-  """Runs a config file and returns its get_config()."""
+  """Runs a config file and returns its get_config(), called with the
+  argument of a `file.py:argument` path as ml_collections calls it."""
+  path, args = split_argument(path)
   spec = importlib.util.spec_from_file_location('_user_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config(*args)
 
 
 def file_error(e: Exception) -> str:
@@ -41,15 +53,13 @@ def file_error(e: Exception) -> str:
 
 
 def check_file(argv) -> str | None:
-  """Loads --config once; returns a one-line error, or None if it loads
-  (or is ml_collections' path:argument form, which absl loads)."""
+  """Loads --config once; returns a one-line error, or None if it loads."""
   path = config_path(argv)
   if path is None:
     return None
-  if not os.path.isfile(path):
-    if ':' in path and os.path.isfile(path.rsplit(':', 1)[0]):
-      return None
-    if os.path.isdir(path):
+  file, _ = split_argument(path)
+  if not os.path.isfile(file):
+    if os.path.isdir(file):
       return f'--config={path} is a directory; name a config file in it'
     return f'--config={path}: no such file'
   try:
@@ -67,7 +77,7 @@ def check_file(argv) -> str | None:
 def unknown_fields(argv) -> list[str]:
   """--config.a.b overrides whose field does not exist in the config file."""
   path = config_path(argv)
-  if not path or not os.path.exists(path):
+  if not path or not os.path.isfile(split_argument(path)[0]):
     return []
   config = load_config(path)
   unknown = []

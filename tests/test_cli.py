@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from kforcing_jax import cli
+from kforcing_jax import config_files
 from kforcing_jax import sharding
 
 
@@ -143,6 +144,31 @@ def test_missing_config_file_is_named(tmp_path):
   assert r.stderr == 'error: --config=configs/nope.py: no such file\n'
 
 
+def test_config_file_argument(tmp_path):
+  # ml_collections' `file.py:argument` form: the argument reaches
+  # get_config, a config that takes none is one line (it was
+  # ml_collections' traceback), and overrides are checked against the
+  # config the argument makes.
+  path = tmp_path / 'sized.py'
+  path.write_text('from kforcing_jax import defaults\n'
+                  'def get_config(size):\n'
+                  '  c = defaults.base_config()\n'
+                  '  c.name = size\n'
+                  '  return c\n')
+  r = _cli('train-teacher', f'--config={path}:bigger', '--config.nope=1',
+           f'--workdir={tmp_path}/w')
+  assert r.returncode == 2
+  assert r.stderr.startswith('error: unknown config field(s): nope')
+  r = _cli('train-teacher', '--config=configs/tiny.py:foo',
+           f'--workdir={tmp_path}/w')
+  assert r.returncode == 2
+  assert r.stderr == ('error: --config=configs/tiny.py:foo: TypeError: '
+                      'get_config() takes 0 positional arguments but 1 was '
+                      'given\n')
+  assert not (tmp_path / 'w').exists()
+  assert config_files.load_config(f'{path}:bigger').name == 'bigger'
+
+
 @pytest.mark.slow
 def test_generate_applies_config_decode_overrides(tmp_path):
   # The run's saved config gives the defaults; --config and its
@@ -155,13 +181,20 @@ def test_generate_applies_config_decode_overrides(tmp_path):
   # default run must get past 3 tokens for the override to be visible.
   saved = json.loads(_cli(*base).stdout)
   assert 3 < saved['new_tokens'] <= 16  # tiny: decode.max_new_tokens.
-  over = [json.loads(_cli(*base, '--config=configs/tiny.py',
-                          '--config.decode.max_new_tokens=3',
-                          '--config.decode.greedy=True',
-                          f'--config.decode.seed={seed}').stdout)
+  runs = [_cli(*base, '--config=configs/tiny.py',
+               '--config.decode.max_new_tokens=3',
+               '--config.decode.greedy=True', f'--config.decode.seed={seed}')
           for seed in (0, 1)]
+  assert not any('NOTE' in r.stderr for r in runs)  # Same model as trained.
+  over = [json.loads(r.stdout) for r in runs]
   assert all(o['new_tokens'] <= 3 for o in over)
   assert over[0]['text'] == over[1]['text']  # Greedy: the seed is unused.
+  # Model fields cannot change a trained run: said, not silently dropped.
+  r = _cli(*base, '--config=configs/tiny.py', '--config.model.num_layers=3',
+           '--config.model.dtype=bfloat16')
+  assert r.returncode == 0, r.stderr
+  assert ("NOTE: model.dtype='bfloat16', model.num_layers=3 ignored: "
+          'teacher decodes as it was trained') in r.stderr
   r = _cli(*base, '--k=0')
   assert r.returncode == 2 and r.stderr == 'error: --k=0 must be >= 1\n'
   # A path would decode another run with this workdir's tokenizer.
@@ -215,6 +248,7 @@ def test_a_damaged_checkpoint_error_is_the_last_thing_printed():
   script = '''
 import sys, threading, time
 from kforcing_jax import cli
+from kforcing_jax import config_files
 def spam():
   while True:
     sys.stderr.write("RuntimeError: Event loop is closed\\n")
@@ -243,6 +277,7 @@ def test_sigterm_outside_training_says_how_to_resume(tmp_path):
   script = '''
 import sys, time
 from kforcing_jax import cli
+from kforcing_jax import config_files
 def wait(flags_obj):
   print("ready", flush=True)
   # Short sleeps, as a running subcommand returns to Python often: a
