@@ -328,6 +328,13 @@ def _check_out(path: str) -> None:
     return
   folder = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(folder):
+    # The nearest existing ancestor says which: a missing folder, or a
+    # file where a folder should be.
+    above = folder
+    while not os.path.exists(above):
+      above = os.path.dirname(above)
+    if not os.path.isdir(above):
+      raise app.UsageError(f'--out={path}: {above} is a file, not a folder')
     raise app.UsageError(f'--out={path}: folder {folder} does not exist')
   if os.path.isdir(path):
     raise app.UsageError(f'--out={path} is a directory; name a file, e.g. '

@@ -161,6 +161,8 @@ def test_a_step_that_does_not_compile_is_a_row_not_a_crash(monkeypatch,
     (['--out=/nonexistent/dir/aot.json'],
      '--out=/nonexistent/dir/aot.json: folder /nonexistent/dir does not '
      'exist'),
+    (['--out=README.md/aot.json'],
+     f'--out=README.md/aot.json: {ROOT}/README.md is a file, not a folder'),
     (['--config.train.grad_clip=-1'], 'train.grad_clip=-1.0 must be finite and >= 0'),
     # Refused before compiling: both used to fail only after the compiles.
     (['--out=configs'], '--out=configs is a directory; name a file, e.g. '
