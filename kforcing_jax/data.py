@@ -58,6 +58,18 @@ def training_splits(config, eval_every: int) -> list[tuple[str, str]]:
   return splits
 
 
+def training_text_notes(config,
+                        named_splits: Sequence[tuple[str, str]]) -> list[str]:
+  """A note for each held-out setting in `named_splits` that names the
+  training split itself: its losses and prefixes are then training text,
+  and nothing else would say so. Exact names only (a tfds slice such as
+  'train[99%:]' is taken as the user's choice)."""
+  return [f'{name}={split!r} is data.train_split: its numbers are measured '
+          'on training text, not held out'
+          for name, split in named_splits
+          if name != 'data.train_split' and split == config.data.train_split]
+
+
 def get_tokenizer(config, workdir: str, *, check_data: bool = True,
                   splits: Sequence[tuple[str, str]] | None = None,
                   record_data: bool = False) -> tokenizer_lib.Tokenizer:
@@ -79,12 +91,13 @@ def get_tokenizer(config, workdir: str, *, check_data: bool = True,
       split is empty, or the workdir was made from other data.
   """
   documents.check_source(config)
-  identity = None
+  identity, notes = None, []
   if check_data:
     if splits is None:
       splits = training_splits(config, eval_every=0)
     documents.check_splits(config, splits)
     identity = data_record.check(config, workdir)
+    notes = training_text_notes(config, splits)
   path = config.data.tokenizer_path
   if path:
     tokenizer = tokenizer_lib.load_tokenizer(path)
@@ -123,6 +136,11 @@ def get_tokenizer(config, workdir: str, *, check_data: bool = True,
   tokenizer_lib.check_workdir_tokenizer(tokenizer, workdir)
   if identity is not None and record_data:
     data_record.write(identity, workdir)
+  if notes:
+    from kforcing_jax import sharding  # pylint: disable=g-import-not-at-top
+    if sharding.is_main_process():
+      for note in notes:
+        print(f'[data] NOTE: {note}', file=sys.stderr, flush=True)
   return tokenizer
 
 

@@ -306,9 +306,9 @@ def run_evaluate(config, workdir: str) -> dict:
     notes.append(f'no student_k* run in {workdir}: teacher only')
   if evaluator is None:
     notes.append('eval.evaluator is empty: evaluator_ppl skipped')
-  tokenizer = data_lib.get_tokenizer(
-      config, workdir,
-      splits=[('eval.split', s.split or config.data.eval_split)])
+  prefix_split = [('eval.split', s.split or config.data.eval_split)]
+  tokenizer = data_lib.get_tokenizer(config, workdir, splits=prefix_split)
+  notes += data_lib.training_text_notes(config, prefix_split)
   seqs = eval_sequences(config, tokenizer, workdir, s, notes)
   prefixes = seqs[:, :s.prefix_len]
   max_new = teacher_cfg.seq_len - s.prefix_len

@@ -142,6 +142,22 @@ def test_training_a_tokenizer_is_announced_and_reuse_is_silent(
   assert 'training' not in capsys.readouterr().err
 
 
+def test_a_held_out_split_that_is_the_training_split_is_noted(
+    workdir, sp_tok, capsys):
+  del sp_tok  # Trained: the calls below only reuse it.
+  c = _config(eval_split='train')
+  data.get_tokenizer(c, workdir, splits=data.training_splits(c, 1))
+  assert capsys.readouterr().err == (
+      "[data] NOTE: data.eval_split='train' is data.train_split: its numbers "
+      'are measured on training text, not held out\n')
+  c = _config()  # validation: held out, nothing said.
+  data.get_tokenizer(c, workdir, splits=data.training_splits(c, 1))
+  assert not capsys.readouterr().err
+  assert data.training_text_notes(c, [('eval.split', 'train')]) == [
+      "eval.split='train' is data.train_split: its numbers are measured on "
+      'training text, not held out']
+
+
 def test_get_tokenizer_reuses_cached_model(workdir, sp_tok):
   path = os.path.join(workdir, 'tokenizer.model')
   mtime = os.path.getmtime(path)

@@ -589,7 +589,10 @@ def test_run_evaluate_notes_samples_the_evaluator_cut(hf_dir, tmp_path,
     return evaluator
 
   monkeypatch.setattr(ev.hf_evaluator, 'load_evaluator', short_context)
+  config.eval.split = 'train'  # Prefixes of training text: noted too.
   result = ev.run_evaluate(config, workdir)
+  assert ("eval.split='train' is data.train_split: its numbers are "
+          'measured on training text, not held out') in result['notes']
   cut = [n for n in result['notes'] if 'not scored in evaluator_ppl' in n]
   assert [n.split(':')[0] for n in cut] == list(result['models'])
   assert all("of 5 samples are longer than the evaluator's 8 positions" in n
