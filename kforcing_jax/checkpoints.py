@@ -66,8 +66,11 @@ class Manager:
       # The first line says what failed; the rest can be a 1000-line
       # TensorStore spec.
       lines = str(e).strip().splitlines() or ['']
-      reason = lines[0][:300] + (' ...' if len(lines) > 1 or
-                                 len(lines[0]) > 300 else '')
+      # And the first line can end in a pointer to that spec, which says
+      # nothing to a reader ("See full TensorStore details: <bound ...").
+      first = lines[0].split(' See full TensorStore details')[0]
+      reason = first[:300] + (' ...' if len(lines) > 1 or len(first) > 300
+                              else '')
       earlier = [s for s in self.manager.all_steps() if s < step]
       hint = (f'; the previous checkpoint is step {max(earlier)}: move '
               f'{self.directory}/{step} aside to resume from it'
