@@ -8,6 +8,7 @@ flags, so a missing file, an error inside it or a misspelled
 import importlib.util
 import os
 import re
+import sys
 
 
 def config_path(argv):
@@ -94,6 +95,21 @@ def unknown_fields(argv) -> list[str]:
   return unknown
 
 
+def config_first(argv):
+  """`argv` with --config moved ahead of its --config.x.y overrides:
+  ml_collections refuses an override given before the file it overrides,
+  though the order means nothing to the result."""
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      taken = [arg]
+    elif arg == '--config' and i + 1 < len(argv):
+      taken = [arg, argv[i + 1]]
+    else:
+      continue
+    return argv[:1] + taken + argv[1:i] + argv[i + len(taken):]
+  return argv
+
+
 class FlagsError(Exception):
   """A command line that cannot be parsed; str() is the one-line reason."""
 
@@ -105,6 +121,10 @@ def parse_flags(flag_values, argv, unknown_hint: str = ''):
   (`unknown_hint` follows the unknown fields). absl's own errors (an
   unknown flag) pass through as flags.Error, for the caller's usage text.
   """
+  reordered = config_first(argv)
+  if argv is sys.argv:  # ml_collections reads its overrides from sys.argv.
+    sys.argv[:] = reordered
+  argv = reordered
   error = check_file(argv)
   if error:
     raise FlagsError(error)

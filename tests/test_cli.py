@@ -169,6 +169,19 @@ def test_config_file_argument(tmp_path):
   assert config_files.load_config(f'{path}:bigger').name == 'bigger'
 
 
+def test_overrides_may_come_before_the_config_file(tmp_path):
+  # ml_collections refused them ("Found --config.x in argv before a value
+  # for --config was specified"); the order means nothing to the result.
+  r = _cli('train-teacher', '--config.train.num_steps=1',
+           f'--workdir={tmp_path}', '--config=configs/tiny.py',
+           '--config.train.eval_every=0')
+  assert r.returncode == 0, r.stderr
+  assert '"step": 1,' in r.stdout  # The summary JSON.
+  assert config_files.config_first(
+      ['prog', 'x', '--config.a=1', '--config', 'c.py', '--b']) == [
+          'prog', '--config', 'c.py', 'x', '--config.a=1', '--b']
+
+
 @pytest.mark.slow
 def test_generate_applies_config_decode_overrides(tmp_path):
   # The run's saved config gives the defaults; --config and its
