@@ -12,7 +12,8 @@ Subcommands:
   create   create the TPU VM slice
   copy     copy this repository to every worker (~/kforcing_jax)
   install  pip install the copied package and its deps on every worker
-  run      start a kforcing_jax command on every worker (nohup, background)
+  run      start a kforcing_jax command on every worker (nohup, background),
+           on none if any worker still runs it or lacks the install
   logs     follow a run's log on worker 0 (or --worker=N / all)
   stop     stop a run on every worker
   delete   delete the TPU VM slice
@@ -217,23 +218,40 @@ def _alive(pid: str) -> str:
           f'grep -q kforcing_jax /proc/{pid}/cmdline 2>/dev/null')
 
 
+def _start_checks(args) -> list[str]:
+  """Bash lines that refuse to start the run on this worker: a copy of it
+  still going there, or no venv."""
+  logs, run = REMOTE_LOGS, args.run_name
+  running = _alive(f'"$(cat "{logs}/{run}.pid")"')
+  return [
+      'set -eu',
+      f'if [ -f "{logs}/{run}.pid" ] && {running}; then echo "run {run} is '
+      f'already running on $(hostname); stop it first" >&2; exit 1; fi',
+      f'if [ ! -x "{REMOTE_VENV}/bin/python" ]; then echo "no '
+      f'{REMOTE_VENV} on $(hostname): run install first" >&2; exit 1; fi',
+  ]
+
+
+def check_script(args) -> str:
+  """Bash run on every worker before any starts: the start checks alone.
+  A worker that refuses then stops the run everywhere (gcloud's ssh to
+  --worker=all fails if any worker's command does), rather than the others
+  starting and waiting for it in their first collective."""
+  return '; '.join(_start_checks(args) + [
+      f'echo "{args.run_name} can start on $(hostname)"'])
+
+
 def run_script(args) -> str:
-  """Bash run on every worker: start the command detached, save its pid."""
+  """Bash run on every worker: start the command detached, save its pid.
+  It checks again: a worker may have changed since `check_script`."""
   logs = REMOTE_LOGS
   run = args.run_name
   env = ' '.join(_shell_word(kv) for kv in args.env)
   command = ' '.join(_shell_word(a) for a in ['-m', 'kforcing_jax'] +
                      args.kforcing_args)
-  running = _alive(f'"$(cat "{logs}/{run}.pid")"')
-  return '; '.join([
-      'set -eu',
+  return '; '.join(_start_checks(args) + [
       f'mkdir -p "{logs}"',
-      # Refuse to start a second copy of a run that is still going.
-      f'if [ -f "{logs}/{run}.pid" ] && {running}; then echo "run {run} is '
-      f'already running on $(hostname); stop it first" >&2; exit 1; fi',
       f'cd "{_remote_dir(args)}"',
-      f'if [ ! -x "{REMOTE_VENV}/bin/python" ]; then echo "no '
-      f'{REMOTE_VENV} on $(hostname): run install first" >&2; exit 1; fi',
       # Appended, not overwritten: a restart after a stop or a preemption
       # keeps the earlier segments' "saved step N" lines and errors.
       f'echo "=== $(date -u +%FT%TZ) start on $(hostname)" >> '
@@ -248,7 +266,8 @@ def run_script(args) -> str:
 
 
 def run_steps(args) -> list[Step]:
-  return [Step(argv=_ssh(args, run_script(args)))]
+  return [Step(argv=_ssh(args, check_script(args))),
+          Step(argv=_ssh(args, run_script(args)))]
 
 
 def logs_steps(args) -> list[Step]:

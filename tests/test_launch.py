@@ -83,8 +83,8 @@ def test_all_dry_run_prints_every_step_and_runs_nothing(tmp_path, fake_bin):
                'GCLOUD_LOG': str(log)})
   assert r.returncode == 0, r.stderr
   lines = r.stdout.splitlines()
-  assert len(lines) == 5, r.stdout
-  create, stage, scp, install, run = lines
+  assert len(lines) == 6, r.stdout
+  create, stage, scp, install, check, run = lines
   assert not log.exists()  # gcloud was never called,
   assert not list(tmp_path.glob('kforcing_pod_stage_*'))  # nor staged.
 
@@ -105,7 +105,7 @@ def test_all_dry_run_prints_every_step_and_runs_nothing(tmp_path, fake_bin):
   assert words[-1] == 'kf-pod:'
   assert words[-2].endswith(os.sep + 'kforcing_jax')
 
-  for line in (install, run):
+  for line in (install, check, run):
     words = shlex.split(line)
     assert words[:6] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh',
                          'kf-pod']
@@ -113,6 +113,7 @@ def test_all_dry_run_prints_every_step_and_runs_nothing(tmp_path, fake_bin):
             '--project=my-proj'} <= set(words)
   assert 'pip install' in remote_script(install)
   assert '".[demo]" "jax[tpu]"' in remote_script(install)
+  assert 'nohup' not in remote_script(check)  # It starts nothing.
   script = remote_script(run)
   assert 'nohup ' in script
   assert '"$HOME/kforcing_logs/train-teacher.log"' in script
@@ -149,10 +150,11 @@ def test_a_pid_file_naming_another_process_is_not_a_running_run(tmp_path):
     assert 'train-teacher is not running' in out.stdout, out.stderr
     assert other.poll() is None  # Not signalled.
     r = pod('run', '--dry-run', *POD, '--', *KF_ARGS)
-    out = subprocess.run(['bash', '-c', remote_script(r.stdout.strip())],
-                         env=dict(os.environ, HOME=str(home)),
-                         capture_output=True, text=True, timeout=30)
-    assert 'already running' not in out.stderr
+    for line in r.stdout.splitlines():  # The check, then the start.
+      out = subprocess.run(['bash', '-c', remote_script(line)],
+                           env=dict(os.environ, HOME=str(home)),
+                           capture_output=True, text=True, timeout=30)
+      assert 'already running' not in out.stderr
   finally:
     other.kill()
     other.wait()
@@ -163,11 +165,13 @@ def test_run_without_install_says_so(tmp_path):
   home = tmp_path / 'home'
   (home / 'kforcing_jax').mkdir(parents=True)
   r = pod('run', '--dry-run', *POD, '--', *KF_ARGS)
-  out = subprocess.run(['bash', '-c', remote_script(r.stdout.strip())],
-                       env=dict(os.environ, HOME=str(home)),
-                       capture_output=True, text=True, timeout=30)
-  assert out.returncode == 1
-  assert 'run install first' in out.stderr and 'started' not in out.stdout
+  for line in r.stdout.splitlines():  # The check, then the start.
+    out = subprocess.run(['bash', '-c', remote_script(line)],
+                         env=dict(os.environ, HOME=str(home)),
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1
+    assert 'run install first' in out.stderr
+    assert 'started' not in out.stdout and 'can start' not in out.stdout
   assert not (home / 'kforcing_logs' / 'train-teacher.pid').exists()
 
 
@@ -201,7 +205,11 @@ def test_remote_scripts_run_and_stop(tmp_path):
 
   r = pod('run', '--dry-run', *POD, '--env', 'A=b c', '--', *KF_ARGS)
   assert r.returncode == 0, r.stderr
-  run_script = remote_script(r.stdout.strip())
+  check_script, run_script = map(remote_script, r.stdout.splitlines())
+  out = bash(check_script)
+  assert out.returncode == 0, out.stderr
+  assert 'train-teacher can start on' in out.stdout
+  assert not (home / 'kforcing_logs').exists()  # It starts nothing.
   out = bash(run_script)
   assert out.returncode == 0, out.stderr
   assert 'started train-teacher' in out.stdout
@@ -215,10 +223,13 @@ def test_remote_scripts_run_and_stop(tmp_path):
                  'cwd': str(home / 'kforcing_jax'), 'A': 'b c'}
   pid = int((home / 'kforcing_logs' / 'train-teacher.pid').read_text())
   try:
-    # A second start of the same run is refused while it is alive.
-    again = bash(run_script)
-    assert again.returncode != 0
-    assert 'already running' in again.stderr
+    # A second start of the same run is refused while it is alive, by
+    # the check that runs on every worker before any starts, and again by
+    # the start itself.
+    for script in (check_script, run_script):
+      again = bash(script)
+      assert again.returncode != 0
+      assert 'already running' in again.stderr
 
     r = pod('logs', '--dry-run', *POD, '--run-name=train-teacher',
             '--no-follow')
@@ -365,7 +376,7 @@ def test_runs_steps_and_stops_at_the_first_failure(tmp_path, fake_bin):
   r = pod('all', *POD, '--accelerator-type=v4-8', f'--source={source}', '--',
           *KF_ARGS, env=env, tmp_path=tmp_path)
   assert r.returncode == 1
-  assert 'error: step 3/5 failed with exit status 7' in r.stderr
+  assert 'error: step 3/6 failed with exit status 7' in r.stderr
   assert 'later steps were not run' in r.stderr
   calls = [json.loads(line) for line in log.read_text().splitlines()]
   assert [c[3] for c in calls] == ['create', 'scp']  # No ssh after the fail.
