@@ -49,11 +49,12 @@ _TFDS_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=256)
 # --------------------------------------------------------------------------
 
 
-def training_splits(config, eval_every: int) -> list[tuple[str, str]]:
+def training_splits(config, held_out) -> list[tuple[str, str]]:
   """The (setting, split) pairs a training run reads: the train split, and
-  the eval split when its held-out evals are on (`eval_every` > 0)."""
+  the eval split when its held-out evals are on (`held_out`: e.g. a
+  train.eval_every > 0)."""
   splits = [('data.train_split', config.data.train_split)]
-  if eval_every:
+  if held_out:
     splits.append(('data.eval_split', config.data.eval_split))
   return splits
 
@@ -94,7 +95,7 @@ def get_tokenizer(config, workdir: str, *, check_data: bool = True,
   identity, notes = None, []
   if check_data:
     if splits is None:
-      splits = training_splits(config, eval_every=0)
+      splits = training_splits(config, held_out=False)
     documents.check_splits(config, splits)
     identity = data_record.check(config, workdir)
     notes = training_text_notes(config, splits)

@@ -368,10 +368,11 @@ def train_evaluator(config, workdir: str) -> str:
     return out
   _check_output_dir(out)
   # The workdir's data, as every data-reading command checks it.
-  documents.check_splits(config, [
-      ('data.train_split', config.data.train_split),
-      ('data.eval_split', config.data.eval_split)])
+  splits = data_lib.training_splits(config, held_out=True)
+  documents.check_splits(config, splits)
   data_record.check(config, workdir)
+  for note in data_lib.training_text_notes(config, splits):
+    print(f'[evaluator] NOTE: {note}', flush=True)
   torch, transformers = hf_evaluator.import_transformers(
       'training the independent evaluator')
   t_start = time.perf_counter()

@@ -15,6 +15,7 @@ import os
 import time
 
 from kforcing_jax import commands
+from kforcing_jax import data as data_lib
 from kforcing_jax import defaults
 from kforcing_jax import documents
 from kforcing_jax import files
@@ -102,10 +103,9 @@ def _check_plan(config) -> None:
                      f'distill.windows is {max(windows)}')
   # Every split the stages read; an empty or unknown one used to stop the
   # run at evaluate, after training.
-  documents.check_splits(config, [
-      ('data.train_split', config.data.train_split),
-      ('data.eval_split', config.data.eval_split),
-      ('eval.split', settings.split or config.data.eval_split)])
+  documents.check_splits(config, data_lib.training_splits(
+      config, held_out=True) + [
+          ('eval.split', settings.split or config.data.eval_split)])
 
 
 def _runs_newer_than(workdir: str, name: str) -> list[str]:

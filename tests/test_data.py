@@ -146,12 +146,14 @@ def test_a_held_out_split_that_is_the_training_split_is_noted(
     workdir, sp_tok, capsys):
   del sp_tok  # Trained: the calls below only reuse it.
   c = _config(eval_split='train')
-  data.get_tokenizer(c, workdir, splits=data.training_splits(c, 1))
+  data.get_tokenizer(c, workdir,
+                     splits=data.training_splits(c, held_out=True))
   assert capsys.readouterr().err == (
       "[data] NOTE: data.eval_split='train' is data.train_split: its numbers "
       'are measured on training text, not held out\n')
   c = _config()  # validation: held out, nothing said.
-  data.get_tokenizer(c, workdir, splits=data.training_splits(c, 1))
+  data.get_tokenizer(c, workdir,
+                     splits=data.training_splits(c, held_out=True))
   assert not capsys.readouterr().err
   assert data.training_text_notes(c, [('eval.split', 'train')]) == [
       "eval.split='train' is data.train_split: its numbers are measured on "
@@ -773,14 +775,14 @@ def test_an_empty_split_is_named_before_a_tokenizer_is_trained(
       "data.eval_split='validation' has no documents: data.text_glob .* "
       r'matches 5 file\(s\).*validation needs at least 11 files')):
     data.get_tokenizer(c, str(tmp_path / 'run'), record_data=True,
-                       splits=data.training_splits(c, eval_every=200))
+                       splits=data.training_splits(c, held_out=True))
   assert not os.path.exists(tmp_path / 'run' / 'data.json')
   # Without held-out evals only the train split is read.
-  assert data.training_splits(c, eval_every=0) == [('data.train_split',
+  assert data.training_splits(c, held_out=False) == [('data.train_split',
                                                     'train')]
   monkeypatch.undo()
   data.get_tokenizer(c, str(tmp_path / 'run'),
-                     splits=data.training_splits(c, eval_every=0))
+                     splits=data.training_splits(c, held_out=False))
 
 
 def test_a_tfds_split_the_dataset_lacks_is_named_before_a_tokenizer(
@@ -790,7 +792,7 @@ def test_a_tfds_split_the_dataset_lacks_is_named_before_a_tokenizer(
                       lambda *a, **k: pytest.fail('trained a tokenizer'))
   with pytest.raises(ValueError, match="'tset'"):
     data.get_tokenizer(c, str(tmp_path / 'run'),
-                       splits=data.training_splits(c, eval_every=200))
+                       splits=data.training_splits(c, held_out=True))
 
 
 def test_one_line_documents_longer_than_sentencepiece_takes_are_learned(

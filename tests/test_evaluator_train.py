@@ -204,6 +204,20 @@ def test_missing_torch_names_the_extra(docs, tmp_path, monkeypatch):
     et.train_evaluator(_config(docs), str(tmp_path))
 
 
+def test_a_held_out_split_that_is_the_training_split_is_noted(
+    docs, tmp_path, monkeypatch, capsys):
+  # Its held-out perplexity would be on training text; said before any
+  # work (the missing torch stops the run right after the checks).
+  monkeypatch.setitem(sys.modules, 'torch', None)
+  config = _config(docs)
+  config.data.eval_split = 'train'
+  with pytest.raises(ImportError):
+    et.train_evaluator(config, str(tmp_path))
+  assert capsys.readouterr().out == (
+      "[evaluator] NOTE: data.eval_split='train' is data.train_split: its "
+      'numbers are measured on training text, not held out\n')
+
+
 def test_lr_schedule_warms_up_then_decays_to_a_tenth():
   assert et.lr_factor(0, 4, 40) == pytest.approx(0.25)
   assert et.lr_factor(3, 4, 40) == pytest.approx(1.0)
