@@ -194,6 +194,8 @@ def load_params(run_dir: str, use_ema: bool = True):
   whatever device count saved them; a multi-process run, in their saved
   layout.
   """
+  if not isinstance(use_ema, bool):  # A string such as "no" is truthy.
+    raise ValueError(f'use_ema={use_ema!r} must be a bool')
   manager = Manager(run_dir)
   step = manager.latest_step()
   if step is None:

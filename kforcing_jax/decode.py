@@ -457,6 +457,7 @@ def prefill(spec: DecodeSpec, params, prompts_BxP, pad_B, noise_BxK,
   _check_shape('prompts', prompts_BxP, (b, spec.prompt_len))
   _check_shape('pad', pad_B, (b,))
   _check_shape('noise', noise_BxK, (b, spec.k))
+  check_pad(spec, pad_B)
   _check_noise_x(spec, noise_x, b)
   model_lib.check_params(spec.model, params)  # Shapes only: trace time.
   check_penalty_tracked(spec, penalty)
@@ -519,6 +520,20 @@ def _check_array(name: str, x, kind, what: str):
     raise ValueError(f'{name} must hold {what}; got dtype {dtype}')
 
 
+def check_pad(spec: DecodeSpec, pad_B) -> None:
+  """Refuses a row padding outside [0, prompt_len) where its values can be
+  read (not under a transform): such a row decodes from a shifted or empty
+  prompt without an error."""
+  if isinstance(pad_B, jax.core.Tracer) or not hasattr(pad_B, '__array__'):
+    return
+  pad = np.asarray(pad_B)
+  if pad.size and (pad.min() < 0 or pad.max() >= spec.prompt_len):
+    bad = int(pad.min() if pad.min() < 0 else pad.max())
+    raise ValueError(f'pad {bad} outside [0, prompt_len={spec.prompt_len}):'
+                     " pad_B is each row's count of left padding slots "
+                     '(pad_prompts makes it)')
+
+
 def _check_inputs(prompts_BxP, pad_B, noise):
   _check_array('prompts', prompts_BxP, jnp.integer, 'integer token ids')
   _check_array('pad', pad_B, jnp.integer, 'integer padding lengths')
@@ -579,7 +594,8 @@ class _DecodeLoop:
   per spec; `generate` is the front end that validates values (shapes and
   the spec are checked here too, at trace time). Calling it or `.lower`
   first refuses a nonzero penalty for a spec without use_penalty, where
-  the value can be read; other attributes (`.trace`, `.eval_shape`, ...)
+  the value can be read, and a pad outside [0, prompt_len) where its values
+  can be read; other attributes (`.trace`, `.eval_shape`, ...)
   are the jitted function's.
   """
 
@@ -589,6 +605,7 @@ class _DecodeLoop:
   def __call__(self, spec, params, prompts_BxP, pad_B, noise_BxN,
                temperature=1.0, penalty=0.0):
     check_penalty_tracked(spec, penalty)
+    check_pad(spec, pad_B)
     return _decode_loop_jit(spec, params, prompts_BxP, pad_B, noise_BxN,
                             temperature, penalty)
 
@@ -704,7 +721,8 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
     max_new_tokens: new tokens per row (<= seq_len - longest prompt).
     k: tokens per forward pass; 1 <= k <= cfg.noise_window for a student.
     noise: (B, max_new_tokens) uniforms in [0, 1): token n uses noise[:, n].
-      If None, drawn from `rng` (default PRNGKey(0)).
+      If None, drawn from `rng` (default PRNGKey(0)) in float32, with or
+      without jax_enable_x64. Pass noise or rng, not both.
     temperature: AR sampling temperature, >= 1e-30 and finite in float32
       (near 0 it approaches greedy); ignored by students, whose noise
       encoder is fed tau = 1, but checked for them too; ignored and not
@@ -733,6 +751,17 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
         f'cfg must be a ModelConfig, got {type(cfg).__name__}: generate '
         'takes (params, cfg, prompts); load_params returns (cfg, params, '
         'meta)')
+  traced = [name for name, value in (('prompts', prompts), ('noise', noise),
+                                     ('rng', rng))
+            if any(isinstance(leaf, jax.core.Tracer)
+                   for leaf in jax.tree_util.tree_leaves(value))]
+  if traced:
+    raise TypeError(f'generate got a traced {traced[0]} (inside jax.jit or '
+                    'jax.vmap?): it pads and checks on the host; under a '
+                    'transform call decode_loop (see its docstring)')
+  if noise is not None and rng is not None:
+    raise ValueError('pass noise or rng, not both (noise is used as given, '
+                     'rng only draws noise)')
   if not (isinstance(greedy, (bool, np.bool_, int, np.integer)) and
           greedy in (0, 1)):
     raise ValueError(f'greedy={greedy!r} must be a bool')
@@ -789,7 +818,9 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
   if noise is None:
     rng = jax.random.PRNGKey(0) if rng is None else rng
     try:
-      noise = jax.random.uniform(rng, (b, max_new_tokens))
+      # float32 whatever jax_enable_x64 says: float64 draws are other
+      # values, so the same seed would give other tokens under x64.
+      noise = jax.random.uniform(rng, (b, max_new_tokens), jnp.float32)
     except (TypeError, ValueError) as e:
       raise ValueError(f'rng={rng!r} is not a JAX PRNG key (e.g. '
                        'jax.random.PRNGKey(0) or jax.random.key(0))') from e

@@ -68,6 +68,7 @@ import time
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from kforcing_jax import checkpoints
@@ -314,7 +315,7 @@ def run_evaluate(config, workdir: str) -> dict:
   max_new = teacher_cfg.seq_len - s.prefix_len
   # One noise array shared by every model: it is what couples them.
   noise = np.asarray(jax.random.uniform(jax.random.PRNGKey(s.seed),
-                                        (len(seqs), max_new)), np.float32)
+                                        (len(seqs), max_new), jnp.float32))
   prefix_texts = [tokenizer.decode(p) for p in prefixes]
   if evaluator is not None:  # The same prefixes for every model.
     separator = evaluator.document_separator

@@ -30,8 +30,12 @@ NOISE_FIELDS = ('noise_mlp_dim', 'noise_scale', 'noise_feature_dim')
 
 
 def as_int(value, name: str, minimum: int) -> int:
-  """`value` as a Python int >= minimum (numpy ints accepted, bools and
-  floats not); raises ValueError naming `name` and the value."""
+  """`value` as a Python int >= minimum (numpy ints and concrete 0-d jax
+  ints accepted, bools and floats not); raises ValueError naming `name`
+  and the value."""
+  if (isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer)
+      and value.ndim == 0 and jnp.issubdtype(value.dtype, jnp.integer)):
+    value = int(value)
   if isinstance(value, (bool, np.bool_)) or not isinstance(
       value, (int, np.integer)):
     raise ValueError(f'{name} must be an int, got {value!r}')
@@ -504,3 +508,9 @@ def check_params(cfg: ModelConfig, params) -> None:
     if got[name] != expected[name]:
       raise ValueError(f'params {name!r} has shape {got[name]}; the config '
                        f'gives {expected[name]}')
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    # An int array of the right shape (a cast gone wrong) decodes garbage.
+    dtype = getattr(leaf, 'dtype', None) or np.asarray(leaf).dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise ValueError(f'params {_path_name(path)!r} has dtype {dtype}; '
+                       'parameters are floats')

@@ -141,11 +141,59 @@ def test_tiny_temperature_is_greedy(teacher):
      r'frequency_penalty=3e\+38 must be in \[0, 3.54e\+36\]'),
     (dict(prompts=[[1]], max_new_tokens=2, greedy='no'), "greedy='no'"),
     (dict(prompts=[[1]], max_new_tokens=2, pad_id=2**31), 'pad_id='),
+    # rng was silently ignored next to noise.
+    (dict(prompts=[[1]], max_new_tokens=2, noise=np.full((1, 2), 0.5),
+          rng=jax.random.PRNGKey(0)), 'pass noise or rng, not both'),
 ])
 def test_bad_requests_fail_before_compute(teacher, kwargs, needle):
   cfg, params = teacher
   with pytest.raises(ValueError, match=needle):
     decode.generate(params, cfg, **kwargs)
+
+
+def test_generate_under_a_transform_points_to_decode_loop(teacher):
+  # A raw TracerArrayConversionError from deep inside used to be all a
+  # JAX user got for the first thing they try.
+  cfg, params = teacher
+  for name, call in (
+      ('rng', lambda key: decode.generate(params, cfg, [[1, 2]],
+                                          max_new_tokens=2, rng=key).tokens),
+      ('prompts', lambda key: decode.generate(
+          params, cfg, jnp.ones((1, 2), jnp.int32) + key[0].astype(jnp.int32)
+          * 0, max_new_tokens=2).tokens)):
+    with pytest.raises(TypeError, match=f'generate got a traced {name} .*'
+                       'call decode_loop'):
+      jax.jit(call)(jax.random.PRNGKey(0))
+
+
+def test_concrete_jax_ints_are_ints_and_int_params_are_refused(teacher):
+  cfg, params = teacher
+  ref = decode.generate(params, cfg, [[1, 2]], max_new_tokens=3, greedy=True)
+  got = decode.generate(params, cfg, [[1, 2]], max_new_tokens=jnp.int32(3),
+                        greedy=True)
+  np.testing.assert_array_equal(got.tokens, ref.tokens)
+  cast = jax.tree.map(lambda x: np.asarray(x, np.int32), params)
+  with pytest.raises(ValueError, match="params '.*' has dtype int32; "
+                     'parameters are floats'):
+    decode.generate(cast, cfg, [[1, 2]], max_new_tokens=3)
+
+
+def test_decode_loop_and_prefill_refuse_a_pad_outside_the_prompt(teacher):
+  # Both decoded from a shifted or empty prompt without an error.
+  cfg, params = teacher
+  prompts, pad = decode.pad_prompts([[1, 2, 3], [4, 5]])
+  spec = decode.DecodeSpec(model=cfg, k=1, num_steps=2, prompt_len=3)
+  noise = jnp.full((2, 2), 0.5)
+  for bad in (pad + 3, np.array([-1, 1], np.int32)):
+    with pytest.raises(ValueError, match=r'pad (-1|3|4) outside \[0, '
+                       r'prompt_len=3\)'):
+      decode.decode_loop(spec, params, prompts, jnp.asarray(bad), noise)
+    with pytest.raises(ValueError, match='outside'):
+      decode.prefill(spec, params, prompts, bad, noise[:, :1])
+  # Under the caller's own jit the values are unknown: not checked, runs.
+  tokens, _ = jax.jit(decode.decode_loop, static_argnums=0)(
+      spec, params, prompts, jnp.asarray(pad), noise)
+  assert tokens.shape == (2, 2)
 
 
 def test_tiny_temperatures_and_int_greedy_are_accepted(teacher):
@@ -873,9 +921,16 @@ def test_decoding_runs_under_x64_with_the_same_student_tokens():
   kwargs = dict(max_new_tokens=7, k=3, noise=noise, frequency_penalty=0.3,
                 eos_id=5)
   plain = decode.generate(params, cfg, [[3, 5, 7], [2]], **kwargs)
+  # Noise drawn from an rng is float32 under x64 too: a seed gives the
+  # same tokens either way (it drew float64 values, other tokens).
+  seeded = dict(max_new_tokens=12, k=4, rng=jax.random.PRNGKey(3))
+  plain_seeded = decode.generate(params, cfg, [[3, 5, 7], [2]], **seeded)
   teacher_cfg = dataclasses.replace(cfg, noise_window=0)
   with jax.enable_x64(True):
     wide = decode.generate(params, cfg, [[3, 5, 7], [2]], **kwargs)
+    np.testing.assert_array_equal(
+        decode.generate(params, cfg, [[3, 5, 7], [2]], **seeded).tokens,
+        plain_seeded.tokens)
     ar = decode.generate(model_lib.init_params(teacher_cfg,
                                                jax.random.PRNGKey(1)),
                          teacher_cfg, [[3, 5, 7], [2]], max_new_tokens=7,

@@ -193,6 +193,12 @@ def test_resume_with_ema_or_clipping_toggled_is_refused_not_corrupt(
   assert checkpoints.Manager(str(tmp_path / 'teacher')).latest_step() == 4
 
 
+def test_load_params_refuses_a_use_ema_that_is_not_a_bool(tmp_path):
+  # 'no' is truthy: it picked the EMA copy.
+  with pytest.raises(ValueError, match="use_ema='no' must be a bool"):
+    checkpoints.load_params(str(tmp_path), use_ema='no')
+
+
 @pytest.mark.parametrize('damage', ['missing', 'garbled'])
 def test_corrupt_checkpoint_is_reported(tmp_path, damage):
   config = _config()
