@@ -1,13 +1,14 @@
 """Command-line entry point: `python -m kforcing_jax SUBCOMMAND [flags]`.
 
 Subcommands:
-  pipeline       --config=configs/X.py --workdir=W   the main job: everything below + W/report.md
+  pipeline       --config=configs/X.py --workdir=W   the main job: teacher, distill, [train-evaluator], evaluate, bench, report
   train-teacher  --config=configs/X.py --workdir=W   train (or resume) the AR teacher
   distill        --config=configs/X.py --workdir=W   students of window 1, 2, 4 from W/teacher
   generate       --workdir=W --prompt=TEXT [--k=4]   decode from a trained model
   train-evaluator --config=configs/X.py --workdir=W  small independent GPT-2-shape evaluator -> W/evaluator
   evaluate       --config=configs/X.py --workdir=W   quality metrics -> W/eval.json, W/samples/
   bench          --config=configs/X.py --workdir=W   AR vs k-token decoding speed -> W/bench.json/png
+  report         --workdir=W                         W/report.md from what W holds (pipeline ends with it)
   --help, -h     this text; `SUBCOMMAND --help` adds that subcommand's summary
 """
 
@@ -54,6 +55,7 @@ SUBCOMMANDS = {
     'evaluate': commands.evaluate_cmd,
     'bench': commands.bench_cmd,
     'pipeline': commands.pipeline_cmd,
+    'report': commands.report_cmd,
 }
 
 

@@ -325,6 +325,18 @@ def bench_cmd(flags_obj):
   bench.run_bench(_require_config(flags_obj), flags_obj.workdir)
 
 
+def report_cmd(flags_obj):
+  """Writes W/report.md from the runs and results W holds (no config)."""
+  from kforcing_jax import report  # pylint: disable=g-import-not-at-top
+  workdir = flags_obj.workdir
+  parts = [os.path.join(workdir, name) for name in (
+      teacher_lib.TEACHER, 'eval.json', 'bench.json')]
+  if not any(os.path.exists(p) for p in parts):
+    raise ValueError(f'--workdir={workdir} holds no teacher, eval.json or '
+                     'bench.json: nothing to report')
+  _print_main(f'[report] wrote {report.write_report(workdir)}')
+
+
 def pipeline_cmd(flags_obj):
   """Teacher, distillation, evaluation, benchmark and W/report.md."""
   from kforcing_jax import pipeline  # pylint: disable=g-import-not-at-top

@@ -27,10 +27,11 @@ def _read_json(path):
     return json.load(f)
 
 
-def _last_eval(run_dir):
-  evals = [r for r in _read_jsonl(os.path.join(run_dir, 'metrics.jsonl'))
-           if any(k.startswith('eval_') for k in r)]
-  return evals[-1] if evals else None
+def _last_records(run_dir):
+  """(last metrics record, last one with held-out evals), None if none."""
+  records = _read_jsonl(os.path.join(run_dir, 'metrics.jsonl'))
+  evals = [r for r in records if any(k.startswith('eval_') for k in r)]
+  return (records[-1] if records else None), (evals[-1] if evals else None)
 
 
 def _stat(s, digits=1):
@@ -55,13 +56,17 @@ def training_section(workdir):
                  if d == 'teacher' or d.startswith('student_k')),
                 key=_run_order)
   for run in runs:
-    ev = _last_eval(os.path.join(workdir, run))
-    if ev is None:
+    last, ev = _last_records(os.path.join(workdir, run))
+    if last is None:
       continue
-    shown = ', '.join(f'{k[5:]}={v:.4g}' for k, v in sorted(ev.items())
-                      if k.startswith('eval_'))
+    # A run without held-out evals (eval_every=0) is listed all the same.
+    shown = 'none' if ev is None else ', '.join(
+        f'{k[5:]}={v:.4g}' for k, v in sorted(ev.items())
+        if k.startswith('eval_'))
+    if ev is not None and ev['step'] != last['step']:
+      shown += f" (at step {ev['step']})"
     secs = timing.get(run, {}).get('seconds')
-    lines.append(f"| {run} | {ev['step']} | {shown} | "
+    lines.append(f"| {run} | {last['step']} | {shown} | "
                  f"{'' if secs is None else f'{secs:.0f}'} |")
   return lines
 

@@ -223,6 +223,39 @@ def _source_of_record(task: Task, saved_meta: dict | None) -> dict:
   return saved or task.source
 
 
+# The settings that shape a run's weights (bookkeeping such as log_every or
+# checkpoint_every left out); a finished or resumed run whose saved config
+# differs in one is noted. Model fields are checked, and refused, apart
+# (Manager.check_compatible), as is the data (data_record). The step count
+# is not a recipe field: the step reached is said anyway, and training on
+# past it is what resuming is for.
+TEACHER_RECIPE = ('seed',) + tuple(f'train.{k}' for k in (
+    'b1', 'b2', 'batch_size', 'ema_decay', 'grad_clip', 'lr', 'schedule',
+    'warmup_steps', 'weight_decay'))
+STUDENT_RECIPE = ('seed', 'train.b1', 'train.grad_clip') + tuple(
+    f'distill.{k}' for k in ('batch_size', 'ema_decay', 'lr', 'method',
+                             'num_windows', 'precision', 'warmup_steps'))
+
+
+def changed_recipe(task: Task, config, saved_meta: dict | None) -> list[str]:
+  """'field: saved -> now' for each recipe field of the run's saved config
+  that `config` sets otherwise (fields a saved config lacks are skipped)."""
+  saved = (saved_meta or {}).get('config') or {}
+  changed = []
+  for field in STUDENT_RECIPE if task.model_cfg.noise_window else \
+      TEACHER_RECIPE:
+    was, now, present = saved, config, True
+    for part in field.split('.'):
+      present = present and isinstance(was, dict) and part in was
+      was = was.get(part) if present else None
+      now = now.get(part) if now is not None else None
+    # Through JSON, as the saved side was: a tuple reads back as a list.
+    now = json.loads(json.dumps(now, default=str))
+    if present and was != now:
+      changed.append(f'{field}: {was!r} -> {now!r}')
+  return changed
+
+
 @dataclasses.dataclass
 class TrainResult:
   state: TrainState
@@ -297,6 +330,13 @@ def train(task: Task, config, workdir: str, data_iter, eval_batches=(),
       # Said aloud: the stage line before this describes a fresh start.
       print(f'[{task.name}] resuming from the checkpoint at step {start} of '
             f'{num_steps}', flush=True)
+    changed = changed_recipe(task, config, saved_meta) if restored else []
+    if changed:
+      print(f"[{task.name}] NOTE: its checkpoint was trained with other "
+            f"settings ({'; '.join(changed)}): " + (
+                f'steps from {start} on use the new ones' if start < num_steps
+                else f'kept as trained; delete {run_dir} to retrain with '
+                'them'), flush=True)
     if start < num_steps and tc.warmup_steps > num_steps:
       # Legal (a short trial of a long recipe), but easy to miss.
       print(f'[{task.name}] NOTE: warmup_steps={tc.warmup_steps} > '

@@ -53,7 +53,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # jax on the machine that launches the pod; a test checks them against
 # kforcing_jax.cli.SUBCOMMANDS).
 KFORCING_SUBCOMMANDS = ('pipeline', 'train-teacher', 'distill', 'generate',
-                        'train-evaluator', 'evaluate', 'bench')
+                        'train-evaluator', 'evaluate', 'bench', 'report')
 
 # TPU software (runtime) version for each accelerator family, following the
 # Cloud TPU "TPU software versions" guide for JAX. Override with --version.

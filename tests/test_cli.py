@@ -169,6 +169,22 @@ def test_config_file_argument(tmp_path):
   assert config_files.load_config(f'{path}:bigger').name == 'bigger'
 
 
+def test_report_subcommand_writes_the_report_of_a_workdir(tmp_path):
+  # report.md used to be written only at the end of a pipeline.
+  r = _cli('report', f'--workdir={tmp_path}')
+  assert r.returncode == 2
+  assert r.stderr == (f'error: --workdir={tmp_path} holds no teacher, '
+                      'eval.json or bench.json: nothing to report\n')
+  assert not (tmp_path / 'report.md').exists()
+  (tmp_path / 'teacher').mkdir()
+  (tmp_path / 'teacher' / 'metrics.jsonl').write_text(
+      json.dumps({'step': 4, 'loss': 1.0}) + '\n')
+  r = _cli('report', f'--workdir={tmp_path}')
+  assert r.returncode == 0, r.stderr
+  assert r.stdout == f'[report] wrote {tmp_path}/report.md\n'
+  assert '| teacher | 4 | none |' in (tmp_path / 'report.md').read_text()
+
+
 def test_overrides_may_come_before_the_config_file(tmp_path):
   # ml_collections refused them ("Found --config.x in argv before a value
   # for --config was specified"); the order means nothing to the result.

@@ -198,6 +198,21 @@ def test_report_lists_the_teacher_then_students_by_window(tmp_path):
                   'student_k16']
 
 
+def test_report_lists_runs_without_evals_and_dates_an_older_eval(tmp_path):
+  # A run trained with eval_every=0 was left out of the table; a last eval
+  # older than the last step was shown as the step count.
+  (tmp_path / 'teacher').mkdir()
+  (tmp_path / 'teacher' / 'metrics.jsonl').write_text(
+      json.dumps({'step': 5, 'loss': 3.0, 'eval_loss': 2.0}) + '\n' +
+      json.dumps({'step': 8, 'loss': 1.0}) + '\n')
+  (tmp_path / 'student_k1').mkdir()
+  (tmp_path / 'student_k1' / 'metrics.jsonl').write_text(
+      json.dumps({'step': 3, 'loss': 1.0}) + '\n')
+  assert report.training_section(str(tmp_path))[4:] == [
+      '| teacher | 8 | loss=2 (at step 5) |  |',
+      '| student_k1 | 3 | none |  |']
+
+
 def test_a_split_evaluate_needs_is_checked_before_training(tmp_path):
   # Five files give no validation split: the pipeline trained the teacher
   # and students, then stopped at evaluate.

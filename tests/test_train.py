@@ -193,6 +193,43 @@ def test_resume_with_ema_or_clipping_toggled_is_refused_not_corrupt(
   assert checkpoints.Manager(str(tmp_path / 'teacher')).latest_step() == 4
 
 
+def test_a_run_trained_with_other_settings_is_noted(tmp_path, capsys):
+  # A finished run was skipped without a word when its recipe changed.
+  config = _config()
+  task = teacher_lib.teacher_task(config)
+  train_lib.train(task, config, str(tmp_path),
+                  helpers.ArrayIterator(_data(), 8), num_steps=2)
+  capsys.readouterr()
+  config.train.lr, config.train.num_steps = 0.5, 2
+  train_lib.train(task, config, str(tmp_path),
+                  helpers.ArrayIterator(_data(), 8))
+  assert (f'[teacher] NOTE: its checkpoint was trained with other settings '
+          f'(train.lr: 0.003 -> 0.5): kept as trained; delete '
+          f'{tmp_path}/teacher to retrain with them') in capsys.readouterr().out
+  # Resuming (the step count is no recipe field).
+  config.train.num_steps = 3
+  train_lib.train(task, config, str(tmp_path),
+                  helpers.ArrayIterator(_data(), 8))
+  assert ('NOTE: its checkpoint was trained with other settings (train.lr: '
+          '0.003 -> 0.5): steps from 2 on use the new ones'
+          ) in capsys.readouterr().out
+  # The same settings again: nothing to say.
+  train_lib.train(task, config, str(tmp_path),
+                  helpers.ArrayIterator(_data(), 8))
+  assert 'NOTE' not in capsys.readouterr().out
+
+
+def test_a_students_recipe_is_its_distill_settings():
+  config = defaults.base_config()
+  saved = {'config': json.loads(config.to_json_best_effort())}
+  student = types.SimpleNamespace(model_cfg=types.SimpleNamespace(
+      noise_window=2))
+  config.distill.lr, config.train.lr, config.distill.windows = 0.5, 0.5, (1,)
+  config.seed = 7
+  assert train_lib.changed_recipe(student, config, saved) == [
+      'seed: 0 -> 7', 'distill.lr: 0.001 -> 0.5']
+
+
 def test_load_params_refuses_a_use_ema_that_is_not_a_bool(tmp_path):
   # 'no' is truthy: it picked the EMA copy.
   with pytest.raises(ValueError, match="use_ema='no' must be a bool"):
