@@ -122,9 +122,9 @@ def pick_run(workdir: str, k: int, model: str = '') -> str:
 def _note_ignored_model_fields(given, saved, run: str):
   """Says which of --config's model fields differ from the run's own: the
   run decodes with the model it was trained as, whatever --config says."""
-  differ = sorted(f'model.{key}={given.model[key]!r}'
-                  for key in given.model.keys()
-                  if key in saved.model and given.model[key] != saved.model[key])
+  differ = sorted(f'model.{key}={value!r}'
+                  for key, value in given.model.items()
+                  if key in saved.model and value != saved.model[key])
   if differ:
     print(f"NOTE: {', '.join(differ)} ignored: {run} decodes as it was "
           'trained (its saved config); --config gives generate only its '

@@ -510,7 +510,7 @@ def check_params(cfg: ModelConfig, params) -> None:
                        f'gives {expected[name]}')
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     # An int array of the right shape (a cast gone wrong) decodes garbage.
-    dtype = getattr(leaf, 'dtype', None) or np.asarray(leaf).dtype
+    dtype = leaf.dtype if hasattr(leaf, 'dtype') else np.asarray(leaf).dtype
     if not jnp.issubdtype(dtype, jnp.floating):
       raise ValueError(f'params {_path_name(path)!r} has dtype {dtype}; '
                        'parameters are floats')
