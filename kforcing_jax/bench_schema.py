@@ -232,6 +232,12 @@ def validate_bench_json(d: dict[str, Any]) -> None:
                        f'{r["key_layout"]!r}: expected the resolved layout, '
                        "'k' or 'kt'")
     _check_profile(r, profiled, where)
+    if (r['k'], r['batch']) in seen:
+      raise ValueError(f'bench.json: {where} repeats k={r["k"]}, '
+                       f'batch={r["batch"]}')
+    if r['k'] == 1 and r['speedup'] != 1:
+      raise ValueError(f'bench.json: {where}.speedup={r["speedup"]} for '
+                       'k=1, the AR baseline itself (expected 1)')
     seen.add((r['k'], r['batch']))
   for k in [1, *d['settings']['ks']]:
     for b in d['settings']['batch_sizes']:

@@ -69,6 +69,11 @@ def check_settings(s: BenchSettings, seq_len: int) -> None:
   if not s.ks or any(k < 2 for k in s.ks):
     raise ValueError(f'bench.ks={s.ks}: need student k values >= 2 (k=1 is '
                      'the AR teacher, always timed)')
+  # A repeat was timed twice and its speedups divided by the other run's
+  # AR time (one AR time per batch size is kept).
+  for name, values in (('batch_sizes', s.batch_sizes), ('ks', s.ks)):
+    if len(set(values)) != len(values):
+      raise ValueError(f'bench.{name}={values}: each value once')
   if s.prefix_len < 1:
     raise ValueError(f'bench.prefix_len={s.prefix_len} must be >= 1')
   if s.max_new_tokens < 0:

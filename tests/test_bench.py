@@ -131,6 +131,10 @@ def test_accelerator_rows_cover_both_models(tiny_run):
     (lambda d: d['results'][1].update(times_s=[]), r'results\[1\]\.times_s'),
     (lambda d: d['results'][2].update(achieved_flops_per_s=-1.0),
      r'results\[2\]\.achieved_flops_per_s must be a number > 0'),
+    (lambda d: d['results'][0].update(speedup=1.09),
+     r'results\[0\]\.speedup=1.09 for k=1'),
+    (lambda d: d['results'].append(copy.deepcopy(d['results'][1])),
+     'repeats k=1, batch=2'),
 ])
 def test_validate_rejects_broken_dicts(tiny_run, breakage, key):
   _, out, _ = tiny_run
@@ -402,6 +406,11 @@ def test_settings_defaults_and_errors():
       (dict(peak_flops=-1.0), 'bench.peak_flops=-1.0 must be >= 0'),
       (dict(batch_sizes=(1.5, 8.9)), 'bench.batch_sizes=.*need a tuple of '
        'ints'),
+      # A repeated batch size was timed twice, its first speedups divided
+      # by the second's AR time.
+      (dict(batch_sizes=(4, 1, 4)),
+       r'bench.batch_sizes=\(4, 1, 4\): each value once'),
+      (dict(ks=(3, 4, 4)), r'bench.ks=\(3, 4, 4\): each value once'),
   ):
     with pytest.raises(ValueError, match=needle):
       bench_settings.settings_from_config(_tiny_config(**fields))
