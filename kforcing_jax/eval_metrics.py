@@ -88,11 +88,13 @@ def repetition_rate(tokens, n: int = REPETITION_N) -> float:
 
   Token i counts as repeated when some occurrence x[j:j+n] with
   j <= i < j + n equals an n-gram starting at an earlier j' < j. A sample
-  that loops is close to 1; one without repeated n-grams is 0.
+  that loops is close to 1; one without repeated n-grams is 0; one shorter
+  than n has no n-gram to repeat: nan, as in `distinct_n` (a 0 there
+  passed for a measurement).
   """
   grams = _ngrams(tokens, n)
   length = np.asarray(tokens).size
-  if length == 0:
+  if not grams:
     return math.nan
   covered = np.zeros(length, bool)
   seen = set()

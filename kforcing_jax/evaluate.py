@@ -190,13 +190,16 @@ def forced_ceiling_note(forced_NxT, rollout_NxT, dtype: str) -> str | None:
   cached decode, and the two round differently (most in bfloat16; the demo
   in float32 gives back 0.9997), so inverse-CDF samples near a boundary
   flip. That agreement bounds every student's forced_agreement."""
-  same = float(np.mean(np.asarray(forced_NxT) == np.asarray(rollout_NxT)))
-  if same == 1.0:
+  equal = np.asarray(forced_NxT) == np.asarray(rollout_NxT)
+  if equal.all():
     return None
+  # With the count: a rate of 0.99996 prints as 1.0000 at four places.
+  differ = int(equal.size - equal.sum())
   return (f'teacher-forced ceiling: the teacher forced on its own rollout '
-          f'agrees on {same:.4f} of its tokens (its full forward and its '
-          f'cached decode round differently in {dtype}); the students\' '
-          'forced_agreement is bounded by it')
+          f'agrees on {equal.mean():.4f} of its tokens ({differ} of '
+          f'{equal.size} differ: its full forward and its cached decode '
+          f'round differently in {dtype}); the students\' forced_agreement '
+          'is bounded by it')
 
 
 def _mean_or_none(total: float, count: int):
@@ -305,6 +308,12 @@ def run_evaluate(config, workdir: str) -> dict:
   notes = []
   if not any(e.kind == 'student' for e in plan):
     notes.append(f'no student_k* run in {workdir}: teacher only')
+  evaluated = {e.k for e in plan if e.kind == 'student'}
+  unused = sorted(k for k, lam in s.penalties if lam > 0 and k not in evaluated)
+  if unused:  # Dropped without a word before.
+    notes.append(f"eval.penalties for k={', '.join(map(str, unused))} "
+                 'unused: no student row has that k (eval.ks, or every k '
+                 'up to the largest trained window)')
   if evaluator is None:
     notes.append('eval.evaluator is empty: evaluator_ppl skipped')
   prefix_split = [('eval.split', s.split or config.data.eval_split)]
@@ -336,7 +345,7 @@ def run_evaluate(config, workdir: str) -> dict:
         if sharding.is_main_process():
           print(f'[eval] WARNING: {stale}', flush=True)
   models, teacher_tokens, sample_files = {}, None, {}
-  sweeper = _Sweeper(s, teacher_cfg, teacher_params, seqs, loaded)
+  sweeper = _Sweeper(s, teacher_cfg, teacher_params, seqs, loaded, notes)
   for entry in plan:
     if entry.kind == 'data':
       tokens, timing = np.asarray(seqs[:, s.prefix_len:]), None
@@ -413,8 +422,8 @@ class _Sweeper:
   """
 
   def __init__(self, s: eval_settings.EvalSettings, teacher_cfg,
-               teacher_params, seqs, loaded):
-    self._s, self._seqs, self._loaded = s, seqs, loaded
+               teacher_params, seqs, loaded, notes: list[str]):
+    self._s, self._seqs, self._loaded, self._notes = s, seqs, loaded, notes
     self._teacher = teacher_cfg, teacher_params
     self._u = noise_sweep.grid(s.sweep_grid)
     self._contexts = self._teacher_grids = None
@@ -426,13 +435,18 @@ class _Sweeper:
       return None
     if entry.run not in self._runs:
       if self._contexts is None:
-        print(f'[eval] noise sweep: the teacher\'s map at '
-              f'{self._s.sweep_contexts} held-out contexts x '
-              f'{self._s.sweep_grid} u, then each student\'s slot 1',
-              flush=True)
         self._contexts = noise_sweep.pick_contexts(
             len(self._seqs), self._seqs.shape[1], self._s.prefix_len - 1,
             self._s.sweep_contexts, self._s.seed)
+        print(f'[eval] noise sweep: the teacher\'s map at '
+              f'{len(self._contexts[0])} held-out contexts x '
+              f'{self._s.sweep_grid} u, then each student\'s slot 1',
+              flush=True)
+        if len(self._contexts[0]) < self._s.sweep_contexts:
+          self._notes.append(
+              f'noise sweep: {len(self._contexts[0])} distinct contexts '
+              f'(sequences x positions past the prefix), fewer '
+              f'than eval.sweep_contexts={self._s.sweep_contexts}')
         self._teacher_grids = noise_sweep.teacher_grids(
             *self._teacher, self._seqs, *self._contexts, self._u)
       self._runs[entry.run] = noise_sweep.sweep_student(

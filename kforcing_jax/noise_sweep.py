@@ -57,11 +57,13 @@ def grid(size: int) -> np.ndarray:
 
 def pick_contexts(num_rows: int, seq_len: int, first_t: int, count: int,
                   seed: int):
-  """`count` (row, t) pairs, t in [first_t, seq_len - 2], fixed by seed.
+  """Up to `count` distinct (row, t) pairs, t in [first_t, seq_len - 2],
+  fixed by seed: all rows x positions of them when there are fewer (drawn
+  with replacement, repeats passed for independent contexts and narrowed
+  the intervals).
 
   t is the last context position; the swept slot predicts token t + 1, so
-  t + 1 <= seq_len - 1. The pairs are distinct when count <= rows x
-  positions, else drawn with replacement.
+  t + 1 <= seq_len - 1.
   """
   ts = np.arange(first_t, seq_len - 1)
   if num_rows < 1 or ts.size < 1:
@@ -69,7 +71,7 @@ def pick_contexts(num_rows: int, seq_len: int, first_t: int, count: int,
                      f'with t in [{first_t}, {seq_len - 2}]')
   rng = np.random.default_rng(seed)
   total = num_rows * ts.size
-  flat = rng.choice(total, size=count, replace=count > total)
+  flat = rng.choice(total, size=min(count, total), replace=False)
   return flat // ts.size, ts[flat % ts.size]
 
 

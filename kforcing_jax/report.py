@@ -87,6 +87,8 @@ def _evaluator_lines(path):
 def _ci_label(settings) -> str:
   if not settings['bootstrap']:
     return 'mean [no CI: eval.bootstrap=0, both bounds are the mean]'
+  if settings['num_samples'] < 2:  # Nothing to resample.
+    return 'mean [no CI: one sample, both bounds are the mean]'
   return (f"mean [{100 * settings['ci_level']:g}% bootstrap CI, "
           f"{settings['bootstrap']} resamples]")
 

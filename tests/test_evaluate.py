@@ -60,7 +60,7 @@ def test_repetition_rate_hand_values():
   assert rate([1, 2, 3, 4, 5, 6]) == 0.0
   # Eight equal tokens: 4-grams at 1..4 repeat the one at 0 -> tokens 1..7.
   assert rate([9] * 8) == pytest.approx(7 / 8)
-  assert rate([1, 2, 3]) == 0.0  # Too short for a 4-gram.
+  assert math.isnan(rate([1, 2, 3]))  # No 4-gram: undefined, as distinct_4.
 
 
 def test_text_stats_rows_and_keys():
@@ -96,7 +96,8 @@ def test_forced_ceiling_note_only_when_the_teacher_is_not_reproduced():
   off = rollout.copy()
   off[1, 3] = 0
   note = ev.forced_ceiling_note(off, rollout, 'bfloat16')
-  assert 'agrees on 0.8750 of its tokens' in note and 'bfloat16' in note
+  assert 'agrees on 0.8750 of its tokens (1 of 8 differ' in note
+  assert 'bfloat16' in note
 
 
 def test_teacher_forced_tokens_reproduce_the_teachers_own_rollout():
@@ -590,9 +591,21 @@ def test_run_evaluate_notes_samples_the_evaluator_cut(hf_dir, tmp_path,
 
   monkeypatch.setattr(ev.hf_evaluator, 'load_evaluator', short_context)
   config.eval.split = 'train'  # Prefixes of training text: noted too.
+  # 5 rows x 8 positions: 40 contexts, each once, and said (repeats were
+  # drawn and counted as independent).
+  config.eval.sweep_contexts = 64
+  config.eval.penalties = {'k3': 0.3}  # ks=(2,): never used, and said so.
   result = ev.run_evaluate(config, workdir)
+  assert ('eval.penalties for k=3 unused: no student row has that k '
+          '(eval.ks, or every k up to the largest trained window)'
+          ) in result['notes']
   assert ("eval.split='train' is data.train_split: its numbers are "
           'measured on training text, not held out') in result['notes']
+  assert ('noise sweep: 40 distinct contexts (sequences x positions '
+          'past the prefix), fewer than eval.sweep_contexts=64'
+          ) in result['notes']
+  sweep = result['models']['student_k2']['coupling']['noise_sweep']
+  assert sweep['contexts'] == 40
   cut = [n for n in result['notes'] if 'not scored in evaluator_ppl' in n]
   assert [n.split(':')[0] for n in cut] == list(result['models'])
   assert all("of 5 samples are longer than the evaluator's 8 positions" in n
@@ -862,16 +875,19 @@ def test_generate_command_refuses_a_prompt_longer_than_seq_len(
 def test_report_names_the_ci_level_and_resamples(tmp_path):
   from kforcing_jax import report  # pylint: disable=g-import-not-at-top
   d = helpers.minimal_eval_json()
-  for ci_level, bootstrap, label in (
-      (0.95, 1000, 'mean [95% bootstrap CI, 1000 resamples]'),
-      (0.5, 200, 'mean [50% bootstrap CI, 200 resamples]'),
-      (0.95, 0, 'mean [no CI: eval.bootstrap=0')):
-    d['settings'].update(ci_level=ci_level, bootstrap=bootstrap)
+  for ci_level, bootstrap, samples, label in (
+      (0.95, 1000, 5, 'mean [95% bootstrap CI, 1000 resamples]'),
+      (0.5, 200, 5, 'mean [50% bootstrap CI, 200 resamples]'),
+      (0.95, 0, 5, 'mean [no CI: eval.bootstrap=0'),
+      # One sample: bootstrap_ci gives lo = hi = mean, whatever resamples.
+      (0.95, 1000, 1, 'mean [no CI: one sample, both bounds are the mean]')):
+    d['settings'].update(ci_level=ci_level, bootstrap=bootstrap,
+                         num_samples=samples)
     with open(tmp_path / 'eval.json', 'w') as f:
       json.dump(d, f)
     text = '\n'.join(report.quality_section(str(tmp_path)))
     assert label in text
-    if bootstrap != 1000 or ci_level != 0.95:
+    if bootstrap != 1000 or ci_level != 0.95 or samples == 1:
       assert '95% bootstrap CI, 1000' not in text
 
 

@@ -50,6 +50,9 @@ def test_pick_contexts_range_seed_and_errors():
   np.testing.assert_array_equal(again[1], ts)
   other = ns.pick_contexts(3, 10, 5, 5, seed=1)
   assert len(other[0]) == 5
+  # More than there are: each of the 12 once (repeats were drawn before).
+  rows, ts = ns.pick_contexts(3, 10, 5, 32, seed=0)
+  assert len(set(zip(rows.tolist(), ts.tolist()))) == len(rows) == 12
   with pytest.raises(ValueError, match=r't in \[9, 8\]'):
     ns.pick_contexts(3, 10, 9, 4, seed=0)
 
