@@ -110,6 +110,20 @@ def config_first(argv):
   return argv
 
 
+def last_override_wins(argv):
+  """`argv` with only the last `--config.a.b=...` of each field: absl
+  keeps the last value of a repeated scalar but joins a repeated tuple's
+  values (`--config.bench.ks=(4,)` then `=(2,)` gave (4, 2)), so a field
+  repeated to override a base command line now always means the last."""
+  last = {}
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config.') and '=' in arg:
+      last[arg.split('=', 1)[0]] = i
+  return [arg for i, arg in enumerate(argv)
+          if not (arg.startswith('--config.') and '=' in arg)
+          or last[arg.split('=', 1)[0]] == i]
+
+
 class FlagsError(Exception):
   """A command line that cannot be parsed; str() is the one-line reason."""
 
@@ -121,7 +135,7 @@ def parse_flags(flag_values, argv, unknown_hint: str = ''):
   (`unknown_hint` follows the unknown fields). absl's own errors (an
   unknown flag) pass through as flags.Error, for the caller's usage text.
   """
-  reordered = config_first(argv)
+  reordered = last_override_wins(config_first(argv))
   if argv is sys.argv:  # ml_collections reads its overrides from sys.argv.
     sys.argv[:] = reordered
   argv = reordered

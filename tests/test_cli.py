@@ -185,14 +185,21 @@ def test_report_subcommand_writes_the_report_of_a_workdir(tmp_path):
   assert '| teacher | 4 | none |' in (tmp_path / 'report.md').read_text()
 
 
-def test_overrides_may_come_before_the_config_file(tmp_path):
+def test_overrides_may_come_before_the_config_file_and_the_last_wins(
+    tmp_path):
   # ml_collections refused them ("Found --config.x in argv before a value
   # for --config was specified"); the order means nothing to the result.
+  # A repeated field means its last value: a repeated tuple joined them,
+  # (1, 2, 1, 2, 4) here, refused as windows.
   r = _cli('train-teacher', '--config.train.num_steps=1',
            f'--workdir={tmp_path}', '--config=configs/tiny.py',
-           '--config.train.eval_every=0')
+           '--config.train.eval_every=0', "--config.distill.windows=(1,2)",
+           "--config.distill.windows=(1,2,4)")
   assert r.returncode == 0, r.stderr
   assert '"step": 1,' in r.stdout  # The summary JSON.
+  assert config_files.last_override_wins(
+      ['prog', '--config.a=(4,)', '--config.b=1', '--config.a=(2,)']) == [
+          'prog', '--config.b=1', '--config.a=(2,)']
   assert config_files.config_first(
       ['prog', 'x', '--config.a=1', '--config', 'c.py', '--b']) == [
           'prog', '--config', 'c.py', 'x', '--config.a=1', '--b']
