@@ -54,13 +54,15 @@ def base_config() -> ml_collections.ConfigDict:
   t.batch_size = 32  # Global batch size in sequences.
   t.num_steps = 1000  # Total optimizer steps.
   t.lr = 3e-4  # Peak learning rate.
-  t.warmup_steps = 100  # Linear warm-up steps.
+  t.warmup_steps = 100  # Linear warm-up steps (0: the peak lr at once).
   t.schedule = 'cosine'  # 'cosine' decay to 10% of peak, or 'constant'.
   t.weight_decay = 0.1  # AdamW decoupled weight decay.
   t.b1 = 0.9  # Adam beta1.
   t.b2 = 0.95  # Adam beta2.
   t.grad_clip = 1.0  # Global-norm gradient clipping (0 disables).
-  t.ema_decay = 0.0  # EMA of params (0 disables); EMA params used for eval.
+  # EMA of params (0 disables); EMA params used for eval and decoding. The
+  # decay warms up as min(decay, (1 + n) / (10 + n)) after n updates.
+  t.ema_decay = 0.0
   t.log_every = 10  # Steps between metric lines in metrics.jsonl.
   t.eval_every = 200  # Steps between held-out evaluations (0 disables).
   t.eval_batches = 8  # Held-out batches per evaluation.
@@ -76,8 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
   ds.num_windows = 16  # Windows (context positions t) sampled per sequence;
   #                      0 = every valid t. Memory grows with windows * k.
   ds.lr = 1e-3  # Peak learning rate (Adam, constant after warm-up).
-  ds.warmup_steps = 20  # Linear warm-up steps per stage.
-  ds.ema_decay = 0.0  # EMA of student params (paper: 0.999); 0 disables.
+  ds.warmup_steps = 20  # Linear warm-up steps per stage (0: none).
+  # EMA of student params (paper: 0.999; 0 disables), warmed up as train's.
+  ds.ema_decay = 0.0
   ds.precision = 'auto'  # Coupling precision of the stage-1 targets: 'auto'
   #   (float64 if x64 is enabled, else the blocked double-word float32 path of
   #   noise.py), 'float64', or 'float32' (that path, except on TPU: there the
