@@ -36,7 +36,12 @@ def train_teacher(flags_obj):
   _print_main(json.dumps(summary_of(result), indent=1))
 
 
-def run_teacher(config, workdir: str) -> train_lib.TrainResult:
+def run_teacher(config, workdir: str,
+                then_distill: bool = False) -> train_lib.TrainResult:
+  """Trains (or resumes) W/teacher. `then_distill` (the pipeline): the
+  distillation stages' held-out batches are also built first, so a split
+  too short for distill.batch_size stops the run before the teacher
+  trains, not after."""
   defaults.check_batches(config, teacher=True, distill=False)
   os.makedirs(workdir, exist_ok=True)
   task = teacher_lib.teacher_task(config)
@@ -53,6 +58,15 @@ def run_teacher(config, workdir: str) -> train_lib.TrainResult:
       data_lib.make_eval_batches(
           config, tokenizer, workdir, batch_size=config.train.batch_size,
           num_batches=config.train.eval_batches))
+  if then_distill and config.distill.eval_every:
+    try:
+      data_lib.make_eval_batches(config, tokenizer, workdir,
+                                 batch_size=config.distill.batch_size,
+                                 num_batches=1)
+    except ValueError as e:
+      raise ValueError(f'distill.batch_size={config.distill.batch_size} '
+                       '(its held-out evals, distill.eval_every='
+                       f'{config.distill.eval_every}): {e}') from e
   if finished:
     _print_main(f'[teacher] finished (step {done}): skipped')
   else:

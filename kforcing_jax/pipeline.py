@@ -143,7 +143,7 @@ def run_pipeline(config, workdir: str) -> str:
 
   try:
     _banner(1, n, 'AR teacher')
-    r = commands.run_teacher(config, workdir)
+    r = commands.run_teacher(config, workdir, then_distill=True)
     record(r)
     if r.preempted:
       return _stopped(workdir)

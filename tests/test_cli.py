@@ -125,6 +125,20 @@ def test_batch_not_divisible_by_devices_fails_before_training(tmp_path,
   assert not (tmp_path / 'w').exists()
 
 
+def test_a_distill_batch_the_held_out_split_cannot_fill_fails_first(
+    tmp_path):
+  # The pipeline trained the whole teacher, then stopped at distillation's
+  # held-out batches (one document: 110 validation sequences).
+  r = _cli('pipeline', '--config=configs/tiny.py', f'--workdir={tmp_path}/w',
+           '--config.data.max_documents=1', '--config.distill.batch_size=128')
+  assert r.returncode == 2, r.stderr
+  assert ('\nerror: distill.batch_size=128 (its held-out evals, '
+          "distill.eval_every=100): Eval split 'validation' has 110 "
+          'sequences of seq_len 32, fewer than batch_size 128.\n'
+          ) in r.stderr
+  assert not (tmp_path / 'w' / 'teacher' / 'checkpoints').exists()
+
+
 def test_commands_check_only_the_batches_they_use(tmp_path):
   # train-teacher never builds a distillation batch, and evaluate no
   # training batch: neither may be refused for one.

@@ -253,7 +253,7 @@ def _fake_stages(monkeypatch, calls):
   from kforcing_jax import pipeline
   from kforcing_jax import report
   done = types.SimpleNamespace(seconds=0, tokens_per_s=0, preempted=False)
-  monkeypatch.setattr(commands, 'run_teacher', lambda c, w: done)
+  monkeypatch.setattr(commands, 'run_teacher', lambda c, w, **_: done)
   monkeypatch.setattr(commands, 'run_distill',
                       lambda c, w, on_result=None: [])
   monkeypatch.setattr(ev, 'run_evaluate', lambda c, w: calls.append(

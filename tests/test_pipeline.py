@@ -153,7 +153,7 @@ def test_evaluator_is_not_trained_when_eval_json_is_kept(tmp_path, monkeypatch,
   done = types.SimpleNamespace(seconds=0, tokens_per_s=0, preempted=False,
                                run_dir=str(tmp_path / 'teacher'), name='teacher',
                                steps=0)
-  monkeypatch.setattr(commands, 'run_teacher', lambda c, w: done)
+  monkeypatch.setattr(commands, 'run_teacher', lambda c, w, **_: done)
   monkeypatch.setattr(commands, 'run_distill',
                       lambda c, w, on_result=None: [])
   monkeypatch.setattr(pipeline, '_add_run', lambda timing, r: None)
