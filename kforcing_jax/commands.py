@@ -269,6 +269,14 @@ def run_distill(config, workdir: str,
   requested = model_lib.ModelConfig.from_config(config.model)
   distill_lib.check_fit(teacher_cfg, dataclasses.replace(
       requested, noise_window=max(config.distill.windows)))
+  # So do the compute dtype and dropout, which need not match the teacher's
+  # (check_fit compares shapes): said, since a workdir usually means one.
+  unlike = [f'model.{f}={getattr(requested, f)!r} (teacher: '
+            f'{getattr(teacher_cfg, f)!r})' for f in ('dtype', 'dropout_rate')
+            if getattr(requested, f) != getattr(teacher_cfg, f)]
+  if unlike:
+    _print_main(f"[distill] NOTE: the students take {', '.join(unlike)} "
+                'from --config; pass the teacher\'s values to match it')
   sconfig = stage_config(config)
   tokenizer = data_lib.get_tokenizer(
       config, workdir,

@@ -392,8 +392,15 @@ def test_students_take_the_configs_noise_encoder_fields(tmp_path, capsys):
     assert (cfg.noise_scale, cfg.noise_mlp_dim) == (77.0, 24)
     assert params['noise_encoder']['mlp_in']['kernel'].shape[1] == 24
   capsys.readouterr()
+  config.model.dtype = 'bfloat16'  # Not the teacher's: said, before the
+  with pytest.raises(checkpoints.CheckpointError, match='model.dtype'):
+    commands.run_distill(config, workdir)  # finished student refuses it.
+  assert ("[distill] NOTE: the students take model.dtype='bfloat16' "
+          "(teacher: 'float32') from --config") in capsys.readouterr().out
+  config.model.dtype = 'float32'
   commands.run_distill(config, workdir)  # Every stage finished: skipped.
   out = capsys.readouterr()
+  assert 'NOTE' not in out.out
   assert 'stage k=2 finished (step 2): skipped' in out.out
   assert '[data] train split' not in out.err  # Their data is never drawn.
   config.model.noise_scale = 5.0
