@@ -410,7 +410,8 @@ def train(task: Task, config, workdir: str, data_iter, eval_batches=(),
       stop = _stop_now(preemption, step, 1 if is_last else tc.log_every)
       if step % tc.checkpoint_every == 0 or is_last or stop:
         # Never save a state whose step produced a non-finite loss.
-        _log(pending, metrics_path, bar, tc, tokens_done, t0, manager)
+        _log(pending, metrics_path, bar, tc, tokens_done, t0, manager,
+             last=is_last)
         pending = None
         manager.save(state, data_iter.get_state(), meta)
       if stop:
@@ -441,7 +442,11 @@ class Interrupted(KeyboardInterrupt):
     self.result = result  # What the run did before it stopped.
 
 
-def _log(pending, path, bar, tc, tokens_done, t0, manager):
+def _log(pending, path, bar, tc, tokens_done, t0, manager,
+         last: bool = False):
+  """Checks a step's metrics and writes them to metrics.jsonl at step 1,
+  every train.log_every steps and at the run's last step (`last`: its
+  final loss went unrecorded when log_every did not divide the steps)."""
   step, metrics = pending
   metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
   if not all(np.isfinite(v) for v in metrics.values()):
@@ -459,7 +464,7 @@ def _log(pending, path, bar, tc, tokens_done, t0, manager):
   bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f'{rate:,.0f}',
                   refresh=False)
   if sharding_lib.is_main_process() and (step % tc.log_every == 0 or
-                                         step == 1):
+                                         step == 1 or last):
     with open(path, 'a') as f:
       f.write(json.dumps(dict(step=step, tokens_per_s=rate, **metrics)) + '\n')
 

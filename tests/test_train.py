@@ -262,6 +262,17 @@ def test_no_warmup_means_the_peak_lr_from_the_first_update(schedule):
   np.testing.assert_allclose(updates['w'], -tc.lr, rtol=1e-4)
 
 
+def test_the_last_step_is_logged_whatever_log_every(tmp_path):
+  # 7 steps at log_every=5 logged steps 1 and 5 only: the final loss was
+  # lost and report.md showed 5 steps.
+  config = _config()
+  config.train.log_every = 5
+  task = teacher_lib.teacher_task(config)
+  train_lib.train(task, config, str(tmp_path),
+                  helpers.ArrayIterator(_data(), 8), num_steps=7)
+  assert sorted(_losses(tmp_path)) == [1, 5, 7]
+
+
 def test_load_params_refuses_a_use_ema_that_is_not_a_bool(tmp_path):
   # 'no' is truthy: it picked the EMA copy.
   with pytest.raises(ValueError, match="use_ema='no' must be a bool"):
