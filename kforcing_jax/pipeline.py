@@ -182,8 +182,8 @@ def run_pipeline(config, workdir: str) -> str:
       newer = _runs_newer_than(workdir, out)
       if newer and sharding.is_main_process():
         print(f'WARNING: {out} predates the latest checkpoint of '
-              f'{", ".join(newer)}: it describes older models; delete it '
-              'and re-run to redo it')
+              f'{", ".join(newer)}: it describes older models (or lacks '
+              'them); delete it and re-run to redo it')
       continue
     t0 = time.time()
     fn(config, workdir)
