@@ -58,9 +58,9 @@ def grid(size: int) -> np.ndarray:
 def pick_contexts(num_rows: int, seq_len: int, first_t: int, count: int,
                   seed: int):
   """Up to `count` distinct (row, t) pairs, t in [first_t, seq_len - 2],
-  fixed by seed: all rows x positions of them when there are fewer (drawn
-  with replacement, repeats passed for independent contexts and narrowed
-  the intervals).
+  fixed by seed; every pair when there are fewer than `count` (they were
+  drawn with replacement then, and the repeats passed for independent
+  contexts, narrowing the intervals).
 
   t is the last context position; the swept slot predicts token t + 1, so
   t + 1 <= seq_len - 1.
