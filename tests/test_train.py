@@ -517,8 +517,9 @@ def test_summary_keeps_the_final_step_next_to_the_last_eval():
 
 
 def test_ema_follows_its_recurrence_and_is_what_load_params_returns(tmp_path):
-  # ema_t = d * ema_{t-1} + (1 - d) * params_t after every step; the saved
-  # run serves the EMA weights by default (use_ema=False: the raw ones).
+  # ema_t = d_t * ema_{t-1} + (1 - d_t) * params_t after every step, d_t
+  # the warmed-up decay (0.25 at step 2 for 0.5); the saved run serves the
+  # EMA weights by default (use_ema=False: the raw ones).
   config = _config()
   config.train.ema_decay = 0.5
   task = teacher_lib.teacher_task(config)
@@ -526,7 +527,9 @@ def test_ema_follows_its_recurrence_and_is_what_load_params_returns(tmp_path):
                         helpers.ArrayIterator(_data(), 8), num_steps=1)
   two = train_lib.train(task, config, str(tmp_path),
                         helpers.ArrayIterator(_data(), 8), num_steps=2)
-  expected = jax.tree.map(lambda e, p: 0.5 * e + 0.5 * p,
+  d = float(train_lib.ema_warmup(0.5, 2))
+  assert d == pytest.approx(0.25)
+  expected = jax.tree.map(lambda e, p: d * e + (1 - d) * p,
                           one.state.ema_params, two.state.params)
   assert helpers.max_abs_diff(two.state.ema_params, expected) < 1e-7
   # The EMA lags the params: a real difference, or the check is vacuous.
