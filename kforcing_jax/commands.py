@@ -58,6 +58,7 @@ def run_teacher(config, workdir: str,
       data_lib.make_eval_batches(
           config, tokenizer, workdir, batch_size=config.train.batch_size,
           num_batches=config.train.eval_batches))
+  _note_short_eval('teacher', eval_batches, config.train.eval_batches)
   if then_distill and config.distill.eval_every:
     try:
       data_lib.make_eval_batches(config, tokenizer, workdir,
@@ -86,6 +87,15 @@ def _train_iterator(config, tokenizer, workdir: str, finished: bool):
       data_lib.make_train_iterator, config, tokenizer, workdir,
       process_index=jax.process_index(), process_count=jax.process_count())
   return data_lib.LazyIterator(make) if finished else make()
+
+
+def _note_short_eval(stage: str, batches, wanted: int) -> None:
+  """A short held-out split gives fewer eval batches than asked for (the
+  stages cap theirs, distillation at 4): said, not silently used."""
+  if batches and len(batches) < wanted:
+    _print_main(f'[{stage}] NOTE: the held-out split gives {len(batches)} '
+                f'of the {wanted} eval batches asked for '
+                f'({len(batches[0])} sequences each); its evals use those')
 
 
 def _print_main(*args):
@@ -285,6 +295,8 @@ def run_distill(config, workdir: str,
       data_lib.make_eval_batches(
           sconfig, tokenizer, workdir, batch_size=sconfig.train.batch_size,
           num_batches=max(1, min(config.train.eval_batches, 4))))
+  _note_short_eval('distill', eval_batches,
+                   max(1, min(config.train.eval_batches, 4)))
   ds = config.distill
   results = []
   prev_params = teacher_params

@@ -139,6 +139,17 @@ def test_a_distill_batch_the_held_out_split_cannot_fill_fails_first(
   assert not (tmp_path / 'w' / 'teacher' / 'checkpoints').exists()
 
 
+def test_a_held_out_split_short_of_eval_batches_is_noted(tmp_path):
+  # It gave fewer batches than train.eval_batches without a word.
+  r = _cli('train-teacher', '--config=configs/tiny.py', f'--workdir={tmp_path}',
+           '--config.data.max_documents=1', '--config.train.num_steps=1',
+           '--config.train.eval_every=1', '--config.train.eval_batches=500')
+  assert r.returncode == 0, r.stderr
+  assert ('[teacher] NOTE: the held-out split gives 13 of the 500 eval '
+          'batches asked for (8 sequences each); its evals use those'
+          ) in r.stdout
+
+
 def test_commands_check_only_the_batches_they_use(tmp_path):
   # train-teacher never builds a distillation batch, and evaluate no
   # training batch: neither may be refused for one.
