@@ -291,12 +291,12 @@ def run_distill(config, workdir: str,
   tokenizer = data_lib.get_tokenizer(
       config, workdir,
       splits=data_lib.training_splits(config, config.distill.eval_every))
+  num_eval = max(1, min(config.train.eval_batches, 4))
   eval_batches = () if not config.distill.eval_every else (
       data_lib.make_eval_batches(
           sconfig, tokenizer, workdir, batch_size=sconfig.train.batch_size,
-          num_batches=max(1, min(config.train.eval_batches, 4))))
-  _note_short_eval('distill', eval_batches,
-                   max(1, min(config.train.eval_batches, 4)))
+          num_batches=num_eval))
+  _note_short_eval('distill', eval_batches, num_eval)
   ds = config.distill
   results = []
   prev_params = teacher_params

@@ -11,14 +11,24 @@ import re
 import sys
 
 
-def config_path(argv):
-  """The --config file named in `argv`, or None."""
+def _config_flag(argv):
+  """(index, words) of --config in `argv`: `--config=F` is one word,
+  `--config F` two; None without one."""
   for i, arg in enumerate(argv):
     if arg.startswith('--config='):
-      return arg.split('=', 1)[1]
+      return i, 1
     if arg == '--config' and i + 1 < len(argv):
-      return argv[i + 1]
+      return i, 2
   return None
+
+
+def config_path(argv):
+  """The --config file named in `argv`, or None."""
+  found = _config_flag(argv)
+  if found is None:
+    return None
+  i, words = found
+  return argv[i].split('=', 1)[1] if words == 1 else argv[i + 1]
 
 
 def split_argument(path):
@@ -99,15 +109,11 @@ def config_first(argv):
   """`argv` with --config moved ahead of its --config.x.y overrides:
   ml_collections refuses an override given before the file it overrides,
   though the order means nothing to the result."""
-  for i, arg in enumerate(argv):
-    if arg.startswith('--config='):
-      taken = [arg]
-    elif arg == '--config' and i + 1 < len(argv):
-      taken = [arg, argv[i + 1]]
-    else:
-      continue
-    return argv[:1] + taken + argv[1:i] + argv[i + len(taken):]
-  return argv
+  found = _config_flag(argv)
+  if found is None:
+    return argv
+  i, words = found
+  return argv[:1] + argv[i:i + words] + argv[1:i] + argv[i + words:]
 
 
 def last_override_wins(argv):

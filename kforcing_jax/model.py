@@ -489,8 +489,9 @@ def check_params(cfg: ModelConfig, params) -> None:
   and shapes) of `cfg`'s model: params of another config (more layers, a
   student's under a teacher config) would otherwise decode silently."""
   expected = param_shapes(cfg)
-  got = {_path_name(path): tuple(np.shape(leaf))
-         for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+  leaves = {_path_name(path): leaf
+            for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+  got = {name: tuple(np.shape(leaf)) for name, leaf in leaves.items()}
   kind = f'student (noise_window={cfg.noise_window})' if cfg.noise_window \
       else 'teacher'
   missing = sorted(expected.keys() - got.keys())
@@ -508,9 +509,9 @@ def check_params(cfg: ModelConfig, params) -> None:
     if got[name] != expected[name]:
       raise ValueError(f'params {name!r} has shape {got[name]}; the config '
                        f'gives {expected[name]}')
-  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+  for name, leaf in leaves.items():
     # An int array of the right shape (a cast gone wrong) decodes garbage.
     dtype = leaf.dtype if hasattr(leaf, 'dtype') else np.asarray(leaf).dtype
     if not jnp.issubdtype(dtype, jnp.floating):
-      raise ValueError(f'params {_path_name(path)!r} has dtype {dtype}; '
-                       'parameters are floats')
+      raise ValueError(f'params {name!r} has dtype {dtype}; parameters are '
+                       'floats')
