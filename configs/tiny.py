@@ -22,5 +22,6 @@ def get_config():
   c.train.eval_every = 20
   c.train.eval_batches = 2
   c.train.checkpoint_every = 20
+  c.distill.eval_batches = 2
   c.decode.max_new_tokens = 16
   return c

@@ -90,8 +90,8 @@ def _train_iterator(config, tokenizer, workdir: str, finished: bool):
 
 
 def _note_short_eval(stage: str, batches, wanted: int) -> None:
-  """A short held-out split gives fewer eval batches than asked for (the
-  stages cap theirs, distillation at 4): said, not silently used."""
+  """A short held-out split gives fewer eval batches than asked for
+  (train.eval_batches, distill.eval_batches): said, not silently used."""
   if batches and len(batches) < wanted:
     _print_main(f'[{stage}] NOTE: the held-out split gives {len(batches)} '
                 f'of the {wanted} eval batches asked for '
@@ -291,7 +291,7 @@ def run_distill(config, workdir: str,
   tokenizer = data_lib.get_tokenizer(
       config, workdir,
       splits=data_lib.training_splits(config, config.distill.eval_every))
-  num_eval = max(1, min(config.train.eval_batches, 4))
+  num_eval = config.distill.eval_batches
   eval_batches = () if not config.distill.eval_every else (
       data_lib.make_eval_batches(
           sconfig, tokenizer, workdir, batch_size=sconfig.train.batch_size,

@@ -88,6 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
   #   logits the other paths hold; projection.py).
   ds.checkpoint_every = 100  # Steps between checkpoints of a stage.
   ds.eval_every = 100  # Steps between held-out per-slot accuracy evals.
+  ds.eval_batches = 4  # Held-out batches (distill.batch_size) per eval.
 
   # --- Sample-quality evaluation (evaluate subcommand). ---
   c.eval = e = ml_collections.ConfigDict()
@@ -285,9 +286,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for name in ('steps_per_stage', 'batch_size', 'checkpoint_every'):
     if ds[name] < 1:
       raise ValueError(f'distill.{name}={ds[name]} must be >= 1')
-  for name in ('num_windows', 'warmup_steps', 'eval_every'):
+  for name in ('num_windows', 'warmup_steps', 'eval_every', 'eval_batches'):
     if ds[name] < 0:
       raise ValueError(f'distill.{name}={ds[name]} must be >= 0')
+  if ds.eval_every and ds.eval_batches < 1:
+    raise ValueError(f'distill.eval_batches={ds.eval_batches} must be >= 1 '
+                     f'while distill.eval_every={ds.eval_every} (0 turns '
+                     'evals off)')
   _check_finite_positive('distill.lr', ds.lr)
   if not 0.0 <= ds.ema_decay < 1.0:
     raise ValueError(f'distill.ema_decay={ds.ema_decay} not in [0, 1)')

@@ -150,6 +150,21 @@ def test_a_held_out_split_short_of_eval_batches_is_noted(tmp_path):
           ) in r.stdout
 
 
+def test_distillation_evals_take_distill_eval_batches(tmp_path):
+  # Distillation used min(train.eval_batches, 4) with no field of its own.
+  w = f'--workdir={tmp_path}'
+  base = ('--config=configs/tiny.py', w, '--config.data.max_documents=1',
+          '--config.train.num_steps=1', '--config.train.eval_every=0')
+  assert _cli('train-teacher', *base).returncode == 0
+  r = _cli('distill', *base, '--config.distill.windows=(1,)',
+           '--config.distill.steps_per_stage=1',
+           '--config.distill.eval_every=1', '--config.distill.eval_batches=500')
+  assert r.returncode == 0, r.stderr
+  assert ('[distill] NOTE: the held-out split gives 6 of the 500 eval '
+          'batches asked for (16 sequences each); its evals use those'
+          ) in r.stdout
+
+
 def test_commands_check_only_the_batches_they_use(tmp_path):
   # train-teacher never builds a distillation batch, and evaluate no
   # training batch: neither may be refused for one.

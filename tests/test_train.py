@@ -349,6 +349,9 @@ def _cli(args, workdir, **kw):
     ('--config.bench.batch_sizes=(0,)', 'bench.batch_sizes=(0,)'),
     ('--config.train.eval_batches=0',
      'train.eval_batches=0 must be >= 1 while train.eval_every=20'),
+    ('--config.distill.eval_batches=0',
+     'distill.eval_batches=0 must be >= 1 while distill.eval_every=100'),
+    ('--config.distill.eval_batches=-1', 'distill.eval_batches=-1 must be'),
     ('--config.data.shuffle_seed=-1', 'data.shuffle_seed=-1'),
     # A JAX key takes 32 bits: 2**32 was silently seed 0, and 2**64 crashed
     # (a pipeline, at evaluate after all training).
