@@ -375,9 +375,13 @@ class TokenIterator:
     }
 
   def set_state(self, state: dict[str, Any]) -> None:
-    """Restores `get_state()` output; the next batches repeat exactly."""
+    """Restores `get_state()` output; the next batches repeat exactly.
+
+    A state saved at another global batch size resumes at the same
+    sequence of the stream (its position counts sequences, not batches),
+    so a run resumed with a new train.batch_size reads on where it stopped.
+    """
     expected = {'version': _STATE_VERSION, 'kind': self._stream.kind,
-                'global_batch_size': self.global_batch_size,
                 'seq_len': self.seq_len}
     for key, value in expected.items():
       if state.get(key) != value:

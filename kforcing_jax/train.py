@@ -245,11 +245,13 @@ def _source_of_record(task: Task, saved_meta: dict | None) -> dict:
 # differs in one is noted. Model fields are checked, and refused, apart
 # (Manager.check_compatible), as is the data (data_record). The step count
 # is not a recipe field: the step reached is said anyway, and training on
-# past it is what resuming is for.
-TEACHER_RECIPE = ('seed',) + tuple(f'train.{k}' for k in (
+# past it is what resuming is for. data.shuffle_seed orders the batches:
+# a resumed run given another reads the rest of the epoch in a new order.
+TEACHER_RECIPE = ('seed', 'data.shuffle_seed') + tuple(f'train.{k}' for k in (
     'b1', 'b2', 'batch_size', 'ema_decay', 'grad_clip', 'lr', 'schedule',
     'warmup_steps', 'weight_decay'))
-STUDENT_RECIPE = ('seed', 'train.b1', 'train.grad_clip') + tuple(
+STUDENT_RECIPE = ('seed', 'data.shuffle_seed', 'train.b1',
+                  'train.grad_clip') + tuple(
     f'distill.{k}' for k in ('batch_size', 'ema_decay', 'lr', 'method',
                              'num_windows', 'precision', 'warmup_steps'))
 

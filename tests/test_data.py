@@ -527,11 +527,30 @@ def test_resume_across_epochs_and_processes(sp_tok, tmp_path):
                                 np.stack(reference))
 
 
-def test_set_state_rejects_other_batch_size(workdir, sp_tok):
+def _check_resume_at_another_batch_size(c, tok, workdir):
+  # A run resumed with another train.batch_size was refused; it now reads
+  # on at the sequence where the saved run stopped.
+  c.train.batch_size = 4
+  reference = np.concatenate(_take(_make(c, tok, workdir), 9))
+  first = _make(c, tok, workdir)
+  _take(first, 3)
+  state = json.loads(json.dumps(first.get_state()))
+  c.train.batch_size = 8
+  resumed = _make(c, tok, workdir)
+  resumed.set_state(state)
+  np.testing.assert_array_equal(np.concatenate(_take(resumed, 3)),
+                                reference[12:])
+
+
+def test_resume_at_another_batch_size_reads_on(workdir, sp_tok):
+  _check_resume_at_another_batch_size(_config(), sp_tok, workdir)
+
+
+def test_set_state_rejects_other_seq_len(workdir, sp_tok):
   c = _config()
   state = _make(c, sp_tok, workdir).get_state()
-  c.train.batch_size = 16
-  with pytest.raises(ValueError, match='16'):
+  c.model.seq_len = 16
+  with pytest.raises(ValueError, match='seq_len=16'):
     _make(c, sp_tok, workdir).set_state(state)
 
 
@@ -710,6 +729,11 @@ def test_tfds_resume_and_shards(tfds_setup):
   for step, batch in enumerate(full):
     np.testing.assert_array_equal(
         np.concatenate([shards[0][step], shards[1][step]]), batch)
+
+
+def test_tfds_resume_at_another_batch_size_reads_on(tfds_setup):
+  c, tok, workdir = tfds_setup
+  _check_resume_at_another_batch_size(c, tok, workdir)
 
 
 def test_load_documents_rejects_tfds(tfds_setup):

@@ -225,9 +225,9 @@ def test_a_students_recipe_is_its_distill_settings():
   student = types.SimpleNamespace(model_cfg=types.SimpleNamespace(
       noise_window=2))
   config.distill.lr, config.train.lr, config.distill.windows = 0.5, 0.5, (1,)
-  config.seed = 7
+  config.seed, config.data.shuffle_seed = 7, 3
   assert train_lib.changed_recipe(student, config, saved) == [
-      'seed: 0 -> 7', 'distill.lr: 0.001 -> 0.5']
+      'seed: 0 -> 7', 'data.shuffle_seed: 0 -> 3', 'distill.lr: 0.001 -> 0.5']
 
 
 def test_ema_warms_up_from_the_init(tmp_path):
