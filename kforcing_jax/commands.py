@@ -54,20 +54,11 @@ def run_teacher(config, workdir: str,
   done = manager.latest_step()
   finished = done is not None and done >= config.train.num_steps
   train_iter = _train_iterator(config, tokenizer, workdir, finished)
-  eval_batches = () if not config.train.eval_every else (
-      data_lib.make_eval_batches(
-          config, tokenizer, workdir, batch_size=config.train.batch_size,
-          num_batches=config.train.eval_batches))
+  eval_batches = _stage_eval_batches(config, tokenizer, workdir, 'train',
+                                     config.train.eval_batches)
   _note_short_eval('teacher', eval_batches, config.train.eval_batches)
-  if then_distill and config.distill.eval_every:
-    try:
-      data_lib.make_eval_batches(config, tokenizer, workdir,
-                                 batch_size=config.distill.batch_size,
-                                 num_batches=1)
-    except ValueError as e:
-      raise ValueError(f'distill.batch_size={config.distill.batch_size} '
-                       '(its held-out evals, distill.eval_every='
-                       f'{config.distill.eval_every}): {e}') from e
+  if then_distill:
+    _stage_eval_batches(config, tokenizer, workdir, 'distill', 1)
   if finished:
     _print_main(f'[teacher] finished (step {done}): skipped')
   else:
@@ -87,6 +78,26 @@ def _train_iterator(config, tokenizer, workdir: str, finished: bool):
       data_lib.make_train_iterator, config, tokenizer, workdir,
       process_index=jax.process_index(), process_count=jax.process_count())
   return data_lib.LazyIterator(make) if finished else make()
+
+
+def _stage_eval_batches(config, tokenizer, workdir: str, section: str,
+                        num_batches: int) -> list:
+  """The held-out batches of a training stage (`section` 'train' or
+  'distill': its batch_size and eval_every), none with evals off. A split
+  too short for one batch names the settings that can fix it."""
+  settings = config[section]
+  if not settings.eval_every:
+    return []
+  try:
+    return data_lib.make_eval_batches(config, tokenizer, workdir,
+                                      batch_size=settings.batch_size,
+                                      num_batches=num_batches)
+  except ValueError as e:
+    raise ValueError(
+        f'{section}.batch_size={settings.batch_size} (its held-out evals, '
+        f'{section}.eval_every={settings.eval_every}): {e} Lower the batch '
+        f'size, give data.eval_split more text, or set {section}.eval_every=0 '
+        'to train without held-out evals.') from e
 
 
 def _note_short_eval(stage: str, batches, wanted: int) -> None:
@@ -292,10 +303,8 @@ def run_distill(config, workdir: str,
       config, workdir,
       splits=data_lib.training_splits(config, config.distill.eval_every))
   num_eval = config.distill.eval_batches
-  eval_batches = () if not config.distill.eval_every else (
-      data_lib.make_eval_batches(
-          sconfig, tokenizer, workdir, batch_size=sconfig.train.batch_size,
-          num_batches=num_eval))
+  eval_batches = _stage_eval_batches(config, tokenizer, workdir, 'distill',
+                                     num_eval)
   _note_short_eval('distill', eval_batches, num_eval)
   ds = config.distill
   results = []

@@ -134,9 +134,26 @@ def test_a_distill_batch_the_held_out_split_cannot_fill_fails_first(
   assert r.returncode == 2, r.stderr
   assert ('\nerror: distill.batch_size=128 (its held-out evals, '
           "distill.eval_every=100): Eval split 'validation' has 110 "
-          'sequences of seq_len 32, fewer than batch_size 128.\n'
+          'sequences of seq_len 32, fewer than batch_size 128. Lower the '
+          'batch size, give data.eval_split more text, or set '
+          'distill.eval_every=0 to train without held-out evals.\n'
           ) in r.stderr
   assert not (tmp_path / 'w' / 'teacher' / 'checkpoints').exists()
+
+
+def test_a_teacher_batch_the_held_out_split_cannot_fill_names_the_fix(
+    tmp_path):
+  # It named neither the setting nor a way out.
+  r = _cli('train-teacher', '--config=configs/tiny.py',
+           f'--workdir={tmp_path}', '--config.data.max_documents=1',
+           '--config.train.batch_size=128')
+  assert r.returncode == 2, r.stderr
+  assert r.stderr.endswith(
+      '\nerror: train.batch_size=128 (its held-out evals, '
+      "train.eval_every=20): Eval split 'validation' has 110 sequences of "
+      'seq_len 32, fewer than batch_size 128. Lower the batch size, give '
+      'data.eval_split more text, or set train.eval_every=0 to train '
+      'without held-out evals.\n')
 
 
 def test_a_held_out_split_short_of_eval_batches_is_noted(tmp_path):
