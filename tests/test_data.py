@@ -622,10 +622,10 @@ def test_lazy_iterator_makes_its_iterator_only_when_drawn(workdir, sp_tok,
   _take(plain, 5)
   assert lazy.get_state() == plain.get_state()
   # A state that does not fit is still refused, when the iterator is made.
-  c.train.batch_size = 16
+  c.model.seq_len = 16
   bad = data.LazyIterator(make)
   bad.set_state(state)
-  with pytest.raises(ValueError, match='16'):
+  with pytest.raises(ValueError, match='seq_len=16'):
     next(bad)
 
 
