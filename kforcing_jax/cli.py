@@ -110,6 +110,8 @@ def _run(argv):
                          f'{_usage()}')
   if not FLAGS.workdir:
     raise app.UsageError(f'--workdir is required\n{_usage()}')
+  # The shell leaves ~ in --workdir=~/x as it is: it became a folder ./~.
+  FLAGS.workdir = os.path.expanduser(FLAGS.workdir)
   _check_workdir(FLAGS.workdir)
   sharding.check_shared_workdir(FLAGS.workdir)
   SUBCOMMANDS[argv[1]](FLAGS)

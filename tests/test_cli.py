@@ -89,6 +89,18 @@ def test_a_url_workdir_is_refused(tmp_path):
   assert not (tmp_path / 'gs:').exists()
 
 
+def test_a_tilde_workdir_is_the_home_directory(tmp_path):
+  # The shell does not expand ~ after --workdir=: it became a folder ./~.
+  home, cwd = tmp_path / 'home', tmp_path / 'cwd'
+  cwd.mkdir()
+  r = subprocess.run([sys.executable, '-m', 'kforcing_jax', 'report',
+                      '--workdir=~/kf'], capture_output=True, text=True,
+                     timeout=120, cwd=cwd, env={**os.environ, 'HOME': str(home)})
+  assert r.stderr == (f"error: --workdir={home / 'kf'} holds no teacher, "
+                      'eval.json or bench.json: nothing to report\n')
+  assert not (cwd / '~').exists()
+
+
 @pytest.mark.parametrize('body, needle', [
     ('from kforcing_jax import defaults\n'
      'def get_config():\n'
