@@ -206,9 +206,11 @@ def run_bench(config, workdir: str,
   bench_schema.validate_bench_json(out)
   log(bench_report.format_tables(out))
   if sharding.is_main_process():  # Each process timed its own devices.
+    # The plot first: bench.json marks the stage done for a re-run, so a
+    # kill between the two left its numbers without their plot.
+    bench_report.plot_bench(out, os.path.join(workdir, 'bench.png'))
     files.atomic_write_text(os.path.join(workdir, 'bench.json'),
                             json.dumps(out, indent=1))
-    bench_report.plot_bench(out, os.path.join(workdir, 'bench.png'))
     log(f'[bench] wrote {os.path.join(workdir, "bench.json")} and bench.png')
   return out
 

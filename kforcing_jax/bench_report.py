@@ -2,6 +2,8 @@
 
 from typing import Any
 
+from kforcing_jax import files
+
 
 def compiled_peak_bytes(memory) -> int | None:
   """A cell's device footprint from its compiled memory analysis:
@@ -120,5 +122,6 @@ def plot_bench(d: dict[str, Any], path: str) -> None:
                f'prompts + {d["settings"]["max_new_tokens"]} new tokens, '
                f'median of {d["settings"]["repeats"]}', fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  # Atomic: a kill mid-write left a cut PNG that re-runs kept.
+  files.atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=110))
   plt.close(fig)

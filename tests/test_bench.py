@@ -526,6 +526,24 @@ def test_only_process_0_writes_results(tmp_path, monkeypatch):
   assert not {'bench.json', 'bench.png'} & set(os.listdir(tmp_path))
 
 
+def test_the_plot_is_written_before_bench_json(tmp_path, monkeypatch):
+  # bench.json marks the stage done: a kill between the two files left a
+  # re-run with numbers and no plot (or an older plot).
+  written = []
+  real = bench.files.atomic_write
+
+  def record(path, write_fn):
+    real(path, write_fn)
+    written.append(os.path.basename(path))
+
+  monkeypatch.setattr(bench.files, 'atomic_write', record)
+  bench.run_bench(_tiny_config(**dict(_FAST, batch_sizes=(1,), ks=(2,))),
+                  str(tmp_path), log=lambda line: None)
+  assert written == ['bench.png', 'bench.json']
+  assert sorted(n for n in os.listdir(tmp_path) if n.startswith('bench')) == [
+      'bench.json', 'bench.png']
+
+
 def test_runnable_others_reads_the_running_count(tmp_path):
   path = tmp_path / 'loadavg'
   path.write_text('0.50 0.40 0.30 3/200 1234\n')  # 3 running, one is us.
