@@ -14,17 +14,32 @@ from kforcing_jax import sharding
 
 
 def _read_jsonl(path):
+  """The records of a metrics.jsonl. A last line cut off by a kill is
+  left out, as the training loop trims it when the run resumes."""
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [line for line in f if line.strip()]
+  records = []
+  for i, line in enumerate(lines, start=1):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if i == len(lines) and not line.endswith('\n'):
+        break
+      raise ValueError(f'{path} line {i} is not JSON ({e})') from e
+  return records
 
 
 def _read_json(path):
   if not os.path.exists(path):
     return None
   with open(path) as f:
-    return json.load(f)
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:  # Named: the bare error said no file.
+      raise ValueError(f'{path} is not valid JSON ({e}); delete it and re-run '
+                       'the command that writes it') from e
 
 
 def _last_records(run_dir):

@@ -213,6 +213,25 @@ def test_report_lists_runs_without_evals_and_dates_an_older_eval(tmp_path):
       '| student_k1 | 3 | none |  |']
 
 
+def test_report_reads_a_cut_metrics_line_and_names_a_damaged_file(tmp_path):
+  # A kill mid-line stopped `report` with a bare JSONDecodeError; so did a
+  # damaged eval.json, naming no file.
+  (tmp_path / 'teacher').mkdir()
+  metrics = tmp_path / 'teacher' / 'metrics.jsonl'
+  metrics.write_text(json.dumps({'step': 5, 'loss': 3.0}) + '\n' +
+                     '{"step": 10, "lo')
+  assert report.training_section(str(tmp_path))[4:] == [
+      '| teacher | 5 | none |  |']
+  metrics.write_text('{"step": 10, "lo\n' + json.dumps({'step': 5}) + '\n')
+  with pytest.raises(ValueError, match=f'{metrics} line 1 is not JSON'):
+    report.training_section(str(tmp_path))
+  metrics.write_text(json.dumps({'step': 5, 'loss': 3.0}) + '\n')
+  (tmp_path / 'eval.json').write_text('{"models": {')
+  with pytest.raises(ValueError, match=f"{tmp_path / 'eval.json'} is not "
+                     'valid JSON .*; delete it and re-run the command'):
+    report.write_report(str(tmp_path))
+
+
 def test_a_split_evaluate_needs_is_checked_before_training(tmp_path):
   # Five files give no validation split: the pipeline trained the teacher
   # and students, then stopped at evaluate.
