@@ -260,7 +260,7 @@ def _train_loop(torch, model, train_windows, s: EvaluatorSettings, metrics):
 # --------------------------------------------------------------------------
 
 
-def _check_output_dir(out: str) -> None:
+def check_output_dir(out: str) -> None:
   """A folder that is there but unfinished is not ours: never delete it."""
   if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
     raise ValueError(
@@ -366,7 +366,7 @@ def train_evaluator(config, workdir: str) -> str:
   if is_complete(out):
     _report_skip(out, s)
     return out
-  _check_output_dir(out)
+  check_output_dir(out)
   # The workdir's data, as every data-reading command checks it.
   splits = data_lib.training_splits(config, held_out=True)
   documents.check_splits(config, splits)

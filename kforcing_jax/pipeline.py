@@ -82,10 +82,11 @@ def _with_evaluator(config, workdir, timing):
   return out
 
 
-def _check_plan(config) -> None:
+def _check_plan(config, workdir: str) -> None:
   """Fails now, not after training, on an eval.ks the students this run
   distills cannot serve, an eval.evaluator that is not a save_pretrained
-  folder, a distill.precision this process cannot run (float64 without
+  folder, an evaluator_train.dir that is not free for the evaluator to be
+  trained, a distill.precision this process cannot run (float64 without
   x64), or a batch this machine's devices cannot split
   (defaults.validate checked every field's value)."""
   from kforcing_jax import distill  # pylint: disable=g-import-not-at-top
@@ -96,6 +97,11 @@ def _check_plan(config) -> None:
   if settings.evaluator:  # Here, not in validate: only evaluate reads it.
     from kforcing_jax import hf_evaluator  # pylint: disable=g-import-not-at-top
     hf_evaluator.check_evaluator(settings.evaluator)
+  if _trains_evaluator(config):  # A file there failed after all training.
+    from kforcing_jax import evaluator_train  # pylint: disable=g-import-not-at-top
+    out = evaluator_train.output_dir(config, workdir)
+    if not evaluator_train.is_complete(out):
+      evaluator_train.check_output_dir(out)
   windows = tuple(config.distill.windows)
   too_big = [k for k in settings.ks if k > max(windows)]
   if too_big:
@@ -126,7 +132,7 @@ def run_pipeline(config, workdir: str) -> str:
   """Runs (or resumes) every stage; returns the report path."""
   from kforcing_jax import bench  # pylint: disable=g-import-not-at-top
   from kforcing_jax import evaluate  # pylint: disable=g-import-not-at-top
-  _check_plan(config)  # Before anything is written.
+  _check_plan(config, workdir)  # Before anything is written.
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, 'pipeline.json')
   timing = {'runs': {}, 'stages': {}}

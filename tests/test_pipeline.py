@@ -265,3 +265,20 @@ def test_float64_distillation_without_x64_is_refused_before_training(
                          "'float64' needs 64-bit floats"), r.stderr
   assert 'JAX_ENABLE_X64=1' in last
   assert not os.path.exists(workdir / 'teacher')
+
+
+def test_an_evaluator_dir_in_the_way_is_refused_before_training(tmp_path):
+  # A file at evaluator_train.dir stopped the pipeline at the evaluator
+  # stage, after the teacher and every student had trained.
+  (tmp_path / 'afile').write_text('hi')
+  workdir = tmp_path / 'w'
+  r = subprocess.run(_pipeline_cmd(
+      workdir, '--config.evaluator_train.enabled=True',
+      f'--config.evaluator_train.dir={tmp_path}/afile'),
+      cwd=ROOT, env=_ENV, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2, r.stderr
+  assert r.stderr.strip().splitlines()[-1] == (
+      f'error: {tmp_path}/afile exists but is not a finished evaluator (no '
+      'train_info.json); delete it or set evaluator_train.dir to another '
+      'folder'), r.stderr
+  assert not os.path.exists(workdir / 'teacher')
