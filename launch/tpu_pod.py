@@ -428,6 +428,27 @@ def _parser() -> tuple[argparse.ArgumentParser,
   return parser, subparsers
 
 
+def _note_multi_host(args: argparse.Namespace, workdirs: Sequence[str]):
+  """Warns (stderr) on a slice of more than 8 chips or cores, which has
+  several hosts, about what a multi-host run needs and the command lacks:
+  the CLI learns of one only on the workers, after create, copy and
+  install."""
+  if int(_ACCELERATOR_RE.match(args.accelerator_type).group(2)) <= 8:
+    return
+  keys = {kv.split('=', 1)[0] for kv in args.env}
+  if 'KFORCING_DISTRIBUTED' not in keys:
+    print(f'NOTE: {args.accelerator_type} has several hosts: pass --env '
+          'KFORCING_DISTRIBUTED=auto so that they join one JAX run (without '
+          'it the CLI joins them only if the workers list '
+          'TPU_WORKER_HOSTNAMES)', file=sys.stderr)
+  for value in workdirs:
+    if not value.startswith(('/', '~', '$')):
+      print(f'NOTE: --workdir={value} is relative: each host would write its '
+            f'own ~/{args.remote_dir}/{value}, and a multi-host run needs one '
+            'folder every host sees (an NFS or gcsfuse mount); the CLI '
+            'refuses it on the workers', file=sys.stderr)
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   """Parses and checks `argv`; bad input exits with code 2 via parser.error."""
   parser, subparsers = _parser()
@@ -447,6 +468,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
       error(f'--accelerator-type={args.accelerator_type!r} is not of the form '
             'FAMILY-SIZE, e.g. v4-32, v5litepod-16, v5p-8, v6e-16')
     family = match.group(1)
+    if family == 'v5e':  # The product name, not the accelerator type's.
+      error(f'--accelerator-type={args.accelerator_type!r}: Cloud TPU names '
+            f'v5e slices v5litepod-N, e.g. v5litepod-{match.group(2)}')
     if not args.version:
       if family not in DEFAULT_RUNTIME:
         error(f'no default --version for accelerator family {family!r} '
@@ -492,6 +516,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     for kv in args.env:
       if '=' not in kv or not _ENV_KEY_RE.match(kv.split('=', 1)[0]):
         error(f'--env={kv!r}: expected KEY=VALUE')
+    if hasattr(args, 'accelerator_type'):
+      _note_multi_host(args, workdirs)
 
   if hasattr(args, 'run_name'):
     if not args.run_name:

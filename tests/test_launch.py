@@ -330,6 +330,10 @@ def test_run_accepts_every_cli_subcommand():
     (['create', *POD, '--accelerator-type=tpu-v4'], 'FAMILY-SIZE'),
     (['create', *POD, '--accelerator-type=a100'], 'FAMILY-SIZE'),
     (['create', *POD, '--accelerator-type=v9-8'], 'no default --version'),
+    # It asked for --version, which only moved the failure to gcloud.
+    (['create', *POD, '--accelerator-type=v5e-8'],
+     "--accelerator-type='v5e-8': Cloud TPU names v5e slices v5litepod-N, "
+     'e.g. v5litepod-8'),
     (['create', *POD, '--accelerator-type=v4-8', '--spot', '--preemptible'],
      'not allowed with'),
     (['create', '--name=Bad_Name', '--zone=us-central1-a',
@@ -361,6 +365,28 @@ def test_bad_input_exits_2_with_a_clear_message(args, message):
   assert r.returncode == 2, (r.stdout, r.stderr)
   assert message in r.stderr
   assert r.stdout == ''
+
+
+def test_a_multi_host_slice_is_warned_of_what_it_needs():
+  # Accepted in silence: no distributed setting, a workdir local to each
+  # host. The CLI learns of both only on the workers.
+  kf = ['--', 'train-teacher', '--config=configs/lm1b.py',
+        '--workdir=workdirs/kf']
+  r = pod('all', '--dry-run', *POD, '--accelerator-type=v4-32', *kf)
+  assert r.returncode == 0, r.stderr
+  assert r.stderr == (
+      'NOTE: v4-32 has several hosts: pass --env KFORCING_DISTRIBUTED=auto '
+      'so that they join one JAX run (without it the CLI joins them only if '
+      'the workers list TPU_WORKER_HOSTNAMES)\n'
+      'NOTE: --workdir=workdirs/kf is relative: each host would write its '
+      'own ~/kforcing_jax/workdirs/kf, and a multi-host run needs one folder '
+      'every host sees (an NFS or gcsfuse mount); the CLI refuses it on the '
+      'workers\n')
+  r = pod('all', '--dry-run', *POD, '--accelerator-type=v4-32',
+          '--env=KFORCING_DISTRIBUTED=auto', *kf[:-1], '--workdir=/mnt/kf')
+  assert r.returncode == 0 and r.stderr == '', r.stderr
+  r = pod('all', '--dry-run', *POD, '--accelerator-type=v4-8', *kf)
+  assert r.returncode == 0 and r.stderr == '', r.stderr  # One host.
 
 
 def test_runs_steps_and_stops_at_the_first_failure(tmp_path, fake_bin):
