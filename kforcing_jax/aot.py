@@ -185,7 +185,8 @@ def tpu_mesh(topology: str):
 
 def run(config, mesh, *, steps=(TEACHER, DISTILL), batch_size=0,
         distill_batch_size=0, replicated=False) -> list[dict]:
-  """Compiles every requested step (FSDP, and replicated if asked)."""
+  """Compiles every requested step: the teacher's in the layout training
+  uses (mesh.fsdp), and also replicated if asked."""
   batches = {TEACHER: ('batch_size', 'train.batch_size',
                        batch_size or config.train.batch_size),
              DISTILL: ('distill_batch_size', 'distill.batch_size',
@@ -202,8 +203,10 @@ def run(config, mesh, *, steps=(TEACHER, DISTILL), batch_size=0,
   rows, header = [], True
   for which in steps:
     batch = batches[which][2]
-    # Distillation always replicates its state, as training does.
-    options = (True, False) if replicated else (True,)
+    # Distillation always replicates its state, as training does. The
+    # teacher row was always FSDP, under-reporting a replicated config.
+    options = (bool(config.mesh.fsdp),) + (
+        (False,) if replicated and config.mesh.fsdp else ())
     for fsdp in ((False,) if which == DISTILL else options):
       try:
         rows.append(compile_step(config, which, mesh, fsdp=fsdp,
@@ -275,9 +278,10 @@ def _define_flags():
   f['steps'] = flags.DEFINE_list('steps', ['teacher', 'distill'],
                                  'Steps to compile: teacher, distill.')
   f['replicated'] = flags.DEFINE_bool(
-      'replicated', False, 'Also compile the teacher step with replicated '
-      'params/optimizer state, to compare with FSDP (the distillation step '
-      'is always replicated, as in training).')
+      'replicated', False, 'With mesh.fsdp=True, also compile the teacher '
+      'step with replicated params/optimizer state, to compare (the teacher '
+      'row follows mesh.fsdp, as training does; the distillation step is '
+      'always replicated).')
   f['tpu_topology'] = flags.DEFINE_string(
       'tpu_topology', '', "Compile for a TPU slice instead, e.g. 'v5e:2x4' "
       "or 'v4:2x2x1' (needs libtpu).")

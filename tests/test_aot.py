@@ -122,6 +122,23 @@ def test_gather_for_compute_all_gathers_sharded_params():
   assert 'all-gather' in hlo
 
 
+def test_the_teacher_row_follows_mesh_fsdp(monkeypatch):
+  # It was always the FSDP step: for a replicated config (tiny, demo) that
+  # under-reported the memory training needs.
+  monkeypatch.setattr(aot, 'compile_step',
+                      lambda config, which, mesh, *, fsdp, batch_size: dict(
+                          step=which, fsdp=fsdp))
+  monkeypatch.setattr(aot, 'format_table', lambda rows, header: '')
+  config = _lm1b()
+  mesh = aot.cpu_mesh(DEVICES)
+  fsdp_of = lambda **kw: [r['fsdp'] for r in aot.run(
+      config, mesh, steps=(aot.TEACHER,), **kw)]
+  assert config.mesh.fsdp and fsdp_of() == [True]
+  assert fsdp_of(replicated=True) == [True, False]
+  config.mesh.fsdp = False
+  assert fsdp_of() == [False] and fsdp_of(replicated=True) == [False]
+
+
 def test_a_step_that_does_not_compile_is_a_row_not_a_crash(monkeypatch,
                                                             capsys):
   def compile_step(config, which, mesh, *, fsdp, batch_size):
