@@ -14,6 +14,7 @@ import re
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from kforcing_jax import model as model_lib
@@ -170,29 +171,33 @@ def trained_windows(workdir: str) -> list[int]:
 
 
 def _local_target(manager: 'Manager', step: int):
-  """Restore target placing every array on this process's first device,
-  so a checkpoint saved on N devices loads on any device count (without a
-  target, orbax needs the saved layout). None in a multi-process run,
-  where each process keeps restoring the layout it was saved with."""
-  if jax.process_count() > 1:
-    return None
+  """Restore target that loads a checkpoint saved on any devices and
+  processes (without a target, orbax needs the saved layout): every array
+  on this process's first device, or in a multi-process run replicated
+  over all devices (a teacher trained on one host, distilled on a pod)."""
   try:
     tree = ocp.StandardCheckpointHandler().metadata(
         pathlib.Path(manager.directory, str(step), 'state')).tree
   except Exception:  # pylint: disable=broad-except
     return None  # Damaged metadata: restore() reports it by name.
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  if jax.process_count() > 1:
+    placement = jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.array(jax.devices()), ('all',)),
+        jax.sharding.PartitionSpec())
+  else:
+    placement = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placement),
+      tree)
 
 
 def load_params(run_dir: str, use_ema: bool = True):
   """(ModelConfig, params, meta) of the latest checkpoint in run_dir.
 
   params are the EMA copy where training kept one, unless use_ema=False.
-  A single-process run restores them onto its first local device,
-  whatever device count saved them; a multi-process run, in their saved
-  layout.
+  Whatever devices and processes saved them, a single-process run
+  restores them onto its first local device, a multi-process run
+  replicated over all devices.
   """
   if not isinstance(use_ema, bool):  # A string such as "no" is truthy.
     raise ValueError(f'use_ema={use_ema!r} must be a bool')

@@ -9,6 +9,7 @@ the same. The fast tests cover the environment parsing.
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -143,6 +144,32 @@ def test_two_processes_match_one_process(tmp_path):
     steps = os.listdir(multi / run / 'checkpoints')
     assert str(OVERRIDES['train.num_steps'] if run == 'teacher' else
                OVERRIDES['distill.steps_per_stage']) in steps
+
+
+@pytest.mark.slow
+def test_a_teacher_trained_in_one_process_distils_in_two(tmp_path):
+  # load_params restored a multi-process run's checkpoints only in their
+  # saved layout: distilling on two processes from a teacher trained in one
+  # failed ("Topology mismatch"), and the error's advice did not help.
+  deadline = time.monotonic() + DEADLINE_S
+  workdir = tmp_path / 'w'
+  _run_workers([_env(2)], workdir, tmp_path / 'single.npz',
+               [tmp_path / 'single.log'], deadline)
+  shutil.rmtree(workdir / 'student_k1')
+  port = _free_port()
+  _run_workers(
+      [_env(2, KFORCING_COORDINATOR=f'localhost:{port}',
+            KFORCING_NUM_PROCESSES=2, KFORCING_PROCESS_ID=i)
+       for i in range(2)],
+      workdir, tmp_path / 'multi.npz',
+      [tmp_path / 'multi0.log', tmp_path / 'multi1.log'], deadline)
+  got, want = np.load(tmp_path / 'multi.npz'), np.load(tmp_path / 'single.npz')
+  assert sorted(got) == sorted(want)
+  assert any(k.startswith('student_k1') for k in want)
+  for key in want:
+    atol = TEACHER_ATOL if key.startswith('teacher') else STUDENT_ATOL
+    np.testing.assert_allclose(got[key], want[key], rtol=0, atol=atol,
+                               err_msg=key)
 
 
 @pytest.mark.slow
