@@ -38,6 +38,7 @@ from kforcing_jax import bench_report
 from kforcing_jax import bench_schema
 from kforcing_jax import bench_settings
 from kforcing_jax import bench_timing
+from kforcing_jax import checkpoints
 from kforcing_jax import files
 from kforcing_jax import model as model_lib
 from kforcing_jax import projection
@@ -106,6 +107,12 @@ def run_bench(config, workdir: str,
     log(f'[bench] NOTE: no trained run in {workdir} serves k={untrained}: '
         'timed with random weights of the same shape (speed does not '
         'depend on them; bench.random_weights=True says so up front)')
+  # The checkpoint of every run here (see evaluate).
+  records = checkpoints.workdir_records(workdir)
+  timed = {m.name for m in models.values() if m.weights == 'trained'}
+  for note in checkpoints.unfinished_runs(
+      {run: records[run] for run in sorted(timed) if run in records}, config):
+    log(f'[bench] NOTE: {note}')
   log(f'[bench] {config.get("name", "?")}: {machine["cpu_count"]} cores '
       f'({machine["cpu_model"]}), backend {machine["backend"]} '
       f'({machine["device_kind"]}); {s.prefix_len}-token prompts + '
@@ -202,6 +209,7 @@ def run_bench(config, workdir: str,
       'accelerators': roofline.accelerator_predictions(
           ar_cfg, s.batch_sizes, s.ks, s.prefix_len, max_new),
       'peer': peer,
+      'checkpoints': records,
   }
   bench_schema.validate_bench_json(out)
   log(bench_report.format_tables(out))

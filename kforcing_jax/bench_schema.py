@@ -57,12 +57,16 @@ bench.json, as `bench.run_bench` writes it (schema_version 1;
   peer            {available (bool), note (str), library (str), results:
                    [{batch, tokens_per_s, median_s, times_s,
                    ours_ar_over_peer, ours_pf_over_peer, pf_k}]}.
+  checkpoints     optional (files written before it lack it): {RUN:
+                   {step, run_id (optional)}}, every run in the workdir
+                   then, at its latest checkpoint.
 """
 
 import json
 import math
 from typing import Any
 
+from kforcing_jax import checkpoints
 from kforcing_jax import decode
 from kforcing_jax import projection
 from kforcing_jax import roofline
@@ -182,6 +186,8 @@ def _check_profile(r: dict, profiled: bool, where: str) -> None:
 def validate_bench_json(d: dict[str, Any]) -> None:
   """Checks the bench.json schema; raises ValueError naming the bad key."""
   _check_fields(d, _TOP, 'bench')
+  if 'checkpoints' in d:
+    checkpoints.check_records(d['checkpoints'], 'bench.json')
   if d['schema_version'] != SCHEMA_VERSION:
     raise ValueError(f'bench.json: bench.schema_version is '
                      f'{d["schema_version"]}, expected {SCHEMA_VERSION}')

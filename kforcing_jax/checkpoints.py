@@ -29,6 +29,92 @@ def run_meta(model_cfg: model_lib.ModelConfig, config) -> dict[str, Any]:
           'config': json.loads(config.to_json_best_effort())}
 
 
+def source_record(run: str, step: int, meta: dict[str, Any]) -> dict:
+  """What a run trained from: `run` at `step`, and that run's id (from its
+  checkpoint `meta`; runs saved before ids have none). The id tells a run
+  trained anew, to the same step, from the one a student was made from."""
+  record = {'run': run, 'step': int(step)}
+  if meta.get('run_id'):
+    record['run_id'] = meta['run_id']
+  return record
+
+
+def same_source(a: dict[str, Any], b: dict[str, Any]) -> bool:
+  """Whether two source records name one checkpoint: the same run and step,
+  and the same run id where both have one."""
+  return (a['run'] == b['run'] and a['step'] == b['step'] and
+          (not a.get('run_id') or not b.get('run_id') or
+           a['run_id'] == b['run_id']))
+
+
+def describe_change(was: dict[str, Any], now: dict[str, Any] | None) -> str:
+  """How source `was` differs from `now` (None: it has no checkpoint now),
+  e.g. 'teacher at step 40, which is now at step 80'."""
+  head = f"{was['run']} at step {was['step']}"
+  if now is None:
+    return f'{head}, which has no checkpoint now'
+  if was['run'] != now['run']:
+    return f"{head}; its source is now {now['run']} at step {now['step']}"
+  if was['step'] != now['step']:
+    return f"{head}, which is now at step {now['step']}"
+  return f'{head}, which was trained anew since, to the same step'
+
+
+def run_record(workdir: str, run: str) -> dict[str, Any] | None:
+  """{'step', 'run_id'} of `run`'s latest checkpoint in `workdir` (no
+  run_id for runs saved before ids), None when it has none: which
+  checkpoint a result (eval.json, bench.json) was computed from."""
+  manager = Manager(os.path.join(workdir, run))
+  step = manager.latest_step()
+  if step is None:
+    return None
+  record = source_record(run, step, manager.read_meta(step))
+  del record['run']
+  return record
+
+
+def workdir_records(workdir: str) -> dict[str, dict[str, Any]]:
+  """`run_record` of every run in `workdir` that has a checkpoint: what a
+  result file (eval.json, bench.json) records, so that a later re-run can
+  tell a run trained since from one it did not use."""
+  out = {}
+  for run in sorted(os.listdir(workdir)):
+    if os.path.isdir(os.path.join(workdir, run, 'checkpoints')):
+      record = run_record(workdir, run)
+      if record is not None:
+        out[run] = record
+  return out
+
+
+def check_records(records, where: str) -> None:
+  """A result file's 'checkpoints' map: {run: {'step': int, 'run_id':
+  str (optional)}}; raises ValueError naming `where`."""
+  if not isinstance(records, dict):
+    raise ValueError(f'{where}: checkpoints must be an object')
+  for run, record in records.items():
+    if (not isinstance(record, dict) or
+        not isinstance(record.get('step'), int) or
+        isinstance(record.get('step'), bool) or
+        not isinstance(record.get('run_id', ''), str)):
+      raise ValueError(f'{where}: checkpoints.{run} must be {{"step": int, '
+                       f'"run_id": str}} (run_id optional), not {record!r}')
+
+
+def unfinished_runs(records: dict[str, dict], config) -> list[str]:
+  """'RUN is at step S of FIELD=N (unfinished)' for each recorded run short
+  of the step count `config` gives it (the teacher: train.num_steps; a
+  student: distill.steps_per_stage)."""
+  out = []
+  for run, record in records.items():
+    field, target = (('train.num_steps', config.train.num_steps)
+                     if run == 'teacher' else
+                     ('distill.steps_per_stage', config.distill.steps_per_stage))
+    if record['step'] < target:
+      out.append(f"{run} is at step {record['step']} of {field}={target} "
+                 '(unfinished)')
+  return out
+
+
 def _state_to_dict(state) -> dict[str, Any]:
   d = {'step': state.step, 'params': state.params,
        'opt_state': state.opt_state, 'rng': state.rng}

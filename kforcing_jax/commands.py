@@ -64,8 +64,10 @@ def run_teacher(config, workdir: str,
   else:
     n = model_lib.count_params(
         jax.eval_shape(task.init_params, jax.random.PRNGKey(0)))
-    _print_main(f'[teacher] {n / 1e6:.2f}M parameters, {jax.device_count()} '
-                f'device(s) in {jax.process_count()} process(es), batch '
+    used, seen = sharding.data_axis_size(config.mesh), jax.device_count()
+    devices = f'{used}' if used == seen else f'{used} of {seen}'  # mesh.data
+    _print_main(f'[teacher] {n / 1e6:.2f}M parameters, {devices} device(s) '
+                f'in {jax.process_count()} process(es), batch '
                 f'{config.train.batch_size} x {config.model.seq_len}')
   return train_lib.train(task, config, workdir, train_iter, eval_batches)
 
@@ -109,10 +111,10 @@ def _note_short_eval(stage: str, batches, wanted: int) -> None:
                 f'({len(batches[0])} sequences each); its evals use those')
 
 
-def _print_main(*args):
+def _print_main(*args, **kwargs):
   """Prints once per run, not once per process."""
   if sharding.is_main_process():
-    print(*args)
+    print(*args, **kwargs)
 
 
 def summary_of(result: train_lib.TrainResult) -> dict:
@@ -161,9 +163,9 @@ def _note_ignored_model_fields(given, saved, run: str):
                   for key, value in given.model.items()
                   if key in saved.model and value != saved.model[key])
   if differ:
-    print(f"NOTE: {', '.join(differ)} ignored: {run} decodes as it was "
-          'trained (its saved config); --config gives generate only its '
-          'decode.* settings', file=sys.stderr)
+    _print_main(f"NOTE: {', '.join(differ)} ignored: {run} decodes as it "
+                'was trained (its saved config); --config gives generate '
+                'only its decode.* settings', file=sys.stderr)
 
 
 def generate(flags_obj):
@@ -207,9 +209,9 @@ def generate(flags_obj):
     raise ValueError(f'a prompt is {longest} tokens but model.seq_len is '
                      f'{cfg.seq_len}: no room to generate (shorten it)')
   if max_new > room:
-    print(f'NOTE: max_new_tokens={max_new} cut to {room}: the longest prompt '
-          f'has {cfg.seq_len - room} tokens and model.seq_len is '
-          f'{cfg.seq_len}', file=sys.stderr)
+    _print_main(f'NOTE: max_new_tokens={max_new} cut to {room}: the longest '
+                f'prompt has {cfg.seq_len - room} tokens and model.seq_len '
+                f'is {cfg.seq_len}', file=sys.stderr)
     max_new = room
   seed = pick(flags_obj.seed, dc.seed)
   defaults.check_seed('decode.seed', dc.seed)
@@ -221,9 +223,9 @@ def generate(flags_obj):
     ignored = (['--greedy'] if flags_obj.greedy else []) + (
         ['--temperature'] if flags_obj.temperature is not None else [])
     if ignored:
-      print(f"NOTE: {' and '.join(ignored)} ignored: a student's tokens are "
-            'the argmax of its noise slots (these set AR sampling)',
-            file=sys.stderr)
+      _print_main(f"NOTE: {' and '.join(ignored)} ignored: a student's "
+                  'tokens are the argmax of its noise slots (these set AR '
+                  'sampling)', file=sys.stderr)
     temperature, greedy = 1.0, False
   out = decode.generate(
       params, cfg, ids, max_new_tokens=max_new, k=flags_obj.k,
@@ -236,8 +238,9 @@ def generate(flags_obj):
                                        out.lengths):
     # Decode prompt and continuation together so word boundaries survive.
     text = tokenizer.decode(prompt_ids + np.asarray(row[:n]).tolist())
-    print(json.dumps({'model': run, 'k': flags_obj.k, 'prompt': prompt,
-                      'new_tokens': int(n), 'text': text}))
+    _print_main(json.dumps({'model': run, 'k': flags_obj.k,
+                            'prompt': prompt, 'new_tokens': int(n),
+                            'text': text}))
 
 
 def stage_config(config):
@@ -279,7 +282,8 @@ def run_distill(config, workdir: str,
   defaults.check_batches(config, teacher=False, distill=True)
   distill_lib.check_precision(config.distill.precision)
   teacher_dir = os.path.join(workdir, teacher_lib.TEACHER)
-  teacher_cfg, teacher_params, _ = checkpoints.load_params(teacher_dir)
+  teacher_cfg, teacher_params, teacher_meta = checkpoints.load_params(
+      teacher_dir)
   teacher_step = checkpoints.Manager(teacher_dir).latest_step()
   if teacher_step < config.train.num_steps:
     _print_main(f'[distill] WARNING: the teacher is at step {teacher_step} '
@@ -298,6 +302,10 @@ def run_distill(config, workdir: str,
   if unlike:
     _print_main(f"[distill] NOTE: the students take {', '.join(unlike)} "
                 'from --config; pass the teacher\'s values to match it')
+  if config.mesh.fsdp:  # stage_config turns it off, without a word.
+    _print_main('[distill] NOTE: mesh.fsdp=True applies to the teacher only: '
+                'the distillation step keeps the student and its frozen '
+                'source replicated on every device')
   sconfig = stage_config(config)
   tokenizer = data_lib.get_tokenizer(
       config, workdir,
@@ -309,7 +317,8 @@ def run_distill(config, workdir: str,
   ds = config.distill
   results = []
   prev_params = teacher_params
-  teacher_source = {'run': teacher_lib.TEACHER, 'step': int(teacher_step)}
+  teacher_source = checkpoints.source_record(teacher_lib.TEACHER,
+                                             teacher_step, teacher_meta)
   prev_source = teacher_source
   prev_cfg = teacher_cfg
   for window in ds.windows:
@@ -343,8 +352,10 @@ def run_distill(config, workdir: str,
       on_result(result)
     if result.preempted:  # SIGTERM: saved; later stages wait for a re-run.
       break
-    prev_cfg, prev_params, _ = checkpoints.load_params(result.run_dir)
-    prev_source = {'run': task.name, 'step': int(result.state.step)}
+    prev_cfg, prev_params, prev_meta = checkpoints.load_params(
+        result.run_dir)
+    prev_source = checkpoints.source_record(task.name, result.state.step,
+                                            prev_meta)
   return results
 
 

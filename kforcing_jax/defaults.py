@@ -172,7 +172,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ms = ml_collections.ConfigDict()
   ms.data = -1  # Size of the 'data' axis; -1 uses every device (multi-process
   # runs must: a smaller mesh would leave some processes' devices out).
-  ms.fsdp = False  # Shard parameters and optimizer state over 'data'.
+  ms.fsdp = False  # Shard parameters and optimizer state over 'data'
+  #                  (the teacher's training; distillation stays replicated).
 
   # --- Decoding defaults (generate subcommand). ---
   c.decode = dc = ml_collections.ConfigDict()

@@ -10,6 +10,9 @@ checks it):
                  "bootstrap": int, "ci_level": float, "split": str,
                  "evaluator": str, "evaluator_scope": "continuation"},
     "notes": [str, ...],
+    "checkpoints": {RUN: {"step": int, "run_id": str}},  # optional key:
+                                       # every run in the workdir then, at
+                                       # its latest checkpoint
     "models": {
       NAME: {
         "kind": "data" | "teacher" | "student",
@@ -46,6 +49,7 @@ rows whose evaluator_nll is null), "entropy"}.
 
 import math
 
+from kforcing_jax import checkpoints
 from kforcing_jax import eval_metrics
 from kforcing_jax import noise_sweep
 
@@ -158,6 +162,8 @@ def validate_eval_json(d) -> None:
   notes = _need(d, 'notes', list, '')
   if not all(isinstance(x, str) for x in notes):
     raise ValueError("eval.json: 'notes' must hold strings")
+  if 'checkpoints' in d:  # Absent in eval.json files from before it.
+    checkpoints.check_records(d['checkpoints'], 'eval.json')
   models = _need(d, 'models', dict, '')
   if 'teacher' not in models:
     raise ValueError("eval.json: missing key 'models.teacher'")

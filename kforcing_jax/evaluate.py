@@ -280,13 +280,15 @@ def _stale_source(workdir: str, run: str, meta: dict) -> str | None:
   source = meta.get('source')
   if not source:
     return None
-  now = checkpoints.Manager(os.path.join(workdir,
-                                         source['run'])).latest_step()
-  if now == source['step']:
+  manager = checkpoints.Manager(os.path.join(workdir, source['run']))
+  step = manager.latest_step()
+  now = None if step is None else checkpoints.source_record(
+      source['run'], step, manager.read_meta(step))
+  if now is not None and checkpoints.same_source(source, now):
     return None
-  return (f"{run} was distilled from {source['run']} at step "
-          f"{source['step']}, which is now at step {now}: {run} is stale "
-          f'(delete it and the stages after it, then re-run distill)')
+  return (f'{run} was distilled from {checkpoints.describe_change(source, now)}'
+          f': {run} is stale (delete it and the stages after it, then re-run '
+          'distill)')
 
 
 def run_evaluate(config, workdir: str) -> dict:
@@ -344,6 +346,11 @@ def run_evaluate(config, workdir: str) -> dict:
         notes.append(stale)
         if sharding.is_main_process():
           print(f'[eval] WARNING: {stale}', flush=True)
+  # The checkpoint of every run here: a re-run tells a result of older
+  # models by these, not by file times (a copied workdir has new ones).
+  records = checkpoints.workdir_records(workdir)
+  notes += checkpoints.unfinished_runs(
+      {run: records[run] for run in loaded if run in records}, config)
   models, teacher_tokens, sample_files = {}, None, {}
   sweeper = _Sweeper(s, teacher_cfg, teacher_params, seqs, loaded, notes)
   for entry in plan:
@@ -398,7 +405,7 @@ def run_evaluate(config, workdir: str) -> dict:
           'bootstrap': s.bootstrap, 'ci_level': s.ci_level,
           'split': s.split or config.data.eval_split,
           'evaluator': s.evaluator, 'evaluator_scope': 'continuation'},
-      'notes': notes, 'models': models}
+      'notes': notes, 'checkpoints': records, 'models': models}
   eval_schema.validate_eval_json(result)
   if sharding.is_main_process():  # Every process computed the same.
     os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)

@@ -115,15 +115,28 @@ def _check_plan(config, workdir: str) -> None:
 
 
 def _runs_newer_than(workdir: str, name: str) -> list[str]:
-  """Runs in `workdir` whose latest checkpoint was written after `name`."""
+  """Runs in `workdir` whose latest checkpoint is not one result file
+  `name` saw: by the checkpoints it records of every run (step and run
+  id), else (files from before that record) by file times, which a copied
+  workdir renews."""
   from kforcing_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  written = os.path.getmtime(os.path.join(workdir, name))
+  path = os.path.join(workdir, name)
+  try:
+    with open(path) as f:
+      recorded = json.load(f).get('checkpoints')
+  except (OSError, ValueError, AttributeError):
+    recorded = None  # A damaged file: report names it.
+  written = os.path.getmtime(path)
   newer = []
-  for run in sorted(os.listdir(workdir)):
-    manager = checkpoints.Manager(os.path.join(workdir, run))
-    step = manager.latest_step()
-    if step is not None and os.path.getmtime(
-        os.path.join(manager.directory, str(step))) > written:
+  for run, now in checkpoints.workdir_records(workdir).items():
+    if isinstance(recorded, dict):
+      record = recorded.get(run)
+      if not (isinstance(record, dict) and 'step' in record and
+              checkpoints.same_source(dict(record, run=run),
+                                      dict(now, run=run))):
+        newer.append(run)
+    elif os.path.getmtime(os.path.join(workdir, run, 'checkpoints',
+                                       str(now['step']))) > written:
       newer.append(run)
   return newer
 

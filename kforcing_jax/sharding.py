@@ -144,6 +144,16 @@ def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
+def shared_random_id() -> str:
+  """16 random hex digits, the same on every process of a run (process 0's
+  draw, broadcast): an id that every process writes alike."""
+  draws = np.array([secrets.randbits(31), secrets.randbits(31)], np.int32)
+  if jax.distributed.is_initialized() and jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    draws = np.asarray(multihost_utils.broadcast_one_to_all(draws))
+  return ''.join(f'{int(d):08x}' for d in draws)
+
+
 def check_shared_workdir(workdir: str, wait_s: float = 60.0) -> None:
   """A multi-process run needs one workdir that every host sees.
 

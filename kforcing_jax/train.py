@@ -231,12 +231,12 @@ def _source_of_record(task: Task, saved_meta: dict | None) -> dict:
   """The source to save in this run's meta: the one it started from, so a
   resumed stage warns on every re-run, not only the first after a change."""
   saved = (saved_meta or {}).get('source')
-  if saved and saved != task.source and sharding_lib.is_main_process():
-    print(f"[{task.name}] WARNING: trained from {saved['run']} at step "
-          f"{saved['step']}; its source is now {task.source['run']} at step "
-          f"{task.source['step']}: {task.name} and the stages after it are "
-          'stale; delete their run directories to redo them from it.',
-          flush=True)
+  if (saved and not checkpoints.same_source(saved, task.source)
+      and sharding_lib.is_main_process()):
+    print(f'[{task.name}] WARNING: trained from '
+          f'{checkpoints.describe_change(saved, task.source)}: {task.name} '
+          'and the stages after it are stale; delete their run directories '
+          'to redo them from it.', flush=True)
   return saved or task.source
 
 
@@ -307,6 +307,10 @@ def train(task: Task, config, workdir: str, data_iter, eval_batches=(),
   saved_meta = manager.check_compatible(meta)  # Before any compute or write.
   if task.source is not None:
     meta['source'] = _source_of_record(task, saved_meta)
+  # Kept for the run's life: a run trained anew gets another (its
+  # students then know they were made from a different model).
+  meta['run_id'] = ((saved_meta or {}).get('run_id') or
+                    sharding_lib.shared_random_id())
 
   optimizer = make_optimizer(tc)
   ema = tc.ema_decay > 0

@@ -3,9 +3,11 @@
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -192,6 +194,63 @@ def test_distillation_evals_take_distill_eval_batches(tmp_path):
   assert ('[distill] NOTE: the held-out split gives 6 of the 500 eval '
           'batches asked for (16 sequences each); its evals use those'
           ) in r.stdout
+
+
+def test_students_of_a_teacher_trained_anew_are_named_stale(tmp_path):
+  # A teacher deleted and retrained to the same step looked like the one
+  # the students were distilled from: they were skipped without a word.
+  w = f'--workdir={tmp_path}'
+  teacher = ('train-teacher', '--config=configs/tiny.py', w,
+             '--config.train.num_steps=2', '--config.train.eval_every=0')
+  distill = ('distill', '--config=configs/tiny.py', w,
+             '--config.train.num_steps=2', '--config.distill.windows=(1,)',
+             '--config.distill.steps_per_stage=1',
+             '--config.distill.eval_every=0')
+  assert _cli(*teacher).returncode == 0
+  assert _cli(*distill).returncode == 0
+  r = _cli(*distill)
+  assert r.returncode == 0 and 'WARNING' not in r.stdout, r.stdout
+  shutil.rmtree(tmp_path / 'teacher')
+  assert _cli(*teacher).returncode == 0
+  r = _cli(*distill)
+  assert r.returncode == 0, r.stderr
+  assert ('[student_k1] WARNING: trained from teacher at step 2, which was '
+          'trained anew since, to the same step: student_k1 and the stages '
+          'after it are stale') in r.stdout
+
+
+def test_mesh_settings_are_said_and_generate_prints_once(tmp_path,
+                                                          monkeypatch, capsys):
+  # The teacher said '8 device(s)' while mesh.data=2 trained on 2; distill
+  # dropped mesh.fsdp=True without a word; every process of a multi-process
+  # generate printed the results.
+  w = f'--workdir={tmp_path}'
+  r = _cli('train-teacher', '--config=configs/tiny.py', w,
+           '--config.train.num_steps=1', '--config.train.eval_every=0',
+           '--config.mesh.data=2')
+  assert r.returncode == 0, r.stderr
+  assert '[teacher] 0.13M parameters, 2 of 8 device(s) in 1 process(es)' \
+      in r.stdout
+  r = _cli('distill', '--config=configs/tiny.py', w,
+           '--config.train.num_steps=1', '--config.distill.windows=(1,)',
+           '--config.distill.steps_per_stage=1',
+           '--config.distill.eval_every=0', '--config.mesh.fsdp=True')
+  assert r.returncode == 0, r.stderr
+  assert ('[distill] NOTE: mesh.fsdp=True applies to the teacher only: the '
+          'distillation step keeps the student and its frozen source '
+          'replicated on every device') in r.stdout
+  from kforcing_jax import commands  # pylint: disable=g-import-not-at-top
+  flags_obj = types.SimpleNamespace(
+      workdir=str(tmp_path), k=1, seed=None, model='', prompt=['the'],
+      config=None, max_new_tokens=40, temperature=None, greedy=None,
+      frequency_penalty=None)
+  commands.generate(flags_obj)
+  shown = capsys.readouterr()
+  assert json.loads(shown.out)['model'] == 'teacher'
+  assert 'NOTE: max_new_tokens=40 cut to' in shown.err
+  monkeypatch.setattr(sharding, 'is_main_process', lambda: False)
+  commands.generate(flags_obj)
+  assert capsys.readouterr() == ('', '')
 
 
 def test_commands_check_only_the_batches_they_use(tmp_path):

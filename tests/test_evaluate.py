@@ -720,6 +720,16 @@ def test_run_evaluate_tiny_trained(trained_workdir, hf_dir, capsys):
   d = _check_outputs(trained_workdir, result, names)
   models = d['models']
   assert models['student_k3']['run'] == 'student_k4'
+  # The checkpoint behind each row, and students short of this config's
+  # distill.steps_per_stage (300; the fixture trained 20) are noted: they
+  # were scored as finished, without a word.
+  assert {run: r['step'] for run, r in d['checkpoints'].items()} == {
+      'teacher': 40, 'student_k1': 20, 'student_k2': 20, 'student_k4': 20}
+  assert all(len(r['run_id']) == 16 for r in d['checkpoints'].values())
+  unfinished = [n for n in d['notes'] if 'unfinished' in n]
+  assert unfinished == [
+      f'student_k{k} is at step 20 of distill.steps_per_stage=300 '
+      '(unfinished)' for k in (1, 2, 4)]
   assert len(models['student_k4']['coupling']['per_slot']) == 4
   assert len(models['student_k4']['coupling']['forced_per_slot']) == 4
   forced = models['student_k4']['coupling']['forced_agreement']
@@ -760,6 +770,19 @@ def test_a_student_whose_source_trained_on_is_noted_stale(trained_workdir):
       f'is now at step {step}: student_k2 is stale (delete it and the '
       'stages after it, then re-run distill)')
   assert ev._stale_source(trained_workdir, 'teacher', {}) is None
+  # The same step of a run trained anew (deleted, then retrained): it was
+  # taken as the run the student was made from.
+  now_id = checkpoints.Manager(os.path.join(
+      trained_workdir, 'student_k1')).read_meta()['run_id']
+  assert meta['source']['run_id'] == now_id
+  anew = dict(meta, source=dict(meta['source'], run_id='0' * 16))
+  assert ev._stale_source(trained_workdir, 'student_k2', anew) == (
+      f'student_k2 was distilled from student_k1 at step {step}, which was '
+      'trained anew since, to the same step: student_k2 is stale (delete it '
+      'and the stages after it, then re-run distill)')
+  # Records from before run ids: step and run alone, as before.
+  old = dict(meta, source={'run': 'student_k1', 'step': step})
+  assert ev._stale_source(trained_workdir, 'student_k2', old) is None
 
 
 def test_only_process_0_writes_results(hf_dir, tmp_path, monkeypatch):

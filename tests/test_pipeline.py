@@ -12,6 +12,7 @@ import pytest
 
 from kforcing_jax import bench
 from kforcing_jax import bench_schema
+from kforcing_jax import pipeline
 from kforcing_jax import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,6 +108,24 @@ def test_tiny_pipeline_resumes_without_redoing_finished_stages(tmp_path):
   assert 'NOTE: --greedy ignored' in gen.stderr
   assert json.loads(gen.stdout)['model'] == 'student_k4'
 
+  # A copied workdir (new file times, same checkpoints) is not stale: the
+  # result files record the checkpoint of each run they used.
+  for run in ('teacher', 'student_k1', 'student_k2', 'student_k4'):
+    for root, _, _ in os.walk(os.path.join(workdir, run, 'checkpoints')):
+      os.utime(root)
+  for name in ('eval.json', 'bench.json'):
+    assert pipeline._runs_newer_than(workdir, name) == []
+  eval_path = os.path.join(workdir, 'eval.json')
+  with open(eval_path) as f:
+    kept = f.read()
+  evaluated = json.loads(kept)
+  evaluated['checkpoints']['student_k2']['run_id'] = '0' * 16
+  with open(eval_path, 'w') as f:
+    json.dump(evaluated, f)
+  assert pipeline._runs_newer_than(workdir, 'eval.json') == ['student_k2']
+  with open(eval_path, 'w') as f:
+    f.write(kept)
+
   # Training the teacher on leaves every later result stale: each re-run
   # says so (nothing is deleted for the user).
   teacher_seconds = _run_seconds(workdir, 'teacher')
@@ -116,8 +135,9 @@ def test_tiny_pipeline_resumes_without_redoing_finished_stages(tmp_path):
   assert _run_seconds(workdir, 'teacher') > teacher_seconds > 0
   assert '[teacher] resuming from the checkpoint at step 40 of 50' in \
       third.stdout
-  assert ('[student_k1] WARNING: trained from teacher at step 40; its source '
-          'is now teacher at step 50') in third.stdout
+  assert ('[student_k1] WARNING: trained from teacher at step 40, which is '
+          'now at step 50: student_k1 and the stages after it are stale'
+          ) in third.stdout
   for name in ('eval.json', 'bench.json'):
     assert f'WARNING: {name} predates the latest checkpoint of teacher' in \
         third.stdout
