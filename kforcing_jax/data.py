@@ -444,6 +444,21 @@ def _check_seq_len(config) -> int:
   return seq_len
 
 
+def _note_unknown_tokens(tokenizer: tokenizer_lib.Tokenizer, split: str,
+                         chunks: np.ndarray) -> None:
+  """Notes a train split that is more than 1% unknown tokens: a tokenizer
+  made for other text (data.tokenizer_path), which nothing said."""
+  from kforcing_jax import sharding  # pylint: disable=g-import-not-at-top
+  if tokenizer.unk_id is None or not sharding.is_main_process():
+    return
+  share = float(np.mean(chunks == tokenizer.unk_id))
+  if share > 0.01:
+    print(f'[data] NOTE: {share:.1%} of the {split!r} split\'s tokens are '
+          f'the unknown token (id {tokenizer.unk_id}) of {tokenizer.path}: '
+          'it does not cover this text, and the model learns nothing of '
+          'what those tokens stand for', file=sys.stderr, flush=True)
+
+
 def _say_train_size(split: str, sequences: int, seq_len: int,
                     batch_size: int) -> None:
   """How much the run trains on, which nothing said: a tiny corpus made
@@ -492,6 +507,7 @@ def make_train_iterator(config, tokenizer: tokenizer_lib.Tokenizer,
       raise ValueError(f'Train split {split!r} is shorter than one window of '
                        f'seq_len {seq_len} tokens.')
     _say_train_size(split, len(chunks), seq_len, batch_size)
+    _note_unknown_tokens(tokenizer, split, chunks)
     stream = _ChunkArrayStream(chunks, seed)
   return TokenIterator(stream, global_batch_size=batch_size, seq_len=seq_len,
                        process_index=process_index,

@@ -15,6 +15,7 @@ from kforcing_jax import files
 # Special tokens looked up (in this order) in a tokenizers JSON file.
 _EOS_CANDIDATES = ('[SEP]', '<|endoftext|>', '</s>', '<eos>', '<|eos|>')
 _PAD_CANDIDATES = ('[PAD]', '<pad>', '<|pad|>', '<|padding|>')
+_UNK_CANDIDATES = ('[UNK]', '<unk>', '<|unk|>')
 
 # Byte fallback costs 256 pieces, so only vocabularies this large get it.
 _MIN_VOCAB_FOR_BYTE_FALLBACK = 1024
@@ -44,6 +45,7 @@ class _SentencePieceBackend:
           'as separator (train it with eos_id >= 0).')
     self.eos_id = eos
     self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else eos
+    self.unk_id = self._sp.unk_id() if self._sp.unk_id() >= 0 else None
 
   def encode_batch(self, texts: list[str]) -> list[list[int]]:
     return self._sp.encode(texts)
@@ -76,6 +78,7 @@ class _HuggingFaceBackend:
     pad = _first_present(vocab, _PAD_CANDIDATES)
     self.eos_id = eos
     self.pad_id = eos if pad is None else pad
+    self.unk_id = _first_present(vocab, _UNK_CANDIDATES)
 
   def encode_batch(self, texts: list[str]) -> list[list[int]]:
     # eos is appended by the data pipeline; no [CLS]/[SEP] templates here.
@@ -100,6 +103,7 @@ class Tokenizer:
     vocab_size: One more than the largest id the tokenizer can produce.
     eos_id: Appended after every document; separates documents in a stream.
     pad_id: Id used for padding (equals eos_id when the model has no pad).
+    unk_id: The unknown token's id, or None (byte-level: none needed).
     path: The file the tokenizer was loaded from ('' if built in memory).
     fingerprint: sha256 of the tokenizer file; keys the token caches.
   """
@@ -109,6 +113,7 @@ class Tokenizer:
     self.vocab_size: int = int(backend.vocab_size)
     self.eos_id: int = int(backend.eos_id)
     self.pad_id: int = int(backend.pad_id)
+    self.unk_id: int | None = backend.unk_id
     self.path = path
     self.fingerprint = fingerprint
 

@@ -920,3 +920,24 @@ def test_the_train_split_size_is_said(tmp_path, capsys):
   c.train.batch_size = len(chunks) + 8
   _make(c, tok, workdir)
   assert 'NOTE: fewer than one batch' in capsys.readouterr().err
+
+
+def test_a_tokenizer_that_does_not_cover_the_text_is_noted(tmp_path, capsys):
+  # A data.tokenizer_path made for other text left 20% of a corpus as the
+  # unknown token, without a word.
+  english = _config(source='text', text_glob=_text_corpus(tmp_path / 'en', 25),
+                    max_documents=0)
+  tok = data.get_tokenizer(english, str(tmp_path / 'en_run'))
+  _make(english, tok, str(tmp_path / 'en_run'))
+  assert 'unknown token' not in capsys.readouterr().err  # Its own text.
+  greek = _config(source='text', max_documents=0,
+                  text_glob=_text_corpus(tmp_path / 'el', 25,
+                                         text='Ψ ω ξ ζ. ' * 20 + ENGLISH),
+                  tokenizer_path=tok.path)
+  run = str(tmp_path / 'el_run')
+  _make(greek, data.get_tokenizer(greek, run), run)
+  err = capsys.readouterr().err
+  assert tok.unk_id == 2
+  assert re.search(r"\[data\] NOTE: \d+\.\d% of the 'train' split's tokens "
+                   r'are the unknown token \(id 2\) of .*en_run/'
+                   r'tokenizer.model: it does not cover this text', err), err
