@@ -203,8 +203,9 @@ def run(config, mesh, *, steps=(TEACHER, DISTILL), batch_size=0,
   rows, header = [], True
   for which in steps:
     batch = batches[which][2]
-    # Distillation always replicates its state, as training does. The
-    # teacher row was always FSDP, under-reporting a replicated config.
+    # The teacher row uses mesh.fsdp, as train() does; --replicated adds
+    # the replicated layout to an FSDP config. Distillation always
+    # replicates its state, as training does.
     options = (bool(config.mesh.fsdp),) + (
         (False,) if replicated and config.mesh.fsdp else ())
     for fsdp in ((False,) if which == DISTILL else options):

@@ -80,7 +80,10 @@ def workdir_records(workdir: str) -> dict[str, dict[str, Any]]:
   out = {}
   for run in sorted(os.listdir(workdir)):
     if os.path.isdir(os.path.join(workdir, run, 'checkpoints')):
-      record = run_record(workdir, run)
+      try:
+        record = run_record(workdir, run)
+      except CheckpointError:  # Left out: a run that is read names it.
+        continue
       if record is not None:
         out[run] = record
   return out

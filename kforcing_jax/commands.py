@@ -302,10 +302,6 @@ def run_distill(config, workdir: str,
   if unlike:
     _print_main(f"[distill] NOTE: the students take {', '.join(unlike)} "
                 'from --config; pass the teacher\'s values to match it')
-  if config.mesh.fsdp:  # stage_config turns it off, without a word.
-    _print_main('[distill] NOTE: mesh.fsdp=True applies to the teacher only: '
-                'the distillation step keeps the student and its frozen '
-                'source replicated on every device')
   sconfig = stage_config(config)
   tokenizer = data_lib.get_tokenizer(
       config, workdir,
@@ -321,6 +317,7 @@ def run_distill(config, workdir: str,
                                              teacher_step, teacher_meta)
   prev_source = teacher_source
   prev_cfg = teacher_cfg
+  fsdp_said = False
   for window in ds.windows:
     student_cfg = distill_lib.student_config(requested, window)
     if ds.method == 'self_forcing':
@@ -345,6 +342,11 @@ def run_distill(config, workdir: str,
       _print_main(
           f'[{task.name}] stage k={window} ({ds.method}) from {source_name}'
           f'; {distill_lib.describe_transfer(prev_params, student_cfg)}')
+      if config.mesh.fsdp and not fsdp_said:  # stage_config turns it off.
+        fsdp_said = True
+        _print_main('[distill] NOTE: mesh.fsdp=True applies to the teacher '
+                    'only: the distillation step keeps the student and its '
+                    'frozen source replicated on every device')
     train_iter = _train_iterator(sconfig, tokenizer, workdir, finished)
     result = train_lib.train(task, sconfig, workdir, train_iter, eval_batches)
     results.append(result)

@@ -10,11 +10,14 @@ For 'sotu' and 'text' a split is tokenized once and its chunk array cached in
 are shuffled and tokenized lazily with grain, then packed on the fly.
 
 Training streams are infinite: epoch e visits every example once in an order
-that depends only on (`data.shuffle_seed`, e). Step t uses positions
-[t * B, (t + 1) * B) of the global stream (B = `train.batch_size`), and process
-p of P keeps rows [p * B / P, (p + 1) * B / P) of it, so the processes' batches
-of one step are disjoint and together equal the single-process batch. The
-iterator state is global (the same on every process) and JSON-serialisable.
+that depends only on (`data.shuffle_seed`, e). Each step takes the next B
+positions of the global stream (B = `train.batch_size`: step t of a run that
+kept one B reads [t * B, (t + 1) * B)), and process p of P keeps rows
+[p * B / P, (p + 1) * B / P) of them, so the processes' batches of one step
+are disjoint and together equal the single-process batch. The iterator state
+is global (the same on every process) and JSON-serialisable; it holds the
+stream position, in sequences, so a run resumed with another B reads on
+where it stopped.
 """
 
 from __future__ import annotations

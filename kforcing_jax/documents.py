@@ -289,7 +289,9 @@ def record_text(record, feature: str) -> str:
     try:
       return value.decode('utf-8')
     except UnicodeDecodeError as e:
-      if not _said_not_utf8:
+      # Every process reads the whole stream: process 0 says it.
+      from kforcing_jax import sharding  # pylint: disable=g-import-not-at-top
+      if not _said_not_utf8 and sharding.is_main_process():
         _said_not_utf8 = True
         print(f'[data] WARNING: a record\'s {feature!r} is not UTF-8 ({e}; '
               f'it starts {value[:40]!r}): its bad bytes are read as '

@@ -12,7 +12,8 @@ checks it):
     "notes": [str, ...],
     "checkpoints": {RUN: {"step": int, "run_id": str}},  # optional key:
                                        # every run in the workdir then, at
-                                       # its latest checkpoint
+                                       # its latest checkpoint (run_id
+                                       # optional: older runs have none)
     "models": {
       NAME: {
         "kind": "data" | "teacher" | "student",

@@ -10,6 +10,7 @@ independent evaluator is trained before evaluate (skipped once finished) and
 scores that evaluate run.
 """
 
+import importlib.util
 import json
 import os
 import time
@@ -97,7 +98,9 @@ def _check_plan(config, workdir: str) -> None:
   if settings.evaluator:  # Here, not in validate: only evaluate reads it.
     from kforcing_jax import hf_evaluator  # pylint: disable=g-import-not-at-top
     hf_evaluator.check_evaluator(settings.evaluator)
-  if _trains_evaluator(config):  # A file there failed after all training.
+  if (_trains_evaluator(config)  # A file there failed after all training.
+      and not os.path.exists(os.path.join(workdir, 'eval.json'))
+      and importlib.util.find_spec('transformers') is not None):
     from kforcing_jax import evaluator_train  # pylint: disable=g-import-not-at-top
     out = evaluator_train.output_dir(config, workdir)
     if not evaluator_train.is_complete(out):

@@ -302,3 +302,14 @@ def test_an_evaluator_dir_in_the_way_is_refused_before_training(tmp_path):
       'train_info.json); delete it or set evaluator_train.dir to another '
       'folder'), r.stderr
   assert not os.path.exists(workdir / 'teacher')
+  # Not when the evaluator would not be trained: with eval.json kept, the
+  # stage is skipped, and a re-run that finished must still finish.
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.evaluator_train.enabled = True
+  config.evaluator_train.dir = str(tmp_path / 'afile')
+  with pytest.raises(ValueError, match='is not a finished evaluator'):
+    pipeline._check_plan(config, str(workdir))
+  workdir.mkdir()
+  (workdir / 'eval.json').write_text('{}')
+  pipeline._check_plan(config, str(workdir))

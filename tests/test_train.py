@@ -219,6 +219,21 @@ def test_a_run_trained_with_other_settings_is_noted(tmp_path, capsys):
   assert 'NOTE' not in capsys.readouterr().out
 
 
+def test_workdir_records_leave_out_a_run_they_cannot_read(tmp_path):
+  # A damaged checkpoint of a run evaluate and bench never use stopped
+  # them (and the pipeline's skip path), which read every run's record.
+  config = _config()
+  task = teacher_lib.teacher_task(config)
+  train_lib.train(task, config, str(tmp_path),
+                  helpers.ArrayIterator(_data(), 8), num_steps=2)
+  shutil.copytree(tmp_path / 'teacher', tmp_path / 'student_k1')
+  for meta in (tmp_path / 'student_k1' / 'checkpoints' / '2' / 'meta').iterdir():
+    meta.write_text('{not json')
+  records = checkpoints.workdir_records(str(tmp_path))
+  assert list(records) == ['teacher'] and records['teacher']['step'] == 2
+  assert len(records['teacher']['run_id']) == 16
+
+
 def test_a_students_recipe_is_its_distill_settings():
   config = defaults.base_config()
   saved = {'config': json.loads(config.to_json_best_effort())}
