@@ -108,6 +108,18 @@ def _metrics(run_dir):
     return [json.loads(l) for l in f if l.strip()]
 
 
+def _assert_same_params(got_npz, want_npz):
+  """Every run's parameters in two workers' outputs agree (tolerances
+  above), a distilled student among them."""
+  got, want = np.load(got_npz), np.load(want_npz)
+  assert sorted(got) == sorted(want)
+  assert any(k.startswith('student_k1') for k in want)
+  for key in want:
+    atol = TEACHER_ATOL if key.startswith('teacher') else STUDENT_ATOL
+    np.testing.assert_allclose(got[key], want[key], rtol=0, atol=atol,
+                               err_msg=key)
+
+
 @pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
   deadline = time.monotonic() + DEADLINE_S
@@ -124,13 +136,7 @@ def test_two_processes_match_one_process(tmp_path):
   _run_workers([_env(8)], single, tmp_path / 'single.npz',
                [tmp_path / 'single.log'], deadline)
 
-  got, want = np.load(tmp_path / 'multi.npz'), np.load(tmp_path / 'single.npz')
-  assert sorted(got) == sorted(want)
-  assert any(k.startswith('student_k1') for k in want)
-  for key in want:
-    atol = TEACHER_ATOL if key.startswith('teacher') else STUDENT_ATOL
-    np.testing.assert_allclose(got[key], want[key], rtol=0, atol=atol,
-                               err_msg=key)
+  _assert_same_params(tmp_path / 'multi.npz', tmp_path / 'single.npz')
 
   for run in ('teacher', 'student_k1'):
     # One process wrote the metrics (no duplicated lines); same values.
@@ -163,13 +169,7 @@ def test_a_teacher_trained_in_one_process_distils_in_two(tmp_path):
        for i in range(2)],
       workdir, tmp_path / 'multi.npz',
       [tmp_path / 'multi0.log', tmp_path / 'multi1.log'], deadline)
-  got, want = np.load(tmp_path / 'multi.npz'), np.load(tmp_path / 'single.npz')
-  assert sorted(got) == sorted(want)
-  assert any(k.startswith('student_k1') for k in want)
-  for key in want:
-    atol = TEACHER_ATOL if key.startswith('teacher') else STUDENT_ATOL
-    np.testing.assert_allclose(got[key], want[key], rtol=0, atol=atol,
-                               err_msg=key)
+  _assert_same_params(tmp_path / 'multi.npz', tmp_path / 'single.npz')
 
 
 @pytest.mark.slow
