@@ -74,6 +74,32 @@ def training_text_notes(config,
           if name != 'data.train_split' and split == config.data.train_split]
 
 
+# What commands write at a workdir's top level (files and folders).
+_WORKDIR_OUTPUTS = frozenset((
+    'tokenizer.model', 'tokenizer.sha256', 'data.json', 'data_cache',
+    'teacher', 'evaluator', 'samples', 'profile', 'eval.json', 'bench.json',
+    'bench.png', 'report.md', 'pipeline.json'))
+
+
+def _check_workdir_outside_corpus(config, workdir: str) -> None:
+  """Refuses a data.text_glob that matches files the run writes: they
+  would be read as documents, and the next command refused the workdir
+  as made from other data, naming no cause."""
+  if config.data.source != 'text' or not os.path.isdir(workdir):
+    return
+  root = os.path.abspath(workdir)
+  for path in documents.text_paths(config.data.text_glob):
+    rel = os.path.relpath(os.path.abspath(path), root)
+    top = rel.split(os.sep)[0]
+    # Only what the run writes: a corpus folder may sit inside the workdir.
+    if top in _WORKDIR_OUTPUTS or re.fullmatch(r'student_k\d+', top):
+      raise ValueError(
+          f'data.text_glob={config.data.text_glob!r} matches files under '
+          f'--workdir={workdir} (e.g. {path!r}), which would be read as '
+          'documents: put the workdir outside the corpus folder or narrow '
+          'the glob')
+
+
 def get_tokenizer(config, workdir: str, *, check_data: bool = True,
                   splits: Sequence[tuple[str, str]] | None = None,
                   record_data: bool = False) -> tokenizer_lib.Tokenizer:
@@ -97,6 +123,7 @@ def get_tokenizer(config, workdir: str, *, check_data: bool = True,
   documents.check_source(config)
   identity, notes = None, []
   if check_data:
+    _check_workdir_outside_corpus(config, workdir)
     if splits is None:
       splits = training_splits(config, held_out=False)
     documents.check_splits(config, splits)
@@ -140,6 +167,8 @@ def get_tokenizer(config, workdir: str, *, check_data: bool = True,
   tokenizer_lib.check_workdir_tokenizer(tokenizer, workdir)
   if identity is not None and record_data:
     data_record.write(identity, workdir)
+  if check_data:  # Again, now that the workdir has files of its own.
+    _check_workdir_outside_corpus(config, workdir)
   if notes:
     from kforcing_jax import sharding  # pylint: disable=g-import-not-at-top
     if sharding.is_main_process():

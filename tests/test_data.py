@@ -941,3 +941,22 @@ def test_a_tokenizer_that_does_not_cover_the_text_is_noted(tmp_path, capsys):
   assert re.search(r"\[data\] NOTE: \d+\.\d% of the 'train' split's tokens "
                    r'are the unknown token \(id 2\) of .*en_run/'
                    r'tokenizer.model: it does not cover this text', err), err
+
+
+def test_a_workdir_inside_the_corpus_glob_is_refused(tmp_path):
+  # The first command read its own tokenizer.model as text; the next was
+  # refused as made from other data ('25 added, e.g. run/data.json').
+  corpus = tmp_path / 'corpus'
+  _text_corpus(corpus, 25)
+  c = _config(source='text', text_glob=str(corpus / '**'), max_documents=0)
+  run = corpus / 'run'
+  with pytest.raises(ValueError, match=(
+      r"data.text_glob='.*corpus/\*\*' matches files under --workdir=.*"
+      r"corpus/run \(e.g. '.*corpus/run/data.json'\), which would be "
+      'read as documents')):
+    data.get_tokenizer(c, str(run), record_data=True)
+  # A glob the workdir's files do not match is fine, and so is a corpus
+  # folder inside the workdir.
+  c.data.text_glob = str(corpus / '*.txt')
+  data.get_tokenizer(c, str(tmp_path / 'corpus' / 'run2'))
+  data.get_tokenizer(c, str(tmp_path), record_data=True)
