@@ -61,22 +61,20 @@ def describe_change(was: dict[str, Any], now: dict[str, Any] | None) -> str:
 
 
 def run_record(workdir: str, run: str) -> dict[str, Any] | None:
-  """{'step', 'run_id'} of `run`'s latest checkpoint in `workdir` (no
-  run_id for runs saved before ids), None when it has none: which
-  checkpoint a result (eval.json, bench.json) was computed from."""
+  """`source_record` of `run`'s latest checkpoint in `workdir`, None when
+  it has none."""
   manager = Manager(os.path.join(workdir, run))
   step = manager.latest_step()
   if step is None:
     return None
-  record = source_record(run, step, manager.read_meta(step))
-  del record['run']
-  return record
+  return source_record(run, step, manager.read_meta(step))
 
 
 def workdir_records(workdir: str) -> dict[str, dict[str, Any]]:
-  """`run_record` of every run in `workdir` that has a checkpoint: what a
-  result file (eval.json, bench.json) records, so that a later re-run can
-  tell a run trained since from one it did not use."""
+  """{run: {'step', 'run_id'}} of every run in `workdir` that has a
+  checkpoint (no run_id for runs saved before ids): what a result file
+  (eval.json, bench.json) records, so that a later re-run can tell a run
+  trained since from one it did not use."""
   out = {}
   for run in sorted(os.listdir(workdir)):
     if os.path.isdir(os.path.join(workdir, run, 'checkpoints')):
@@ -85,7 +83,7 @@ def workdir_records(workdir: str) -> dict[str, dict[str, Any]]:
       except CheckpointError:  # Left out: a run that is read names it.
         continue
       if record is not None:
-        out[run] = record
+        out[run] = {k: v for k, v in record.items() if k != 'run'}
   return out
 
 

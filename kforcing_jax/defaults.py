@@ -208,6 +208,14 @@ def paper_distill_recipe(c: ml_collections.ConfigDict) -> None:
   ds.eval_every = 5000
 
 
+def _check_eval_batches(section: str, settings) -> None:
+  """A training stage that evaluates needs at least one held-out batch."""
+  if settings.eval_every and settings.eval_batches < 1:
+    raise ValueError(f'{section}.eval_batches={settings.eval_batches} must be '
+                     f'>= 1 while {section}.eval_every={settings.eval_every} '
+                     '(0 turns evals off)')
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
   """Checks values ml_collections' type checks can't; raises ValueError.
 
@@ -227,9 +235,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for name in ('warmup_steps', 'eval_every', 'eval_batches'):
     if t[name] < 0:
       raise ValueError(f'train.{name}={t[name]} must be >= 0')
-  if t.eval_every and t.eval_batches < 1:
-    raise ValueError(f'train.eval_batches={t.eval_batches} must be >= 1 while '
-                     f'train.eval_every={t.eval_every} (0 turns evals off)')
+  _check_eval_batches('train', t)
   _check_finite_positive('train.lr', t.lr)
   if t.schedule not in ('cosine', 'constant'):
     raise ValueError(f"train.schedule={t.schedule!r}; expected 'cosine' or "
@@ -292,10 +298,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for name in ('num_windows', 'warmup_steps', 'eval_every', 'eval_batches'):
     if ds[name] < 0:
       raise ValueError(f'distill.{name}={ds[name]} must be >= 0')
-  if ds.eval_every and ds.eval_batches < 1:
-    raise ValueError(f'distill.eval_batches={ds.eval_batches} must be >= 1 '
-                     f'while distill.eval_every={ds.eval_every} (0 turns '
-                     'evals off)')
+  _check_eval_batches('distill', ds)
   _check_finite_positive('distill.lr', ds.lr)
   if not 0.0 <= ds.ema_decay < 1.0:
     raise ValueError(f'distill.ema_decay={ds.ema_decay} not in [0, 1)')

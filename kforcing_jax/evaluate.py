@@ -280,10 +280,7 @@ def _stale_source(workdir: str, run: str, meta: dict) -> str | None:
   source = meta.get('source')
   if not source:
     return None
-  manager = checkpoints.Manager(os.path.join(workdir, source['run']))
-  step = manager.latest_step()
-  now = None if step is None else checkpoints.source_record(
-      source['run'], step, manager.read_meta(step))
+  now = checkpoints.run_record(workdir, source['run'])
   if now is not None and checkpoints.same_source(source, now):
     return None
   return (f'{run} was distilled from {checkpoints.describe_change(source, now)}'
