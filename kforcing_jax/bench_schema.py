@@ -13,7 +13,8 @@ bench.json, as `bench.run_bench` writes it (schema_version 1;
                    key_layout (as asked: 'auto', 'k' or 'kt'), profile
                    (bool), kernel_impl (kernels.impl of the decode loop's
                    vocabulary projection) and kernel_impl_resolved (what
-                   'auto' stood for on this backend) (these four optional:
+                   'auto' stood for on this backend), attention_impl (as
+                   asked: 'auto', 'xla' or 'pallas') (these five optional:
                    files written before them lack them)}.
   models          [{name, weights ('trained'|'random'), noise_window,
                    num_params, serves_k [int]}].
@@ -34,7 +35,9 @@ bench.json, as `bench.run_bench` writes it (schema_version 1;
                    are optional, files written before them lack them),
                    key_layout (optional: the layout the cell decoded
                    with, 'k' or 'kt', once 'auto' is resolved for this
-                   backend by decode.key_layout),
+                   backend by decode.key_layout), attention_impl
+                   (optional: 'xla' or 'pallas', as decode.attention_impl
+                   resolved it),
                    profile (with bench.profile=True only: {source ('device'
                    or 'host'), steps (= num_steps), ops_per_step,
                    busy_us_per_step, kinds [{kind, per_step,
@@ -68,6 +71,7 @@ from typing import Any
 
 from kforcing_jax import checkpoints
 from kforcing_jax import decode
+from kforcing_jax import model as model_lib
 from kforcing_jax import projection
 from kforcing_jax import roofline
 
@@ -104,7 +108,7 @@ _SETTINGS = {'batch_sizes': list, 'ks': list, 'prefix_len': int,
              'roofline': str, 'seed': int}
 # Added after schema_version 1 files were written: checked when present.
 _SETTINGS_OPTIONAL = {'key_layout': str, 'profile': bool, 'kernel_impl': str,
-                      'kernel_impl_resolved': str}
+                      'kernel_impl_resolved': str, 'attention_impl': str}
 _MODEL = {'name': str, 'weights': str, 'noise_window': int,
           'num_params': int, 'serves_k': list}
 _ROOFLINE = {'peak_flops': _NUM, 'peak_flops_dtype': str, 'matmul_size': int,
@@ -120,7 +124,8 @@ _RESULT = {'model': str, 'weights': str, 'k': int, 'batch': int,
 # Added after schema_version 1 files were written: checked when present.
 _RESULT_OPTIONAL = ('model_flops', 'model_bytes', 'achieved_flops_per_s',
                     'achieved_bytes_per_s')
-_RESULT_OPTIONAL_FIELDS = {'key_layout': str, 'profile_error': str}
+_RESULT_OPTIONAL_FIELDS = {'key_layout': str, 'attention_impl': str,
+                           'profile_error': str}
 _PROFILE = {'source': str, 'steps': int, 'ops_per_step': _NUM,
             'busy_us_per_step': _NUM, 'kinds': list, 'trace_dir': str}
 _PROFILE_KIND = {'kind': str, 'per_step': _NUM, 'us_per_step': _NUM}
@@ -198,6 +203,10 @@ def validate_bench_json(d: dict[str, Any]) -> None:
   if layout not in decode.KEY_LAYOUTS:
     raise ValueError(f'bench.json: settings.key_layout={layout!r} not in '
                      f'{decode.KEY_LAYOUTS}')
+  attention = d['settings'].get('attention_impl', 'auto')
+  if attention not in decode.ATTENTION_IMPLS:
+    raise ValueError(f'bench.json: settings.attention_impl={attention!r} not '
+                     f'in {decode.ATTENTION_IMPLS}')
   for key in ('kernel_impl', 'kernel_impl_resolved'):
     impl = d['settings'].get(key, 'auto')
     if impl not in projection.IMPLS:
@@ -237,6 +246,10 @@ def validate_bench_json(d: dict[str, Any]) -> None:
       raise ValueError(f'bench.json: {where}.key_layout='
                        f'{r["key_layout"]!r}: expected the resolved layout, '
                        "'k' or 'kt'")
+    if r.get('attention_impl', 'xla') not in model_lib.ATTENTION_IMPLS:
+      raise ValueError(f'bench.json: {where}.attention_impl='
+                       f'{r["attention_impl"]!r}: expected the resolved '
+                       f'one, in {model_lib.ATTENTION_IMPLS}')
     _check_profile(r, profiled, where)
     if (r['k'], r['batch']) in seen:
       raise ValueError(f'bench.json: {where} repeats k={r["k"]}, '

@@ -26,6 +26,7 @@ class BenchSettings:
   bandwidth: float = 0.0  # Bytes/s; 0 measures it.
   seed: int = 0  # Prompts, noise and random weights.
   key_layout: str = 'auto'  # KV-cache key layout: decode.DecodeSpec.
+  attention_impl: str = 'auto'  # Cached attention: decode.DecodeSpec.
   # One more run of every cell under the profiler: ops per step, kept
   # traces under WORKDIR/profile (step_profile.py).
   profile: bool = False
@@ -105,6 +106,12 @@ def check_settings(s: BenchSettings, seq_len: int) -> None:
   if s.key_layout not in decode.KEY_LAYOUTS:
     raise ValueError(f'bench.key_layout={s.key_layout!r}; expected one of '
                      f'{decode.KEY_LAYOUTS}')
+  if s.attention_impl not in decode.ATTENTION_IMPLS:
+    raise ValueError(f'bench.attention_impl={s.attention_impl!r}; expected '
+                     f'one of {decode.ATTENTION_IMPLS}')
+  if s.attention_impl == 'pallas' and s.key_layout == 'kt':
+    raise ValueError("bench.attention_impl='pallas' reads keys in layout 'k': "
+                     "bench.key_layout='kt' cannot go with it")
 
 
 def new_tokens(s: BenchSettings, seq_len: int) -> int:

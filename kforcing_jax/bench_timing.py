@@ -103,6 +103,7 @@ class Cell:
   compile_s: float
   memory: dict[str, Any]
   key_layout: str  # Resolved: decode.key_layout(spec), 'k' or 'kt'.
+  attention_impl: str  # Resolved: decode.attention_impl(spec).
   times: list[float] = dataclasses.field(default_factory=list)
 
   def run(self) -> None:
@@ -126,7 +127,8 @@ class Cell:
         'compile_s': self.compile_s, 'times_s': list(self.times),
         'median_s': median,
         'tokens_per_s': self.batch * self.max_new / median,
-        'key_layout': self.key_layout, 'memory': self.memory}
+        'key_layout': self.key_layout,
+        'attention_impl': self.attention_impl, 'memory': self.memory}
 
 
 def prepare_cell(m: bench_models.BenchModel, k: int, prompts_BxP: np.ndarray,
@@ -136,7 +138,8 @@ def prepare_cell(m: bench_models.BenchModel, k: int, prompts_BxP: np.ndarray,
   steps = -(-max_new // k)
   spec = decode.DecodeSpec(model=m.cfg, k=k, num_steps=steps,
                            prompt_len=prompt_len, greedy=True,
-                           key_layout=s.key_layout, kernel_impl=s.kernel_impl)
+                           key_layout=s.key_layout, kernel_impl=s.kernel_impl,
+                           attention_impl=s.attention_impl)
   rng = np.random.default_rng(s.seed + k)
   args = (m.params, jnp.asarray(prompts_BxP),
           jnp.zeros((batch,), jnp.int32),
@@ -162,7 +165,8 @@ def prepare_cell(m: bench_models.BenchModel, k: int, prompts_BxP: np.ndarray,
             'device_peak_bytes': _device_peak_bytes(),
             'compiled': _compiled_memory(compiled)}
   return Cell(m, k, batch, max_new, steps, compiled, args, lower_s,
-              compile_s, memory, decode.key_layout(spec))
+              compile_s, memory, decode.key_layout(spec),
+              decode.attention_impl(spec))
 
 
 def time_batch(models: dict[int, bench_models.BenchModel],

@@ -33,10 +33,13 @@ from kforcing_jax import layouts
 from kforcing_jax import model as model_lib
 from kforcing_jax import noise as noise_lib
 from kforcing_jax import projection
+from kforcing_jax.kernels import decode_attention
 
 
 # DecodeSpec.key_layout values.
 KEY_LAYOUTS = ('auto', 'k', 'kt')
+# DecodeSpec.attention_impl values.
+ATTENTION_IMPLS = ('auto',) + model_lib.ATTENTION_IMPLS
 
 
 # The smallest AR temperature generate() accepts: logits / temperature
@@ -134,6 +137,10 @@ class DecodeSpec:
   # Key-cache layout (model.CACHE_LAYOUTS): 'auto' is `key_layout(spec)`;
   # 'k' or 'kt' forces one (the tokens are the same), e.g. to time both.
   key_layout: str = 'auto'
+  # Cached attention (model.ATTENTION_IMPLS): 'auto' is
+  # `attention_impl(spec)`; 'xla' or 'pallas' forces one (the same
+  # attention to rounding; 'pallas' runs interpret mode off GPU).
+  attention_impl: str = 'auto'
 
   def __post_init__(self):
     # Checked here, not only in `generate`, because a bad spec handed to
@@ -161,6 +168,19 @@ class DecodeSpec:
     if self.key_layout not in KEY_LAYOUTS:
       raise ValueError(f'DecodeSpec.key_layout={self.key_layout!r}: expected '
                        f'one of {KEY_LAYOUTS}')
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f'DecodeSpec.attention_impl={self.attention_impl!r}: '
+                       f'expected one of {ATTENTION_IMPLS}')
+    if self.attention_impl == 'pallas':
+      if self.key_layout == 'kt':
+        raise ValueError("DecodeSpec: attention_impl='pallas' reads keys in "
+                         "layout 'k'; key_layout='kt' cannot go with it")
+      if not decode_attention.supports_head_dim(self.model.head_dim):
+        raise ValueError(
+            "DecodeSpec: attention_impl='pallas' needs a head dim that is a "
+            f'power of two >= 16; this model has {self.model.head_dim} '
+            f'(d_model={self.model.d_model} / num_heads='
+            f'{self.model.num_heads})')
     projection.check_impl(self.kernel_impl)
     # Rotary angles beyond the model's table would be clipped, not
     # extrapolated: refuse a loop whose positions could reach them.
@@ -216,7 +236,19 @@ def key_layout(spec: DecodeSpec) -> str:
   """
   if spec.key_layout != 'auto':
     return spec.key_layout
+  if attention_impl(spec) == 'pallas':
+    return 'k'
   return 'kt' if spec.k > 1 and jax.default_backend() == 'cpu' else 'k'
+
+
+def attention_impl(spec: DecodeSpec) -> str:
+  """How `spec`'s cached steps attend ('xla' or 'pallas').
+
+  'auto' is 'xla' on every backend.
+  """
+  if spec.attention_impl != 'auto':
+    return spec.attention_impl
+  return 'xla'
 
 
 def init_cache(spec: DecodeSpec, batch_size: int, size: int | None = None):
@@ -317,7 +349,7 @@ def _hidden(spec, params, tokens_BxT, u_BxK, cache, index, pad,
   """Cached pass over [tokens | noise slots]; hidden states of the k
   emitting positions (student: the noise slots; AR: the last token).
   `noise_x_BxKxD`: the slots' `embed_noise(u_BxK)`, if already computed."""
-  model = model_lib.Transformer(spec.model)
+  model = model_lib.Transformer(spec.model, attention_impl(spec))
   num_new = tokens_BxT.shape[1] + (u_BxK.shape[1] if spec.is_student else 0)
   positions, mask = layouts.decode_layout(pad, index, num_new,
                                           cache_slots(cache))

@@ -160,6 +160,7 @@ def base_config() -> ml_collections.ConfigDict:
   b.bandwidth = 0.0  # Bytes/s override (0 = measure).
   b.seed = 0  # Prompts, noise and random weights.
   b.key_layout = 'auto'  # KV-cache key layout: 'auto' (per backend), 'k', 'kt'.
+  b.attention_impl = 'auto'  # Cached attention: 'auto', 'xla', 'pallas' (GPU).
   b.profile = False  # Also trace each cell once: ops per step (W/profile).
 
   # --- Vocabulary projection kernels (kforcing_jax/kernels). ---

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kforcing_jax import noise as noise_lib
+from kforcing_jax.kernels import decode_attention
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -176,8 +177,14 @@ def _heads_major(x_BxLxHxK, layout: str):
   return x.reshape((b * h,) + x.shape[2:])
 
 
+# Cached attention: 'xla' (dots and softmax, below) or 'pallas' (one GPU
+# kernel per layer: kernels/decode_attention.py; key layout 'k' only).
+ATTENTION_IMPLS = ('xla', 'pallas')
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
+  attention_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x_BxLxD, rope, mask_BxLxS, kv_cache=None,
@@ -228,6 +235,13 @@ class Attention(nn.Module):
         start[layout.index('s')] = jnp.asarray(cache_index, jnp.int32)
         new_cache[name] = jax.lax.dynamic_update_slice(kv_cache[name], x,
                                                        start)
+      if self.attention_impl == 'pallas':
+        if key_name != 'k':
+          raise ValueError("attention_impl='pallas' reads keys in layout "
+                           f"'k', not {key_name!r}")
+        out = decode_attention.cached_attention(q, new_cache['k'],
+                                                new_cache['v'], mask_BxLxS)
+        return self._project_out(out, deterministic), new_cache
       k = new_cache[key_name].astype(q.dtype)
       v = new_cache['v'].astype(q.dtype)
       q = jnp.einsum('blhk->bhlk', q).reshape(b * h, lq, hd)
@@ -252,14 +266,18 @@ class Attention(nn.Module):
     else:
       out = jnp.einsum(f'bhls,{values}->bhlk', probs, v)
     out = jnp.swapaxes(out.reshape(b, h, lq, hd), 1, 2)
+    return self._project_out(out, deterministic), new_cache
+
+  def _project_out(self, out_BxLxHxK, deterministic):
+    cfg = self.cfg
     out = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=False,
-                          dtype=cfg.compute_dtype, name='out')(out)
-    out = nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
-    return out, new_cache
+                          dtype=cfg.compute_dtype, name='out')(out_BxLxHxK)
+    return nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
 
 
 class Block(nn.Module):
   cfg: ModelConfig
+  attention_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x, rope, mask, kv_cache=None, cache_index=None,
@@ -269,7 +287,7 @@ class Block(nn.Module):
     K/V); see Attention."""
     cfg = self.cfg
     h = nn.LayerNorm(dtype=cfg.compute_dtype, name='attn_norm')(x)
-    h, new_cache = Attention(cfg, name='attn')(
+    h, new_cache = Attention(cfg, self.attention_impl, name='attn')(
         h, rope, mask, kv_cache, cache_index, deterministic, num_out)
     if num_out is not None:
       x = x[:, -num_out:]
@@ -288,15 +306,22 @@ def causal_mask(length: int):
 
 
 class Transformer(nn.Module):
-  """Teacher (noise_window == 0) or student (noise_window > 0) Transformer."""
+  """Teacher (noise_window == 0) or student (noise_window > 0) Transformer.
+
+  `attention_impl`: how cached (decode) steps attend; see ATTENTION_IMPLS.
+  """
   cfg: ModelConfig
+  attention_impl: str = 'xla'
 
   def setup(self):
     cfg = self.cfg
     self.embed = nn.Embed(cfg.vocab_size, cfg.d_model,
                           embedding_init=nn.initializers.normal(0.02),
                           name='embed')
-    self.blocks = [Block(cfg, name=f'block_{i}')
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f'attention_impl={self.attention_impl!r}; expected '
+                       f'one of {ATTENTION_IMPLS}')
+    self.blocks = [Block(cfg, self.attention_impl, name=f'block_{i}')
                    for i in range(cfg.num_layers)]
     self.final_norm = nn.LayerNorm(dtype=cfg.compute_dtype, name='final_norm')
     # dtype=None: the hidden state and the float32 kernel promote to

@@ -44,7 +44,8 @@ echo "accelerator_check: tests on backend '${backend}', $workers worker(s)"
 JAX_PLATFORMS="$platforms" JAX_DEFAULT_MATMUL_PRECISION=highest \
   XLA_PYTHON_CLIENT_PREALLOCATE=false \
   "$PYTHON" -m pytest -q -n "$workers" -p no:cacheprovider \
-  tests/test_model.py tests/test_decode.py 2>&1 | tee "$out/tests.log"
+  tests/test_model.py tests/test_decode.py tests/test_decode_attention.py \
+  2>&1 | tee "$out/tests.log"
 tests_rc=${PIPESTATUS[0]}
 echo "accelerator_check: bench exit $bench_rc, tests exit $tests_rc"
 [[ "$bench_rc" == 0 && "$tests_rc" == 0 ]]

@@ -633,6 +633,7 @@ def test_accelerator_check_runs_bench_then_tests_on_the_accelerator(
   assert bench['env']['XLA_PYTHON_CLIENT_MEM_FRACTION'] == '0.5'
   assert tests['argv'][:2] == ['-m', 'pytest']
   assert tests['argv'][tests['argv'].index('-n') + 1] == '4'
+  assert 'tests/test_decode_attention.py' in tests['argv']  # The kernel.
   # Empty JAX_PLATFORMS: the tests' conftest would otherwise pin the CPU.
   assert tests['env']['JAX_PLATFORMS'] == ''
   assert tests['env']['JAX_DEFAULT_MATMUL_PRECISION'] == 'highest'

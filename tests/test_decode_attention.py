@@ -1,0 +1,153 @@
+"""The Pallas cached-attention kernel: == the XLA attention, in the loop too.
+
+On CPU the kernel runs in Pallas interpret mode; the Triton lowering itself
+is checked by lowering for CUDA (no GPU needed to lower).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kforcing_jax import bench_settings
+from kforcing_jax import decode
+from kforcing_jax import model as model_lib
+from kforcing_jax.kernels import decode_attention
+
+
+def _case(b, lq, h, hd, slots, dtype, seed=0):
+  """Random queries and cache, and a decode mask: left padding, the cache
+  up to each query's own slot (decode layout)."""
+  rng = np.random.default_rng(seed)
+  q = jnp.asarray(rng.normal(size=(b, lq, h, hd)), dtype)
+  k = jnp.asarray(rng.normal(size=(b * h, slots, hd)), dtype)
+  v = jnp.asarray(rng.normal(size=(b * h, slots, hd)), dtype)
+  pad = rng.integers(0, 3, size=b)
+  own = slots - lq + np.arange(lq)
+  keys = np.arange(slots)
+  mask = (keys[None, None] >= pad[:, None, None]) & (
+      keys[None, None] <= own[None, :, None])
+  return q, k, v, jnp.asarray(mask)
+
+
+@pytest.mark.parametrize('lq,slots,dtype,block_s', [
+    (8, 130, jnp.float32, 64),  # Push-forward k=4; last block runs past S.
+    (6, 32, jnp.float32, 16),  # k=3: rows not a power of two.
+    (1, 70, jnp.float32, 32),  # AR: one query.
+    (8, 96, jnp.bfloat16, 64),
+])
+def test_kernel_equals_xla_attention(lq, slots, dtype, block_s):
+  q, k, v, mask = _case(2, lq, 3, 16, slots, dtype)
+  out = decode_attention.cached_attention(q, k, v, mask, block_s=block_s)
+  ref = decode_attention.cached_attention_reference(q, k, v, mask)
+  assert out.shape == q.shape and out.dtype == q.dtype
+  # bfloat16: the kernel casts unnormalised probabilities (online softmax).
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(np.asarray(out, np.float32),
+                             np.asarray(ref, np.float32), atol=tol, rtol=tol)
+
+
+def test_masked_slots_do_not_count():
+  # Changing the keys and values of slots no query sees leaves the output.
+  q, k, v, mask = _case(2, 4, 2, 16, 40, jnp.float32, seed=3)
+  hidden = ~np.asarray(mask).any(axis=1)  # (B, S): seen by no query.
+  assert hidden.any()
+  noise = np.repeat(hidden, 2, axis=0)[:, :, None] * 100.0
+  out = decode_attention.cached_attention(q, k, v, mask)
+  moved = decode_attention.cached_attention(q, k + noise, v - noise, mask)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(moved), atol=1e-6)
+
+
+def test_lowers_to_one_triton_kernel_for_cuda():
+  # The Triton lowering (block sizes powers of two, masked tail loads) runs
+  # without a GPU: lower for CUDA and find the kernel's custom call.
+  f = jax.jit(lambda *a: decode_attention.cached_attention(*a,
+                                                           interpret=False))
+  shapes = ((8, 8, 12, 64), (96, 130, 64), (96, 130, 64))
+  args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in shapes]
+  args.append(jax.ShapeDtypeStruct((8, 8, 130), bool))
+  triton = '__gpu$xla.gpu.triton'
+  exported = jax.export.export(
+      f, platforms=['cuda'],
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)])(
+          *args)
+  assert exported.mlir_module().count(f'@{triton}') == 1
+
+
+@pytest.mark.parametrize('change,needle', [
+    (dict(hd=24), 'head dim 24'),
+    (dict(block_s=48), 'block_s=48'),
+    (dict(k_slots=(5, 16)), 'keys have shape'),
+    (dict(mask_shape=(2, 4, 9)), 'mask has shape'),
+])
+def test_bad_inputs_are_named(change, needle):
+  hd = change.get('hd', 16)
+  q, k, v, mask = _case(2, 4, 2, hd, 16, jnp.float32)
+  if 'k_slots' in change:
+    k = v = jnp.zeros((change['k_slots'][0], 16, hd))
+  if 'mask_shape' in change:
+    mask = jnp.ones(change['mask_shape'], bool)
+  with pytest.raises(ValueError, match=needle):
+    decode_attention.cached_attention(q, k, v, mask,
+                                      block_s=change.get('block_s', 64))
+
+
+def _loop(cfg, k, attention_impl, seed=11):
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(seed))
+  prompts, pad = decode.pad_prompts([[5, 9, 2, 33, 7], [1, 2]])
+  steps = 24 // k
+  noise = jax.random.uniform(jax.random.PRNGKey(seed + 1), (2, steps * k))
+  spec = decode.DecodeSpec(model=cfg, k=k, num_steps=steps,
+                           prompt_len=prompts.shape[1], use_penalty=True,
+                           cache_block=8, attention_impl=attention_impl)
+  return spec, decode.decode_loop(spec, params, jnp.asarray(prompts),
+                                  jnp.asarray(pad), noise, jnp.float32(1.0),
+                                  jnp.float32(0.3))
+
+
+@pytest.mark.parametrize('k', [1, 3])
+def test_pallas_attention_decodes_the_same_tokens(small_cfg, k):
+  # Head dim 16 (the kernel's least); growing cache, left padding, penalty.
+  cfg = dataclasses.replace(small_cfg, num_heads=2,
+                            noise_window=4 if k > 1 else 0)
+  _, (xla_tokens, xla_lengths) = _loop(cfg, k, 'xla')
+  spec, (tokens, lengths) = _loop(cfg, k, 'pallas')
+  assert len(spec.segments()) > 2 and decode.key_layout(spec) == 'k'
+  np.testing.assert_array_equal(tokens, xla_tokens)
+  np.testing.assert_array_equal(lengths, xla_lengths)
+
+
+@pytest.mark.parametrize('backend', ['cpu', 'gpu', 'tpu'])
+def test_auto_attention_is_xla_on_every_backend(small_cfg, monkeypatch,
+                                                backend):
+  cfg = dataclasses.replace(small_cfg, num_heads=2, noise_window=4)
+  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
+  spec = decode.DecodeSpec(model=cfg, k=4, num_steps=2, prompt_len=3)
+  assert decode.attention_impl(spec) == 'xla'
+  forced = dataclasses.replace(spec, attention_impl='pallas')
+  assert decode.attention_impl(forced) == 'pallas'
+  assert decode.key_layout(forced) == 'k'  # Also on CPU, where 'auto' is kt.
+
+
+@pytest.mark.parametrize('overrides,num_heads,needle', [
+    (dict(attention_impl='triton'), 2, "attention_impl='triton'"),
+    (dict(attention_impl='pallas', key_layout='kt'), 2, "key_layout='kt'"),
+    (dict(attention_impl='pallas'), 4, 'this model has 8'),
+])
+def test_bad_attention_settings_are_refused(small_cfg, overrides, num_heads,
+                                            needle):
+  cfg = dataclasses.replace(small_cfg, num_heads=num_heads)
+  with pytest.raises(ValueError, match=needle):
+    decode.DecodeSpec(model=cfg, k=1, num_steps=2, prompt_len=3, **overrides)
+
+
+@pytest.mark.parametrize('fields,needle', [
+    (dict(attention_impl='fast'), "bench.attention_impl='fast'"),
+    (dict(attention_impl='pallas', key_layout='kt'), "key_layout='kt'"),
+])
+def test_bench_refuses_bad_attention_settings(fields, needle):
+  s = bench_settings.BenchSettings(**fields)
+  with pytest.raises(ValueError, match=needle):
+    bench_settings.check_settings(s, seq_len=48)
