@@ -5,6 +5,7 @@ is checked by lowering for CUDA (no GPU needed to lower).
 """
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -73,7 +74,12 @@ def test_lowers_to_one_triton_kernel_for_cuda():
       f, platforms=['cuda'],
       disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)])(
           *args)
-  assert exported.mlir_module().count(f'@{triton}') == 1
+  text = exported.mlir_module()
+  assert text.count(f'@{triton}') == 1
+  # Query blocks overhang the L rows (masked), so no pad or slice of the
+  # queries or the output around the kernel: only reshapes and casts.
+  assert set(re.findall(r'stablehlo\.(\w+)', text)) == {
+      'custom_call', 'reshape', 'convert'}
 
 
 @pytest.mark.parametrize('change,needle', [
@@ -119,16 +125,37 @@ def test_pallas_attention_decodes_the_same_tokens(small_cfg, k):
   np.testing.assert_array_equal(lengths, xla_lengths)
 
 
-@pytest.mark.parametrize('backend', ['cpu', 'gpu', 'tpu'])
-def test_auto_attention_is_xla_on_every_backend(small_cfg, monkeypatch,
-                                                backend):
-  cfg = dataclasses.replace(small_cfg, num_heads=2, noise_window=4)
+@pytest.mark.parametrize('backend,k,num_heads,expected', [
+    ('gpu', 4, 2, 'pallas'), ('gpu', 1, 2, 'xla'), ('gpu', 4, 4, 'xla'),
+    ('cpu', 4, 2, 'xla'), ('tpu', 4, 2, 'xla')])
+def test_auto_attention_is_pallas_for_push_forward_steps_on_gpu(
+    small_cfg, monkeypatch, backend, k, num_heads, expected):
+  # num_heads=4 gives head dim 8, which the kernel does not take.
+  cfg = dataclasses.replace(small_cfg, num_heads=num_heads, noise_window=4)
   monkeypatch.setattr(jax, 'default_backend', lambda: backend)
+  spec = decode.DecodeSpec(model=cfg, k=k, num_steps=2, prompt_len=3)
+  assert decode.attention_impl(spec) == expected
+  assert decode.key_layout(spec) == ('kt' if backend == 'cpu' and k > 1
+                                     else 'k')
+  kt = dataclasses.replace(spec, key_layout='kt')  # Forced: XLA reads it.
+  assert decode.attention_impl(kt) == 'xla'
+  if num_heads == 2:
+    forced = dataclasses.replace(spec, attention_impl='pallas', k=4)
+    assert decode.attention_impl(forced) == 'pallas'
+    assert decode.key_layout(forced) == 'k'  # Also on CPU ('auto': kt).
+
+
+def test_without_the_triton_backend_auto_is_xla(small_cfg, monkeypatch):
+  # A jax that dropped Pallas's Triton backend: 'auto' falls back to XLA,
+  # and the kernel says what is missing.
+  cfg = dataclasses.replace(small_cfg, num_heads=2, noise_window=4)
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  monkeypatch.setattr(decode_attention, 'plgpu', None)
   spec = decode.DecodeSpec(model=cfg, k=4, num_steps=2, prompt_len=3)
   assert decode.attention_impl(spec) == 'xla'
-  forced = dataclasses.replace(spec, attention_impl='pallas')
-  assert decode.attention_impl(forced) == 'pallas'
-  assert decode.key_layout(forced) == 'k'  # Also on CPU, where 'auto' is kt.
+  q, k, v, mask = _case(1, 2, 2, 16, 8, jnp.float32)
+  with pytest.raises(RuntimeError, match='attention_impl=.xla.'):
+    decode_attention.cached_attention(q, k, v, mask)
 
 
 @pytest.mark.parametrize('overrides,num_heads,needle', [

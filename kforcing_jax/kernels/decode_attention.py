@@ -18,7 +18,11 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
+
+try:  # Deprecated in jax 0.11 ('will be removed'): then 'auto' uses XLA.
+  from jax.experimental.pallas import triton as plgpu
+except ImportError:  # pragma: no cover - depends on the jax version.
+  plgpu = None
 
 # Triton's dot wants every dimension >= 16; blocks must be powers of two.
 MIN_QUERY_ROWS = 16
@@ -28,6 +32,11 @@ _NEG = float(jnp.finfo(jnp.float32).min)  # As model.Attention's mask.
 
 def _next_pow2(x: int) -> int:
   return 1 << max(0, (x - 1).bit_length())
+
+
+def available() -> bool:
+  """Whether this jax still has Pallas's Triton backend."""
+  return plgpu is not None
 
 
 def supports_head_dim(head_dim: int) -> bool:
@@ -57,10 +66,13 @@ def _check(q, k, v, mask, block_s):
                      'of two >= 16')
 
 
-def _kernel(q_ref, k_ref, v_ref, mask_ref, o_ref, *, num_slots, block_s,
-            scale):
-  q = q_ref[...]  # (LP, K)
-  rows, head_dim = q.shape
+def _kernel(q_ref, k_ref, v_ref, mask_ref, o_ref, *, num_queries, num_slots,
+            block_s, scale):
+  # The query block has a power-of-two number of rows, >= 16; the rows
+  # past num_queries lie outside the arrays: never loaded nor stored.
+  rows, head_dim = q_ref.shape
+  real = (jnp.arange(rows) < num_queries)[:, None]
+  q = plgpu.load(q_ref, mask=real, other=0.)
 
   def body(block, carry):
     m, l, acc = carry
@@ -70,7 +82,8 @@ def _kernel(q_ref, k_ref, v_ref, mask_ref, o_ref, *, num_slots, block_s,
     window = pl.ds(start, block_s)
     k = plgpu.load(k_ref.at[window, :], mask=valid[:, None], other=0.)
     v = plgpu.load(v_ref.at[window, :], mask=valid[:, None], other=0.)
-    seen = plgpu.load(mask_ref.at[:, window], mask=valid[None, :], other=0)
+    seen = plgpu.load(mask_ref.at[:, window], mask=real & valid[None, :],
+                      other=0)
     s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                         preferred_element_type=jnp.float32) * scale
     s = jnp.where(seen != 0, s, _NEG)
@@ -87,7 +100,7 @@ def _kernel(q_ref, k_ref, v_ref, mask_ref, o_ref, *, num_slots, block_s,
           jnp.zeros((rows, head_dim), jnp.float32))
   num_blocks = -(-num_slots // block_s)
   _, l, acc = lax.fori_loop(0, num_blocks, body, init)
-  o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+  plgpu.store(o_ref, (acc / l[:, None]).astype(o_ref.dtype), mask=real)
 
 
 def cached_attention(q_BxLxHxK, k_NxSxK, v_NxSxK, mask_BxLxS, *,
@@ -99,27 +112,30 @@ def cached_attention(q_BxLxHxK, k_NxSxK, v_NxSxK, mask_BxLxS, *,
   which slots each query sees (each sees at least one). `interpret`:
   None runs Pallas interpret mode off GPU.
   """
+  if not available():
+    raise RuntimeError('cached_attention needs Pallas\'s Triton backend '
+                       '(jax.experimental.pallas.triton), which this jax '
+                       f'{jax.__version__} lacks: use attention_impl=\'xla\'')
   _check(q_BxLxHxK, k_NxSxK, v_NxSxK, mask_BxLxS, block_s)
   b, lq, h, hd = q_BxLxHxK.shape
   num_slots = k_NxSxK.shape[1]
   if interpret is None:
     interpret = jax.default_backend() != 'gpu'
+  # Blocks of `rows` query rows overhang the L real ones (masked in the
+  # kernel): padding the arrays instead cost a pad and a slice per layer.
   rows = max(MIN_QUERY_ROWS, _next_pow2(lq))
-  # Padded query rows see nothing; their output is sliced off.
-  q = jnp.pad(q_BxLxHxK.reshape(b, lq, h * hd), ((0, 0), (0, rows - lq),
-                                                 (0, 0)))
-  mask = jnp.pad(mask_BxLxS.astype(jnp.int32), ((0, 0), (0, rows - lq),
-                                                (0, 0)))
+  q = q_BxLxHxK.reshape(b, lq, h * hd)
+  mask = mask_BxLxS.astype(jnp.int32)
   k = k_NxSxK.astype(q.dtype)
   v = v_NxSxK.astype(q.dtype)
-  kernel = lambda *refs: _kernel(*refs, num_slots=num_slots, block_s=block_s,
-                                 scale=1.0 / float(hd) ** 0.5)
+  kernel = lambda *refs: _kernel(*refs, num_queries=lq, num_slots=num_slots,
+                                 block_s=block_s, scale=1.0 / float(hd) ** 0.5)
   head_block = pl.BlockSpec((None, rows, hd), lambda i, j: (i, 0, j))
   cache_block = pl.BlockSpec((None, num_slots, hd),
                              lambda i, j: (i * h + j, 0, 0))
   out = pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((b, rows, h * hd), q.dtype),
+      out_shape=jax.ShapeDtypeStruct((b, lq, h * hd), q.dtype),
       grid=(b, h),
       in_specs=[head_block, cache_block, cache_block,
                 pl.BlockSpec((None, rows, num_slots), lambda i, j: (i, 0, 0))],
@@ -128,7 +144,7 @@ def cached_attention(q_BxLxHxK, k_NxSxK, v_NxSxK, mask_BxLxS, *,
       interpret=interpret,
       name='kforcing_cached_attention',
   )(q, k, v, mask)
-  return out[:, :lq].reshape(b, lq, h, hd)
+  return out.reshape(b, lq, h, hd)
 
 
 def cached_attention_reference(q_BxLxHxK, k_NxSxK, v_NxSxK, mask_BxLxS):
