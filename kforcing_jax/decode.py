@@ -172,6 +172,10 @@ class DecodeSpec:
       raise ValueError(f'DecodeSpec.attention_impl={self.attention_impl!r}: '
                        f'expected one of {ATTENTION_IMPLS}')
     if self.attention_impl == 'pallas':
+      if not decode_attention.available():
+        raise ValueError(
+            "DecodeSpec: attention_impl='pallas' needs Pallas's Triton "
+            f'backend, which jax {jax.__version__} lacks; use \'xla\'')
       if self.key_layout == 'kt':
         raise ValueError("DecodeSpec: attention_impl='pallas' reads keys in "
                          "layout 'k'; key_layout='kt' cannot go with it")
@@ -232,7 +236,8 @@ def key_layout(spec: DecodeSpec) -> str:
   about 2x faster) and 'k' for AR; elsewhere 'k' (measured on one H100 for
   LM1B size, k=4 at batch 8 only: 0.75 vs 0.79 ms per step, 'kt' added 35
   slicing kernels per step; not measured on a TPU). Both layouts give the
-  same numbers.
+  same numbers. Where the spec attends with the Pallas kernel
+  (`attention_impl`), 'auto' is 'k', on CPU too: the kernel reads that.
   """
   if spec.key_layout != 'auto':
     return spec.key_layout
@@ -245,10 +250,14 @@ def attention_impl(spec: DecodeSpec) -> str:
   """How `spec`'s cached steps attend ('xla' or 'pallas').
 
   'auto': on a GPU 'pallas' for push-forward steps (one kernel per layer in
-  place of XLA's dots, softmax and transpose; measured on one H100 for LM1B
-  size, see README) where the head dim and key layout allow it; 'xla' for
-  AR steps (a single query: XLA already fuses its attention into one
-  kernel) and on every other backend.
+  place of XLA's dots, softmax and transpose) where the head dim and key
+  layout allow it; 'xla' for AR steps (a single query: XLA already fuses
+  its attention into one kernel) and on every other backend. Measured on
+  one H100 for LM1B size with the kernel's first version (776d3dd, which
+  padded the queries): k=4 kernel time per step -6% at batch 8, -1% at
+  batch 1; AR steps +4% at batch 8. The current version is not timed yet
+  (README). A pass with more than MAX_QUERIES queries (a long prompt's
+  prefill) attends with XLA either way (model.Attention).
   """
   if spec.attention_impl != 'auto':
     return spec.attention_impl
@@ -749,7 +758,8 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
              temperature: float = 1.0, greedy: bool = False,
              frequency_penalty: float = 0.0, eos_id: int | None = None,
              pad_id: int = 0, kernel_impl: str = 'auto',
-             prompt_width: int | None = None) -> GenerateOutput:
+             prompt_width: int | None = None,
+             attention_impl: str = 'auto') -> GenerateOutput:
   """Decodes `max_new_tokens` per prompt, k tokens per forward pass.
 
   Args:
@@ -783,6 +793,9 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
       prompts differ in length then share one compiled decode; None pads
       to the longest prompt of the call, so each new length compiles once.
       Padding does not change a row's tokens.
+    attention_impl: cached attention, 'auto' | 'xla' | 'pallas' (see
+      `attention_impl`); the same attention up to rounding, so bfloat16
+      tokens can differ at near-ties.
   Returns:
     GenerateOutput(tokens (B, max_new_tokens), lengths (B,)).
   """
@@ -854,7 +867,7 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
                     prompt_len=prompts_BxP.shape[1], greedy=greedy,
                     use_penalty=frequency_penalty != 0.0,
                     eos_id=-1 if eos_id is None else eos_id, pad_id=pad_id,
-                    kernel_impl=kernel_impl)
+                    kernel_impl=kernel_impl, attention_impl=attention_impl)
   if noise is None:
     rng = jax.random.PRNGKey(0) if rng is None else rng
     try:

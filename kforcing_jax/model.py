@@ -235,7 +235,10 @@ class Attention(nn.Module):
         start[layout.index('s')] = jnp.asarray(cache_index, jnp.int32)
         new_cache[name] = jax.lax.dynamic_update_slice(kv_cache[name], x,
                                                        start)
-      if self.attention_impl == 'pallas':
+      # The kernel holds a pass's queries in one block per (row, head): a
+      # decode step's few. A long prompt's prefill attends with XLA.
+      if (self.attention_impl == 'pallas'
+          and lq <= decode_attention.MAX_QUERIES):
         if key_name != 'k':
           raise ValueError("attention_impl='pallas' reads keys in layout "
                            f"'k', not {key_name!r}")

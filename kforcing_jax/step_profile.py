@@ -31,6 +31,9 @@ def op_kind(name: str) -> str:
   """An op's name without its numeric suffixes ('fusion.12' -> 'fusion',
   'wrapped_convert_2' -> 'wrapped_convert'), at most 60 characters."""
   kind = re.sub(r'([._]\d+)+$', '', name)
+  # A kernel may also appear with a bare trailing '_' (a Pallas kernel
+  # 'k' as 'k' and 'k_'): one kind.
+  kind = kind.rstrip('._') or name
   return kind[:_KIND_CHARS]
 
 

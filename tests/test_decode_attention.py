@@ -5,6 +5,8 @@ is checked by lowering for CUDA (no GPU needed to lower).
 """
 
 import dataclasses
+import json
+import os
 import re
 
 import jax
@@ -12,20 +14,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kforcing_jax import bench_schema
 from kforcing_jax import bench_settings
 from kforcing_jax import decode
+from kforcing_jax import layouts
 from kforcing_jax import model as model_lib
 from kforcing_jax.kernels import decode_attention
 
 
-def _case(b, lq, h, hd, slots, dtype, seed=0):
-  """Random queries and cache, and a decode mask: left padding, the cache
-  up to each query's own slot (decode layout)."""
+def _case(b, lq, h, hd, slots, dtype, seed=0, max_pad=2):
+  """Random queries and cache, and a decode mask: left padding (up to
+  max_pad slots), the cache up to each query's own slot (decode layout)."""
   rng = np.random.default_rng(seed)
   q = jnp.asarray(rng.normal(size=(b, lq, h, hd)), dtype)
   k = jnp.asarray(rng.normal(size=(b * h, slots, hd)), dtype)
   v = jnp.asarray(rng.normal(size=(b * h, slots, hd)), dtype)
-  pad = rng.integers(0, 3, size=b)
+  pad = rng.integers(0, max_pad + 1, size=b)
+  pad[0] = max_pad
   own = slots - lq + np.arange(lq)
   keys = np.arange(slots)
   mask = (keys[None, None] >= pad[:, None, None]) & (
@@ -48,6 +53,44 @@ def test_kernel_equals_xla_attention(lq, slots, dtype, block_s):
   tol = 1e-5 if dtype == jnp.float32 else 2e-2
   np.testing.assert_allclose(np.asarray(out, np.float32),
                              np.asarray(ref, np.float32), atol=tol, rtol=tol)
+
+
+def test_a_first_block_hidden_from_every_query():
+  # Padding longer than a block: the online softmax starts from blocks
+  # whose every score is masked, and must forget them.
+  q, k, v, mask = _case(2, 8, 2, 16, 130, jnp.float32, max_pad=100)
+  assert not np.asarray(mask)[0, :, :64].any()
+  out = decode_attention.cached_attention(q, k, v, mask, block_s=32)
+  ref = decode_attention.cached_attention_reference(q, k, v, mask)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
+
+
+def _eqns(jaxpr):
+  """Every equation of a jaxpr and of the jaxprs in its parameters."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      inner = getattr(value, 'jaxpr', value)
+      if hasattr(inner, 'eqns'):
+        yield from _eqns(inner)
+
+
+def test_every_load_and_store_of_the_kernel_is_masked():
+  # Interpret mode pads blocks, so it cannot show a read or write past the
+  # arrays; on a GPU the 16-row query blocks overhang the L real rows and
+  # the cache's last block runs past S. So: no unmasked access at all.
+  q, k, v, mask = _case(2, 6, 2, 16, 40, jnp.float32)
+  jaxpr = jax.make_jaxpr(decode_attention.cached_attention)(q, k, v, mask)
+  [call] = [e for e in _eqns(jaxpr.jaxpr) if e.primitive.name == 'pallas_call']
+  kernel = call.params['jaxpr']
+  names = [e.primitive.name for e in _eqns(kernel)]
+  assert 'get' not in names and 'swap' not in names  # ref[...] access.
+  accesses = [e for e in _eqns(kernel)
+              if e.primitive.name in ('masked_load', 'masked_swap')]
+  assert len(accesses) == 5  # q, k, v, mask loads and the output store.
+  for e in accesses:
+    _, _, mask_arg, *_ = e.params['args_tree'].unflatten(e.invars)
+    assert mask_arg is not None, e
 
 
 def test_masked_slots_do_not_count():
@@ -125,6 +168,74 @@ def test_pallas_attention_decodes_the_same_tokens(small_cfg, k):
   np.testing.assert_array_equal(lengths, xla_lengths)
 
 
+def test_pallas_attention_gives_the_same_logits(small_cfg):
+  cfg = dataclasses.replace(small_cfg, num_heads=2, noise_window=4)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(2))
+  prompts, pad = decode.pad_prompts([[5, 9, 2, 33, 7], [1, 2]])
+  noise = jax.random.uniform(jax.random.PRNGKey(3), (2, 4))
+  outs = []
+  for impl in ('xla', 'pallas'):
+    spec = decode.DecodeSpec(model=cfg, k=4, num_steps=2,
+                             prompt_len=prompts.shape[1], key_layout='k',
+                             attention_impl=impl)
+    cache = decode.init_cache(spec, 2)
+    outs.append(decode.forward(spec, params, jnp.asarray(prompts), noise,
+                               cache, 0, jnp.asarray(pad)))
+  (xla_logits, xla_cache), (logits, cache) = outs
+  np.testing.assert_allclose(logits, xla_logits, atol=1e-5, rtol=1e-5)
+  # The first layer writes the same K/V; later ones read attention output.
+  for name in ('k', 'v'):
+    np.testing.assert_array_equal(cache[0][name], xla_cache[0][name])
+  for got, want in zip(jax.tree.leaves(cache), jax.tree.leaves(xla_cache)):
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_pass_longer_than_the_kernel_takes_attends_with_xla(
+    small_cfg, monkeypatch):
+  # A long prompt's prefill has more queries than the kernel holds: it goes
+  # to XLA, the steps to the kernel, and the tokens stay the same.
+  monkeypatch.setattr(decode_attention, 'MAX_QUERIES', 6)
+  jax.clear_caches()  # Trace the loops anew: the count is taken there.
+  seen = []
+  kernel = decode_attention.cached_attention
+
+  def counting(q, *args, **kwargs):
+    seen.append(q.shape[1])
+    return kernel(q, *args, **kwargs)
+
+  monkeypatch.setattr(decode_attention, 'cached_attention', counting)
+  cfg = dataclasses.replace(small_cfg, num_heads=2, noise_window=4)
+  _, (xla_tokens, _) = _loop(cfg, 3, 'xla')
+  _, (tokens, _) = _loop(cfg, 3, 'pallas')
+  assert seen and set(seen) <= {3, 6}  # Steps: [3 tokens | 3 slots].
+  np.testing.assert_array_equal(tokens, xla_tokens)
+
+
+def test_generate_takes_the_attention(small_cfg):
+  cfg = dataclasses.replace(small_cfg, num_heads=2, noise_window=4)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(4))
+  outs = [decode.generate(params, cfg, [[3, 4, 5]], max_new_tokens=8, k=4,
+                          attention_impl=impl).tokens
+          for impl in ('xla', 'pallas')]
+  np.testing.assert_array_equal(outs[0], outs[1])
+  with pytest.raises(ValueError, match="attention_impl='fast'"):
+    decode.generate(params, cfg, [[3]], max_new_tokens=4, k=4,
+                    attention_impl='fast')
+
+
+def test_the_model_refuses_a_kt_cache_for_the_kernel(small_cfg):
+  cfg = dataclasses.replace(small_cfg, num_heads=2, noise_window=4)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
+  spec = decode.DecodeSpec(model=cfg, k=4, num_steps=2, prompt_len=3,
+                           key_layout='kt')
+  positions, mask = layouts.decode_layout(jnp.zeros(1, jnp.int32), 0, 3, 16)
+  with pytest.raises(ValueError, match="reads keys in layout 'k', not 'kt'"):
+    model_lib.Transformer(cfg, 'pallas').apply(
+        {'params': params}, jnp.ones((1, 3), jnp.int32), None, positions,
+        mask, decode.init_cache(spec, 1, 16), 0,
+        method=model_lib.Transformer.cached_step)
+
+
 @pytest.mark.parametrize('backend,k,num_heads,expected', [
     ('gpu', 4, 2, 'pallas'), ('gpu', 1, 2, 'xla'), ('gpu', 4, 4, 'xla'),
     ('cpu', 4, 2, 'xla'), ('tpu', 4, 2, 'xla')])
@@ -168,6 +279,25 @@ def test_bad_attention_settings_are_refused(small_cfg, overrides, num_heads,
   cfg = dataclasses.replace(small_cfg, num_heads=num_heads)
   with pytest.raises(ValueError, match=needle):
     decode.DecodeSpec(model=cfg, k=1, num_steps=2, prompt_len=3, **overrides)
+
+
+@pytest.mark.parametrize('where,value,needle', [
+    ('settings', 'fast', "settings.attention_impl='fast'"),
+    ('result', 'auto', "results.0..attention_impl='auto'"),
+])
+def test_bench_json_checks_the_attention(where, value, needle):
+  path = os.path.join(os.path.dirname(__file__), '..', 'docs',
+                      'bench_lm1b_h100_k4_pallas.json')
+  with open(path) as f:
+    d = json.load(f)
+  bench_schema.validate_bench_json(d)  # The recorded H100 run is valid.
+  assert {r['attention_impl'] for r in d['results']} == {'pallas'}
+  if where == 'settings':
+    d['settings']['attention_impl'] = value
+  else:
+    d['results'][0]['attention_impl'] = value
+  with pytest.raises(ValueError, match=needle):
+    bench_schema.validate_bench_json(d)
 
 
 @pytest.mark.parametrize('fields,needle', [

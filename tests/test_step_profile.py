@@ -17,6 +17,7 @@ from kforcing_jax import step_profile
     ('wrapped_convert_2', 'wrapped_convert'),
     ('loop_add_fusion', 'loop_add_fusion'),
     ('x' * 80 + '_3', 'x' * 60),
+    ('kforcing_cached_attention_', 'kforcing_cached_attention'),
 ])
 def test_op_kind_drops_numeric_suffixes(name, kind):
   assert step_profile.op_kind(name) == kind

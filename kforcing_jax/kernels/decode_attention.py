@@ -26,6 +26,9 @@ except ImportError:  # pragma: no cover - depends on the jax version.
 
 # Triton's dot wants every dimension >= 16; blocks must be powers of two.
 MIN_QUERY_ROWS = 16
+# The most queries per pass the kernel takes (all in one block: registers);
+# model.Attention sends longer passes (a long prompt's prefill) to XLA.
+MAX_QUERIES = 64
 DEFAULT_BLOCK_S = 64
 _NEG = float(jnp.finfo(jnp.float32).min)  # As model.Attention's mask.
 
@@ -61,6 +64,9 @@ def _check(q, k, v, mask, block_s):
   if not supports_head_dim(hd):
     raise ValueError(f'cached_attention: head dim {hd} is not a power of two '
                      '>= 16 (Triton blocks)')
+  if lq > MAX_QUERIES:
+    raise ValueError(f'cached_attention: {lq} queries per pass; the kernel '
+                     f'takes at most MAX_QUERIES={MAX_QUERIES}')
   if block_s < 16 or block_s != _next_pow2(block_s):
     raise ValueError(f'cached_attention: block_s={block_s} must be a power '
                      'of two >= 16')
@@ -84,6 +90,8 @@ def _kernel(q_ref, k_ref, v_ref, mask_ref, o_ref, *, num_queries, num_slots,
     v = plgpu.load(v_ref.at[window, :], mask=valid[:, None], other=0.)
     seen = plgpu.load(mask_ref.at[:, window], mask=real & valid[None, :],
                       other=0)
+    # float32 dots follow jax's default matmul precision, as XLA's path
+    # does (TF32 on a GPU unless JAX_DEFAULT_MATMUL_PRECISION=highest).
     s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                         preferred_element_type=jnp.float32) * scale
     s = jnp.where(seen != 0, s, _NEG)
