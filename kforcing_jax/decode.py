@@ -171,20 +171,8 @@ class DecodeSpec:
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f'DecodeSpec.attention_impl={self.attention_impl!r}: '
                        f'expected one of {ATTENTION_IMPLS}')
-    if self.attention_impl == 'pallas':
-      if not decode_attention.available():
-        raise ValueError(
-            "DecodeSpec: attention_impl='pallas' needs Pallas's Triton "
-            f'backend, which jax {jax.__version__} lacks; use \'xla\'')
-      if self.key_layout == 'kt':
-        raise ValueError("DecodeSpec: attention_impl='pallas' reads keys in "
-                         "layout 'k'; key_layout='kt' cannot go with it")
-      if not decode_attention.supports_head_dim(self.model.head_dim):
-        raise ValueError(
-            "DecodeSpec: attention_impl='pallas' needs a head dim that is a "
-            f'power of two >= 16; this model has {self.model.head_dim} '
-            f'(d_model={self.model.d_model} / num_heads='
-            f'{self.model.num_heads})')
+    if self.attention_impl == 'pallas' and (misfit := _pallas_misfit(self)):
+      raise ValueError(f"DecodeSpec: attention_impl='pallas' {misfit}")
     projection.check_impl(self.kernel_impl)
     # Rotary angles beyond the model's table would be clipped, not
     # extrapolated: refuse a loop whose positions could reach them.
@@ -261,11 +249,26 @@ def attention_impl(spec: DecodeSpec) -> str:
   """
   if spec.attention_impl != 'auto':
     return spec.attention_impl
-  if (spec.k > 1 and jax.default_backend() == 'gpu' and spec.key_layout != 'kt'
-      and decode_attention.available()
-      and decode_attention.supports_head_dim(spec.model.head_dim)):
+  if (spec.k > 1 and jax.default_backend() == 'gpu'
+      and not _pallas_misfit(spec)):
     return 'pallas'
   return 'xla'
+
+
+def _pallas_misfit(spec: DecodeSpec) -> str | None:
+  """Why `spec` cannot attend with the Pallas kernel, or None: what a
+  forced 'pallas' is refused for, and what keeps 'auto' on XLA."""
+  cfg = spec.model
+  if not decode_attention.available():
+    return (f"needs Pallas's Triton backend, which jax {jax.__version__} "
+            "lacks; use 'xla'")
+  if spec.key_layout == 'kt':
+    return "reads keys in layout 'k'; key_layout='kt' cannot go with it"
+  if not decode_attention.supports_head_dim(cfg.head_dim):
+    return ('needs a head dim that is a power of two >= 16; this model has '
+            f'{cfg.head_dim} (d_model={cfg.d_model} / num_heads='
+            f'{cfg.num_heads})')
+  return None
 
 
 def init_cache(spec: DecodeSpec, batch_size: int, size: int | None = None):
