@@ -81,3 +81,27 @@ def minimal_eval_json():
           'settings': settings, 'notes': [],
           'models': {'teacher': _eval_entry('teacher'),
                      'student_k2': _eval_entry('student', 2)}}
+
+
+def decode_variants(small_cfg, k, variants, seed):
+  """[(spec, decode_loop output)] of one model, prompts and noise, for each
+  dict of DecodeSpec overrides in `variants` (a student when k > 1)."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from kforcing_jax import decode  # pylint: disable=g-import-not-at-top
+  from kforcing_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  cfg = dataclasses.replace(small_cfg, noise_window=4 if k > 1 else 0)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(seed))
+  prompts, pad = decode.pad_prompts([[5, 9, 2, 33, 7], [1, 2]])
+  steps = 24 // k
+  noise = jax.random.uniform(jax.random.PRNGKey(seed + 1), (2, steps * k))
+  outs = []
+  for overrides in variants:
+    spec = decode.DecodeSpec(model=cfg, k=k, num_steps=steps,
+                             prompt_len=prompts.shape[1], use_penalty=True,
+                             **overrides)
+    outs.append((spec, decode.decode_loop(
+        spec, params, jnp.asarray(prompts), jnp.asarray(pad), noise,
+        jnp.float32(1.0), jnp.float32(0.3))))
+  return outs

@@ -14,6 +14,7 @@ import kforcing_jax
 from kforcing_jax import decode
 from kforcing_jax import model as model_lib
 from kforcing_jax import noise as noise_lib
+from tests import helpers
 
 
 @pytest.fixture
@@ -592,30 +593,11 @@ def test_student_penalty_is_applied_slot_by_slot(small_cfg, impl):
   assert not np.array_equal(plain, got)
 
 
-def _decode_variants(small_cfg, k, variants, seed):
-  """[(spec, decode_loop output)] of one model, prompts and noise, for each
-  dict of DecodeSpec overrides in `variants`."""
-  cfg = dataclasses.replace(small_cfg, noise_window=4 if k > 1 else 0)
-  params = model_lib.init_params(cfg, jax.random.PRNGKey(seed))
-  prompts, pad = decode.pad_prompts([[5, 9, 2, 33, 7], [1, 2]])
-  steps = 24 // k
-  noise = jax.random.uniform(jax.random.PRNGKey(seed + 1), (2, steps * k))
-  outs = []
-  for overrides in variants:
-    spec = decode.DecodeSpec(model=cfg, k=k, num_steps=steps,
-                             prompt_len=prompts.shape[1], use_penalty=True,
-                             **overrides)
-    outs.append((spec, decode.decode_loop(
-        spec, params, jnp.asarray(prompts), jnp.asarray(pad), noise,
-        jnp.float32(1.0), jnp.float32(0.3))))
-  return outs
-
-
 @pytest.mark.parametrize('k', [1, 3])
 def test_growing_cache_equals_full_size_cache(small_cfg, k):
   # The loop's cache grows in blocks (DecodeSpec.cache_block); attention
   # over a smaller cache must give the same tokens as over the full one.
-  (_, full), (grown_spec, grown) = _decode_variants(
+  (_, full), (grown_spec, grown) = helpers.decode_variants(
       small_cfg, k, [{'cache_block': 0}, {'cache_block': 4}], seed=5)
   assert len(grown_spec.segments()) > 2  # The test must cross segments.
   np.testing.assert_array_equal(full[0], grown[0])
@@ -625,7 +607,7 @@ def test_growing_cache_equals_full_size_cache(small_cfg, k):
 @pytest.mark.parametrize('k', [1, 3])
 def test_key_layouts_give_the_same_tokens(small_cfg, k):
   # DecodeSpec.key_layout only changes how keys are stored.
-  (k_spec, k_out), (kt_spec, kt_out) = _decode_variants(
+  (k_spec, k_out), (kt_spec, kt_out) = helpers.decode_variants(
       small_cfg, k, [{'key_layout': 'k'}, {'key_layout': 'kt'}], seed=7)
   assert 'k' in decode.init_cache(k_spec, 2, 8)[0]
   assert 'kt' in decode.init_cache(kt_spec, 2, 8)[0]

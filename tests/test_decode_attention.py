@@ -20,6 +20,7 @@ from kforcing_jax import decode
 from kforcing_jax import layouts
 from kforcing_jax import model as model_lib
 from kforcing_jax.kernels import decode_attention
+from tests import helpers
 
 
 def _case(b, lq, h, hd, slots, dtype, seed=0, max_pad=2):
@@ -143,26 +144,20 @@ def test_bad_inputs_are_named(change, needle):
                                       block_s=change.get('block_s', 64))
 
 
-def _loop(cfg, k, attention_impl, seed=11):
-  params = model_lib.init_params(cfg, jax.random.PRNGKey(seed))
-  prompts, pad = decode.pad_prompts([[5, 9, 2, 33, 7], [1, 2]])
-  steps = 24 // k
-  noise = jax.random.uniform(jax.random.PRNGKey(seed + 1), (2, steps * k))
-  spec = decode.DecodeSpec(model=cfg, k=k, num_steps=steps,
-                           prompt_len=prompts.shape[1], use_penalty=True,
-                           cache_block=8, attention_impl=attention_impl)
-  return spec, decode.decode_loop(spec, params, jnp.asarray(prompts),
-                                  jnp.asarray(pad), noise, jnp.float32(1.0),
-                                  jnp.float32(0.3))
+def _xla_and_pallas(small_cfg, k, seed=11):
+  """decode_variants with XLA's attention and the kernel; head dim 16 (the
+  kernel's least), a cache grown in blocks of 8 slots."""
+  cfg = dataclasses.replace(small_cfg, num_heads=2)
+  return helpers.decode_variants(
+      cfg, k, [{'cache_block': 8, 'attention_impl': impl}
+               for impl in ('xla', 'pallas')], seed)
 
 
 @pytest.mark.parametrize('k', [1, 3])
 def test_pallas_attention_decodes_the_same_tokens(small_cfg, k):
-  # Head dim 16 (the kernel's least); growing cache, left padding, penalty.
-  cfg = dataclasses.replace(small_cfg, num_heads=2,
-                            noise_window=4 if k > 1 else 0)
-  _, (xla_tokens, xla_lengths) = _loop(cfg, k, 'xla')
-  spec, (tokens, lengths) = _loop(cfg, k, 'pallas')
+  # Growing cache, left padding, penalty.
+  (_, (xla_tokens, xla_lengths)), (spec, (tokens, lengths)) = (
+      _xla_and_pallas(small_cfg, k))
   assert len(spec.segments()) > 2 and decode.key_layout(spec) == 'k'
   np.testing.assert_array_equal(tokens, xla_tokens)
   np.testing.assert_array_equal(lengths, xla_lengths)
@@ -204,9 +199,7 @@ def test_a_pass_longer_than_the_kernel_takes_attends_with_xla(
     return kernel(q, *args, **kwargs)
 
   monkeypatch.setattr(decode_attention, 'cached_attention', counting)
-  cfg = dataclasses.replace(small_cfg, num_heads=2, noise_window=4)
-  _, (xla_tokens, _) = _loop(cfg, 3, 'xla')
-  _, (tokens, _) = _loop(cfg, 3, 'pallas')
+  (_, (xla_tokens, _)), (_, (tokens, _)) = _xla_and_pallas(small_cfg, 3)
   assert seen and set(seen) <= {3, 6}  # Steps: [3 tokens | 3 slots].
   np.testing.assert_array_equal(tokens, xla_tokens)
 
