@@ -97,6 +97,8 @@ def run_bench(config, workdir: str,
   models = bench_models.load_models(config, workdir, s)
   seq_len = min(m.cfg.seq_len for m in models.values())
   bench_settings.check_settings(s, seq_len)
+  for m in models.values():  # Their own shapes, which the config may not be.
+    bench_settings.check_attention(s, m.cfg.d_model, m.cfg.num_heads, m.name)
   max_new = bench_settings.new_tokens(s, seq_len)
   if s.prefix_len + max_new > seq_len:
     raise ValueError(f'bench.prefix_len + max_new_tokens = '

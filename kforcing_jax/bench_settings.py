@@ -60,6 +60,7 @@ def settings_from_config(config) -> BenchSettings:
   projection.check_impl(values['kernel_impl'])
   s = BenchSettings(**values)
   check_settings(s, config.model.seq_len)
+  check_attention(s, config.model.d_model, config.model.num_heads)
   return s
 
 
@@ -109,9 +110,21 @@ def check_settings(s: BenchSettings, seq_len: int) -> None:
   if s.attention_impl not in decode.ATTENTION_IMPLS:
     raise ValueError(f'bench.attention_impl={s.attention_impl!r}; expected '
                      f'one of {decode.ATTENTION_IMPLS}')
-  if s.attention_impl == 'pallas' and s.key_layout == 'kt':
-    raise ValueError("bench.attention_impl='pallas' reads keys in layout 'k': "
-                     "bench.key_layout='kt' cannot go with it")
+
+
+def check_attention(s: BenchSettings, d_model: int, num_heads: int,
+                    model: str = 'model') -> None:
+  """Refuses a forced 'pallas' that `model` (d_model, num_heads) or this
+  jax cannot run, before the bench measures anything: its first cell
+  would fail only after the ceilings."""
+  if s.attention_impl != 'pallas':
+    return
+  misfit = decode.pallas_misfit(d_model, num_heads, s.key_layout)
+  if misfit:
+    layout = (f", bench.key_layout={s.key_layout!r}"
+              if s.key_layout != 'auto' else '')
+    raise ValueError(f"bench.attention_impl='pallas'{layout} for {model}: "
+                     f'{misfit}')
 
 
 def new_tokens(s: BenchSettings, seq_len: int) -> int:

@@ -258,16 +258,25 @@ def attention_impl(spec: DecodeSpec) -> str:
 def _pallas_misfit(spec: DecodeSpec) -> str | None:
   """Why `spec` cannot attend with the Pallas kernel, or None: what a
   forced 'pallas' is refused for, and what keeps 'auto' on XLA."""
-  cfg = spec.model
+  return pallas_misfit(spec.model.d_model, spec.model.num_heads,
+                       spec.key_layout)
+
+
+def pallas_misfit(d_model: int, num_heads: int,
+                  key_layout: str = 'auto') -> str | None:
+  """Why a model of this width and head count, with this key layout,
+  cannot attend with the Pallas kernel, or None. Also for callers that
+  hold no DecodeSpec yet (the bench refuses a forced 'pallas' with it
+  before measuring anything)."""
   if not decode_attention.available():
     return (f"needs Pallas's Triton backend, which jax {jax.__version__} "
             "lacks; use 'xla'")
-  if spec.key_layout == 'kt':
+  if key_layout == 'kt':
     return "reads keys in layout 'k'; key_layout='kt' cannot go with it"
-  if not decode_attention.supports_head_dim(cfg.head_dim):
+  head_dim = d_model // num_heads
+  if not decode_attention.supports_head_dim(head_dim):
     return ('needs a head dim that is a power of two >= 16; this model has '
-            f'{cfg.head_dim} (d_model={cfg.d_model} / num_heads='
-            f'{cfg.num_heads})')
+            f'{head_dim} (d_model={d_model} / num_heads={num_heads})')
   return None
 
 

@@ -11,9 +11,12 @@ import re
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
+from kforcing_jax import bench
+from kforcing_jax import bench_models
 from kforcing_jax import bench_schema
 from kforcing_jax import bench_settings
 from kforcing_jax import decode
@@ -293,11 +296,43 @@ def test_bench_json_checks_the_attention(where, value, needle):
     bench_schema.validate_bench_json(d)
 
 
-@pytest.mark.parametrize('fields,needle', [
-    (dict(attention_impl='fast'), "bench.attention_impl='fast'"),
-    (dict(attention_impl='pallas', key_layout='kt'), "key_layout='kt'"),
-])
-def test_bench_refuses_bad_attention_settings(fields, needle):
-  s = bench_settings.BenchSettings(**fields)
-  with pytest.raises(ValueError, match=needle):
+def test_bench_refuses_an_unknown_attention():
+  s = bench_settings.BenchSettings(attention_impl='fast')
+  with pytest.raises(ValueError, match="bench.attention_impl='fast'"):
     bench_settings.check_settings(s, seq_len=48)
+
+
+@pytest.mark.parametrize('fields,num_heads,needle', [
+    (dict(key_layout='kt'), 2, "key_layout='kt' for model: reads keys"),
+    (dict(), 4, 'for model: needs a head dim .* this model has 8'),
+])
+def test_bench_refuses_a_pallas_attention_the_model_cannot_run(
+    fields, num_heads, needle):
+  # From the config, as the pipeline's up-front check reads it.
+  config = ml_collections.ConfigDict({
+      'model': {'seq_len': 48, 'd_model': 32, 'num_heads': num_heads},
+      'bench': dict(fields, attention_impl='pallas')})
+  with pytest.raises(ValueError, match=needle):
+    bench_settings.settings_from_config(config)
+  config.bench.attention_impl = 'auto'  # Falls back to XLA instead.
+  assert bench_settings.settings_from_config(config).attention_impl == 'auto'
+
+
+def test_bench_checks_the_models_it_loaded_before_measuring(
+    tmp_path, small_cfg, monkeypatch):
+  # The config allows the kernel, the workdir's model (head dim 8) not:
+  # refused naming that model, before the ceilings are measured.
+  config = ml_collections.ConfigDict({
+      'model': {'seq_len': 48, 'd_model': 32, 'num_heads': 2},
+      'bench': {'attention_impl': 'pallas'}})
+  loaded = bench_models.BenchModel(
+      'teacher', 'trained', dataclasses.replace(small_cfg, num_heads=4), {})
+  monkeypatch.setattr(bench_models, 'load_models',
+                      lambda *a: {1: loaded, 4: loaded})
+
+  def measured(*a, **kw):
+    raise AssertionError('measured the ceilings first')
+  monkeypatch.setattr(bench, '_roofline_numbers', measured)
+  with pytest.raises(ValueError, match='for teacher: .* this model has 8'):
+    bench.run_bench(config, str(tmp_path), log=lambda line: None)
+  assert not os.listdir(tmp_path)
