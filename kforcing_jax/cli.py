@@ -114,7 +114,7 @@ def _run(argv):
   FLAGS.workdir = os.path.expanduser(FLAGS.workdir)
   _check_workdir(FLAGS.workdir)
   sharding.check_shared_workdir(FLAGS.workdir)
-  SUBCOMMANDS[argv[1]](FLAGS)
+  return SUBCOMMANDS[argv[1]](FLAGS) or 0
 
 
 def _check_workdir(workdir: str) -> None:
@@ -208,14 +208,14 @@ def main():
   if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
     signal.signal(signal.SIGTERM, _on_sigterm)
   try:
-    _run(argv)
+    status = _run(argv)
   except _Terminated:
     if sharding.is_main_process():
       print('terminated (SIGTERM); re-run the same command: finished '
             'training stages and earlier results are kept, and the stage '
             'that was stopped (evaluate, bench, the evaluator) starts over',
             file=sys.stderr)
-    sys.exit(143)
+    sys.exit(commands.STOPPED_EXIT_CODE)
   except KeyboardInterrupt as e:
     if sharding.is_main_process():
       print(f'interrupted{": " + str(e) if str(e) else ""}; re-run the same '
@@ -233,3 +233,5 @@ def main():
   except (ValueError, OSError, FloatingPointError,
           ImportError) as e:  # Optional extras name a fix.
     _fail(str(e))
+  if status:  # A training command stopped by SIGTERM, after saving.
+    sys.exit(status)

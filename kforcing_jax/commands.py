@@ -21,6 +21,13 @@ from kforcing_jax import teacher as teacher_lib
 from kforcing_jax import train as train_lib
 
 
+# Exit status of a training command that a SIGTERM stopped after saving
+# (128 + 15, as the CLI exits on SIGTERM anywhere else): a scheduler that
+# restarts failed jobs, or a `cmd && next` chain, must not take a run that
+# stopped half-way for a finished one. Re-running resumes.
+STOPPED_EXIT_CODE = 143
+
+
 def _require_config(flags_obj):
   if flags_obj.config is None:
     raise ValueError('--config is required, e.g. --config=configs/demo.py')
@@ -34,6 +41,7 @@ def train_teacher(flags_obj):
   config = _require_config(flags_obj)
   result = run_teacher(config, flags_obj.workdir)
   _print_main(json.dumps(summary_of(result), indent=1))
+  return STOPPED_EXIT_CODE if result.preempted else 0
 
 
 def run_teacher(config, workdir: str,
@@ -269,6 +277,7 @@ def distill_cmd(flags_obj):
   config = _require_config(flags_obj)
   results = run_distill(config, flags_obj.workdir)
   _print_main(json.dumps([summary_of(r) for r in results], indent=1))
+  return STOPPED_EXIT_CODE if any(r.preempted for r in results) else 0
 
 
 def run_distill(config, workdir: str,
@@ -396,4 +405,5 @@ def report_cmd(flags_obj):
 def pipeline_cmd(flags_obj):
   """Teacher, distillation, evaluation, benchmark and W/report.md."""
   from kforcing_jax import pipeline  # pylint: disable=g-import-not-at-top
-  pipeline.run_pipeline(_require_config(flags_obj), flags_obj.workdir)
+  report = pipeline.run_pipeline(_require_config(flags_obj), flags_obj.workdir)
+  return STOPPED_EXIT_CODE if report is None else 0

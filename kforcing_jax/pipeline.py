@@ -48,9 +48,8 @@ def _add_run(timing, result):
     entry['tokens_per_s'] = result.tokens_per_s  # Of the last segment.
 
 
-def _stopped(workdir):
+def _stopped():
   print('SIGTERM: stopped after saving; re-run the same command to resume')
-  return os.path.join(workdir, 'report.md')
 
 
 def _trains_evaluator(config) -> bool:
@@ -144,8 +143,9 @@ def _runs_newer_than(workdir: str, name: str) -> list[str]:
   return newer
 
 
-def run_pipeline(config, workdir: str) -> str:
-  """Runs (or resumes) every stage; returns the report path."""
+def run_pipeline(config, workdir: str) -> str | None:
+  """Runs (or resumes) every stage; returns the report path, or None when
+  a SIGTERM stopped a training stage (saved; a re-run resumes it)."""
   from kforcing_jax import bench  # pylint: disable=g-import-not-at-top
   from kforcing_jax import evaluate  # pylint: disable=g-import-not-at-top
   _check_plan(config, workdir)  # Before anything is written.
@@ -168,12 +168,12 @@ def run_pipeline(config, workdir: str) -> str:
     r = commands.run_teacher(config, workdir, then_distill=True)
     record(r)
     if r.preempted:
-      return _stopped(workdir)
+      return _stopped()
 
     _banner(2, n, f'distillation, windows {tuple(config.distill.windows)}')
     for r in commands.run_distill(config, workdir, on_result=record):
       if r.preempted:
-        return _stopped(workdir)
+        return _stopped()
   except train_lib.Interrupted as e:  # Ctrl-C: keep the segment's time.
     record(e.result)
     raise

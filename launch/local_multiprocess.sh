@@ -31,7 +31,9 @@
 # current directory. kforcing_jax.sharding.maybe_initialize_distributed()
 # reads the KFORCING_* variables. Every output line is prefixed with [pI].
 # If any process fails, the others are stopped and the script exits with the
-# failing status; on timeout it exits with 124, after the grace period.
+# failing status; on timeout it exits with 124, after the grace period. A
+# process that exits 143 (a SIGTERM stopped it after saving) is not a
+# failure: the others are waited for, and the script then exits 143.
 #
 # Example:
 #   launch/local_multiprocess.sh -n 2 -- train-teacher \
@@ -230,6 +232,13 @@ while ((remaining > 0)); do
     wait "$pid" || rc=$?
     finished[$i]=1
     remaining=$((remaining - 1))
+    if ((rc == 143)); then
+      # Stopped by a SIGTERM after saving (kforcing_jax's status for it):
+      # in training the others stop at the same step and save their part
+      # on their own, so they are waited for, not killed.
+      status=143
+      continue
+    fi
     if ((rc != 0)); then
       echo "[launch] process $i failed with exit status $rc; stopping the" \
         "others" >&2
@@ -247,5 +256,8 @@ while ((remaining > 0)); do
 done
 if ((status == 0)); then
   echo "[launch] all $num_processes processes finished" >&2
+elif ((status == 143)); then
+  echo "[launch] stopped by SIGTERM after saving; re-run the same command" \
+    "to resume" >&2
 fi
 exit "$status"

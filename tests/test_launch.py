@@ -491,6 +491,25 @@ def test_local_failure_stops_the_others(fake_python):
   assert time.time() - start < 30  # The sleeping ones were stopped.
 
 
+def test_local_waits_for_the_others_after_one_stops_with_143(tmp_path):
+  """143 is a training process that a SIGTERM stopped after saving; the
+  others stop at the same step and save their part. Taken for a failure,
+  they got 5 s before SIGKILL, mid-save."""
+  saver = _write_exe(tmp_path / 'python', """
+      #!/usr/bin/env bash
+      if [[ "$KFORCING_PROCESS_ID" == 1 ]]; then exit 143; fi
+      sleep 8
+      echo saved > "$SAVED/p$KFORCING_PROCESS_ID"
+      exit 143
+      """)
+  r = local('-n', '2', '--', 'train-teacher', '--workdir=w', timeout=60,
+            env={'PYTHON': str(saver), 'SAVED': str(tmp_path)})
+  assert r.returncode == 143, r.stderr
+  assert (tmp_path / 'p0').read_text() == 'saved\n'
+  assert 'failed' not in r.stderr and 'SIGKILL' not in r.stderr
+  assert 'stopped by SIGTERM after saving' in r.stderr
+
+
 def test_local_failure_before_the_others_start_does_not_hang(fake_python):
   """Process 0 fails while later ones may not have opened their output pipe.
 

@@ -204,6 +204,37 @@ def test_evaluator_is_not_trained_when_eval_json_is_kept(tmp_path, monkeypatch,
   assert calls == ['bench', 'bench', 'train_evaluator', 'evaluate', 'bench']
 
 
+@pytest.mark.parametrize('stopped_in', ['teacher', 'distill'])
+def test_a_sigterm_stopped_stage_ends_the_pipeline_with_143(
+    tmp_path, monkeypatch, capsys, stopped_in):
+  # Exit 0 after a preemption told a scheduler (or `pipeline && next`)
+  # that the job had finished: it was never restarted. Stages are faked.
+  import types  # pylint: disable=g-import-not-at-top
+  from kforcing_jax import commands  # pylint: disable=g-import-not-at-top
+  from kforcing_jax import defaults  # pylint: disable=g-import-not-at-top
+  from kforcing_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from kforcing_jax import pipeline  # pylint: disable=g-import-not-at-top
+  calls = []
+
+  def result(name, preempted):
+    return types.SimpleNamespace(seconds=0, tokens_per_s=0,
+                                 preempted=preempted, name=name,
+                                 run_dir=str(tmp_path / name))
+  monkeypatch.setattr(commands, 'run_teacher', lambda c, w, **_: result(
+      'teacher', stopped_in == 'teacher'))
+  monkeypatch.setattr(commands, 'run_distill', lambda c, w, on_result=None: [
+      result('student_k1', False), result('student_k2', True)])
+  monkeypatch.setattr(evaluate, 'run_evaluate',
+                      lambda c, w: calls.append('evaluate'))
+  monkeypatch.setattr(bench, 'run_bench', lambda c, w: calls.append('bench'))
+  config = defaults.base_config()
+  config.evaluator_train.enabled = False
+  flags_obj = types.SimpleNamespace(config=config, workdir=str(tmp_path))
+  assert commands.pipeline_cmd(flags_obj) == commands.STOPPED_EXIT_CODE
+  assert calls == [] and not (tmp_path / 'report.md').exists()
+  assert 'SIGTERM: stopped after saving' in capsys.readouterr().out
+
+
 def test_report_lists_the_teacher_then_students_by_window(tmp_path):
   # os.listdir order, or a plain sort, put students before the teacher and
   # k16 before k2.

@@ -497,11 +497,12 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('sig,returncode', [(signal.SIGTERM, 0),
+@pytest.mark.parametrize('sig,returncode', [(signal.SIGTERM, 143),
                                             (signal.SIGINT, 130)])
 def test_sigterm_or_ctrl_c_saves_and_exits(tmp_path, sig, returncode):
-  # SIGTERM (preemption) exits 0; Ctrl-C exits 130 so a calling script
-  # stops too. Both save the step they stopped at first.
+  # SIGTERM (preemption) exits 143, so a scheduler restarts the job (it took
+  # the old exit 0 for a finished run); Ctrl-C exits 130 so a calling
+  # script stops too. Both save the step they stopped at first.
   proc = subprocess.Popen(_train_cmd(tmp_path, 100000), cwd=ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
