@@ -213,7 +213,6 @@ def test_a_sigterm_stopped_stage_ends_the_pipeline_with_143(
   from kforcing_jax import commands  # pylint: disable=g-import-not-at-top
   from kforcing_jax import defaults  # pylint: disable=g-import-not-at-top
   from kforcing_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from kforcing_jax import pipeline  # pylint: disable=g-import-not-at-top
   calls = []
 
   def result(name, preempted):
