@@ -136,6 +136,7 @@ def get_tokenizer(config, workdir: str, *, check_data: bool = True,
     path = os.path.join(workdir, 'tokenizer.model')
     if os.path.exists(path):
       tokenizer = tokenizer_lib.load_tokenizer(path)
+      _note_reused_tokenizer(path, tokenizer, config.model.vocab_size)
     else:
       tokenizer_lib.check_before_training(workdir, path)
       # Said aloud (on stderr: generate's stdout is JSON): a paper config
@@ -180,6 +181,25 @@ def get_tokenizer(config, workdir: str, *, check_data: bool = True,
 # --------------------------------------------------------------------------
 # TFDS records as token arrays.
 # --------------------------------------------------------------------------
+
+
+def _note_reused_tokenizer(path: str, tokenizer: tokenizer_lib.Tokenizer,
+                           vocab_size: int) -> None:
+  """The workdir's tokenizer is reused as it is: said when it was trained
+  for another model.vocab_size (a raised one would otherwise leave the new
+  ids unused without a word; a lowered one is refused just after)."""
+  trained_for = tokenizer_lib.requested_vocab_size(path)
+  if trained_for is None or trained_for == vocab_size:
+    return
+  from kforcing_jax import sharding  # pylint: disable=g-import-not-at-top
+  if sharding.is_main_process():
+    unused = (f'; ids from {tokenizer.vocab_size} up are never used'
+              if tokenizer.vocab_size < vocab_size else '')
+    print(f'[data] NOTE: reusing {path}, trained for vocab_size='
+          f'{trained_for} ({tokenizer.vocab_size} pieces), though '
+          f'model.vocab_size={vocab_size}{unused}. To train one for '
+          f'{vocab_size}, use a new workdir (this one\'s runs are tied to '
+          'its tokenizer)', file=sys.stderr, flush=True)
 
 
 def _record_tokens(record, *, tokenizer: tokenizer_lib.Tokenizer,

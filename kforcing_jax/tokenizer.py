@@ -246,6 +246,19 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int,
   return load_tokenizer(model_path)
 
 
+def requested_vocab_size(path: str) -> int | None:
+  """The vocab_size a SentencePiece model at `path` was trained for (its
+  trainer spec; the model may hold fewer pieces), or None if unreadable."""
+  try:
+    # pylint: disable=g-import-not-at-top
+    from sentencepiece import sentencepiece_model_pb2
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(_read_bytes(path))
+    return int(proto.trainer_spec.vocab_size) or None
+  except Exception:  # pylint: disable=broad-except  # Only for a note.
+    return None
+
+
 # Which tokenizer a workdir's models were trained with (sha256 of its file).
 TOKENIZER_RECORD = 'tokenizer.sha256'
 

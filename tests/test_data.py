@@ -165,6 +165,27 @@ def test_training_a_tokenizer_is_announced_and_reuse_is_silent(
   assert 'training' not in capsys.readouterr().err
 
 
+def test_a_reused_tokenizer_trained_for_another_vocab_size_is_noted(
+    tmp_path, capsys):
+  # Raising model.vocab_size in a workdir used to reuse its tokenizer
+  # without a word: the new ids were never used.
+  first = data.get_tokenizer(_config(), str(tmp_path))
+  capsys.readouterr()
+  c = _config()
+  c.model.vocab_size = 512
+  again = data.get_tokenizer(c, str(tmp_path))
+  assert again.fingerprint == first.fingerprint
+  err = capsys.readouterr().err
+  assert (f'[data] NOTE: reusing {tmp_path / "tokenizer.model"}, trained '
+          f'for vocab_size=384 ({first.vocab_size} pieces), though '
+          f'model.vocab_size=512; ids from {first.vocab_size} up are never '
+          'used. To train one for 512, use a new workdir') in err
+  c.model.vocab_size = first.vocab_size - 1  # Lowered: noted, then refused.
+  with pytest.raises(ValueError, match='raise model.vocab_size'):
+    data.get_tokenizer(c, str(tmp_path))
+  assert 'trained for vocab_size=384' in capsys.readouterr().err
+
+
 def test_a_held_out_split_that_is_the_training_split_is_noted(
     workdir, sp_tok, capsys):
   del sp_tok  # Trained: the calls below only reuse it.
