@@ -241,7 +241,8 @@ def generate(flags_obj):
       frequency_penalty=pick(flags_obj.frequency_penalty,
                              dc.frequency_penalty),
       eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-      kernel_impl=config.get('kernels', {}).get('impl', 'auto'))
+      kernel_impl=config.get('kernels', {}).get('impl', 'auto'),
+      attention_impl=defaults.attention_impl(config))
   for prompt, prompt_ids, row, n in zip(prompts, ids, out.tokens,
                                        out.lengths):
     # Decode prompt and continuation together so word boundaries survive.

@@ -168,6 +168,10 @@ def base_config() -> ml_collections.ConfigDict:
   kn.impl = 'auto'  # 'auto' (Pallas on TPU; elsewhere 'reference' to decode,
   #                   'chunked' for the loss), 'pallas', 'chunked' or
   #                   'reference' (full logits).
+  # Cached attention of the decodes generate and evaluate make: 'auto' (the
+  # Pallas kernel for push-forward steps on a GPU, XLA elsewhere), 'xla' or
+  # 'pallas' (decode.DecodeSpec.attention_impl); bench has its own field.
+  kn.attention_impl = 'auto'
 
   # --- Device mesh. ---
   c.mesh = ms = ml_collections.ConfigDict()
@@ -309,6 +313,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.kernels.impl not in ('auto', 'pallas', 'chunked', 'reference'):
     raise ValueError(f'kernels.impl={c.kernels.impl!r}; expected auto, '
                      'pallas, chunked or reference')
+  check_attention_impl(c)
   if 'evaluator_train' in c:
     from kforcing_jax import evaluator_train  # pylint: disable=g-import-not-at-top
     evaluator_train.evaluator_settings(c)
@@ -350,6 +355,24 @@ def check_batches(c, *, teacher: bool, distill: bool) -> None:
   if distill:
     sharding.check_batch_divisible(c.distill.batch_size, size,
                                    'distill.batch_size')
+
+
+def attention_impl(c) -> str:
+  """`kernels.attention_impl`, or 'auto' for a config saved before it."""
+  return str((c.get('kernels', None) or {}).get('attention_impl', 'auto'))
+
+
+def check_attention_impl(c) -> None:
+  """Refuses a bad `kernels.attention_impl`, or a 'pallas' the model (or
+  this jax) cannot run, before any work."""
+  from kforcing_jax import decode  # pylint: disable=g-import-not-at-top
+  impl = attention_impl(c)
+  if impl not in decode.ATTENTION_IMPLS:
+    raise ValueError(f'kernels.attention_impl={impl!r}; expected one of '
+                     f'{decode.ATTENTION_IMPLS}')
+  if impl == 'pallas' and (misfit := decode.pallas_misfit(
+      c.model.d_model, c.model.num_heads)):
+    raise ValueError(f"kernels.attention_impl='pallas' {misfit}")
 
 
 def _validate_eval_and_bench(c) -> None:

@@ -73,6 +73,7 @@ import numpy as np
 
 from kforcing_jax import checkpoints
 from kforcing_jax import data as data_lib
+from kforcing_jax import defaults
 from kforcing_jax import decode
 from kforcing_jax import eval_metrics
 from kforcing_jax import eval_schema
@@ -114,7 +115,8 @@ def plan_models(windows: Sequence[int],
 
 def generate_fixed(cfg, params, prefixes_BxP, noise_BxT, k: int,
                    penalty: float = 0.0,
-                   kernel_impl: str = 'auto') -> np.ndarray:
+                   kernel_impl: str = 'auto',
+                   attention_impl: str = 'auto') -> np.ndarray:
   """Exactly T = noise.shape[1] new tokens, k per pass, within seq_len.
 
   When k does not divide T, the last r = T % k tokens come from one more
@@ -129,19 +131,21 @@ def generate_fixed(cfg, params, prefixes_BxP, noise_BxT, k: int,
     parts.append(decode.generate(
         params, cfg, prefixes_BxP, max_new_tokens=main, k=k,
         noise=noise_BxT[:, :main], frequency_penalty=penalty,
-        eos_id=None, kernel_impl=kernel_impl).tokens)
+        eos_id=None, kernel_impl=kernel_impl,
+        attention_impl=attention_impl).tokens)
   if main < max_new:
     context = np.concatenate([prefixes_BxP] + parts, axis=1)
     parts.append(decode.generate(
         params, cfg, context, max_new_tokens=max_new - main,
         k=max_new - main, noise=noise_BxT[:, main:],
         frequency_penalty=penalty, eos_id=None,
-        kernel_impl=kernel_impl).tokens)
+        kernel_impl=kernel_impl, attention_impl=attention_impl).tokens)
   return np.concatenate(parts, axis=1)
 
 
 def decode_all(cfg, params, entry: ModelEntry, prefixes_NxP, noise_NxT,
-               batch_size: int, kernel_impl: str = 'auto'):
+               batch_size: int, kernel_impl: str = 'auto',
+               attention_impl: str = 'auto'):
   """Decodes every prefix in batches. Returns (tokens (N, T), timing dict).
 
   Batches are padded to batch_size (one compilation per model). tokens/s
@@ -158,7 +162,7 @@ def decode_all(cfg, params, entry: ModelEntry, prefixes_NxP, noise_NxT,
         cfg, params,
         eval_metrics.pad_rows(prefixes_NxP[lo:lo + rows], batch_size),
         eval_metrics.pad_rows(noise_NxT[lo:lo + rows], batch_size), entry.k,
-        entry.penalty, kernel_impl)
+        entry.penalty, kernel_impl, attention_impl)
     times.append((time.perf_counter() - t0, batch_size * max_new))
     outs.append(tokens[:rows])
   steady = times[1:] or times
@@ -343,6 +347,12 @@ def run_evaluate(config, workdir: str) -> dict:
         notes.append(stale)
         if sharding.is_main_process():
           print(f'[eval] WARNING: {stale}', flush=True)
+  attention = defaults.attention_impl(config)
+  if attention == 'pallas':  # The runs' own shapes, before any decoding.
+    for run, (cfg, _) in loaded.items():
+      if misfit := decode.pallas_misfit(cfg.d_model, cfg.num_heads):
+        raise ValueError(f"kernels.attention_impl='pallas' for {run}: "
+                         f'{misfit}')
   # The checkpoint of every run here: a re-run tells a result of older
   # models by these, not by file times (a copied workdir has new ones).
   records = checkpoints.workdir_records(workdir)
@@ -355,7 +365,7 @@ def run_evaluate(config, workdir: str) -> dict:
       tokens, timing = np.asarray(seqs[:, s.prefix_len:]), None
     else:
       tokens, timing = decode_all(*loaded[entry.run], entry, prefixes, noise,
-                                  s.batch_size, kernel_impl)
+                                  s.batch_size, kernel_impl, attention)
     if entry.kind == 'teacher':
       teacher_tokens = tokens
     full = np.concatenate([prefixes, tokens], axis=1)

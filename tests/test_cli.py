@@ -334,7 +334,7 @@ def test_overrides_may_come_before_the_config_file_and_the_last_wins(
 
 
 @pytest.mark.slow
-def test_generate_applies_config_decode_overrides(tmp_path):
+def test_generate_applies_config_decode_overrides(tmp_path, monkeypatch):
   # The run's saved config gives the defaults; --config and its
   # --config.decode.* overrides replace them (they used to be ignored).
   r = _cli('train-teacher', '--config=configs/tiny.py', f'--workdir={tmp_path}',
@@ -370,6 +370,25 @@ def test_generate_applies_config_decode_overrides(tmp_path):
   assert r.returncode == 0, r.stderr
   assert 'NOTE: max_new_tokens=500 cut to ' in r.stderr
   assert json.loads(r.stdout)['new_tokens'] < 500
+  # kernels.attention_impl reaches the decode (in process, to see it).
+  from kforcing_jax import commands  # pylint: disable=g-import-not-at-top
+  from kforcing_jax import decode  # pylint: disable=g-import-not-at-top
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.kernels.attention_impl = 'xla'
+  seen = []
+  real_generate = decode.generate
+
+  def generate(*args, attention_impl='auto', **kwargs):
+    seen.append(attention_impl)
+    return real_generate(*args, attention_impl=attention_impl, **kwargs)
+  flags_obj = types.SimpleNamespace(
+      workdir=str(tmp_path), config=config, prompt=['the'], k=1, model=None,
+      seed=None, max_new_tokens=2, temperature=None, greedy=None,
+      frequency_penalty=None)
+  monkeypatch.setattr(decode, 'generate', generate)
+  commands.generate(flags_obj)
+  assert seen == ['xla']
   # Without the run's tokenizer: refused (it trained a new one and decoded
   # with ids the run never saw).
   for name in ('tokenizer.model', 'tokenizer.sha256'):

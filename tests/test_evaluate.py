@@ -664,23 +664,38 @@ def test_run_evaluate_untrained_models(hf_dir, tmp_path, monkeypatch, capsys):
   assert 'samples/teacher.jsonl' not in note[0]
 
 
-def test_run_evaluate_decodes_with_the_configured_projection(
+def test_run_evaluate_decodes_with_the_configured_kernels(
     hf_dir, tmp_path, monkeypatch):
-  """kernels.impl reaches every decode of evaluate, as it does generate's."""
+  """kernels.impl and kernels.attention_impl reach every decode of
+  evaluate, as they do generate's."""
   config, workdir = _untrained_setup(hf_dir, tmp_path, monkeypatch)
   config.kernels.impl = 'chunked'
+  config.kernels.attention_impl = 'xla'
   config.eval.sweep_contexts = 0
   seen = []
   real_generate = decode.generate
 
-  def generate(*args, kernel_impl='auto', **kwargs):
-    seen.append(kernel_impl)
-    return real_generate(*args, kernel_impl=kernel_impl, **kwargs)
+  def generate(*args, kernel_impl='auto', attention_impl='auto', **kwargs):
+    seen.append((kernel_impl, attention_impl))
+    return real_generate(*args, kernel_impl=kernel_impl,
+                         attention_impl=attention_impl, **kwargs)
 
   monkeypatch.setattr(ev.decode, 'generate', generate)
   result = ev.run_evaluate(config, workdir)
   assert result['models']['student_k2']['coupling']['noise_sweep'] is None
-  assert seen and set(seen) == {'chunked'}
+  assert seen and set(seen) == {('chunked', 'xla')}
+
+
+def test_run_evaluate_refuses_a_pallas_attention_a_run_cannot_take(
+    hf_dir, tmp_path, monkeypatch):
+  # The runs have head dim 8: refused naming the first, before decoding.
+  config, workdir = _untrained_setup(hf_dir, tmp_path, monkeypatch)
+  config.kernels.attention_impl = 'pallas'
+  monkeypatch.setattr(ev.decode, 'generate', None)  # Not reached.
+  with pytest.raises(ValueError, match="kernels.attention_impl='pallas' for "
+                     'teacher: needs a head dim .* this model has 8'):
+    ev.run_evaluate(config, workdir)
+  assert not os.path.exists(os.path.join(workdir, 'samples'))
 
 
 def test_run_evaluate_damaged_student_fails_before_scoring(
