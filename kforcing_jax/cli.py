@@ -41,8 +41,8 @@ flags.DEFINE_integer('max_new_tokens', None, 'generate: new tokens per prompt '
                      '(default: config decode.max_new_tokens).')
 flags.DEFINE_float('temperature', None, 'generate: AR sampling temperature.')
 flags.DEFINE_bool('greedy', None, 'generate: AR argmax decoding.')
-flags.DEFINE_float('frequency_penalty', None, 'generate: push-forward '
-                   'frequency penalty lambda.')
+flags.DEFINE_float('frequency_penalty', None, 'generate: frequency penalty '
+                   'lambda (students and the AR teacher alike).')
 flags.DEFINE_integer('seed', None, 'generate: seed of the decoding noise.')
 
 FLAGS = flags.FLAGS

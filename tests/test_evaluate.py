@@ -843,8 +843,8 @@ def test_decode_rate_counts_the_padded_rows_of_a_partial_batch(
   clock = [0.0]
   monkeypatch.setattr(ev.time, 'perf_counter', lambda: clock[0])
 
-  def fake_generate(cfg, params, prefixes, noise, k, penalty, kernel_impl):
-    del kernel_impl
+  def fake_generate(cfg, params, prefixes, noise, k, penalty, *impls):
+    del impls  # kernel_impl, attention_impl.
     clock[0] += 0.1
     return np.zeros((len(prefixes), noise.shape[1]), np.int32)
 
