@@ -200,6 +200,9 @@ def generate(flags_obj):
   if flags_obj.config is not None:
     _note_ignored_model_fields(flags_obj.config, config, run)
     config = flags_obj.config
+  # The run's shape decodes, whatever --config's model says.
+  defaults.check_run_attention(defaults.attention_impl(config), cfg.d_model,
+                               cfg.num_heads, run)
   dc = config.decode
 
   def pick(flag_value, default):

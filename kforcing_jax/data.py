@@ -183,14 +183,22 @@ def get_tokenizer(config, workdir: str, *, check_data: bool = True,
 # --------------------------------------------------------------------------
 
 
+# (path, vocab_size) pairs already noted: a pipeline loads the tokenizer
+# in every stage.
+_NOTED_REUSE = set()
+
+
 def _note_reused_tokenizer(path: str, tokenizer: tokenizer_lib.Tokenizer,
                            vocab_size: int) -> None:
-  """The workdir's tokenizer is reused as it is: said when it was trained
-  for another model.vocab_size (a raised one would otherwise leave the new
-  ids unused without a word; a lowered one is refused just after)."""
+  """The workdir's tokenizer is reused as it is: said (once per process)
+  when it was trained for another model.vocab_size. A raised one would
+  otherwise leave the new ids unused without a word; one below the
+  tokenizer's pieces is refused just after."""
   trained_for = tokenizer_lib.requested_vocab_size(path)
-  if trained_for is None or trained_for == vocab_size:
+  if (trained_for is None or trained_for == vocab_size
+      or (path, vocab_size) in _NOTED_REUSE):
     return
+  _NOTED_REUSE.add((path, vocab_size))
   from kforcing_jax import sharding  # pylint: disable=g-import-not-at-top
   if sharding.is_main_process():
     unused = (f'; ids from {tokenizer.vocab_size} up are never used'

@@ -363,16 +363,25 @@ def attention_impl(c) -> str:
 
 
 def check_attention_impl(c) -> None:
-  """Refuses a bad `kernels.attention_impl`, or a 'pallas' the model (or
-  this jax) cannot run, before any work."""
+  """Refuses a bad `kernels.attention_impl`, or a 'pallas' the config's
+  model (or this jax) cannot run, before any work. generate and evaluate
+  check the runs they load again: their shapes are what decodes."""
+  check_run_attention(attention_impl(c), c.model.d_model, c.model.num_heads,
+                      "the config's model")
+
+
+def check_run_attention(impl: str, d_model: int, num_heads: int,
+                        model: str) -> None:
+  """Refuses `kernels.attention_impl=impl` for `model` (a name for the
+  message) of this width and head count."""
   from kforcing_jax import decode  # pylint: disable=g-import-not-at-top
-  impl = attention_impl(c)
   if impl not in decode.ATTENTION_IMPLS:
     raise ValueError(f'kernels.attention_impl={impl!r}; expected one of '
                      f'{decode.ATTENTION_IMPLS}')
-  if impl == 'pallas' and (misfit := decode.pallas_misfit(
-      c.model.d_model, c.model.num_heads)):
-    raise ValueError(f"kernels.attention_impl='pallas' {misfit}")
+  if impl == 'pallas' and (misfit := decode.pallas_misfit(d_model,
+                                                          num_heads)):
+    raise ValueError(f"kernels.attention_impl='pallas' for {model}: "
+                     f'{misfit}')
 
 
 def _validate_eval_and_bench(c) -> None:

@@ -348,11 +348,8 @@ def run_evaluate(config, workdir: str) -> dict:
         if sharding.is_main_process():
           print(f'[eval] WARNING: {stale}', flush=True)
   attention = defaults.attention_impl(config)
-  if attention == 'pallas':  # The runs' own shapes, before any decoding.
-    for run, (cfg, _) in loaded.items():
-      if misfit := decode.pallas_misfit(cfg.d_model, cfg.num_heads):
-        raise ValueError(f"kernels.attention_impl='pallas' for {run}: "
-                         f'{misfit}')
+  for run, (cfg, _) in loaded.items():  # Their own shapes, before decoding.
+    defaults.check_run_attention(attention, cfg.d_model, cfg.num_heads, run)
   # The checkpoint of every run here: a re-run tells a result of older
   # models by these, not by file times (a copied workdir has new ones).
   records = checkpoints.workdir_records(workdir)

@@ -32,8 +32,9 @@
 # reads the KFORCING_* variables. Every output line is prefixed with [pI].
 # If any process fails, the others are stopped and the script exits with the
 # failing status; on timeout it exits with 124, after the grace period. A
-# process that exits 143 (a SIGTERM stopped it after saving) is not a
-# failure: the others are waited for, and the script then exits 143.
+# process that exits 143 (stopped by a SIGTERM; in training, after saving)
+# is not a failure: the others get the grace period to stop and save too,
+# and the script then exits 143, as it does on a SIGTERM of its own.
 #
 # Example:
 #   launch/local_multiprocess.sh -n 2 -- train-teacher \
@@ -196,7 +197,11 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'echo "[launch] interrupted; stopping all processes" >&2
-      stop_grace=$grace_s; exit 130' INT TERM
+      stop_grace=$grace_s; exit 130' INT
+# 143 (128 + SIGTERM), as kforcing_jax exits on SIGTERM: a scheduler that
+# restarts failed jobs restarts this one.
+trap 'echo "[launch] terminated (SIGTERM); stopping all processes" >&2
+      stop_grace=$grace_s; exit 143' TERM
 
 # Copies stdin to stdout with "[pI] " before every line.
 prefix_lines() {
@@ -223,6 +228,7 @@ echo "[launch] started $num_processes processes (coordinator 127.0.0.1:$port," \
 # Poll until all exit, one fails, or the timeout passes.
 status=0
 remaining=$num_processes
+stopped_by=-1  # SECONDS by which the others must follow a process's 143.
 while ((remaining > 0)); do
   for ((i = 0; i < num_processes; i++)); do
     [[ -n "${finished[$i]:-}" ]] && continue
@@ -233,10 +239,12 @@ while ((remaining > 0)); do
     finished[$i]=1
     remaining=$((remaining - 1))
     if ((rc == 143)); then
-      # Stopped by a SIGTERM after saving (kforcing_jax's status for it):
-      # in training the others stop at the same step and save their part
-      # on their own, so they are waited for, not killed.
+      # Stopped by a SIGTERM (kforcing_jax's status for it): in training,
+      # after saving, and the others stop at the same step and save their
+      # part on their own, so they get the grace period, not 5 s. (Outside
+      # training they may instead wait for it in a collective.)
       status=143
+      ((stopped_by < 0)) && stopped_by=$((SECONDS + grace_s))
       continue
     fi
     if ((rc != 0)); then
@@ -246,6 +254,11 @@ while ((remaining > 0)); do
       break 2
     fi
   done
+  if ((stopped_by >= 0 && SECONDS >= stopped_by)); then
+    echo "[launch] process(es) still running ${grace_s}s after one was" \
+      "stopped by SIGTERM; stopping them" >&2
+    break  # They had the grace period: cleanup's TERM gets 5 s.
+  fi
   if ((SECONDS >= timeout_s)); then
     echo "[launch] timeout after ${timeout_s}s; stopping all processes" >&2
     status=124
@@ -257,7 +270,7 @@ done
 if ((status == 0)); then
   echo "[launch] all $num_processes processes finished" >&2
 elif ((status == 143)); then
-  echo "[launch] stopped by SIGTERM after saving; re-run the same command" \
-    "to resume" >&2
+  echo "[launch] stopped by SIGTERM (training saves first); re-run the" \
+    "same command to resume" >&2
 fi
 exit "$status"

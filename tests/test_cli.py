@@ -389,6 +389,10 @@ def test_generate_applies_config_decode_overrides(tmp_path, monkeypatch):
   monkeypatch.setattr(decode, 'generate', generate)
   commands.generate(flags_obj)
   assert seen == ['xla']
+  config.kernels.attention_impl = 'fast'  # Named, not DecodeSpec's field.
+  with pytest.raises(ValueError, match="kernels.attention_impl='fast'"):
+    commands.generate(flags_obj)
+  assert seen == ['xla']
   # Without the run's tokenizer: refused (it trained a new one and decoded
   # with ids the run never saw).
   for name in ('tokenizer.model', 'tokenizer.sha256'):

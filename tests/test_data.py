@@ -180,6 +180,8 @@ def test_a_reused_tokenizer_trained_for_another_vocab_size_is_noted(
           f'for vocab_size=384 ({first.vocab_size} pieces), though '
           f'model.vocab_size=512; ids from {first.vocab_size} up are never '
           'used. To train one for 512, use a new workdir') in err
+  data.get_tokenizer(c, str(tmp_path))  # A pipeline's next stage.
+  assert 'NOTE' not in capsys.readouterr().err  # Said once.
   c.model.vocab_size = first.vocab_size - 1  # Lowered: noted, then refused.
   with pytest.raises(ValueError, match='raise model.vocab_size'):
     data.get_tokenizer(c, str(tmp_path))

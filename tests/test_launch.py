@@ -507,7 +507,37 @@ def test_local_waits_for_the_others_after_one_stops_with_143(tmp_path):
   assert r.returncode == 143, r.stderr
   assert (tmp_path / 'p0').read_text() == 'saved\n'
   assert 'failed' not in r.stderr and 'SIGKILL' not in r.stderr
-  assert 'stopped by SIGTERM after saving' in r.stderr
+  assert 'stopped by SIGTERM (training saves first)' in r.stderr
+
+
+def test_local_exits_143_on_its_own_sigterm(fake_python):
+  # It exited 130, a user's cancel to some schedulers, not a preemption.
+  proc = subprocess.Popen(
+      ['bash', LOCAL_MP, '-n', '2', '-g', '2', '--', 'distill', '--workdir=w'],
+      env=dict(os.environ, PYTHON=str(fake_python), SLEEP_S='60'),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  time.sleep(2)  # Past the traps being set.
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode == 143, err
+  assert '[launch] terminated (SIGTERM); stopping all processes' in err
+
+
+def test_local_stops_the_others_a_grace_period_after_a_143(tmp_path):
+  """Outside training a 143 saved nothing, and the others may wait for
+  the stopped process in a collective: they get the grace period, then
+  are stopped, not waited for until the timeout."""
+  hung = _write_exe(tmp_path / 'python', """
+      #!/usr/bin/env bash
+      if [[ "$KFORCING_PROCESS_ID" == 1 ]]; then exit 143; fi
+      sleep 120
+      """)
+  start = time.time()
+  r = local('-n', '2', '-g', '2', '--', 'evaluate', '--workdir=w',
+            timeout=60, env={'PYTHON': str(hung)})
+  assert r.returncode == 143, r.stderr
+  assert 'still running 2s after one was stopped by SIGTERM' in r.stderr
+  assert time.time() - start < 30
 
 
 def test_local_failure_before_the_others_start_does_not_hang(fake_python):

@@ -96,7 +96,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     ('kernels', 'attention_impl', 'fast', "kernels.attention_impl='fast'"),
     # A head dim of 8, which the Pallas attention cannot take.
     ('kernels', 'attention_impl', 'pallas', "kernels.attention_impl='pallas' "
-     'needs a head dim .* this model has 8'),
+     "for the config's model: needs a head dim .* this model has 8"),
 ])
 def test_validate_names_a_bad_optimizer_or_model_value(section, name, value,
                                                        needle):
