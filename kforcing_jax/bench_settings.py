@@ -60,7 +60,8 @@ def settings_from_config(config) -> BenchSettings:
   projection.check_impl(values['kernel_impl'])
   s = BenchSettings(**values)
   check_settings(s, config.model.seq_len)
-  check_attention(s, config.model.d_model, config.model.num_heads)
+  check_attention(s, config.model.d_model, config.model.num_heads,
+                  "the config's model")
   return s
 
 
@@ -113,7 +114,7 @@ def check_settings(s: BenchSettings, seq_len: int) -> None:
 
 
 def check_attention(s: BenchSettings, d_model: int, num_heads: int,
-                    model: str = 'model') -> None:
+                    model: str) -> None:
   """Refuses a forced 'pallas' that `model` (d_model, num_heads) or this
   jax cannot run, before the bench measures anything: its first cell
   would fail only after the ceilings."""

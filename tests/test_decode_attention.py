@@ -303,8 +303,10 @@ def test_bench_refuses_an_unknown_attention():
 
 
 @pytest.mark.parametrize('fields,num_heads,needle', [
-    (dict(key_layout='kt'), 2, "key_layout='kt' for model: reads keys"),
-    (dict(), 4, 'for model: needs a head dim .* this model has 8'),
+    (dict(key_layout='kt'), 2, "key_layout='kt' for the config's model: "
+     'reads keys'),
+    (dict(), 4, "for the config's model: needs a head dim .* this model has "
+     '8'),
 ])
 def test_bench_refuses_a_pallas_attention_the_model_cannot_run(
     fields, num_heads, needle):
