@@ -321,7 +321,10 @@ def run_evaluate(config, workdir: str) -> dict:
     notes.append('eval.evaluator is empty: evaluator_ppl skipped')
   prefix_split = [('eval.split', s.split or config.data.eval_split)]
   tokenizer = data_lib.get_tokenizer(config, workdir, splits=prefix_split)
-  notes += data_lib.training_text_notes(config, prefix_split)
+  # Notes said as they arise (get_tokenizer says these): recorded in
+  # eval.json, not repeated in the closing list.
+  said = data_lib.training_text_notes(config, prefix_split)
+  notes += said
   seqs = eval_sequences(config, tokenizer, workdir, s, notes)
   prefixes = seqs[:, :s.prefix_len]
   max_new = teacher_cfg.seq_len - s.prefix_len
@@ -345,6 +348,7 @@ def run_evaluate(config, workdir: str) -> dict:
       stale = _stale_source(workdir, entry.run, meta)
       if stale:
         notes.append(stale)
+        said.append(stale)
         if sharding.is_main_process():
           print(f'[eval] WARNING: {stale}', flush=True)
   attention = defaults.attention_impl(config)
@@ -419,7 +423,8 @@ def run_evaluate(config, workdir: str) -> dict:
         os.path.join(workdir, 'eval.json'),
         json.dumps(result, indent=1, allow_nan=False) + '\n')
     for note in notes:  # Said, not only recorded in eval.json.
-      print(f'[eval] NOTE: {note}', flush=True)
+      if note not in said:
+        print(f'[eval] NOTE: {note}', flush=True)
     _note_other_samples(workdir,
                         {row['samples_file'] for row in models.values()})
   return result
