@@ -194,7 +194,7 @@ def _note_reused_tokenizer(path: str, tokenizer: tokenizer_lib.Tokenizer,
   when it was trained for another model.vocab_size. A raised one would
   otherwise leave the new ids unused without a word; one below the
   tokenizer's pieces is refused just after."""
-  trained_for = tokenizer_lib.requested_vocab_size(path)
+  trained_for = tokenizer.trained_vocab_size()  # From the loaded model.
   if (trained_for is None or trained_for == vocab_size
       or (path, vocab_size) in _NOTED_REUSE):
     return

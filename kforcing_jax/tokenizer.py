@@ -54,6 +54,18 @@ class _SentencePieceBackend:
     # Control pieces (pad, eos) decode to nothing.
     return self._sp.decode(ids)
 
+  def trained_vocab_size(self) -> int | None:
+    """The vocab_size it was trained for (its trainer spec; it may hold
+    fewer pieces), or None if the spec cannot be read."""
+    try:
+      # pylint: disable=g-import-not-at-top
+      from sentencepiece import sentencepiece_model_pb2
+      proto = sentencepiece_model_pb2.ModelProto()
+      proto.ParseFromString(self._sp.serialized_model_proto())
+      return int(proto.trainer_spec.vocab_size) or None
+    except Exception:  # pylint: disable=broad-except  # Only for a note.
+      return None
+
 
 class _HuggingFaceBackend:
   """A `tokenizers` JSON file (e.g. a BERT or GPT-2 tokenizer.json)."""
@@ -87,6 +99,9 @@ class _HuggingFaceBackend:
 
   def decode(self, ids: list[int]) -> str:
     return self._tok.decode(ids, skip_special_tokens=True)
+
+  def trained_vocab_size(self) -> None:
+    return None  # A tokenizers JSON keeps no requested size.
 
 
 def _first_present(vocab: dict[str, int], names: Sequence[str]) -> int | None:
@@ -133,6 +148,11 @@ class Tokenizer:
     return self._backend.decode([int(i) for i in flat
                                  if i != self.pad_id and
                                  0 <= i < self.vocab_size])
+
+  def trained_vocab_size(self) -> int | None:
+    """The vocab_size a SentencePiece model was trained for (it may hold
+    fewer pieces: `vocab_size`), or None where that is not recorded."""
+    return self._backend.trained_vocab_size()
 
   def __repr__(self) -> str:
     return (f'Tokenizer(path={self.path!r}, vocab_size={self.vocab_size}, '
@@ -244,19 +264,6 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int,
   proto = writer.getvalue()
   files.atomic_write(model_path, lambda f: f.write(proto))
   return load_tokenizer(model_path)
-
-
-def requested_vocab_size(path: str) -> int | None:
-  """The vocab_size a SentencePiece model at `path` was trained for (its
-  trainer spec; the model may hold fewer pieces), or None if unreadable."""
-  try:
-    # pylint: disable=g-import-not-at-top
-    from sentencepiece import sentencepiece_model_pb2
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(_read_bytes(path))
-    return int(proto.trainer_spec.vocab_size) or None
-  except Exception:  # pylint: disable=broad-except  # Only for a note.
-    return None
 
 
 # Which tokenizer a workdir's models were trained with (sha256 of its file).
