@@ -571,7 +571,10 @@ def test_local_timeout_gives_processes_the_grace_period_to_save(tmp_path):
       echo started
       sleep 60 & wait $!
       """)
-  r = local('-n', '2', '-t', '1', '-g', '40', '--', 'train-teacher',
+  # Not -t 1: bash's SECONDS counts wall-clock second boundaries, so a 1 s
+  # timeout can fire milliseconds after the start, before a loaded machine
+  # has run the fake's trap line (seen once in a full parallel run).
+  r = local('-n', '2', '-t', '3', '-g', '40', '--', 'train-teacher',
             '--workdir=w', timeout=90,
             env={'PYTHON': str(slow_saver), 'SAVED': str(tmp_path)})
   assert r.returncode == 124, r.stderr
