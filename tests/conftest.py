@@ -1,4 +1,5 @@
-"""Test-wide setup: 8 fake CPU devices (set before jax is imported)."""
+"""Test-wide setup, before jax is imported: 8 fake CPU devices and one
+XLA compilation cache for the run."""
 
 import atexit
 import os
