@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -261,6 +262,16 @@ def test_report_lists_runs_without_evals_and_dates_an_older_eval(tmp_path):
   assert report.training_section(str(tmp_path))[4:] == [
       '| teacher | 8 | loss=2 (at step 5) |  |',
       '| student_k1 | 3 | none |  |']
+
+
+def test_report_speed_block_opens_with_the_table_header(tmp_path):
+  # The block used to open with an empty line (format_tables' leading one).
+  shutil.copy(os.path.join(ROOT, 'docs', 'bench_demo_cpu.json'),
+              tmp_path / 'bench.json')
+  lines = report.speed_section(str(tmp_path))
+  block = lines.index('```')
+  assert lines[block + 1].startswith('batch  k  model')
+  assert lines[block + 2] == '```'
 
 
 def test_report_reads_a_cut_metrics_line_and_names_a_damaged_file(tmp_path):
