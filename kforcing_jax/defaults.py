@@ -185,7 +185,8 @@ def base_config() -> ml_collections.ConfigDict:
   dc.max_new_tokens = 64  # New tokens per prompt (capped by model.seq_len).
   dc.temperature = 1.0  # Softmax temperature for AR sampling.
   dc.greedy = False  # Argmax instead of inverse-CDF sampling (AR only).
-  dc.frequency_penalty = 0.0  # Frequency penalty lambda (teacher too).
+  dc.frequency_penalty = 0.0  # Frequency penalty lambda (teacher too); a
+  #                             token's count includes the prompt's.
   dc.seed = 0  # Seed of the uniform decoding noise.
   # Locked: a misspelled field in a config file (c.train.num_step = 5)
   # raises, naming the close match, instead of adding a field nothing
