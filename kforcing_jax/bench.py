@@ -251,7 +251,9 @@ def _profile_cells(cells: list[bench_timing.Cell],
 
 def _roofline_numbers(s: bench_settings.BenchSettings,
                       cfg: model_lib.ModelConfig, log) -> dict[str, Any]:
-  measured = not (s.peak_flops and s.bandwidth)
+  # Either ceiling may be given (bench.peak_flops / bench.bandwidth) and
+  # the other measured: each is recorded and said as what it is.
+  peak_measured, bw_measured = not s.peak_flops, not s.bandwidth
   dtype = jnp.dtype(cfg.compute_dtype)
   peak = s.peak_flops or roofline.measure_peak_flops(s.matmul_size,
                                                      s.repeats, dtype)
@@ -262,15 +264,20 @@ def _roofline_numbers(s: bench_settings.BenchSettings,
     bw, moved = roofline.measure_bandwidth(s.copy_mib, s.repeats)
     # For reference: the same op into a new buffer (page-fault bound).
     fresh, _ = roofline.measure_bandwidth(s.copy_mib, s.repeats, in_place=False)
-  log(f'[bench] roofline: peak {peak / 1e9:.1f} GFLOP/s ({dtype.name} '
-      f'{s.matmul_size}^3 matmul), bandwidth {bw / 1e9:.2f} GB/s in place'
-      + (f', {fresh / 1e9:.2f} GB/s into fresh buffers' if fresh else '') +
-      f' ({"measured" if measured else "given"}); '
+  peak_how = (f'{dtype.name} {s.matmul_size}^3 matmul, measured'
+              if peak_measured else 'given')
+  bw_how = ('in place'
+            + (f', {fresh / 1e9:.2f} GB/s into fresh buffers' if fresh else '')
+            + ', measured') if bw_measured else 'given'
+  log(f'[bench] roofline: peak {peak / 1e9:.1f} GFLOP/s ({peak_how}), '
+      f'bandwidth {bw / 1e9:.2f} GB/s ({bw_how}); '
       f'ridge {peak / bw:.1f} FLOP/byte; mode {s.roofline!r}')
   return {'peak_flops': float(peak), 'peak_flops_dtype': dtype.name,
           'matmul_size': s.matmul_size, 'bandwidth': float(bw),
           'bandwidth_fresh_alloc': None if fresh is None else float(fresh),
-          'copy_bytes': int(moved), 'measured': measured, 'mode': s.roofline}
+          'copy_bytes': int(moved), 'measured': peak_measured and bw_measured,
+          'peak_flops_measured': peak_measured,
+          'bandwidth_measured': bw_measured, 'mode': s.roofline}
 
 
 def _model_entries(

@@ -38,11 +38,18 @@ def format_tables(d: dict[str, Any]) -> str:
         f'{r["measured_over_predicted"]:9.2f}' + rates +
         f'  {mib(compiled_peak_bytes(r["memory"])):>8s}')
   roof = d['roofline']
+  peak, bw = (f'{roof["peak_flops"] / 1e9:.1f} GFLOP/s',
+              f'{roof["bandwidth"] / 1e9:.1f} GB/s')
+  if roof['measured']:
+    ceilings = f'measured ceilings {peak} and {bw}'
+  else:  # Older files lack the per-ceiling flags: then both were given.
+    how = ['measured' if roof.get(f'{key}_measured') else 'given'
+           for key in ('peak_flops', 'bandwidth')]
+    ceilings = f'ceilings {peak} ({how[0]}) and {bw} ({how[1]})'
   lines.append(f'(GFLOP/s, GB/s: the roofline cost model\'s FLOPs and bytes '
-               f'of each decode over its median time; measured ceilings '
-               f'{roof["peak_flops"] / 1e9:.1f} GFLOP/s and '
-               f'{roof["bandwidth"] / 1e9:.1f} GB/s; peak MiB: the compiled '
-               f'decode\'s arguments + outputs - aliased + temporaries)')
+               f'of each decode over its median time; {ceilings}; peak MiB: '
+               f'the compiled decode\'s arguments + outputs - aliased + '
+               f'temporaries)')
   peer = d['peer']
   if peer['available']:
     pf_k = peer['results'][0]['pf_k'] if peer['results'] else '?'

@@ -21,7 +21,13 @@ bench.json, as `bench.run_bench` writes it (schema_version 1;
   roofline        {peak_flops (FLOP/s), peak_flops_dtype, matmul_size,
                    bandwidth (bytes/s, in-place copy), bandwidth_fresh_alloc
                    (bytes/s into new buffers, or null), copy_bytes,
-                   measured (bool), mode ('max'|'sum'|'per_op')}.
+                   measured (bool: both ceilings measured, neither given
+                   by bench.peak_flops / bench.bandwidth), mode
+                   ('max'|'sum'|'per_op'), peak_flops_measured and
+                   bandwidth_measured (optional bools, each ceiling on
+                   its own; files written before them lack them; when the
+                   peak is given, peak_flops_dtype and matmul_size describe
+                   no matmul that ran)}.
   results         one per (k, batch): {model, weights, k, batch, new_tokens
                    (useful tokens per row), num_steps, lower_s, compile_s,
                    times_s [float], median_s, tokens_per_s, speedup (over AR
@@ -115,6 +121,8 @@ _ROOFLINE = {'peak_flops': _NUM, 'peak_flops_dtype': str, 'matmul_size': int,
              'bandwidth': _NUM, 'bandwidth_fresh_alloc': _OPT_NUM,
              'copy_bytes': int, 'measured': bool,
              'mode': str}
+# Added after schema_version 1 files were written: checked when present.
+_ROOFLINE_OPTIONAL = {'peak_flops_measured': bool, 'bandwidth_measured': bool}
 _RESULT = {'model': str, 'weights': str, 'k': int, 'batch': int,
            'new_tokens': int, 'num_steps': int, 'lower_s': _NUM,
            'compile_s': _NUM, 'times_s': list, 'median_s': _NUM,
@@ -214,6 +222,7 @@ def validate_bench_json(d: dict[str, Any]) -> None:
                        f'{projection.IMPLS}')
   profiled = d['settings'].get('profile', False)
   _check_fields(d['roofline'], _ROOFLINE, 'roofline')
+  _check_optional(d['roofline'], _ROOFLINE_OPTIONAL, 'roofline')
   if d['roofline']['mode'] not in roofline.MODES:
     raise ValueError(f'bench.json: roofline.mode={d["roofline"]["mode"]!r} '
                      f'not in {roofline.MODES}')

@@ -9,6 +9,7 @@ import functools
 import importlib.util
 import json
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -436,6 +437,38 @@ def test_table_shows_each_cells_compiled_peak(tiny_run):
              - c['alias_size_in_bytes'] + c['temp_size_in_bytes'])
     assert row[-1] == f'{total / 2 ** 20:.1f}'
   assert rows[0][-1] == '-' and rows[1][-1] != '-'
+
+
+@pytest.mark.parametrize('given', [{'peak_flops': 1e9}, {'bandwidth': 2e9},
+                                   {'peak_flops': 1e9, 'bandwidth': 2e9}])
+def test_a_given_ceiling_is_recorded_and_said_as_given(given, monkeypatch):
+  # One given ceiling used to mark both "measured", in bench.json and in
+  # the log, with the other one measured beside it.
+  monkeypatch.setattr(roofline, 'measure_peak_flops', lambda *a: 3e9)
+  monkeypatch.setattr(roofline, 'measure_bandwidth',
+                      lambda *a, **kw: (4e9, 1024))
+  said = []
+  roof = bench._roofline_numbers(  # pylint: disable=protected-access
+      bench_settings.BenchSettings(**given),
+      types.SimpleNamespace(compute_dtype='float32'), said.append)
+  assert roof['peak_flops'] == given.get('peak_flops', 3e9)
+  assert roof['bandwidth'] == given.get('bandwidth', 4e9)
+  assert roof['peak_flops_measured'] == ('peak_flops' not in given)
+  assert roof['bandwidth_measured'] == ('bandwidth' not in given)
+  assert roof['measured'] is False
+  [line] = said
+  assert ('GFLOP/s (given)' in line) == ('peak_flops' in given)
+  assert ('GB/s (given)' in line) == ('bandwidth' in given)
+  with open(os.path.join(ROOT, 'docs', 'bench_demo_cpu.json')) as f:
+    d = json.load(f)
+  d['roofline'] = roof
+  bench_schema.validate_bench_json(d)
+  table = bench_report.format_tables(d)
+  assert 'measured ceilings' not in table
+  peak_how = 'given' if 'peak_flops' in given else 'measured'
+  bw_how = 'given' if 'bandwidth' in given else 'measured'
+  assert (f'ceilings {roof["peak_flops"] / 1e9:.1f} GFLOP/s ({peak_how}) and '
+          f'{roof["bandwidth"] / 1e9:.1f} GB/s ({bw_how})') in table
 
 
 def test_bench_decodes_with_the_configured_projection(tmp_path,
