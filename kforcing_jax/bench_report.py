@@ -62,8 +62,9 @@ def format_tables(d: dict[str, Any]) -> str:
   else:
     lines.append(f'\npeer: {peer["note"]}')
   ks = d['settings']['ks']
-  lines.append('\nroofline (max) speedup from datasheet numbers, bf16 '
-               'weights and KV cache:')
+  lines.append('\nroofline (max) speedup from datasheet numbers, bf16 block '
+               'weights and KV cache (embeddings float32, as decoding '
+               'keeps them):')
   lines.append('accelerator  model   batch  AR step  ' +
                '  '.join(f'k={k:<3d}' for k in ks))
   groups: dict[tuple, dict] = {}
