@@ -215,7 +215,7 @@ def run_bench(config, workdir: str,
       'checkpoints': records,
   }
   bench_schema.validate_bench_json(out)
-  log(bench_report.format_tables(out))
+  log('\n' + bench_report.format_tables(out))
   if sharding.is_main_process():  # Each process timed its own devices.
     # The plot first: bench.json marks the stage done for a re-run, so a
     # kill between the two left its numbers without their plot.
@@ -257,18 +257,16 @@ def _roofline_numbers(s: bench_settings.BenchSettings,
   dtype = jnp.dtype(cfg.compute_dtype)
   peak = s.peak_flops or roofline.measure_peak_flops(s.matmul_size,
                                                      s.repeats, dtype)
+  peak_how = (f'{dtype.name} {s.matmul_size}^3 matmul, measured'
+              if peak_measured else 'given')
   fresh = None
   if s.bandwidth:
-    bw, moved = s.bandwidth, 0
+    bw, moved, bw_how = s.bandwidth, 0, 'given'
   else:
     bw, moved = roofline.measure_bandwidth(s.copy_mib, s.repeats)
     # For reference: the same op into a new buffer (page-fault bound).
     fresh, _ = roofline.measure_bandwidth(s.copy_mib, s.repeats, in_place=False)
-  peak_how = (f'{dtype.name} {s.matmul_size}^3 matmul, measured'
-              if peak_measured else 'given')
-  bw_how = ('in place'
-            + (f', {fresh / 1e9:.2f} GB/s into fresh buffers' if fresh else '')
-            + ', measured') if bw_measured else 'given'
+    bw_how = f'in place, {fresh / 1e9:.2f} GB/s into fresh buffers, measured'
   log(f'[bench] roofline: peak {peak / 1e9:.1f} GFLOP/s ({peak_how}), '
       f'bandwidth {bw / 1e9:.2f} GB/s ({bw_how}); '
       f'ridge {peak / bw:.1f} FLOP/byte; mode {s.roofline!r}')

@@ -23,7 +23,7 @@ def mib(num_bytes) -> str:
 def format_tables(d: dict[str, Any]) -> str:
   """The measured table, the peer comparison and the accelerator table."""
   mode = d['roofline']['mode']
-  lines = [f'\nbatch  k  model            tok/s      speedup  '
+  lines = [f'batch  k  model            tok/s      speedup  '
            f'pred({mode})  pred(sum)  meas/pred  GFLOP/s     GB/s  '
            f'peak MiB']
   for r in sorted(d['results'], key=lambda r: (r['batch'], r['k'])):

@@ -176,9 +176,7 @@ def speed_section(workdir):
           f"Machine: {m.get('cpu_model')} x{m.get('cpu_count')}, "
           f"{m.get('backend')} ({m.get('device_kind')}), jax "
           f"{m.get('jax_version')}.", '', '```',
-          # format_tables opens with a blank line (it follows the bench's
-          # log); a code block should not.
-          bench_report.format_tables(b).strip('\n'), '```', '',
+          bench_report.format_tables(b).rstrip(), '```', '',
           '![speedup over AR](bench.png)']
 
 

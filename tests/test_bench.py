@@ -426,7 +426,7 @@ def test_table_shows_each_cells_compiled_peak(tiny_run):
   d = copy.deepcopy(out)
   d['results'].sort(key=lambda r: (r['batch'], r['k']))
   d['results'][0]['memory']['compiled'] = None  # A backend without it.
-  rows = [l.split() for l in bench_report.format_tables(d).splitlines()[2:]]
+  rows = [l.split() for l in bench_report.format_tables(d).splitlines()[1:]]
   for r, row in zip(d['results'], rows):
     assert row[:2] == [str(r['batch']), str(r['k'])]
     c = r['memory']['compiled']
