@@ -22,9 +22,14 @@ def teacher(small_cfg):
   return small_cfg, model_lib.init_params(small_cfg, jax.random.PRNGKey(0))
 
 
+# Jitted: run op by op, every new length compiled each op of the model on
+# its own, seconds per call on 2 cores.
+_forward = jax.jit(decode.forward, static_argnums=0)
+
+
 def _full_logits(cfg, params, seq):
-  return model_lib.Transformer(cfg).apply({'params': params},
-                                          jnp.asarray([seq]))[0]
+  return jax.jit(model_lib.Transformer(cfg).apply)({'params': params},
+                                                   jnp.asarray([seq]))[0]
 
 
 def test_greedy_equals_argmax_of_full_forward(teacher):
@@ -577,7 +582,7 @@ def test_student_penalty_is_applied_slot_by_slot(small_cfg, impl):
   counts = np.bincount(prompt, minlength=cfg.vocab_size).astype(np.float64)
   for step in range(steps):
     spec = decode.DecodeSpec(model=cfg, k=k, num_steps=1, prompt_len=len(seq))
-    logits, _ = decode.forward(
+    logits, _ = _forward(
         spec, params, jnp.asarray([seq]),
         jnp.asarray(noise[:, step * k:(step + 1) * k]),
         decode.init_cache(spec, 1), 0, jnp.zeros((1,), jnp.int32))

@@ -18,6 +18,10 @@ from kforcing_jax import train as train_lib
 from tests import helpers
 
 ATOL = 1e-5  # f32; train and decode layouts reduce in different orders.
+# Jitted: run op by op, every new shape compiled each op of the model on its
+# own, seconds per call on 2 cores.
+_forward = jax.jit(decode.forward, static_argnums=0)
+_pf_slot_logits = jax.jit(distill.pf_slot_logits, static_argnums=0)
 
 
 def _student(small_cfg, window, seed=0):
@@ -33,12 +37,12 @@ def _decode_logits(cfg, params, prompt_BxP, first_u_BxK, tokens_BxT=None,
                            prompt_len=prompt_BxP.shape[1])
   b = prompt_BxP.shape[0]
   pad = jnp.zeros((b,), jnp.int32)
-  logits1, cache = decode.forward(spec, params, prompt_BxP, first_u_BxK,
-                                  decode.init_cache(spec, b), 0, pad)
+  logits1, cache = _forward(spec, params, prompt_BxP, first_u_BxK,
+                            decode.init_cache(spec, b), 0, pad)
   if tokens_BxT is None:
     return logits1
-  logits2, _ = decode.forward(spec, params, tokens_BxT, second_u_BxK, cache,
-                              prompt_BxP.shape[1], pad)
+  logits2, _ = _forward(spec, params, tokens_BxT, second_u_BxK, cache,
+                        prompt_BxP.shape[1], pad)
   return logits1, logits2
 
 
@@ -50,7 +54,7 @@ def test_train_layout_equals_cached_decoding(small_cfg):
   tokens = jax.random.randint(jax.random.PRNGKey(1), (b, n), 0, 61)
   windows = jnp.broadcast_to(jnp.arange(n - k), (b, n - k))
   u = jax.random.uniform(jax.random.PRNGKey(2), windows.shape + (k,))
-  train_logits = distill.pf_slot_logits(cfg, params, tokens, windows, u)
+  train_logits = _pf_slot_logits(cfg, params, tokens, windows, u)
   for t in (0, 4, n - k - 1):
     got = _decode_logits(cfg, params, tokens[:, :t + 1], u[:, t])
     np.testing.assert_allclose(got, train_logits[:, t], atol=ATOL)
@@ -66,8 +70,8 @@ def test_second_step_equals_training_layout_with_fed_tokens(small_cfg):
   u1, u2 = jax.random.uniform(jax.random.PRNGKey(4), (2, b, k))
   _, step2 = _decode_logits(cfg, params, tokens[:, :t + 1], u1, fed, u2)
   windows = jnp.full((b, 1), t)
-  train2 = distill.pf_slot_logits(cfg, params, tokens, windows, u2[:, None],
-                                  slot_tokens_BxMxT=fed[:, None])
+  train2 = _pf_slot_logits(cfg, params, tokens, windows, u2[:, None],
+                          slot_tokens_BxMxT=fed[:, None])
   np.testing.assert_allclose(step2, train2[:, 0], atol=ATOL)
 
 
@@ -81,7 +85,7 @@ def test_slots_see_only_earlier_noise_of_their_own_window(small_cfg):
   probe = jax.random.normal(jax.random.PRNGKey(5), (61,))
 
   def readout(u):
-    logits = distill.pf_slot_logits(cfg, params, tokens, windows, u)
+    logits = _pf_slot_logits(cfg, params, tokens, windows, u)
     return logits @ probe  # (B, M, K)
 
   jac = np.abs(np.asarray(jax.jacobian(readout)(u)))[0, :, :, 0]  # MxKxMxK
@@ -102,9 +106,9 @@ def test_slots_ignore_context_after_their_window(small_cfg):
   tokens = jax.random.randint(jax.random.PRNGKey(1), (1, 12), 0, 61)
   windows = jnp.array([[3, 7]])
   u = jax.random.uniform(jax.random.PRNGKey(2), (1, 2, k))
-  a = distill.pf_slot_logits(cfg, params, tokens, windows, u)
+  a = _pf_slot_logits(cfg, params, tokens, windows, u)
   changed = tokens.at[:, 4:].set((tokens[:, 4:] + 7) % 61)
-  b = distill.pf_slot_logits(cfg, params, changed, windows, u)
+  b = _pf_slot_logits(cfg, params, changed, windows, u)
   np.testing.assert_allclose(a[:, 0], b[:, 0], atol=ATOL)  # t=3: unchanged.
   assert float(jnp.abs(a[:, 1] - b[:, 1]).max()) > 1e-3  # t=7 sees it.
 
@@ -116,13 +120,14 @@ def test_double_forward_equals_two_decoding_steps(small_cfg):
   tokens = jax.random.randint(jax.random.PRNGKey(1), (b, n), 0, 61)
   windows = jnp.array([[2, 6, 11], [0, 9, 5]])
   u = jax.random.uniform(jax.random.PRNGKey(6), (b, 3, 2 * m))
-  targets = np.asarray(distill.self_forcing_targets(cfg, params, tokens,
-                                                    windows, u))
+  targets = np.asarray(jax.jit(distill.self_forcing_targets, static_argnums=0)(
+      cfg, params, tokens, windows, u))
   for r in range(b):
     for w in range(3):
       t = int(windows[r, w])
+      # One prompt width: one compiled decode for every window.
       out = decode.generate(params, cfg, [np.asarray(tokens[r, :t + 1])],
-                            max_new_tokens=2 * m, k=m,
+                            max_new_tokens=2 * m, k=m, prompt_width=n,
                             noise=np.asarray(u[r:r + 1, w]))
       np.testing.assert_array_equal(out.tokens[0], targets[r, w])
 
@@ -132,12 +137,14 @@ def test_ar_targets_are_inverse_cdf_samples_of_the_teacher(small_cfg):
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 10), 0, 61)
   windows = jnp.array([[0, 4, 8], [3, 3, 1]])
   u = jax.random.uniform(jax.random.PRNGKey(2), (2, 3, 1))
-  got = distill.ar_targets(small_cfg, params, tokens, windows, u)
+  got = jax.jit(distill.ar_targets, static_argnums=0)(small_cfg, params,
+                                                      tokens, windows, u)
   for r in range(2):
     for w in range(3):
       t = int(windows[r, w])
       out = decode.generate(params, small_cfg, [np.asarray(tokens[r, :t + 1])],
-                            max_new_tokens=1, noise=np.asarray(u[r:r + 1, w]))
+                            max_new_tokens=1, prompt_width=10,
+                            noise=np.asarray(u[r:r + 1, w]))
       assert out.tokens[0, 0] == got[r, w, 0]
 
 
@@ -153,7 +160,8 @@ def test_noise_inversion_u_reproduces_the_data_tokens(small_cfg):
       np.testing.assert_array_equal(targets[r, w], tokens[r, t + 1:t + 4])
       # The teacher's own sampler, fed these u, emits exactly the data.
       out = decode.generate(params, small_cfg, [np.asarray(tokens[r, :t + 1])],
-                            max_new_tokens=3, noise=np.asarray(u[r:r + 1, w]))
+                            max_new_tokens=3, prompt_width=10,
+                            noise=np.asarray(u[r:r + 1, w]))
       np.testing.assert_array_equal(out.tokens[0], targets[r, w])
 
 

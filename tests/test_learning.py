@@ -150,8 +150,10 @@ def test_tiny_student_coupling_accuracy_rises_far_above_untrained(tmp_path):
   batches = data_lib.make_eval_batches(config, tokenizer, workdir,
                                        batch_size=16, num_batches=2)
 
+  evaluate = jax.jit(stage.evaluate)  # Op by op it cost seconds per call.
+
   def accuracy(params):
-    hits = [stage.evaluate(params, jnp.asarray(b), teacher)['acc_slot1']
+    hits = [evaluate(params, jnp.asarray(b), teacher)['acc_slot1']
             for b in batches]
     return sum(float(h) for h, _ in hits) / sum(n for _, n in hits)
 

@@ -52,7 +52,8 @@ def test_fused_distillation_loss_equals_reference(small_cfg):
         teacher, model_lib.init_params(stage.student_cfg,
                                        jax.random.PRNGKey(2)))
     extras = stage.extras(jax.random.PRNGKey(3), tokens, teacher)
-    loss_and_grad = jax.value_and_grad(stage.loss, has_aux=True)
+    # Jitted: run op by op, this took 45 s of a CI run.
+    loss_and_grad = jax.jit(jax.value_and_grad(stage.loss, has_aux=True))
     (loss, metrics), grads = loss_and_grad(student, tokens, extras,
                                            jax.random.PRNGKey(4), teacher)
     results[impl] = (extras['targets'], loss, metrics, grads)
@@ -111,9 +112,13 @@ def test_teacher_penalty_equals_stepwise_reference(small_cfg, greedy):
                         noise=noise, greedy=greedy, frequency_penalty=lam,
                         kernel_impl='reference').tokens[0]
   seq = list(prompt)
-  model = model_lib.Transformer(small_cfg)
+  # One compiled forward over a fixed width (the model is causal, so the
+  # zeros after the sequence change nothing); eager, each new length cost
+  # seconds of op-by-op compiles.
+  forward = jax.jit(model_lib.Transformer(small_cfg).apply)
   for i in range(n):
-    lg = model.apply({'params': params}, jnp.asarray([seq]))[0, -1]
+    padded = jnp.asarray([seq + [0] * (len(prompt) + n - len(seq))])
+    lg = forward({'params': params}, padded)[0, len(seq) - 1]
     lg = lg - lam * jnp.bincount(jnp.asarray(seq), length=small_cfg.vocab_size)
     if greedy:
       tok = int(projection.first_argmax(lg[None])[0])
