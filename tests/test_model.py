@@ -68,14 +68,21 @@ def _run_cached(model, params, tokens, chunks, cache_size,
   b = tokens.shape[0]
   cache = _zero_cache(model.cfg, b, cache_size, transposed_keys)
   pad = jnp.zeros((b,), jnp.int32)
+
+  @jax.jit  # Op by op, every chunk width compiled each op on its own.
+  def step(params, chunk, positions, mask, cache, index):
+    h, cache = model.apply({'params': params}, chunk, None, positions, mask,
+                           cache, index,
+                           method=model_lib.Transformer.cached_step)
+    return model.apply({'params': params}, h,
+                       method=model_lib.Transformer.project), cache
+
   outs, index = [], 0
   for n in chunks:
     positions, mask = layouts.decode_layout(pad, index, n, cache_size)
-    h, cache = model.apply({'params': params}, tokens[:, index:index + n],
-                           None, positions, mask, cache, index,
-                           method=model_lib.Transformer.cached_step)
-    outs.append(model.apply({'params': params}, h,
-                            method=model_lib.Transformer.project))
+    logits, cache = step(params, tokens[:, index:index + n], positions, mask,
+                         cache, index)
+    outs.append(logits)
     index += n
   return jnp.concatenate(outs, axis=1)
 
