@@ -410,10 +410,8 @@ def train(task: Task, config, workdir: str, data_iter, eval_batches=(),
         if sharding_lib.is_main_process():
           bar.write(f'[{task.name}] step {step}: ' + ', '.join(
               f'{k}={v:.4g}' for k, v in last_eval.items() if k != 'step'))
-      # Processes also agree at the last step: a signal there must stop
-      # the caller (the next stage would install a fresh handler and
-      # forget it), on every process alike.
-      stop = _stop_now(preemption, step, 1 if is_last else tc.log_every)
+      # The last step's check comes after its save, below.
+      stop = None if is_last else _stop_now(preemption, step, tc.log_every)
       if step % tc.checkpoint_every == 0 or is_last or stop:
         # Never save a state whose step produced a non-finite loss.
         _log(pending, metrics_path, bar, tc, tokens_done, t0, manager,
@@ -421,19 +419,27 @@ def train(task: Task, config, workdir: str, data_iter, eval_batches=(),
         pending = None
         manager.save(state, data_iter.get_state(), meta)
       if stop:
-        if sharding_lib.is_main_process():
-          done = ' (the last: the run is complete)' if is_last else ''
-          bar.write(f'[{task.name}] {stop}: saved step {step}{done}; re-run '
-                    'the same command to resume')
-        preempted = True
         break
-  manager.wait()
+    else:
+      # Every step ran. A signal during the last one, its save included,
+      # must still stop the caller (the next stage would install a fresh
+      # handler and forget it), on every process alike: they agree once
+      # more, once the checkpoint is written.
+      manager.wait()
+      stop = _stop_now(preemption, step, 1)
+    if stop:
+      if sharding_lib.is_main_process():
+        done = ' (the last: the run is complete)' if is_last else ''
+        bar.write(f'[{task.name}] {stop}: saved step {step}{done}; re-run '
+                  'the same command to resume')
+      preempted = True
+    manager.wait()  # Under the handler: a signal cannot cut the write.
   bar.close()
   elapsed = max(time.time() - t0, 1e-9)
   result = TrainResult(state=state, run_dir=run_dir, preempted=preempted,
                        last_eval=last_eval,
                        tokens_per_s=tokens_done / elapsed, seconds=elapsed)
-  if preemption.requested == 'SIGINT':  # Even if it came in the last step.
+  if preempted and preemption.requested == 'SIGINT':
     # Ctrl-C stops the caller too (a pipeline, a shell script, a notebook
     # cell), now that the checkpoint is safe.
     raise Interrupted(f'{task.name}: saved step {step}', result)

@@ -634,6 +634,33 @@ def test_sigterm_saves_and_tells_the_caller_to_stop(tmp_path, at):
   assert checkpoints.Manager(str(tmp_path / 'teacher')).latest_step() == at
 
 
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_the_last_save_stops_the_caller(tmp_path, monkeypatch,
+                                                        sig):
+  # The last step's checkpoint write can take most of that step (dispatch
+  # is asynchronous): a signal there used to be caught and then forgotten,
+  # so a pipeline went on to its next stage.
+  real_save = checkpoints.Manager.save
+
+  def save_then_signal(self, state, *args):
+    real_save(self, state, *args)
+    if int(state.step) == 4:
+      os.kill(os.getpid(), sig)
+
+  monkeypatch.setattr(checkpoints.Manager, 'save', save_then_signal)
+  config = _config()
+  task = teacher_lib.teacher_task(config)
+  run = lambda: train_lib.train(task, config, str(tmp_path),  # pylint: disable=g-long-lambda
+                                helpers.ArrayIterator(_data(), 8), num_steps=4)
+  if sig == signal.SIGINT:
+    with pytest.raises(train_lib.Interrupted, match='teacher: saved step 4'):
+      run()
+  else:
+    result = run()
+    assert result.preempted and int(result.state.step) == 4
+  assert checkpoints.Manager(str(tmp_path / 'teacher')).latest_step() == 4
+
+
 def test_processes_agree_at_the_last_step_too(tmp_path, monkeypatch):
   # Several processes decide to stop only where they all agree (every
   # log_every steps, one all-gather). The last step must be such a point,
