@@ -344,11 +344,21 @@ class _PackedChunker:
 # --------------------------------------------------------------------------
 
 
+def grain_seed(shuffle_seed: int) -> int:
+  """The seed handed to grain for `data.shuffle_seed`.
+
+  grain seeds epoch e's shuffle with seed + e, so seeds s and s + 1 would
+  read the same order one epoch apart. An odd multiplier mod 2**31 spreads
+  the seeds apart (and keeps them distinct); 0 stays 0, the default's order.
+  """
+  return shuffle_seed * 0x9E3779B1 % 2**31
+
+
 class _ChunkArrayStream:
   """Infinite stream over a fixed chunk array, reshuffled every epoch.
 
   Position k is chunk perm_e[k % n] with e = k // n (grain's index shuffle
-  seeded by shuffle_seed + e), so rows are fetched by position and a process
+  seeded by `seed` + e), so rows are fetched by position and a process
   reads only its own rows.
   """
 
@@ -554,7 +564,7 @@ def make_train_iterator(config, tokenizer: tokenizer_lib.Tokenizer,
   batch_size = config.train.batch_size
   _per_process_batch(batch_size, process_count)
   seq_len = _check_seq_len(config)
-  seed = config.data.shuffle_seed
+  seed = grain_seed(config.data.shuffle_seed)
   if source == 'tfds':
     docs = _tfds_documents(config, config.data.train_split)
     docs = docs.shuffle(seed=seed).repeat().map(_tokenize_fn(config,

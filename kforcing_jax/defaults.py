@@ -279,7 +279,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
       node = node.get(part) if node is not None else None
     if node is not None:
       check_seed(name, node)
-  # grain seeds each epoch's shuffle with shuffle_seed + epoch (< 2**32).
+  # grain seeds epoch e's shuffle with data.grain_seed(shuffle_seed) + e.
   if not 0 <= c.data.shuffle_seed < 2**31:
     raise ValueError(f'data.shuffle_seed={c.data.shuffle_seed} must be in '
                      '[0, 2**31)')

@@ -246,7 +246,8 @@ def _source_of_record(task: Task, saved_meta: dict | None) -> dict:
 # (Manager.check_compatible), as is the data (data_record). The step count
 # is not a recipe field: the step reached is said anyway, and training on
 # past it is what resuming is for. data.shuffle_seed orders the batches:
-# a resumed run given another reads the rest of the epoch in a new order.
+# a resumed run given another reads on from its position in the new order
+# (so within that epoch some chunks repeat and others are skipped).
 TEACHER_RECIPE = ('seed', 'data.shuffle_seed') + tuple(f'train.{k}' for k in (
     'b1', 'b2', 'batch_size', 'ema_decay', 'grad_clip', 'lr', 'schedule',
     'warmup_steps', 'weight_decay'))

@@ -523,6 +523,20 @@ def test_epochs_permute_all_chunks(sp_tok, tmp_path):
   assert not np.array_equal(first, second)  # Reshuffled per epoch.
 
 
+def test_neighbouring_shuffle_seeds_do_not_share_epochs(sp_tok, tmp_path):
+  # grain seeds epoch e with seed + e: handed the raw data.shuffle_seed,
+  # seed 1 read seed 0's order one epoch late.
+  c = _config(max_documents=1)
+  workdir = str(tmp_path)
+  n = len(np.concatenate(data.make_eval_batches(
+      c, sp_tok, workdir, batch_size=1, num_batches=10**6, split='train')))
+  seed0 = np.concatenate(_take(_make(c, sp_tok, workdir), -(-2 * n // 8)))
+  c.data.shuffle_seed = 1
+  seed1 = np.concatenate(_take(_make(c, sp_tok, workdir), -(-n // 8)))
+  assert not np.array_equal(seed1[:n], seed0[n:2 * n])
+  assert data.grain_seed(0) == 0  # The default's order is unchanged.
+
+
 def test_eval_batches_are_concat_then_chunk(workdir, sp_tok):
   c = _config(max_documents=2)
   docs = documents.load_documents(c, 'validation')
