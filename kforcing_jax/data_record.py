@@ -47,6 +47,7 @@ def _differences(then: dict[str, Any], now: dict[str, Any]) -> list[str]:
     out.append(f'data.{key} was {then.get(key)!r}, now {now.get(key)!r}')
   if 'files' in then and 'files' in now and then['files'] != now['files']:
     old, new = dict(map(tuple, then['files'])), dict(map(tuple, now['files']))
+    old = _rebased(old, new)
     added = sorted(set(new) - set(old))
     removed = sorted(set(old) - set(new))
     resized = sorted(n for n in set(old) & set(new) if old[n] != new[n])
@@ -55,6 +56,33 @@ def _differences(then: dict[str, Any], now: dict[str, Any]) -> list[str]:
                                  (resized, 'changed size')) if names]
     out.append('the files data.text_glob matches: ' + ', '.join(parts))
   return out
+
+
+def _rebased(old: dict[str, int], new: dict[str, int]) -> dict[str, int]:
+  """`old`'s names as `new` spells them. Names are relative to the files'
+  common folder, which moves when a file is added or removed in another
+  folder: every name would then count as removed and added."""
+  by_base = {}
+  for name in new:
+    by_base.setdefault(os.path.basename(name), []).append(name)
+  best, hits, tried = old, len(set(old) & set(new)), set()
+  for o in old:
+    for n in by_base.get(os.path.basename(o), ()):
+      if n.endswith(os.sep + o):  # The folder moved up: prefix old names.
+        move = ('up', n[:-len(o)])
+      elif o.endswith(os.sep + n):  # Down: strip the prefix.
+        move = ('down', o[:-len(n)])
+      else:
+        continue
+      if move in tried:
+        continue
+      tried.add(move)
+      way, prefix = move
+      moved = {(prefix + name if way == 'up' else name.removeprefix(prefix)):
+               size for name, size in old.items()}
+      if len(set(moved) & set(new)) > hits:
+        best, hits = moved, len(set(moved) & set(new))
+  return best
 
 
 def check(config, workdir: str) -> dict[str, Any]:

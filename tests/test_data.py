@@ -887,6 +887,16 @@ def test_a_workdir_refuses_other_data_before_training_a_tokenizer(
   with pytest.raises(ValueError, match=r"1 added \(e.g. 'doc000a.txt'\)"):
     data.get_tokenizer(c, workdir)
   os.remove(tmp_path / 'a' / 'doc000a.txt')
+  # A file in a sibling folder moves the files' common folder up a level:
+  # still one file added (every name counted as removed and added before).
+  shutil.copytree(tmp_path / 'a', tmp_path / 'nest' / 'a')
+  (tmp_path / 'nest' / 'b').mkdir()
+  (tmp_path / 'nest' / 'b' / 'doc00.txt').write_text('A new document.')
+  c.data.text_glob = str(tmp_path / 'nest' / '*' / '*.txt')
+  with pytest.raises(ValueError, match=r"matches: 1 added \(e.g. "
+                     rf"'b{re.escape(os.sep)}doc00.txt'\)\. "):
+    data.get_tokenizer(c, workdir)
+  c.data.text_glob = str(tmp_path / 'a' / '*.txt')
   # The same files elsewhere (a copied corpus) are the same data.
   shutil.copytree(tmp_path / 'a', tmp_path / 'copy')
   c.data.text_glob = str(tmp_path / 'copy' / '*.txt')
