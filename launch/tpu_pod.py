@@ -442,7 +442,7 @@ def _note_multi_host(args: argparse.Namespace, workdirs: Sequence[str]):
           'it the CLI joins them only if the workers list '
           'TPU_WORKER_HOSTNAMES)', file=sys.stderr)
   for value in workdirs:
-    if not value.startswith(('/', '~', '$')):
+    if not value.startswith(('/', '~')):
       print(f'NOTE: --workdir={value} is relative: each host would write its '
             f'own ~/{args.remote_dir}/{value}, and a multi-host run needs one '
             'folder every host sees (an NFS or gcsfuse mount); the CLI '
@@ -504,6 +504,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
       if '://' in value:
         error(f'--workdir={value} is a URL; mount the bucket on every worker '
               '(e.g. gcsfuse) and pass the mount path')
+      if '$' in value:  # The command is quoted: no shell would expand it.
+        error(f'--workdir={value}: the workers get it as written, $ '
+              'included; give the path itself (e.g. /mnt/shared/kf)')
+    for kv in args.env:
+      if '=' not in kv or not _ENV_KEY_RE.match(kv.split('=', 1)[0]):
+        error(f'--env={kv!r}: expected KEY=VALUE')
+      if '$' in kv:
+        error(f'--env={kv!r}: the workers get the value as written, $ '
+              'included; give it in full')
     # After `--` everything goes to kforcing_jax, which would refuse e.g.
     # --dry-run only on the workers, after create, copy and install ran.
     own = {s for a in subparsers[args.subcommand]._actions  # pylint: disable=protected-access
@@ -513,9 +522,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         error(f'{a} comes after `--`, so it would go to kforcing_jax; put '
               "this helper's flags before `--`")
     args.kforcing_args = rest
-    for kv in args.env:
-      if '=' not in kv or not _ENV_KEY_RE.match(kv.split('=', 1)[0]):
-        error(f'--env={kv!r}: expected KEY=VALUE')
     if hasattr(args, 'accelerator_type'):
       _note_multi_host(args, workdirs)
 
