@@ -20,6 +20,7 @@ import time
 from absl import app
 from absl import logging
 from absl import flags
+import jax
 from ml_collections import config_flags
 
 from kforcing_jax import checkpoints
@@ -150,6 +151,16 @@ def out_of_memory(e: BaseException) -> str | None:
 
 def _fail(message: str):
   print(f'error: {message}', file=sys.stderr)
+  if jax.distributed.is_initialized():
+    # One of several processes, e.g. data on one host's disk only. Exiting
+    # normally would wait up to 5 minutes at JAX's shutdown barrier for the
+    # others, which wait in their next collective for this one: end now,
+    # so that a launcher sees the failure and stops them.
+    print('error: this process stops here; the others stop once JAX\'s '
+          'distributed service sees it gone', file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(2)  # pylint: disable=protected-access
   sys.exit(2)
 
 

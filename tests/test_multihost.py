@@ -320,6 +320,29 @@ def _check_shared(dirs):
 
 
 @pytest.mark.slow
+def test_a_process_that_fails_alone_exits_at_once(tmp_path):
+  # E.g. a tokenizer on one host's disk only. The failing process used to
+  # wait 5 minutes at JAX's shutdown barrier for the others, which wait in
+  # a collective for it; a launcher saw nothing until both aborted.
+  port = _free_port()
+  command = [sys.executable, '-m', 'kforcing_jax', 'train-teacher',
+             '--config=configs/tiny.py', f'--workdir={tmp_path / "w"}']
+  bad = f'--config.data.tokenizer_path={tmp_path / "missing.model"}'
+  procs = [subprocess.Popen(
+      command + ([bad] if i else []), cwd=ROOT, text=True,
+      env=_env(1, KFORCING_COORDINATOR=f'localhost:{port}',
+               KFORCING_NUM_PROCESSES=2, KFORCING_PROCESS_ID=i),
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      stdin=subprocess.DEVNULL, start_new_session=True) for i in range(2)]
+  try:
+    out = procs[1].communicate(timeout=60)[0]  # 4 s on 2 cores.
+  finally:
+    _kill(procs)
+  assert procs[1].returncode == 2, out
+  assert 'error: Tokenizer file not found' in out, out
+  assert 'this process stops here' in out, out
+
+
 def test_a_workdir_the_processes_do_not_share_is_refused(tmp_path):
   # One directory for both: passes, and the marker is gone afterwards.
   codes, outs = _check_shared([tmp_path / 'w', tmp_path / 'w'])
