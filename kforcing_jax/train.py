@@ -421,12 +421,12 @@ def train(task: Task, config, workdir: str, data_iter, eval_batches=(),
         manager.save(state, data_iter.get_state(), meta)
       if stop:
         break
-    else:
+    manager.wait()  # Under the handler: a signal cannot cut the write.
+    if not stop:
       # Every step ran. A signal during the last one, its save included,
       # must still stop the caller (the next stage would install a fresh
       # handler and forget it), on every process alike: they agree once
-      # more, once the checkpoint is written.
-      manager.wait()
+      # more, now that the checkpoint is written.
       stop = _stop_now(preemption, step, 1)
     if stop:
       if sharding_lib.is_main_process():
@@ -434,7 +434,6 @@ def train(task: Task, config, workdir: str, data_iter, eval_batches=(),
         bar.write(f'[{task.name}] {stop}: saved step {step}{done}; re-run '
                   'the same command to resume')
       preempted = True
-    manager.wait()  # Under the handler: a signal cannot cut the write.
   bar.close()
   elapsed = max(time.time() - t0, 1e-9)
   result = TrainResult(state=state, run_dir=run_dir, preempted=preempted,
