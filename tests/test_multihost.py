@@ -343,6 +343,7 @@ def test_a_process_that_fails_alone_exits_at_once(tmp_path):
   assert 'this process stops here' in out, out
 
 
+@pytest.mark.slow
 def test_a_workdir_the_processes_do_not_share_is_refused(tmp_path):
   # One directory for both: passes, and the marker is gone afterwards.
   codes, outs = _check_shared([tmp_path / 'w', tmp_path / 'w'])
