@@ -86,7 +86,8 @@ def runnable_others(samples: int = 5, interval_s: float = 0.1,
 
 
 def run_bench(config, workdir: str,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
+              log: Callable[[str], None] = sharding.print_once
+              ) -> dict[str, Any]:
   """Runs the benchmark; writes WORKDIR/bench.json and WORKDIR/bench.png.
 
   Returns the bench.json dict (its schema: bench_schema.py).

@@ -119,10 +119,7 @@ def _note_short_eval(stage: str, batches, wanted: int) -> None:
                 f'({len(batches[0])} sequences each); its evals use those')
 
 
-def _print_main(*args, **kwargs):
-  """Prints once per run, not once per process."""
-  if sharding.is_main_process():
-    print(*args, **kwargs)
+_print_main = sharding.print_once  # Once per run, not once per process.
 
 
 def summary_of(result: train_lib.TrainResult) -> dict:

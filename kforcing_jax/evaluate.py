@@ -84,6 +84,8 @@ from kforcing_jax import noise_sweep
 from kforcing_jax import projection
 from kforcing_jax import sharding
 
+_show = sharding.print_once  # Once per run, not once per process.
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelEntry:
@@ -349,8 +351,7 @@ def run_evaluate(config, workdir: str) -> dict:
       if stale:
         notes.append(stale)
         said.append(stale)
-        if sharding.is_main_process():
-          print(f'[eval] WARNING: {stale}', flush=True)
+        _show(f'[eval] WARNING: {stale}', flush=True)
   attention = defaults.attention_impl(config)
   for run, (cfg, _) in loaded.items():  # Their own shapes, before decoding.
     defaults.check_run_attention(attention, cfg.d_model, cfg.num_heads, run)
@@ -424,7 +425,7 @@ def run_evaluate(config, workdir: str) -> dict:
         json.dumps(result, indent=1, allow_nan=False) + '\n')
     for note in notes:  # Said, not only recorded in eval.json.
       if note not in said:
-        print(f'[eval] NOTE: {note}', flush=True)
+        _show(f'[eval] NOTE: {note}', flush=True)
     _note_other_samples(workdir,
                         {row['samples_file'] for row in models.values()})
   return result
@@ -454,7 +455,7 @@ class _Sweeper:
         self._contexts = noise_sweep.pick_contexts(
             len(self._seqs), self._seqs.shape[1], self._s.prefix_len - 1,
             self._s.sweep_contexts, self._s.seed)
-        print(f'[eval] noise sweep: the teacher\'s map at '
+        _show(f'[eval] noise sweep: the teacher\'s map at '
               f'{len(self._contexts[0])} held-out contexts x '
               f'{self._s.sweep_grid} u, then each student\'s slot 1',
               flush=True)
@@ -477,7 +478,7 @@ def _note_other_samples(workdir: str, written: set[str]) -> None:
       f'samples/{f}' for f in os.listdir(os.path.join(workdir, 'samples'))
       if f.endswith('.jsonl') and f'samples/{f}' not in written)
   if other:
-    print(f'[eval] NOTE: {", ".join(other)} in {workdir} are from an earlier '
+    _show(f'[eval] NOTE: {", ".join(other)} in {workdir} are from an earlier '
           'evaluate and not in this eval.json (kept; delete them if unwanted)',
           flush=True)
 
@@ -513,4 +514,4 @@ def _print_progress(entry, row, num, max_new):
                f"{_fmt(sweep['distinct_teacher'])}), entropy "
                f"{_fmt(sweep['entropy_student'])} (teacher "
                f"{_fmt(sweep['entropy_teacher'])})")
-  print(line, flush=True)
+  _show(line, flush=True)

@@ -37,6 +37,9 @@ from kforcing_jax import defaults
 from kforcing_jax import data_record
 from kforcing_jax import documents
 from kforcing_jax import hf_evaluator
+from kforcing_jax import sharding
+
+_show = sharding.print_once  # Once per run, not once per process.
 
 DIR_NAME = 'evaluator'
 INFO_FILE = 'train_info.json'
@@ -247,7 +250,7 @@ def _train_loop(torch, model, train_windows, s: EvaluatorSettings, metrics):
              'lr': sched.get_last_lr()[0],
              'tokens_per_s': step * x.numel() / max(dt, 1e-9)}
       metrics.write(json.dumps(row) + '\n')
-      print(f"[evaluator] step {step}/{s.num_steps}: loss {row['loss']:.4f}, "
+      _show(f"[evaluator] step {step}/{s.num_steps}: loss {row['loss']:.4f}, "
             f"lr {row['lr']:.2e}, {row['tokens_per_s']:,.0f} tok/s",
             flush=True)
       run_loss, run_n = 0.0, 0
@@ -271,11 +274,11 @@ def check_output_dir(out: str) -> None:
 def _report_skip(out: str, s: EvaluatorSettings) -> None:
   with open(os.path.join(out, INFO_FILE)) as f:
     info = json.load(f)
-  print(f'[evaluator] {out} is complete (held-out ppl '
+  _show(f'[evaluator] {out} is complete (held-out ppl '
         f"{info.get('heldout_ppl', float('nan')):.1f}): skipped training",
         flush=True)
   if info.get('recipe') != s.recipe():
-    print(f'[evaluator] note: it was trained with other evaluator_train '
+    _show(f'[evaluator] note: it was trained with other evaluator_train '
           f'settings than these; delete {out} to retrain', flush=True)
 
 
@@ -329,7 +332,7 @@ def _fit(torch, transformers, s: EvaluatorSettings, tok, train_windows,
     model = build_model(transformers, s, tok.get_vocab_size(),
                         tok.token_to_id(EOS))
     params = sum(p.numel() for p in model.parameters())
-    print(f'[evaluator] GPT-2 shape, {params / 1e6:.2f}M parameters, vocab '
+    _show(f'[evaluator] GPT-2 shape, {params / 1e6:.2f}M parameters, vocab '
           f'{tok.get_vocab_size()}, {len(train_windows)} train windows of '
           f'{s.seq_len} tokens, {torch.get_num_threads()} threads', flush=True)
     init_loss = heldout_loss(torch, model, heldout, s.batch_size)
@@ -372,7 +375,7 @@ def train_evaluator(config, workdir: str) -> str:
   documents.check_splits(config, splits)
   data_record.check(config, workdir)
   for note in data_lib.training_text_notes(config, splits):
-    print(f'[evaluator] NOTE: {note}', flush=True)
+    _show(f'[evaluator] NOTE: {note}', flush=True)
   torch, transformers = hf_evaluator.import_transformers(
       'training the independent evaluator')
   t_start = time.perf_counter()
@@ -388,7 +391,7 @@ def train_evaluator(config, workdir: str) -> str:
       tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS,
       pad_token=EOS)
   _save(out, model, fast, info, metrics.getvalue())
-  print(f"[evaluator] held-out ppl {info['heldout_ppl']:.1f} (at init "
+  _show(f"[evaluator] held-out ppl {info['heldout_ppl']:.1f} (at init "
         f"{info['init_heldout_ppl']:.1f}), {info['seconds']:.0f} s; saved "
         f'{out}', flush=True)
   return out

@@ -24,9 +24,11 @@ from kforcing_jax import report
 from kforcing_jax import sharding
 from kforcing_jax import train as train_lib
 
+_show = sharding.print_once  # Once per run, not once per process.
+
 
 def _banner(i, n, text):
-  print(f'\n=== [{i}/{n}] {text} ===', flush=True)
+  _show(f'\n=== [{i}/{n}] {text} ===', flush=True)
 
 
 def _save_timing(workdir, timing):
@@ -49,7 +51,7 @@ def _add_run(timing, result):
 
 
 def _stopped():
-  print('SIGTERM: stopped after saving; re-run the same command to resume')
+  _show('SIGTERM: stopped after saving; re-run the same command to resume')
 
 
 def _trains_evaluator(config) -> bool:
@@ -69,7 +71,7 @@ def _with_evaluator(config, workdir, timing):
   try:
     hf_evaluator.import_transformers('evaluator_train.enabled')
   except ImportError as e:
-    print(f'[evaluator] skipped: {e}', flush=True)
+    _show(f'[evaluator] skipped: {e}', flush=True)
     return config
   done = evaluator_train.is_complete(
       evaluator_train.output_dir(config, workdir))
@@ -184,12 +186,12 @@ def run_pipeline(config, workdir: str) -> str | None:
       from kforcing_jax import evaluator_train  # pylint: disable=g-import-not-at-top
       trained = evaluator_train.output_dir(config, workdir)
       if evaluator_train.is_complete(trained):
-        print(f'{trained} is trained: skipped (eval.json exists, so '
+        _show(f'{trained} is trained: skipped (eval.json exists, so '
               'evaluate will not run)')
       else:
         # evaluate will skip, so an evaluator trained now would score
         # nothing.
-        print('eval.json exists, so evaluate will not run: evaluator not '
+        _show('eval.json exists, so evaluate will not run: evaluator not '
               'trained (delete eval.json to train it and score with it)')
     else:
       config = _with_evaluator(config, workdir, timing)
@@ -200,10 +202,10 @@ def run_pipeline(config, workdir: str) -> str | None:
        ('bench', bench.run_bench, 'bench.json')], start=n - 2):
     _banner(i, n, name)
     if os.path.exists(os.path.join(workdir, out)):
-      print(f'{out} exists: skipped (delete it to redo)')
+      _show(f'{out} exists: skipped (delete it to redo)')
       newer = _runs_newer_than(workdir, out)
-      if newer and sharding.is_main_process():
-        print(f'WARNING: {out} predates the latest checkpoint of '
+      if newer:
+        _show(f'WARNING: {out} predates the latest checkpoint of '
               f'{", ".join(newer)}: it describes older models (or lacks '
               'them); delete it and re-run to redo it')
       continue
@@ -216,5 +218,5 @@ def run_pipeline(config, workdir: str) -> str | None:
   timing['last_run_seconds'] = time.time() - t_all  # This invocation only.
   _save_timing(workdir, timing)
   out = report.write_report(workdir)
-  print(f'report: {out} (this run: {timing["last_run_seconds"]:.0f} s)')
+  _show(f'report: {out} (this run: {timing["last_run_seconds"]:.0f} s)')
   return out

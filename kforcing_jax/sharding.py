@@ -144,6 +144,15 @@ def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
+def print_once(*args, **kwargs) -> None:
+  """print() on process 0 only: every process of a run computes the same
+  progress and results, so a pod's logs say each once. Errors and what
+  one process alone meets are printed where they happen."""
+  # Not distributed: printing need not start JAX's backend.
+  if not jax.distributed.is_initialized() or is_main_process():
+    print(*args, **kwargs)
+
+
 def shared_random_id() -> str:
   """16 random hex digits, the same on every process of a run (process 0's
   draw, broadcast): an id that every process writes alike."""

@@ -228,6 +228,21 @@ def test_no_variables_means_single_process(dist_env):
   assert not sharding.maybe_initialize_distributed()
 
 
+def test_print_once_prints_on_process_0_and_outside_a_distributed_run(
+    monkeypatch, capsys):
+  def no_backend(*a, **k):
+    raise AssertionError('print_once asked for the process index outside '
+                         'a distributed run (that starts the JAX backend)')
+  monkeypatch.setattr(jax.distributed, 'is_initialized', lambda: False)
+  monkeypatch.setattr(jax, 'process_index', no_backend)
+  sharding.print_once('single')
+  monkeypatch.setattr(jax.distributed, 'is_initialized', lambda: True)
+  for index in (0, 1, 3):
+    monkeypatch.setattr(jax, 'process_index', lambda *a, i=index, **k: i)
+    sharding.print_once(f'process {index}')
+  assert capsys.readouterr().out == 'single\nprocess 0\n'
+
+
 def test_explicit_variables(dist_env):
   dist_env.setenv(sharding.ENV_COORDINATOR, '10.0.0.1:8476')
   dist_env.setenv(sharding.ENV_NUM_PROCESSES, '4')

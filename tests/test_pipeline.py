@@ -158,21 +158,15 @@ def test_only_process_0_writes_timing_and_report(tmp_path, monkeypatch):
   assert sorted(os.listdir(tmp_path)) == ['pipeline.json', 'report.md']
 
 
-def test_evaluator_is_not_trained_when_eval_json_is_kept(tmp_path, monkeypatch,
-                                                         capsys):
-  # evaluate skips when eval.json exists, so a freshly trained evaluator
-  # would score nothing: minutes of work for no result. Stages are faked.
+def _fake_stages(monkeypatch, workdir, calls: list) -> None:
+  """Every stage of run_pipeline faked: each appends its name to calls."""
   import types  # pylint: disable=g-import-not-at-top
   from kforcing_jax import commands  # pylint: disable=g-import-not-at-top
-  from kforcing_jax import defaults  # pylint: disable=g-import-not-at-top
   from kforcing_jax import evaluate  # pylint: disable=g-import-not-at-top
   from kforcing_jax import evaluator_train  # pylint: disable=g-import-not-at-top
   from kforcing_jax import hf_evaluator  # pylint: disable=g-import-not-at-top
-  from kforcing_jax import pipeline  # pylint: disable=g-import-not-at-top
-  from kforcing_jax import report  # pylint: disable=g-import-not-at-top
-  calls = []
   done = types.SimpleNamespace(seconds=0, tokens_per_s=0, preempted=False,
-                               run_dir=str(tmp_path / 'teacher'), name='teacher',
+                               run_dir=str(workdir / 'teacher'), name='teacher',
                                steps=0)
   monkeypatch.setattr(commands, 'run_teacher', lambda c, w, **_: done)
   monkeypatch.setattr(commands, 'run_distill',
@@ -185,6 +179,39 @@ def test_evaluator_is_not_trained_when_eval_json_is_kept(tmp_path, monkeypatch,
   monkeypatch.setattr(report, 'write_report', lambda w: 'report.md')
   monkeypatch.setattr(evaluator_train, 'train_evaluator',
                       lambda c, w: calls.append('train_evaluator') or w)
+
+
+@pytest.mark.parametrize('process', [0, 1])
+def test_only_process_0_prints_the_pipeline_log(tmp_path, monkeypatch, capsys,
+                                                process):
+  # Every process of a pod run runs the pipeline, and each printed every
+  # banner and note: a worker's log repeated process 0's.
+  import jax  # pylint: disable=g-import-not-at-top
+  from kforcing_jax import defaults  # pylint: disable=g-import-not-at-top
+  calls = []
+  _fake_stages(monkeypatch, tmp_path, calls)
+  monkeypatch.setattr(jax.distributed, 'is_initialized', lambda: True)
+  monkeypatch.setattr(jax, 'process_index', lambda *a, **k: process)
+  (tmp_path / 'bench.json').write_text('{}')  # Said to be skipped.
+  pipeline.run_pipeline(defaults.base_config(), str(tmp_path))
+  assert calls == ['evaluate']
+  out = capsys.readouterr().out
+  if process:
+    assert not out
+  else:
+    for line in ('=== [1/5] AR teacher ===', '=== [5/5] report ===',
+                 'bench.json exists: skipped', 'report: report.md'):
+      assert line in out
+
+
+def test_evaluator_is_not_trained_when_eval_json_is_kept(tmp_path, monkeypatch,
+                                                         capsys):
+  # evaluate skips when eval.json exists, so a freshly trained evaluator
+  # would score nothing: minutes of work for no result. Stages are faked.
+  from kforcing_jax import defaults  # pylint: disable=g-import-not-at-top
+  from kforcing_jax import evaluator_train  # pylint: disable=g-import-not-at-top
+  calls = []
+  _fake_stages(monkeypatch, tmp_path, calls)
   config = defaults.base_config()
   config.evaluator_train.enabled = True
   (tmp_path / 'eval.json').write_text('{}')
