@@ -141,15 +141,15 @@ def backend_failure(e: BaseException) -> str | None:
 def is_main_process() -> bool:
   """Process 0 writes a run's result files (every process computes them;
   one writer keeps them whole)."""
-  return jax.process_index() == 0
+  # Not distributed: asking need not start JAX's backend.
+  return not jax.distributed.is_initialized() or jax.process_index() == 0
 
 
 def print_once(*args, **kwargs) -> None:
   """print() on process 0 only: every process of a run computes the same
   progress and results, so a pod's logs say each once. Errors and what
   one process alone meets are printed where they happen."""
-  # Not distributed: printing need not start JAX's backend.
-  if not jax.distributed.is_initialized() or is_main_process():
+  if is_main_process():
     print(*args, **kwargs)
 
 

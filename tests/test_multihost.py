@@ -231,11 +231,12 @@ def test_no_variables_means_single_process(dist_env):
 def test_print_once_prints_on_process_0_and_outside_a_distributed_run(
     monkeypatch, capsys):
   def no_backend(*a, **k):
-    raise AssertionError('print_once asked for the process index outside '
-                         'a distributed run (that starts the JAX backend)')
+    raise AssertionError('asked for the process index outside a '
+                         'distributed run (that starts the JAX backend)')
   monkeypatch.setattr(jax.distributed, 'is_initialized', lambda: False)
   monkeypatch.setattr(jax, 'process_index', no_backend)
   sharding.print_once('single')
+  assert sharding.is_main_process()
   monkeypatch.setattr(jax.distributed, 'is_initialized', lambda: True)
   for index in (0, 1, 3):
     monkeypatch.setattr(jax, 'process_index', lambda *a, i=index, **k: i)
