@@ -9,8 +9,8 @@ import tempfile
 
 # LLVM at -O0: the test programs are tiny, so compiling them cost more than
 # running them (the whole run took 19 min instead of 23 on 2 cores). Each
-# invariant compares programs compiled alike. The library itself, and the
-# subprocess tests that reset XLA_FLAGS, compile with XLA's defaults.
+# invariant compares programs compiled alike. Subprocess tests keep it
+# (helpers.xla_flags); the library itself compiles with XLA's defaults.
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8'
                            ' --xla_backend_optimization_level=0')

@@ -715,7 +715,7 @@ def test_run_evaluate_damaged_student_fails_before_scoring(
 def trained_workdir(tmp_path_factory):
   """Tiny teacher + students k=1,2,4 trained once (about a minute)."""
   workdir = str(tmp_path_factory.mktemp('trained'))
-  env = dict(os.environ, XLA_FLAGS='')  # One CPU device: faster here.
+  env = dict(os.environ, XLA_FLAGS=helpers.xla_flags())  # One device: faster.
   for cmd in (['train-teacher'],
               ['distill', '--config.distill.steps_per_stage=20']):
     subprocess.run([sys.executable, '-m', 'kforcing_jax', cmd[0],

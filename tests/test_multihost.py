@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from kforcing_jax import sharding
+from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, 'tests', 'multihost_worker.py')
@@ -55,7 +56,7 @@ def _free_port() -> int:
 
 def _env(devices: int, **extra) -> dict:
   env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
-  env.update(XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+  env.update(XLA_FLAGS=helpers.xla_flags(devices),
              JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
   env.update({k: str(v) for k, v in extra.items()})
   return env

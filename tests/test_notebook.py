@@ -8,6 +8,8 @@ import os
 
 import pytest
 
+from tests import helpers
+
 nbclient = pytest.importorskip('nbclient')
 nbformat = pytest.importorskip('nbformat')
 pytest.importorskip('ipykernel')
@@ -43,7 +45,7 @@ def test_colab_demo_runs_on_cpu(tmp_path, monkeypatch):
       'PYTHONPATH': os.pathsep.join(
           [ROOT] + [p for p in [os.environ.get('PYTHONPATH', '')] if p]),
       'JAX_PLATFORMS': 'cpu',
-      'XLA_FLAGS': '',  # Undo the test suite's 8 fake devices: faster.
+      'XLA_FLAGS': helpers.xla_flags(),  # One device: faster.
       'MPLBACKEND': 'module://matplotlib_inline.backend_inline',
       'KFORCING_NOTEBOOK_CONFIG': 'tiny',
       'KFORCING_NOTEBOOK_WORKDIR': str(workdir),

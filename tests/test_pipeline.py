@@ -15,6 +15,7 @@ from kforcing_jax import bench
 from kforcing_jax import bench_schema
 from kforcing_jax import pipeline
 from kforcing_jax import report
+from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = ('teacher', 'student_k1', 'student_k2', 'student_k4')
@@ -31,7 +32,7 @@ def _pipeline_cmd(workdir, *extra):
           '--config=configs/tiny.py', f'--workdir={workdir}', *SMALL, *extra]
 
 
-_ENV = dict(os.environ, XLA_FLAGS='')  # One CPU device: faster here.
+_ENV = dict(os.environ, XLA_FLAGS=helpers.xla_flags())  # One device: faster.
 
 
 def _pipeline(workdir, *extra):

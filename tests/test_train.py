@@ -168,7 +168,7 @@ def test_evals_off_need_no_validation_split(tmp_path):
               '--config.train.num_steps=2',
               '--config.distill.steps_per_stage=2',
               '--config.distill.windows=(1,)'], tmp_path,
-             env=dict(os.environ, XLA_FLAGS=''))
+             env=dict(os.environ, XLA_FLAGS=helpers.xla_flags()))
     assert r.returncode == 0, r.stderr[-2000:]
   assert (tmp_path / 'student_k1' / 'checkpoints').is_dir()
 
@@ -339,7 +339,7 @@ def test_checkpoint_saved_on_8_devices_loads_on_1(tmp_path, fsdp):
             f'_, p, _ = checkpoints.load_params({str(tmp_path / "teacher")!r}); '
             'print(jax.device_count(), sum(float(np.abs(np.asarray(x, '
             'np.float64)).sum()) for x in jax.tree.leaves(p)))')
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env = dict(os.environ, XLA_FLAGS=helpers.xla_flags())
   proc = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
