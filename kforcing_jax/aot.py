@@ -165,6 +165,13 @@ def compile_step(config, which: str, mesh, *, fsdp: bool,
   return row
 
 
+def with_device_count(xla_flags: str, devices: int) -> str:
+  """`xla_flags` asking for `devices` CPU devices, any other count dropped."""
+  flag = '--xla_force_host_platform_device_count'
+  kept = [f for f in xla_flags.split() if not f.startswith(flag + '=')]
+  return ' '.join(kept + [f'{flag}={devices}'])
+
+
 def cpu_mesh(devices: int):
   """A 1-D 'data' mesh over the first `devices` (fake) CPU devices."""
   available = jax.devices('cpu')
@@ -377,10 +384,8 @@ def _prepare_backend(argv):
     return
   # --devices wins over an inherited device count (cpu_mesh's error
   # message says this module sets it).
-  flag = '--xla_force_host_platform_device_count'
-  kept = [f for f in os.environ.get('XLA_FLAGS', '').split()
-          if not f.startswith(flag + '=')]
-  os.environ['XLA_FLAGS'] = ' '.join(kept + [f'{flag}={int(devices)}'])
+  os.environ['XLA_FLAGS'] = with_device_count(
+      os.environ.get('XLA_FLAGS', ''), int(devices))
   # Compile for the CPU even on an accelerator host (jax is imported, but
   # its backends start only at the first device query).
   platforms = os.environ.get('JAX_PLATFORMS', '')

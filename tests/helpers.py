@@ -4,17 +4,13 @@ import os
 
 import numpy as np
 
-_DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
+from kforcing_jax import aot
 
 
 def xla_flags(devices: int = 1) -> str:
   """This run's XLA_FLAGS (conftest's, e.g. LLVM at -O0) for a subprocess
   with `devices` CPU devices; one undoes the suite's 8 fake devices."""
-  kept = [f for f in os.environ.get('XLA_FLAGS', '').split()
-          if not f.startswith(_DEVICE_COUNT_FLAG)]
-  if devices != 1:
-    kept.append(f'{_DEVICE_COUNT_FLAG}={devices}')
-  return ' '.join(kept)
+  return aot.with_device_count(os.environ.get('XLA_FLAGS', ''), devices)
 
 
 class ArrayIterator:
