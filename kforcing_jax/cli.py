@@ -221,16 +221,15 @@ def main():
   try:
     status = _run(argv)
   except _Terminated:
-    if sharding.is_main_process():
-      print('terminated (SIGTERM); re-run the same command: finished '
-            'training stages and earlier results are kept, and the stage '
-            'that was stopped (evaluate, bench, the evaluator) starts over',
-            file=sys.stderr)
+    sharding.print_once(
+        'terminated (SIGTERM); re-run the same command: finished training '
+        'stages and earlier results are kept, and the stage that was '
+        'stopped (evaluate, bench, the evaluator) starts over',
+        file=sys.stderr)
     sys.exit(commands.STOPPED_EXIT_CODE)
   except KeyboardInterrupt as e:
-    if sharding.is_main_process():
-      print(f'interrupted{": " + str(e) if str(e) else ""}; re-run the same '
-            'command to resume', file=sys.stderr)
+    sharding.print_once(f'interrupted{": " + str(e) if str(e) else ""}; '
+                        're-run the same command to resume', file=sys.stderr)
     sys.exit(130)
   except app.UsageError as e:
     _fail(str(e))

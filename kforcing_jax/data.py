@@ -144,22 +144,22 @@ def get_tokenizer(config, workdir: str, *, check_data: bool = True,
       # paper's, and training one takes time.
       # Imported here, where it is needed: sharding imports jax.
       from kforcing_jax import sharding  # pylint: disable=g-import-not-at-top
-      if sharding.is_main_process():
-        print(f'[data] no data.tokenizer_path: training a SentencePiece '
-              f'tokenizer ({config.model.vocab_size} pieces) on the '
-              f'{config.data.train_split!r} split into {path}',
-              file=sys.stderr, flush=True)
+      sharding.print_once(
+          f'[data] no data.tokenizer_path: training a SentencePiece '
+          f'tokenizer ({config.model.vocab_size} pieces) on the '
+          f'{config.data.train_split!r} split into {path}',
+          file=sys.stderr, flush=True)
       texts = documents.raw_texts(config, config.data.train_split)
       tokenizer = tokenizer_lib.train_sentencepiece(
           texts, config.model.vocab_size, path)
-      if (sharding.is_main_process()
-          and tokenizer.vocab_size < config.model.vocab_size):
-        print(f'[data] the tokenizer has {tokenizer.vocab_size} pieces, '
-              f'fewer than model.vocab_size={config.model.vocab_size}: the '
-              'corpus is too small for more, so ids from '
-              f'{tokenizer.vocab_size} up are never used (a smaller '
-              'model.vocab_size saves their parameters)',
-              file=sys.stderr, flush=True)
+      if tokenizer.vocab_size < config.model.vocab_size:
+        sharding.print_once(
+            f'[data] the tokenizer has {tokenizer.vocab_size} pieces, '
+            f'fewer than model.vocab_size={config.model.vocab_size}: the '
+            'corpus is too small for more, so ids from '
+            f'{tokenizer.vocab_size} up are never used (a smaller '
+            'model.vocab_size saves their parameters)',
+            file=sys.stderr, flush=True)
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ValueError(
         f'Tokenizer {path!r} has vocab_size {tokenizer.vocab_size} > '
@@ -172,9 +172,8 @@ def get_tokenizer(config, workdir: str, *, check_data: bool = True,
     _check_workdir_outside_corpus(config, workdir)
   if notes:
     from kforcing_jax import sharding  # pylint: disable=g-import-not-at-top
-    if sharding.is_main_process():
-      for note in notes:
-        print(f'[data] NOTE: {note}', file=sys.stderr, flush=True)
+    for note in notes:
+      sharding.print_once(f'[data] NOTE: {note}', file=sys.stderr, flush=True)
   return tokenizer
 
 
