@@ -87,6 +87,31 @@ def workdir_records(workdir: str) -> dict[str, dict[str, Any]]:
   return out
 
 
+def runs_newer_than(workdir: str, name: str) -> list[str]:
+  """Runs in `workdir` whose latest checkpoint is not one result file
+  `name` saw: by the checkpoints it records of every run (step and run
+  id), else (files from before that record) by file times, which a copied
+  workdir renews."""
+  path = os.path.join(workdir, name)
+  try:
+    with open(path) as f:
+      recorded = json.load(f).get('checkpoints')
+  except (OSError, ValueError, AttributeError):
+    recorded = None  # A damaged file: report names it.
+  written = os.path.getmtime(path)
+  newer = []
+  for run, now in workdir_records(workdir).items():
+    if isinstance(recorded, dict):
+      record = recorded.get(run)
+      if not (isinstance(record, dict) and 'step' in record and
+              same_source(dict(record, run=run), dict(now, run=run))):
+        newer.append(run)
+    elif os.path.getmtime(os.path.join(workdir, run, 'checkpoints',
+                                       str(now['step']))) > written:
+      newer.append(run)
+  return newer
+
+
 def check_records(records, where: str) -> None:
   """A result file's 'checkpoints' map: {run: {'step': int, 'run_id':
   str (optional)}}; raises ValueError naming `where`."""

@@ -15,6 +15,7 @@ import json
 import os
 import time
 
+from kforcing_jax import checkpoints
 from kforcing_jax import commands
 from kforcing_jax import data as data_lib
 from kforcing_jax import defaults
@@ -40,11 +41,16 @@ def _save_timing(workdir, timing):
 
 def _add_run(timing, result):
   """Records a training run's wall time, summed over resumed segments (a
-  finished run re-entered does no work and adds nothing)."""
+  finished run re-entered does no work and adds nothing). A run trained
+  anew (deleted, or its checkpoints) has another run id: its count starts
+  again rather than adding to the old run's."""
   if not result.seconds:
     return
   name = os.path.basename(result.run_dir)
-  entry = timing['runs'].setdefault(name, {'seconds': 0.0})
+  entry = timing['runs'].get(name)
+  if entry is None or entry.get('run_id', result.run_id) != result.run_id:
+    entry = timing['runs'][name] = {'seconds': 0.0}
+  entry['run_id'] = result.run_id
   entry['seconds'] += result.seconds
   if result.tokens_per_s:
     entry['tokens_per_s'] = result.tokens_per_s  # Of the last segment.
@@ -118,33 +124,6 @@ def _check_plan(config, workdir: str) -> None:
           ('eval.split', settings.split or config.data.eval_split)])
 
 
-def _runs_newer_than(workdir: str, name: str) -> list[str]:
-  """Runs in `workdir` whose latest checkpoint is not one result file
-  `name` saw: by the checkpoints it records of every run (step and run
-  id), else (files from before that record) by file times, which a copied
-  workdir renews."""
-  from kforcing_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, name)
-  try:
-    with open(path) as f:
-      recorded = json.load(f).get('checkpoints')
-  except (OSError, ValueError, AttributeError):
-    recorded = None  # A damaged file: report names it.
-  written = os.path.getmtime(path)
-  newer = []
-  for run, now in checkpoints.workdir_records(workdir).items():
-    if isinstance(recorded, dict):
-      record = recorded.get(run)
-      if not (isinstance(record, dict) and 'step' in record and
-              checkpoints.same_source(dict(record, run=run),
-                                      dict(now, run=run))):
-        newer.append(run)
-    elif os.path.getmtime(os.path.join(workdir, run, 'checkpoints',
-                                       str(now['step']))) > written:
-      newer.append(run)
-  return newer
-
-
 def run_pipeline(config, workdir: str) -> str | None:
   """Runs (or resumes) every stage; returns the report path, or None when
   a SIGTERM stopped a training stage (saved; a re-run resumes it)."""
@@ -203,7 +182,7 @@ def run_pipeline(config, workdir: str) -> str | None:
     _banner(i, n, name)
     if os.path.exists(os.path.join(workdir, out)):
       _show(f'{out} exists: skipped (delete it to redo)')
-      newer = _runs_newer_than(workdir, out)
+      newer = checkpoints.runs_newer_than(workdir, out)
       if newer:
         _show(f'WARNING: {out} predates the latest checkpoint of '
               f'{", ".join(newer)}: it describes older models (or lacks '

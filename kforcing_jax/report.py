@@ -63,8 +63,10 @@ def _run_order(run: str):
 
 
 def training_section(workdir):
+  # Seconds come from pipeline.json: training time under `pipeline` only
+  # (a segment run by train-teacher or distill alone is not in it).
   lines = ['## Training', '',
-           '| run | steps | eval | seconds |', '|---|---|---|---|']
+           '| run | steps | eval | seconds (pipeline) |', '|---|---|---|---|']
   timing = (_read_json(os.path.join(workdir, 'pipeline.json')) or {}).get(
       'runs', {})
   runs = sorted((d for d in os.listdir(workdir)
@@ -84,6 +86,18 @@ def training_section(workdir):
     lines.append(f"| {run} | {last['step']} | {shown} | "
                  f"{'' if secs is None else f'{secs:.0f}'} |")
   return lines
+
+
+def _stale_lines(workdir, name):
+  """A warning when `name` predates a run's latest checkpoint: the section
+  then describes older models than the training table above."""
+  from kforcing_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  newer = checkpoints.runs_newer_than(workdir, name)
+  if not newer:
+    return []
+  return [f"**Stale:** {name} predates the latest checkpoint of "
+          f"{', '.join(newer)}: this section describes older models (or "
+          f"lacks them); delete {name} and re-run to redo it.", '']
 
 
 def _evaluator_lines(path):
@@ -113,7 +127,7 @@ def quality_section(workdir):
   if ev is None:
     return []
   s = ev['settings']
-  lines = ['## Quality (eval.json)', '',
+  lines = ['## Quality (eval.json)', '', *_stale_lines(workdir, 'eval.json'),
            f"{s['num_samples']} samples, {s['prefix_len']}-token held-out "
            f"prefixes completed to {s['seq_len']} tokens, one shared noise "
            f"array (seed {s['seed']}); {_ci_label(s)}.", '',
@@ -173,6 +187,7 @@ def speed_section(workdir):
     return []
   m = b['machine']
   return ['## Decoding speed (bench.json)', '',
+          *_stale_lines(workdir, 'bench.json'),
           f"Machine: {m.get('cpu_model')} x{m.get('cpu_count')}, "
           f"{m.get('backend')} ({m.get('device_kind')}), jax "
           f"{m.get('jax_version')}.", '', '```',

@@ -286,6 +286,7 @@ class TrainResult:
   last_eval: dict | None = None
   tokens_per_s: float = 0.0
   seconds: float = 0.0  # Wall time of this call (0 when nothing to do).
+  run_id: str = ''  # The run's id (checkpoints.run_meta): new when retrained.
 
 
 def train(task: Task, config, workdir: str, data_iter, eval_batches=(),
@@ -367,7 +368,8 @@ def train(task: Task, config, workdir: str, data_iter, eval_batches=(),
             f'{num_steps} steps: the learning rate stays below its peak '
             f'{tc.lr:g}', flush=True)
   if start >= num_steps:
-    return TrainResult(state=state, run_dir=run_dir)
+    return TrainResult(state=state, run_dir=run_dir,
+                       run_id=meta['run_id'])
 
   step_fn = jax.jit(
       make_step(task, optimizer, tc.ema_decay, mesh),
@@ -436,7 +438,8 @@ def train(task: Task, config, workdir: str, data_iter, eval_batches=(),
       preempted = True
   bar.close()
   elapsed = max(time.time() - t0, 1e-9)
-  result = TrainResult(state=state, run_dir=run_dir, preempted=preempted,
+  result = TrainResult(state=state, run_dir=run_dir, run_id=meta['run_id'],
+                       preempted=preempted,
                        last_eval=last_eval,
                        tokens_per_s=tokens_done / elapsed, seconds=elapsed)
   if preempted and preemption.requested == 'SIGINT':

@@ -13,6 +13,7 @@ import pytest
 
 from kforcing_jax import bench
 from kforcing_jax import bench_schema
+from kforcing_jax import checkpoints
 from kforcing_jax import pipeline
 from kforcing_jax import report
 from tests import helpers
@@ -116,7 +117,7 @@ def test_tiny_pipeline_resumes_without_redoing_finished_stages(tmp_path):
     for root, _, _ in os.walk(os.path.join(workdir, run, 'checkpoints')):
       os.utime(root)
   for name in ('eval.json', 'bench.json'):
-    assert pipeline._runs_newer_than(workdir, name) == []
+    assert checkpoints.runs_newer_than(workdir, name) == []
   eval_path = os.path.join(workdir, 'eval.json')
   with open(eval_path) as f:
     kept = f.read()
@@ -124,7 +125,7 @@ def test_tiny_pipeline_resumes_without_redoing_finished_stages(tmp_path):
   evaluated['checkpoints']['student_k2']['run_id'] = '0' * 16
   with open(eval_path, 'w') as f:
     json.dump(evaluated, f)
-  assert pipeline._runs_newer_than(workdir, 'eval.json') == ['student_k2']
+  assert checkpoints.runs_newer_than(workdir, 'eval.json') == ['student_k2']
   with open(eval_path, 'w') as f:
     f.write(kept)
 
@@ -143,6 +144,37 @@ def test_tiny_pipeline_resumes_without_redoing_finished_stages(tmp_path):
   for name in ('eval.json', 'bench.json'):
     assert f'WARNING: {name} predates the latest checkpoint of teacher' in \
         third.stdout
+  # The report says so too, above the tables of the older models.
+  with open(os.path.join(workdir, 'report.md')) as f:
+    report_text = f.read()
+  for name in ('eval.json', 'bench.json'):
+    assert f'**Stale:** {name} predates the latest checkpoint of teacher' in \
+        report_text
+  with open(os.path.join(workdir, 'pipeline.json')) as f:
+    recorded_id = json.load(f)['runs']['teacher']['run_id']
+  assert recorded_id == checkpoints.workdir_records(workdir)['teacher'][
+      'run_id']
+
+
+def test_a_run_trained_anew_restarts_its_pipeline_seconds():
+  # Deleting a run and re-running the pipeline trained it anew, but its
+  # seconds in pipeline.json (and report.md) added the old run's.
+  import types  # pylint: disable=g-import-not-at-top
+  timing = {'runs': {}}
+  def result(seconds, run_id):
+    return types.SimpleNamespace(run_dir='/w/student_k4', seconds=seconds,
+                                 tokens_per_s=1.0, run_id=run_id)
+  pipeline._add_run(timing, result(50.0, 'a'))  # pylint: disable=protected-access
+  pipeline._add_run(timing, result(20.0, 'a'))  # Resumed: summed.  # pylint: disable=protected-access
+  assert timing['runs']['student_k4']['seconds'] == 70.0
+  pipeline._add_run(timing, result(30.0, 'b'))  # Trained anew.  # pylint: disable=protected-access
+  assert timing['runs']['student_k4'] == {'seconds': 30.0, 'run_id': 'b',
+                                          'tokens_per_s': 1.0}
+  # A pipeline.json from before run ids: the next segment adds to it.
+  timing = {'runs': {'teacher': {'seconds': 5.0}}}
+  pipeline._add_run(timing, types.SimpleNamespace(  # pylint: disable=protected-access
+      run_dir='/w/teacher', seconds=1.0, tokens_per_s=0.0, run_id='c'))
+  assert timing['runs']['teacher'] == {'seconds': 6.0, 'run_id': 'c'}
 
 
 def test_only_process_0_writes_timing_and_report(tmp_path, monkeypatch):
