@@ -41,7 +41,8 @@ from kforcing_jax import files
 from kforcing_jax import tokenizer as tokenizer_lib
 
 # Bump when the chunk cache format or tokenization recipe changes.
-_CACHE_VERSION = 1
+# 2: a tokenizers JSON encodes special-token text as text (it made an eos).
+_CACHE_VERSION = 2
 _STATE_VERSION = 1
 # Lazy tfds reads: a few threads, a modest read-ahead (2-core machines too).
 _TFDS_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=256)

@@ -80,6 +80,9 @@ class _HuggingFaceBackend:
     # classifier; either would silently corrupt long documents.
     self._tok.no_truncation()
     self._tok.no_padding()
+    # Text that spells a special token ('<|endoftext|>' in a document) is
+    # text: matched as the token, it put a document break (eos) mid-document.
+    self._tok.encode_special_tokens = True
     vocab = self._tok.get_vocab(with_added_tokens=True)
     self.vocab_size = max(vocab.values()) + 1 if vocab else 0
     eos = _first_present(vocab, _EOS_CANDIDATES)

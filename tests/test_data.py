@@ -242,6 +242,13 @@ def test_tokenizers_json_round_trip(tmp_path):
   assert tok.decode(ids) == ENGLISH
   assert tok.decode(ids + [tok.pad_id, tok.eos_id]) == ENGLISH
   assert tok.vocab_size == hf.get_vocab_size(with_added_tokens=True)
+  # Text that spells a special token is text: matched as the token, it put
+  # an eos (a document break) in the middle of a document.
+  spelled = 'Good morning [SEP] fellow [PAD] citizens.'
+  ids = tok.encode(spelled)
+  assert tok.eos_id not in ids and tok.pad_id not in ids
+  assert tok.decode(ids) == spelled
+  assert tok.encode_batch([spelled]) == [ids]
 
 
 def test_tokenizers_json_without_pad_uses_eos(tmp_path):
