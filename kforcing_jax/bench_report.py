@@ -23,9 +23,11 @@ def mib(num_bytes) -> str:
 def format_tables(d: dict[str, Any]) -> str:
   """The measured table, the peer comparison and the accelerator table."""
   mode = d['roofline']['mode']
-  lines = [f'batch  k  model            tok/s      speedup  '
-           f'pred({mode})  pred(sum)  meas/pred  GFLOP/s     GB/s  '
-           f'peak MiB']
+  other = 'max' if mode == 'sum' else 'sum'  # The column beside it.
+  # Each heading ends where its column's values end.
+  lines = [f'batch  k  {"model":15s} {"tok/s":>10s}  speedup  '
+           f'{f"pred({mode})":>9s}  {f"pred({other})":>9s}  meas/pred  '
+           f'GFLOP/s     GB/s  peak MiB']
   for r in sorted(d['results'], key=lambda r: (r['batch'], r['k'])):
     rates = ''.join(  # Files written before these fields lack them.
         f'  {r[key] / 1e9:7.1f}' if key in r else f'  {"-":>7s}'
@@ -34,7 +36,7 @@ def format_tables(d: dict[str, Any]) -> str:
         f'{r["batch"]:5d}  {r["k"]:d}  {r["model"]:15s} '
         f'{r["tokens_per_s"]:10.1f}  {r["speedup"]:7.2f}  '
         f'{r["predicted_speedup"]:9.2f}  '
-        f'{r["predicted_speedup_modes"]["sum"]:9.2f}  '
+        f'{r["predicted_speedup_modes"][other]:9.2f}  '
         f'{r["measured_over_predicted"]:9.2f}' + rates +
         f'  {mib(compiled_peak_bytes(r["memory"])):>8s}')
   roof = d['roofline']
@@ -53,7 +55,8 @@ def format_tables(d: dict[str, Any]) -> str:
   peer = d['peer']
   if peer['available']:
     pf_k = peer['results'][0]['pf_k'] if peer['results'] else '?'
-    lines.append(f'\npeer: {peer["library"]}')
+    lines.append(f'\npeer: {peer["library"]}' + (
+        f' ({peer["note"]})' if peer.get('note') else ''))
     lines.append(f'batch  HF tok/s    ours AR / HF  ours k={pf_k} / HF')
     for p in peer['results']:
       lines.append(f'{p["batch"]:5d}  {p["tokens_per_s"]:9.1f}  '

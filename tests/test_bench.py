@@ -9,6 +9,7 @@ import functools
 import importlib.util
 import json
 import os
+import re
 import types
 
 import jax
@@ -158,6 +159,29 @@ def test_committed_bench_results_validate(name):
   table = bench_report.format_tables(d)  # Renders, new columns included.
   assert len([l for l in table.splitlines() if l[:5].strip().isdigit()]) >= (
       len(d['results']))
+
+
+def test_table_headings_sit_over_their_columns():
+  # 'tok/s' ended 4 characters left of its numbers, and roofline mode 'sum'
+  # headed two columns 'pred(sum)'.
+  with open(os.path.join(ROOT, 'docs', 'bench_demo_cpu.json')) as f:
+    d = json.load(f)
+  cells = lambda line: list(re.finditer(r'\S+(?: \S+)*', line))
+  for mode, other in (('max', 'sum'), ('sum', 'max')):
+    d['roofline']['mode'] = mode
+    header, *rows = bench_report.format_tables(d).splitlines()[:4]
+    assert f'pred({mode})  pred({other})' in header
+    names = cells(header)
+    assert [m.group() for m in names][:4] == ['batch', 'k', 'model', 'tok/s']
+    for row in rows:
+      values = cells(row)
+      assert len(values) == len(names)
+      assert values[2].start() == names[2].start()  # Names: left-aligned.
+      assert [m.end() for i, m in enumerate(values) if i != 2] == [
+          m.end() for i, m in enumerate(names) if i != 2]
+  # What the peer ran (model, weights, decoding) was left out of the table.
+  assert d['peer']['available']
+  assert d['peer']['note'] in bench_report.format_tables(d)
 
 
 # A model small enough to cost by hand: 1 layer, width 2, vocabulary 3,
