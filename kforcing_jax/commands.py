@@ -218,11 +218,12 @@ def generate(flags_obj):
                      f'{cfg.seq_len}: no room to generate (shorten it)')
   if max_new > room:
     _print_main(f'NOTE: max_new_tokens={max_new} cut to {room}: the longest '
-                f'prompt has {cfg.seq_len - room} tokens and model.seq_len '
-                f'is {cfg.seq_len}', file=sys.stderr)
+                f'prompt has {longest} token{"s" * (longest != 1)} and '
+                f'model.seq_len is {cfg.seq_len}', file=sys.stderr)
     max_new = room
   seed = pick(flags_obj.seed, dc.seed)
-  defaults.check_seed('decode.seed', dc.seed)
+  defaults.check_seed('decode.seed' if flags_obj.seed is None else '--seed',
+                      seed)
   temperature = pick(flags_obj.temperature, dc.temperature)
   greedy = pick(flags_obj.greedy, dc.greedy)
   if cfg.noise_window:

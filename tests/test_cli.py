@@ -248,6 +248,11 @@ def test_mesh_settings_are_said_and_generate_prints_once(tmp_path,
   shown = capsys.readouterr()
   assert json.loads(shown.out)['model'] == 'teacher'
   assert 'NOTE: max_new_tokens=40 cut to' in shown.err
+  assert 'the longest prompt has 1 token and' in shown.err  # Not '1 tokens'.
+  # A bad --seed was checked as decode.seed (the config's, not the flag's).
+  bad = dict(vars(flags_obj), seed=2**32)
+  with pytest.raises(ValueError, match=r'--seed=4294967296 must be an int'):
+    commands.generate(types.SimpleNamespace(**bad))
   monkeypatch.setattr(sharding, 'is_main_process', lambda: False)
   commands.generate(flags_obj)
   assert capsys.readouterr() == ('', '')
