@@ -198,8 +198,19 @@ def speed_section(workdir):
 def write_report(workdir: str) -> str:
   lines = ['# K-Forcing pipeline report', '',
            f'Work directory: `{os.path.abspath(workdir)}`.', '']
-  for section in (training_section, quality_section, speed_section):
-    part = section(workdir)
+  for section, name in ((training_section, None),
+                        (quality_section, 'eval.json'),
+                        (speed_section, 'bench.json')):
+    try:
+      part = section(workdir)
+    except (KeyError, TypeError, AttributeError) as e:
+      if name is None:
+        raise
+      # Valid JSON without a field read here (hand-edited, or cut down)
+      # stopped `report` with a bare KeyError naming no file.
+      raise ValueError(f'{os.path.join(workdir, name)} lacks a field the '
+                       f'report reads ({type(e).__name__}: {e}); delete it '
+                       'and re-run the command that writes it') from e
     if part:
       lines += part + ['']
   path = os.path.join(workdir, 'report.md')

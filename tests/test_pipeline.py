@@ -351,6 +351,16 @@ def test_report_reads_a_cut_metrics_line_and_names_a_damaged_file(tmp_path):
   with pytest.raises(ValueError, match=f"{tmp_path / 'eval.json'} is not "
                      'valid JSON .*; delete it and re-run the command'):
     report.write_report(str(tmp_path))
+  # Valid JSON without the fields read: named too, not a bare KeyError.
+  (tmp_path / 'eval.json').write_text('{"models": {}}')
+  with pytest.raises(ValueError, match=f"{tmp_path / 'eval.json'} lacks a "
+                     "field the report reads .KeyError: 'settings'.; delete"):
+    report.write_report(str(tmp_path))
+  (tmp_path / 'eval.json').unlink()
+  (tmp_path / 'bench.json').write_text('{"machine": {}, "results": [1]}')
+  with pytest.raises(ValueError, match=f"{tmp_path / 'bench.json'} lacks a "
+                     'field the report reads'):
+    report.write_report(str(tmp_path))
 
 
 def test_a_split_evaluate_needs_is_checked_before_training(tmp_path):
