@@ -3,7 +3,7 @@
 Subcommands:
   pipeline       --config=configs/X.py --workdir=W   the main job: teacher, distill, [train-evaluator], evaluate, bench, report
   train-teacher  --config=configs/X.py --workdir=W   train (or resume) the AR teacher
-  distill        --config=configs/X.py --workdir=W   students of window 1, 2, 4 from W/teacher
+  distill        --config=configs/X.py --workdir=W   students of each distill.windows (1, 2, 4) from W/teacher
   generate       --workdir=W --prompt=TEXT [--k=4]   decode from a trained model
   train-evaluator --config=configs/X.py --workdir=W  small independent GPT-2-shape evaluator -> W/evaluator
   evaluate       --config=configs/X.py --workdir=W   quality metrics -> W/eval.json, W/samples/
@@ -33,18 +33,24 @@ _CONFIG = config_flags.DEFINE_config_file(
     'with --config.section.field=value.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics, '
                     'tokenizer, reports).')
-flags.DEFINE_multi_string('prompt', [], 'generate: a prompt (repeatable).')
-flags.DEFINE_integer('k', 1, 'generate: tokens per forward pass (1 = AR).')
+flags.DEFINE_multi_string('prompt', [], 'generate: a prompt (repeatable; '
+                          "default: 'The').")
+flags.DEFINE_integer('k', 1, 'generate: tokens per forward pass (1: the AR '
+                     'teacher, unless --model names a student).')
 flags.DEFINE_string('model', '', "generate: 'teacher' or 'student_kN'; "
                     'default: teacher for k=1, else the smallest student '
                     'window >= k.')
 flags.DEFINE_integer('max_new_tokens', None, 'generate: new tokens per prompt '
                      '(default: config decode.max_new_tokens).')
-flags.DEFINE_float('temperature', None, 'generate: AR sampling temperature.')
-flags.DEFINE_bool('greedy', None, 'generate: AR argmax decoding.')
+flags.DEFINE_float('temperature', None, 'generate: AR sampling temperature '
+                   '(default: config decode.temperature).')
+flags.DEFINE_bool('greedy', None, 'generate: AR argmax decoding (default: '
+                  'config decode.greedy).')
 flags.DEFINE_float('frequency_penalty', None, 'generate: frequency penalty '
-                   'lambda (students and the AR teacher alike).')
-flags.DEFINE_integer('seed', None, 'generate: seed of the decoding noise.')
+                   'lambda, students and the AR teacher alike (default: '
+                   'config decode.frequency_penalty).')
+flags.DEFINE_integer('seed', None, 'generate: seed of the decoding noise '
+                     '(default: config decode.seed).')
 
 FLAGS = flags.FLAGS
 
