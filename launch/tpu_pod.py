@@ -189,7 +189,7 @@ def install_script(args) -> str:
   """Shell run on every worker: a Python >= 3.11 venv with the package."""
   pip = f'"{REMOTE_VENV}/bin/python" -m pip'
   packages = ' '.join(_dq(p) for p in [f'.[{args.extras}]'] +
-                      args.pip_package)
+                      (args.pip_package or ['jax[tpu]']))
   return '; '.join([
       'set -eu',
       f'cd "{_remote_dir(args)}"',
@@ -364,14 +364,20 @@ def _parser() -> tuple[argparse.ArgumentParser,
   def install(p):
     p.add_argument('--extras', default='demo',
                    help='Package extras to install (default: demo).')
-    p.add_argument('--pip-package', action='append', default=['jax[tpu]'],
-                   metavar='SPEC', help="Extra pip requirement (default: "
-                   "'jax[tpu]', which brings libtpu).")
+    p.add_argument('--pip-package', action='append', default=None,
+                   metavar='SPEC', help="Pip requirement installed beside "
+                   "the package, repeatable (default: 'jax[tpu]', which "
+                   "brings libtpu; given ones replace it).")
 
   def run_name(p):
     p.add_argument('--run-name', default='',
                    help='Log/pid name (default: the kforcing_jax '
                    'subcommand, e.g. train-teacher).')
+
+  def named_run(p):  # logs and stop: no subcommand to default to.
+    p.add_argument('--run-name', default='',
+                   help='Required: the name given to `run` (its --run-name, '
+                   'else its kforcing_jax subcommand, e.g. train-teacher).')
 
   def run(p):
     run_name(p)
@@ -403,14 +409,14 @@ def _parser() -> tuple[argparse.ArgumentParser,
   add('install', 'pip install the copied package on every worker.', remote,
       install)
   add('run', 'Start a kforcing_jax command on every worker.', remote, run)
-  logs = add('logs', "Show (follow) a run's log.", run_name)
+  logs = add('logs', "Show (follow) a run's log.", named_run)
   logs.add_argument('--worker', default='0',
                     help='Worker index, or all (default: 0).')
   logs.add_argument('--lines', type=int, default=100,
                     help='Lines of history to show first.')
   logs.add_argument('--no-follow', dest='follow', action='store_false',
                     help='Print and exit instead of following.')
-  stop = add('stop', 'Stop a run on every worker.', run_name)
+  stop = add('stop', 'Stop a run on every worker.', named_run)
   # No INT: `run` starts the job in the background, where SIGINT is
   # ignored (kforcing_jax keeps it so).
   stop.add_argument('--signal', default='TERM', choices=('TERM', 'KILL'),

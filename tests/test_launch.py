@@ -113,6 +113,11 @@ def test_all_dry_run_prints_every_step_and_runs_nothing(tmp_path, fake_bin):
             '--project=my-proj'} <= set(words)
   assert 'pip install' in remote_script(install)
   assert '".[demo]" "jax[tpu]"' in remote_script(install)
+  # A given --pip-package replaces jax[tpu] (it was added to it).
+  pinned = pod('install', '--dry-run', *POD, '--pip-package=jax[tpu]==0.10.2',
+               tmp_path=tmp_path)
+  assert pinned.returncode == 0, pinned.stderr
+  assert '".[demo]" "jax[tpu]==0.10.2"; ' in remote_script(pinned.stdout)
   assert 'nohup' not in remote_script(check)  # It starts nothing.
   script = remote_script(run)
   assert 'nohup ' in script
