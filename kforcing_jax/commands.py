@@ -248,8 +248,11 @@ def generate(flags_obj):
                                        out.lengths):
     # Decode prompt and continuation together so word boundaries survive.
     text = tokenizer.decode(prompt_ids + np.asarray(row[:n]).tolist())
+    # new_tokens counts a final eos, which text (decoded) does not show.
     _print_main(json.dumps({'model': run, 'k': flags_obj.k,
                             'prompt': prompt, 'new_tokens': int(n),
+                            'stopped_at_eos': bool(
+                                n and int(row[n - 1]) == tokenizer.eos_id),
                             'text': text}))
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import types
 
+import numpy as np
 import pytest
 
 from kforcing_jax import cli
@@ -249,6 +250,18 @@ def test_mesh_settings_are_said_and_generate_prints_once(tmp_path,
   assert json.loads(shown.out)['model'] == 'teacher'
   assert 'NOTE: max_new_tokens=40 cut to' in shown.err
   assert 'the longest prompt has 1 token and' in shown.err  # Not '1 tokens'.
+  # new_tokens counts a final eos, which the text does not show: said apart.
+  from kforcing_jax import decode  # pylint: disable=g-import-not-at-top
+  from kforcing_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  eos = tokenizer_lib.load_tokenizer(str(tmp_path / 'tokenizer.model')).eos_id
+  real_generate = decode.generate
+  for row, n, stopped in (([7, eos, 0], 2, True), ([7, 8, 9], 3, False)):
+    made = types.SimpleNamespace(tokens=np.array([row]), lengths=np.array([n]))
+    monkeypatch.setattr(decode, 'generate', lambda *a, m=made, **k: m)
+    commands.generate(flags_obj)
+    record = json.loads(capsys.readouterr().out)
+    assert (record['new_tokens'], record['stopped_at_eos']) == (n, stopped)
+  monkeypatch.setattr(decode, 'generate', real_generate)
   # A bad --seed was checked as decode.seed (the config's, not the flag's).
   bad = dict(vars(flags_obj), seed=2**32)
   with pytest.raises(ValueError, match=r'--seed=4294967296 must be an int'):
