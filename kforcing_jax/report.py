@@ -198,9 +198,9 @@ def speed_section(workdir):
 def write_report(workdir: str) -> str:
   lines = ['# K-Forcing pipeline report', '',
            f'Work directory: `{os.path.abspath(workdir)}`.', '']
-  for section, name in ((training_section, None),
-                        (quality_section, 'eval.json'),
-                        (speed_section, 'bench.json')):
+  for section, name, command in ((training_section, None, None),
+                                 (quality_section, 'eval.json', 'evaluate'),
+                                 (speed_section, 'bench.json', 'bench')):
     try:
       part = section(workdir)
     except (KeyError, TypeError, AttributeError) as e:
@@ -213,6 +213,9 @@ def write_report(workdir: str) -> str:
                        'and re-run the command that writes it') from e
     if part:
       lines += part + ['']
+    elif name is not None:  # Said, not just left out.
+      lines += [f'No {name} in this work directory yet: the `{command}` '
+                'subcommand (or `pipeline`) writes it.', '']
   path = os.path.join(workdir, 'report.md')
   if sharding.is_main_process():  # One writer per multi-process run.
     files.atomic_write_text(path, '\n'.join(lines))

@@ -322,6 +322,12 @@ def test_report_lists_runs_without_evals_and_dates_an_older_eval(tmp_path):
   assert report.training_section(str(tmp_path))[4:] == [
       '| teacher | 8 | loss=2 (at step 5) |  |',
       '| student_k1 | 3 | none |  |']
+  # Results not made yet are said to be missing, not left out silently.
+  with open(report.write_report(str(tmp_path))) as f:
+    text = f.read()
+  assert ('No eval.json in this work directory yet: the `evaluate` '
+          'subcommand (or `pipeline`) writes it.') in text
+  assert 'No bench.json in this work directory yet: the `bench`' in text
 
 
 def test_report_speed_block_opens_with_the_table_header(tmp_path):
