@@ -42,8 +42,8 @@ def _save_timing(workdir, timing):
 def _add_run(timing, result):
   """Records a training run's wall time, summed over resumed segments (a
   finished run re-entered does no work and adds nothing). A run trained
-  anew (deleted, or its checkpoints) has another run id: its count starts
-  again rather than adding to the old run's."""
+  anew (its directory or checkpoints deleted) has another run id: its
+  count starts again rather than adding to the old run's."""
   if not result.seconds:
     return
   name = os.path.basename(result.run_dir)

@@ -286,7 +286,7 @@ class TrainResult:
   last_eval: dict | None = None
   tokens_per_s: float = 0.0
   seconds: float = 0.0  # Wall time of this call (0 when nothing to do).
-  run_id: str = ''  # The run's id (checkpoints.run_meta): new when retrained.
+  run_id: str = ''  # Kept in its checkpoints; another when trained anew.
 
 
 def train(task: Task, config, workdir: str, data_iter, eval_batches=(),
