@@ -374,11 +374,11 @@ def _prepare_backend(argv):
       topology = arg.split('=', 1)[1]
     elif arg == '--tpu_topology':
       topology = following
-  if not devices.isdigit() or int(devices) < 1:
+  if not topology and (not devices.isdigit() or int(devices) < 1):
     print(f'error: --devices={devices!r}: expected a positive integer',
           file=sys.stderr)
     sys.exit(2)
-  if topology:
+  if topology:  # --devices is ignored, as --help says.
     # Compile-only: don't ask a GCE metadata server about a TPU VM.
     os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
     return

@@ -242,12 +242,13 @@ def _train_loop(torch, model, train_windows, s: EvaluatorSettings, metrics):
     if s.grad_clip > 0:
       torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
     opt.step()
+    lr = sched.get_last_lr()[0]  # This step's: sched.step() sets the next.
     sched.step()
     run_loss, run_n = run_loss + loss.item(), run_n + 1
     if step % s.log_every == 0 or step == s.num_steps:
       dt = time.perf_counter() - t0
       row = {'step': step, 'loss': run_loss / run_n,
-             'lr': sched.get_last_lr()[0],
+             'lr': lr,
              'tokens_per_s': step * x.numel() / max(dt, 1e-9)}
       metrics.write(json.dumps(row) + '\n')
       _show(f"[evaluator] step {step}/{s.num_steps}: loss {row['loss']:.4f}, "

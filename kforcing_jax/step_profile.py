@@ -79,8 +79,10 @@ def trace_events(xplane_path: str) -> tuple[str, list[tuple[str, float]]]:
 
 
 def summarize(source: str, events: list[tuple[str, float]], steps: int,
-              top: int = 25) -> dict[str, Any]:
-  """Per-step op counts and times of one decode of `steps` steps."""
+              top: int | None = None) -> dict[str, Any]:
+  """Per-step op counts and times of one decode of `steps` steps: every
+  op kind by default (cut to 25, a kind outside one profile's top showed
+  as '-', never run, beside another profile where it ranked high)."""
   if steps < 1:
     raise ValueError(f'steps={steps}: a decode has at least one step')
   kinds = defaultdict(lambda: [0, 0.0])

@@ -195,6 +195,17 @@ def test_bad_command_lines_are_one_line(args, message):
   assert proc.stderr.strip().splitlines() == [f'error: {message}']
 
 
+def test_devices_is_ignored_with_a_tpu_topology():
+  # --help says so, but --devices=0 was refused before the topology ran.
+  proc = subprocess.run(
+      [sys.executable, '-m', 'kforcing_jax.aot', '--config=configs/tiny.py',
+       '--tpu_topology=v5e:2x2', '--devices=0'],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert '--devices' not in proc.stderr
+  if importlib.util.find_spec('libtpu') is None:  # As on CI.
+    assert "TPU topology 'v5e:2x2' unavailable" in proc.stdout + proc.stderr
+
+
 def test_jax_platforms_without_cpu_is_refused_in_one_line():
   # aot compiles for CPU devices; JAX_PLATFORMS=cuda on a machine without
   # the CUDA plugin ended in jax's bare AssertionError traceback.

@@ -97,6 +97,20 @@ def test_training_lowers_the_loss(trained):
   assert info['heldout_ppl'] < 2  # The sentence is learnt by heart.
 
 
+def test_each_logged_lr_is_the_one_its_step_used(trained):
+  # The row of step n showed step n+1's rate (the scheduler had moved on).
+  config, _, out = trained
+  s = config.evaluator_train
+  with open(os.path.join(out, et.METRICS_FILE)) as f:
+    rows = [json.loads(line) for line in f]
+  assert [r['step'] for r in rows] == list(range(1, 101))
+  np.testing.assert_allclose(
+      [r['lr'] for r in rows],
+      [s.lr * et.lr_factor(n - 1, s.warmup_steps, s.num_steps)
+       for n in range(1, 101)], rtol=1e-12)
+  assert rows[0]['lr'] == pytest.approx(s.lr / s.warmup_steps)
+
+
 def test_rerun_skips(trained, monkeypatch, capsys):
   config, workdir, out = trained
   before = os.path.getmtime(os.path.join(out, et.INFO_FILE))

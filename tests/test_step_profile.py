@@ -100,6 +100,19 @@ def test_format_profiles_lines_up_kinds_and_marks_missing_ones():
   assert rows['all'] == ['ops', '1.0', '3.0', '2.0', '6.0']
 
 
+def test_a_kind_cheap_in_one_profile_is_not_shown_as_missing():
+  # summarize kept each profile's top 25 kinds: a kind ranked 27th in the
+  # AR profile showed '-' there, beside the k=4 profile it led.
+  ar = step_profile.summarize(
+      'device', [(f'op{chr(97 + i)}_1', 1000.0) for i in range(26)] +
+      [('rare_2', 1.0)], 1)
+  pf = step_profile.summarize('device', [('rare_3', 9000.0)], 1)
+  assert len(ar['kinds']) == 27
+  text = step_profile.format_profiles(1, [('k=1', ar), ('k=4', pf)])
+  rows = {line.split()[0]: line.split()[1:] for line in text.splitlines()[2:]}
+  assert rows['rare'] == ['1.0', '0.0', '1.0', '9.0']
+
+
 def test_format_profiles_says_when_a_trace_had_no_readable_ops():
   empty = step_profile.summarize('host', [], 3)
   assert empty['ops_per_step'] == 0 and empty['kinds'] == []
