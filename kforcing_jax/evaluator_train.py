@@ -72,7 +72,8 @@ class EvaluatorSettings:
   num_threads: int
 
   def recipe(self) -> dict:
-    """Fields that change the trained model (not where it goes)."""
+    """Fields that change the trained model or its measured held-out
+    perplexity (eval_batches), not where it goes; saved in train_info.json."""
     out = dataclasses.asdict(self)
     for key in ('enabled', 'dir', 'log_every', 'num_threads'):
       out.pop(key)
@@ -278,7 +279,11 @@ def _report_skip(out: str, s: EvaluatorSettings) -> None:
   _show(f'[evaluator] {out} is complete (held-out ppl '
         f"{info.get('heldout_ppl', float('nan')):.1f}): skipped training",
         flush=True)
-  if info.get('recipe') != s.recipe():
+  # eval_batches only sizes the held-out measurement, not the model; it
+  # stays in recipe() (saved) but is not a reason to say "retrain".
+  model_fields = lambda r: {k: v for k, v in (r or {}).items()
+                            if k != 'eval_batches'}
+  if model_fields(info.get('recipe')) != model_fields(s.recipe()):
     _show(f'[evaluator] note: it was trained with other evaluator_train '
           f'settings than these; delete {out} to retrain', flush=True)
 

@@ -118,6 +118,11 @@ def test_rerun_skips(trained, monkeypatch, capsys):
   assert et.train_evaluator(config, workdir) == out
   assert 'skipped training' in capsys.readouterr().out
   assert os.path.getmtime(os.path.join(out, et.INFO_FILE)) == before
+  # Another held-out measurement size is no reason to retrain: no note.
+  measured = config.copy_and_resolve_references()
+  measured.evaluator_train.eval_batches = 5
+  et.train_evaluator(measured, workdir)
+  assert 'retrain' not in capsys.readouterr().out
   # Other settings: still skipped, with a note saying how to retrain.
   changed = config.copy_and_resolve_references()
   changed.evaluator_train.num_steps = 7
