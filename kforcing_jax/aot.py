@@ -266,7 +266,8 @@ def _steps_from_flag(names):
   bad = [n for n in names if n not in mapping]
   if bad:
     raise app.UsageError(f'--steps: unknown {bad}; expected teacher, distill')
-  return tuple(mapping[n] for n in names)
+  # Each once, in the order given: a repeat compiled the same step again.
+  return tuple(mapping[n] for n in dict.fromkeys(names))
 
 
 def _define_flags():

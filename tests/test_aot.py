@@ -195,6 +195,11 @@ def test_bad_command_lines_are_one_line(args, message):
   assert proc.stderr.strip().splitlines() == [f'error: {message}']
 
 
+def test_a_step_named_twice_compiles_once():
+  assert aot._steps_from_flag(['teacher', 'distill', 'teacher']) == (  # pylint: disable=protected-access
+      aot.TEACHER, aot.DISTILL)
+
+
 def test_devices_is_ignored_with_a_tpu_topology():
   # --help says so, but --devices=0 was refused before the topology ran.
   proc = subprocess.run(
