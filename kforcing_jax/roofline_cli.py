@@ -23,7 +23,8 @@ from kforcing_jax import model as model_lib
 from kforcing_jax import roofline
 
 
-def _ints(text: str) -> list[int]:
+def int_list(text: str) -> list[int]:
+  """argparse type: comma-separated ints >= 1 (also row_matmuls')."""
   try:
     values = [int(v) for v in text.split(',') if v.strip()]
   except ValueError:
@@ -53,8 +54,8 @@ def _parser() -> argparse.ArgumentParser:
                  'prefix and new tokens from it)')
   p.add_argument('--peak_flops', type=_positive, help='FLOP/s')
   p.add_argument('--bandwidth', type=_positive, help='bytes/s')
-  p.add_argument('--batch_sizes', type=_ints, default=[1, 8, 64, 256])
-  p.add_argument('--ks', type=_ints, default=[2, 3, 4])
+  p.add_argument('--batch_sizes', type=int_list, default=[1, 8, 64, 256])
+  p.add_argument('--ks', type=int_list, default=[2, 3, 4])
   p.add_argument('--prefix_len', type=int, default=6)
   p.add_argument('--max_new_tokens', type=int, default=0,
                  help='0: up to the model seq_len')
