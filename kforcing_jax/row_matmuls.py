@@ -57,8 +57,9 @@ def _chain(x, weights, matmul):
   return x / ((x * x).mean() + 1e-6) ** 0.5, total
 
 
-def time_xla(shapes, rows: int, steps: int, repeats: int) -> float:
-  """Median seconds per step of the chain in one jitted fori_loop."""
+def xla_run(shapes, rows: int, steps: int):
+  """A callable running `steps` steps of the chain in one jitted
+  fori_loop, compiled and run once."""
   weights = [jnp.asarray(w) for w in _weights(shapes)]
   x0 = jnp.ones((rows, shapes[0][0]), jnp.float32)
 
@@ -69,11 +70,12 @@ def time_xla(shapes, rows: int, steps: int, repeats: int) -> float:
       x, t = _chain(x, ws, jnp.matmul)
       return x, acc + t
     return jax.lax.fori_loop(0, steps, body, (x, jnp.float32(0)))
-  return _median(lambda: jax.block_until_ready(loop(x0, weights)),
-                 repeats) / steps
+  run = lambda: jax.block_until_ready(loop(x0, weights))
+  run()
+  return run
 
 
-def time_torch(shapes, rows: int, steps: int, repeats: int) -> float:
+def torch_run(shapes, rows: int, steps: int):
   """The same chain step by step in torch (eager, no autograd)."""
   import torch  # pylint: disable=g-import-not-at-top
   weights = [torch.from_numpy(w) for w in _weights(shapes)]
@@ -86,17 +88,20 @@ def time_torch(shapes, rows: int, steps: int, repeats: int) -> float:
         x, t = _chain(x, weights, torch.matmul)
         acc = acc + t
       return float(acc)
-  return _median(run, repeats) / steps
+  run()
+  return run
 
 
-def _median(fn, repeats: int) -> float:
-  fn()  # Warm-up (and compile).
-  times = []
+def _interleaved_medians(runs: list, repeats: int) -> list[float]:
+  """Median seconds of each callable, timed in turn within every round,
+  so a slow spell of the machine falls on all of them alike."""
+  times = [[] for _ in runs]
   for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+    for run, out in zip(runs, times):
+      start = time.perf_counter()
+      run()
+      out.append(time.perf_counter() - start)
+  return [float(np.median(t)) for t in times]
 
 
 def measure(cfg: model_lib.ModelConfig, rows, steps: int = 100,
@@ -108,18 +113,18 @@ def measure(cfg: model_lib.ModelConfig, rows, steps: int = 100,
     raise ValueError(f'model.vocab_size={cfg.vocab_size} < model.d_model='
                      f'{cfg.d_model}: the chain needs a vocabulary at least '
                      'as wide as the model')
-  libraries = [('xla', time_xla)]
+  libraries = [('xla', xla_run)]
   if with_torch and importlib.util.find_spec('torch') is not None:
-    libraries.append(('torch', time_torch))
+    libraries.append(('torch', torch_run))
   out = []
-  for name, timer in libraries:
-    first = None
-    for r in rows:
-      seconds = timer(shapes, r, steps, repeats)
-      first = first or seconds
+  for name, make in libraries:
+    medians = _interleaved_medians([make(shapes, r, steps) for r in rows],
+                                   repeats)
+    for r, seconds in zip(rows, medians):
+      seconds /= steps
       out.append({'library': name, 'rows': r, 'us_per_step': seconds * 1e6,
                   'gflops': flops_per_step(shapes, r) / seconds / 1e9,
-                  'vs_first': seconds / first})
+                  'vs_first': seconds * steps / medians[0]})
   return out
 
 
@@ -144,7 +149,8 @@ def main(argv=None) -> int:
   p.add_argument('--steps', type=_count, default=100,
                  help='Chain steps per timed run (default 100).')
   p.add_argument('--repeats', type=_count, default=7,
-                 help='Timed runs; the median is shown (default 7).')
+                 help='Timed rounds, each running every row count in turn; '
+                 'the medians are shown (default 7).')
   p.add_argument('--no_torch', action='store_true',
                  help='Time XLA only.')
   args = p.parse_args(argv)
@@ -157,8 +163,8 @@ def main(argv=None) -> int:
   shapes = weight_shapes(cfg)
   mib = sum(i * o for i, o in shapes) * 4 / 2 ** 20
   print(f'{args.config}: {len(shapes)} weight matmuls per step, '
-        f'{mib:.1f} MiB float32; median of {args.repeats} runs of '
-        f'{args.steps} steps', flush=True)
+        f'{mib:.1f} MiB float32; median of {args.repeats} interleaved '
+        f'runs of {args.steps} steps', flush=True)
   if not args.no_torch and importlib.util.find_spec('torch') is None:
     print('torch not installed: XLA only (pip install -e ".[eval]")')
   print('library  rows  us/step   GFLOP/s  cost vs first')
