@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kforcing_jax import bench_timing
 from kforcing_jax import config_files
 from kforcing_jax import model as model_lib
 from kforcing_jax import roofline_cli
@@ -76,18 +77,25 @@ def xla_run(shapes, rows: int, steps: int):
 
 
 def torch_run(shapes, rows: int, steps: int):
-  """The same chain step by step in torch (eager, no autograd)."""
+  """The same chain step by step in torch (eager, no autograd), on as many
+  threads as XLA's CPU client uses (the bench's HF peer does the same)."""
   import torch  # pylint: disable=g-import-not-at-top
   weights = [torch.from_numpy(w) for w in _weights(shapes)]
   x0 = torch.ones(rows, shapes[0][0])
+  threads = bench_timing.usable_cpu_count()
 
   def run():
-    with torch.inference_mode():
-      x, acc = x0, 0.0
-      for _ in range(steps):
-        x, t = _chain(x, weights, torch.matmul)
-        acc = acc + t
-      return float(acc)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+      with torch.inference_mode():
+        x, acc = x0, 0.0
+        for _ in range(steps):
+          x, t = _chain(x, weights, torch.matmul)
+          acc = acc + t
+        return float(acc)
+    finally:
+      torch.set_num_threads(old)  # Leave the caller's torch as it was.
   run()
   return run
 
@@ -165,8 +173,12 @@ def main(argv=None) -> int:
   print(f'{args.config}: {len(shapes)} weight matmuls per step, '
         f'{mib:.1f} MiB float32; median of {args.repeats} interleaved '
         f'runs of {args.steps} steps', flush=True)
-  if not args.no_torch and importlib.util.find_spec('torch') is None:
+  if args.no_torch:
+    pass
+  elif importlib.util.find_spec('torch') is None:
     print('torch not installed: XLA only (pip install -e ".[eval]")')
+  else:
+    print(f'torch on {bench_timing.usable_cpu_count()} threads, as XLA')
   print('library  rows  us/step   GFLOP/s  cost vs first')
   try:
     records = measure(cfg, args.rows, args.steps, args.repeats,

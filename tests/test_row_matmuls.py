@@ -1,6 +1,7 @@
 """The few-row matmul measurement (row_matmuls.py) on tiny shapes."""
 
 import dataclasses
+import importlib
 import importlib.util
 import os
 
@@ -56,7 +57,18 @@ def test_xla_and_torch_run_the_same_chain():
 
 def test_measure_reports_consistent_rates():
   cfg = _cfg()
-  records = row_matmuls.measure(cfg, rows=(1, 2), steps=2, repeats=1)
+  torch = (importlib.import_module('torch')
+           if importlib.util.find_spec('torch') else None)
+  before = torch and torch.get_num_threads()
+  try:
+    if torch is not None:
+      torch.set_num_threads(1)
+    records = row_matmuls.measure(cfg, rows=(1, 2), steps=2, repeats=1)
+    if torch is not None:  # Timed on XLA's thread count, then given back.
+      assert torch.get_num_threads() == 1
+  finally:
+    if torch is not None:
+      torch.set_num_threads(before)
   libraries = ['xla'] + (['torch'] if importlib.util.find_spec('torch')
                          else [])
   assert [(r['library'], r['rows']) for r in records] == [
