@@ -13,6 +13,7 @@ is this CPU's small-row matmul rate, not the decode loop's:
 """
 
 import argparse
+import contextlib
 import importlib.util
 import sys
 import time
@@ -77,27 +78,34 @@ def xla_run(shapes, rows: int, steps: int):
 
 
 def torch_run(shapes, rows: int, steps: int):
-  """The same chain step by step in torch (eager, no autograd), on as many
-  threads as XLA's CPU client uses (the bench's HF peer does the same)."""
+  """The same chain step by step in torch (eager, no autograd)."""
   import torch  # pylint: disable=g-import-not-at-top
   weights = [torch.from_numpy(w) for w in _weights(shapes)]
   x0 = torch.ones(rows, shapes[0][0])
-  threads = bench_timing.usable_cpu_count()
 
   def run():
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-      with torch.inference_mode():
-        x, acc = x0, 0.0
-        for _ in range(steps):
-          x, t = _chain(x, weights, torch.matmul)
-          acc = acc + t
-        return float(acc)
-    finally:
-      torch.set_num_threads(old)  # Leave the caller's torch as it was.
+    with torch.inference_mode():
+      x, acc = x0, 0.0
+      for _ in range(steps):
+        x, t = _chain(x, weights, torch.matmul)
+        acc = acc + t
+      return float(acc)
   run()
   return run
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+  """torch on `n` threads inside (as many as XLA's CPU client uses, like
+  the bench's HF peer), the caller's count given back after. Set around
+  all the timed runs, not in each: a change rebuilds torch's thread pool."""
+  import torch  # pylint: disable=g-import-not-at-top
+  old = torch.get_num_threads()
+  torch.set_num_threads(n)
+  try:
+    yield
+  finally:
+    torch.set_num_threads(old)
 
 
 def _interleaved_medians(runs: list, repeats: int) -> list[float]:
@@ -121,18 +129,20 @@ def measure(cfg: model_lib.ModelConfig, rows, steps: int = 100,
     raise ValueError(f'model.vocab_size={cfg.vocab_size} < model.d_model='
                      f'{cfg.d_model}: the chain needs a vocabulary at least '
                      'as wide as the model')
-  libraries = [('xla', xla_run)]
+  libraries = [('xla', xla_run, contextlib.nullcontext)]
   if with_torch and importlib.util.find_spec('torch') is not None:
-    libraries.append(('torch', torch_run))
+    libraries.append(('torch', torch_run, lambda: _torch_threads(
+        bench_timing.usable_cpu_count())))
   out = []
-  for name, make in libraries:
-    medians = _interleaved_medians([make(shapes, r, steps) for r in rows],
-                                   repeats)
-    for r, seconds in zip(rows, medians):
-      seconds /= steps
-      out.append({'library': name, 'rows': r, 'us_per_step': seconds * 1e6,
-                  'gflops': flops_per_step(shapes, r) / seconds / 1e9,
-                  'vs_first': seconds * steps / medians[0]})
+  for name, make, threads in libraries:
+    with threads():
+      medians = _interleaved_medians([make(shapes, r, steps) for r in rows],
+                                     repeats)
+    for r, run_s in zip(rows, medians):
+      step_s = run_s / steps
+      out.append({'library': name, 'rows': r, 'us_per_step': step_s * 1e6,
+                  'gflops': flops_per_step(shapes, r) / step_s / 1e9,
+                  'vs_first': run_s / medians[0]})
   return out
 
 
