@@ -39,7 +39,8 @@ def identity(config) -> dict[str, Any]:
   return out
 
 
-def _differences(then: dict[str, Any], now: dict[str, Any]) -> list[str]:
+def differences(then: dict[str, Any], now: dict[str, Any]) -> list[str]:
+  """What changed between two identities, one phrase each."""
   out = []
   for key in sorted(set(then) | set(now)):
     if key == 'files' or then.get(key) == now.get(key):
@@ -94,7 +95,7 @@ def check(config, workdir: str) -> dict[str, Any]:
     return now
   with open(path, encoding='utf-8') as f:
     then = json.load(f)
-  changed = _differences(then, now)
+  changed = differences(then, now)
   if changed:
     files_note = (' The held-out split goes by file position, so changed '
                   'files move documents between train and held-out.'

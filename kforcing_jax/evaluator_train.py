@@ -18,7 +18,8 @@ eval_batches * batch_size windows of data.eval_split, at init and at the end.
 The output folder (default W/evaluator) is written to a temp folder and
 renamed into place when complete: config.json and the weights, the tokenizer
 files, metrics.jsonl (one row per log step) and train_info.json. A folder
-with train_info.json is finished; running again skips it.
+with train_info.json is finished; running again skips it, unless it was
+trained on other data (train_info.json records the data as data.json does).
 """
 
 import dataclasses
@@ -273,9 +274,33 @@ def check_output_dir(out: str) -> None:
         'delete it or set evaluator_train.dir to another folder')
 
 
-def _report_skip(out: str, s: EvaluatorSettings) -> None:
+def _read_info(out: str) -> dict:
   with open(os.path.join(out, INFO_FILE)) as f:
-    info = json.load(f)
+    return json.load(f)
+
+
+def check_finished_data(config, out: str) -> None:
+  """Refuses a finished evaluator trained on other data than `config`'s.
+
+  The default folder sits in the workdir, whose data.json the commands
+  check; one set by `evaluator_train.dir` may be shared between workdirs,
+  and would score this corpus's samples as a model of another. A folder
+  trained before the data was recorded is not checked.
+  """
+  then = _read_info(out).get('data')
+  if then is None:
+    return
+  changed = data_record.differences(then, data_record.identity(config))
+  if changed:
+    raise ValueError(
+        f'the evaluator in {out} was trained on other data: '
+        f'{"; ".join(changed)}. Delete it or set evaluator_train.dir to '
+        'another folder to train one on this data; to score with it anyway, '
+        'give it as eval.evaluator.')
+
+
+def _report_skip(out: str, s: EvaluatorSettings) -> None:
+  info = _read_info(out)
   _show(f'[evaluator] {out} is complete (held-out ppl '
         f"{info.get('heldout_ppl', float('nan')):.1f}): skipped training",
         flush=True)
@@ -373,13 +398,14 @@ def train_evaluator(config, workdir: str) -> str:
   s = evaluator_settings(config)
   out = output_dir(config, workdir)
   if is_complete(out):
+    check_finished_data(config, out)
     _report_skip(out, s)
     return out
   check_output_dir(out)
   # The workdir's data, as every data-reading command checks it.
   splits = data_lib.training_splits(config, held_out=True)
   documents.check_splits(config, splits)
-  data_record.check(config, workdir)
+  data = data_record.check(config, workdir)
   for note in data_lib.training_text_notes(config, splits):
     _show(f'[evaluator] NOTE: {note}', flush=True)
   torch, transformers = hf_evaluator.import_transformers(
@@ -391,6 +417,7 @@ def train_evaluator(config, workdir: str) -> str:
                      metrics)
   info.update({'heldout_split': config.data.eval_split,
                'seconds': time.perf_counter() - t_start, 'recipe': s.recipe(),
+               'data': data,
                'torch': torch.__version__,
                'transformers': transformers.__version__})
   fast = transformers.PreTrainedTokenizerFast(

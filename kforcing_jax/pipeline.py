@@ -94,9 +94,9 @@ def _check_plan(config, workdir: str) -> None:
   """Fails now, not after training, on an eval.ks the students this run
   distills cannot serve, an eval.evaluator that is not a save_pretrained
   folder, an evaluator_train.dir that is not free for the evaluator to be
-  trained, a distill.precision this process cannot run (float64 without
-  x64), or a batch this machine's devices cannot split
-  (defaults.validate checked every field's value)."""
+  trained or holds one trained on other data, a distill.precision this
+  process cannot run (float64 without x64), or a batch this machine's
+  devices cannot split (defaults.validate checked every field's value)."""
   from kforcing_jax import distill  # pylint: disable=g-import-not-at-top
   from kforcing_jax import eval_settings  # pylint: disable=g-import-not-at-top
   defaults.check_batches(config, teacher=True, distill=True)
@@ -110,7 +110,9 @@ def _check_plan(config, workdir: str) -> None:
       and importlib.util.find_spec('transformers') is not None):
     from kforcing_jax import evaluator_train  # pylint: disable=g-import-not-at-top
     out = evaluator_train.output_dir(config, workdir)
-    if not evaluator_train.is_complete(out):
+    if evaluator_train.is_complete(out):
+      evaluator_train.check_finished_data(config, out)
+    else:
       evaluator_train.check_output_dir(out)
   windows = tuple(config.distill.windows)
   too_big = [k for k in settings.ks if k > max(windows)]

@@ -353,3 +353,41 @@ def test_other_data_than_the_workdirs_is_refused_before_training(docs,
   with pytest.raises(ValueError, match="data.source was 'sotu', now 'text'"):
     et.train_evaluator(_config(docs), str(tmp_path))
   assert not os.path.exists(tmp_path / 'evaluator')
+
+
+def test_a_shared_evaluator_trained_on_other_data_is_refused(
+    trained, tmp_path, monkeypatch):
+  # An evaluator_train.dir shared between workdirs was reused whatever
+  # corpus it had been trained on.
+  config, _, out = trained
+  assert _info(out)['data']['source'] == 'text'
+  other_docs = tmp_path / 'other_docs'
+  other_docs.mkdir()
+  for i in range(3):
+    (other_docs / f'{i:02d}.txt').write_text('another corpus. ' * (30 + i))
+  shared = _config(other_docs, dir=out)
+  monkeypatch.setattr(et, '_train_loop', _must_not_run)
+  workdir = tmp_path / 'W'
+  with pytest.raises(ValueError, match=r'trained on other data: the files '
+                     r'data.text_glob matches: 8 removed .*eval.evaluator'):
+    et.train_evaluator(shared, str(workdir))
+  # The pipeline refuses it in its up-front checks, before any training.
+  from kforcing_jax import pipeline
+  shared.evaluator_train.enabled = True
+  check_plan = pipeline._check_plan  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match='trained on other data'):
+    check_plan(shared, str(workdir))
+  # The same data in another workdir is fine: the shared folder is reused.
+  reused = config.copy_and_resolve_references()
+  reused.evaluator_train.dir = out
+  reused.evaluator_train.enabled = True
+  check_plan(reused, str(workdir))
+  assert et.train_evaluator(reused, str(workdir)) == out
+  # A folder from before the data was recorded is not checked.
+  old = tmp_path / 'old_evaluator'
+  shutil.copytree(out, old)
+  info = _info(str(old))
+  del info['data']
+  (old / et.INFO_FILE).write_text(json.dumps(info))
+  assert et.train_evaluator(_config(other_docs, dir=str(old)),
+                            str(workdir)) == str(old)
