@@ -11,6 +11,7 @@ import numpy as np
 from kforcing_jax import bench_settings
 from kforcing_jax import bench_timing
 from kforcing_jax import model as model_lib
+from kforcing_jax import torch_threads
 
 
 def run_peer(cfg: model_lib.ModelConfig, prompts: dict[int, np.ndarray],
@@ -25,7 +26,13 @@ def run_peer(cfg: model_lib.ModelConfig, prompts: dict[int, np.ndarray],
             'note': f'peer skipped: {e.name} is not installed (pip install '
                     '".[eval]", i.e. torch and transformers)'}
   threads = bench_timing.usable_cpu_count()
-  torch.set_num_threads(threads)
+  with torch_threads.torch_threads(torch, threads):
+    return _run_peer(torch, transformers, threads, cfg, prompts, max_new, s,
+                     log)
+
+
+def _run_peer(torch, transformers, threads, cfg, prompts, max_new, s, log):
+  """run_peer's timing, with torch already on `threads` threads."""
   torch.manual_seed(s.seed)
   # The peer runs where ours does: on the GPU when JAX decodes on one.
   device = ('cuda' if jax.default_backend() == 'gpu' and

@@ -39,6 +39,7 @@ from kforcing_jax import data_record
 from kforcing_jax import documents
 from kforcing_jax import hf_evaluator
 from kforcing_jax import sharding
+from kforcing_jax import torch_threads
 
 _show = sharding.print_once  # Once per run, not once per process.
 
@@ -356,9 +357,8 @@ def _prepare_data(config, s: EvaluatorSettings):
 def _fit(torch, transformers, s: EvaluatorSettings, tok, train_windows,
          heldout, metrics):
   """Builds and trains the model. Returns (model, train_info fields)."""
-  old_threads = torch.get_num_threads()
-  torch.set_num_threads(s.num_threads or os.cpu_count() or 1)
-  try:
+  threads = s.num_threads or os.cpu_count() or 1
+  with torch_threads.torch_threads(torch, threads):
     torch.manual_seed(s.seed)
     model = build_model(transformers, s, tok.get_vocab_size(),
                         tok.token_to_id(EOS))
@@ -369,8 +369,6 @@ def _fit(torch, transformers, s: EvaluatorSettings, tok, train_windows,
     init_loss = heldout_loss(torch, model, heldout, s.batch_size)
     last = _train_loop(torch, model, train_windows, s, metrics)
     loss = heldout_loss(torch, model, heldout, s.batch_size)
-  finally:
-    torch.set_num_threads(old_threads)  # Leave the caller's torch as it was.
   return model, {
       'steps': s.num_steps, 'final_train_loss': last['loss'],
       'heldout_ppl': math.exp(loss), 'init_heldout_ppl': math.exp(init_loss),

@@ -26,6 +26,7 @@ from kforcing_jax import bench_timing
 from kforcing_jax import config_files
 from kforcing_jax import model as model_lib
 from kforcing_jax import roofline_cli
+from kforcing_jax import torch_threads
 
 
 def weight_shapes(cfg: model_lib.ModelConfig) -> list[tuple[int, int]]:
@@ -94,20 +95,6 @@ def torch_run(shapes, rows: int, steps: int):
   return run
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int):
-  """torch on `n` threads inside (as many as XLA's CPU client uses, like
-  the bench's HF peer), the caller's count given back after. Set around
-  all the timed runs, not in each: a change rebuilds torch's thread pool."""
-  import torch  # pylint: disable=g-import-not-at-top
-  old = torch.get_num_threads()
-  torch.set_num_threads(n)
-  try:
-    yield
-  finally:
-    torch.set_num_threads(old)
-
-
 def _interleaved_medians(runs: list, repeats: int) -> list[float]:
   """Median seconds of each callable, timed in turn within every round,
   so a slow spell of the machine falls on all of them alike."""
@@ -131,8 +118,10 @@ def measure(cfg: model_lib.ModelConfig, rows, steps: int = 100,
                      'as wide as the model')
   libraries = [('xla', xla_run, contextlib.nullcontext)]
   if with_torch and importlib.util.find_spec('torch') is not None:
-    libraries.append(('torch', torch_run, lambda: _torch_threads(
-        bench_timing.usable_cpu_count())))
+    import torch  # pylint: disable=g-import-not-at-top
+    # As many threads as XLA's CPU client uses, like the bench's HF peer.
+    libraries.append(('torch', torch_run, lambda: torch_threads.torch_threads(
+        torch, bench_timing.usable_cpu_count())))
   out = []
   for name, make, threads in libraries:
     with threads():

@@ -542,7 +542,16 @@ def test_peer_times_hf_gpt2_when_installed():
                               d_model=32, num_heads=4, mlp_dim=64)
   prompts = {2: np.ones((2, 4), np.int32)}
   s = bench_settings.BenchSettings(repeats=1, warmup=1)
-  out = bench_peer.run_peer(cfg, prompts, 12, s, log=lambda _: None)
+  import torch  # pylint: disable=g-import-not-at-top
+  before = torch.get_num_threads()
+  torch.set_num_threads(1)  # The caller's count, given back after.
+  try:
+    out = bench_peer.run_peer(cfg, prompts, 12, s, log=lambda _: None)
+    assert torch.get_num_threads() == 1
+  finally:
+    torch.set_num_threads(before)
+  threads = bench_timing.usable_cpu_count()
+  assert out['library'].endswith(f', {threads} threads')
   assert out['available'] and out['library'].startswith('torch')
   assert [p['batch'] for p in out['results']] == [2]
   assert out['results'][0]['tokens_per_s'] > 0

@@ -171,7 +171,14 @@ def _must_not_run(*args, **kwargs):
 
 def test_same_seed_gives_identical_loss_streams(trained, docs, tmp_path):
   config, _, out = trained
-  again = et.train_evaluator(config, str(tmp_path))
+  import torch  # pylint: disable=g-import-not-at-top
+  before = torch.get_num_threads()
+  torch.set_num_threads(3)  # The caller's count: trained on 1, given back.
+  try:
+    again = et.train_evaluator(config, str(tmp_path))
+    assert torch.get_num_threads() == 3
+  finally:
+    torch.set_num_threads(before)
   assert _losses(again) == _losses(out)
   assert _info(again)['heldout_ppl'] == _info(out)['heldout_ppl']
   other = et.train_evaluator(_config(docs, seed=5), str(tmp_path / 'b'))
