@@ -5,21 +5,29 @@ flags, so a missing file, an error inside it or a misspelled
 --config.x.y override is one line instead of a traceback. Defines no flags.
 """
 
+import importlib.machinery
 import importlib.util
 import os
 import re
 import sys
 
 
-def _config_flag(argv):
-  """(index, words) of --config in `argv`: `--config=F` is one word,
-  `--config F` two; None without one."""
+def _config_flags(argv):
+  """(index, words) of each --config in `argv`: `--config=F` is one word,
+  `--config F` two."""
+  found = []
   for i, arg in enumerate(argv):
     if arg.startswith('--config='):
-      return i, 1
-    if arg == '--config' and i + 1 < len(argv):
-      return i, 2
-  return None
+      found.append((i, 1))
+    elif arg == '--config' and i + 1 < len(argv):
+      found.append((i, 2))
+  return found
+
+
+def _config_flag(argv):
+  """The --config absl keeps (the last given), or None without one."""
+  found = _config_flags(argv)
+  return found[-1] if found else None
 
 
 def config_path(argv):
@@ -32,23 +40,29 @@ def config_path(argv):
 
 
 def split_argument(path):
-  """(file, args) of ml_collections' `file.py:argument` form: the text
-  after the last ':' is passed to get_config when the rest is a file."""
-  if not os.path.isfile(path) and ':' in path:
-    file, argument = path.rsplit(':', 1)
-    if os.path.isfile(file):
-      return file, (argument,)
-  return path, ()
+  """(file, args) of ml_collections' `file.py:argument` form: as
+  ml_collections does, the text after the first ':' is passed to
+  get_config."""
+  file, *argument = path.split(':', 1)
+  return file, tuple(argument)
 
 
 def load_config(path):
   """Runs a config file and returns its get_config(), called with the
-  argument of a `file.py:argument` path as ml_collections calls it."""
+  argument of a `file.py:argument` path, as ml_collections loads it: any
+  file name (not only *.py), the module in sys.modules while it runs (a
+  dataclass in it looks its module up there)."""
   path, args = split_argument(path)
-  spec = importlib.util.spec_from_file_location('_user_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(*args)
+  name = '_kforcing_user_config'
+  loader = importlib.machinery.SourceFileLoader(name, path)
+  module = importlib.util.module_from_spec(
+      importlib.util.spec_from_loader(name, loader))
+  sys.modules[name] = module
+  try:
+    loader.exec_module(module)
+    return module.get_config(*args)
+  finally:
+    del sys.modules[name]
 
 
 def file_error(e: Exception) -> str:
@@ -68,10 +82,13 @@ def check_file(argv) -> str | None:
   path = config_path(argv)
   if path is None:
     return None
-  file, _ = split_argument(path)
+  file, argument = split_argument(path)
   if not os.path.isfile(file):
     if os.path.isdir(file):
       return f'--config={path} is a directory; name a config file in it'
+    if argument:
+      return (f'--config={path}: no such file {file} (the text after the '
+              "first ':' is get_config's argument)")
     return f'--config={path}: no such file'
   try:
     config = load_config(path)
@@ -109,11 +126,13 @@ def config_first(argv):
   """`argv` with --config moved ahead of its --config.x.y overrides:
   ml_collections refuses an override given before the file it overrides,
   though the order means nothing to the result."""
-  found = _config_flag(argv)
-  if found is None:
+  found = _config_flags(argv)
+  if not found:
     return argv
-  i, words = found
-  return argv[:1] + argv[i:i + words] + argv[1:i] + argv[i + words:]
+  i, words = found[-1]  # absl keeps the last; the others are dropped.
+  spans = {j for k, w in found for j in range(k, k + w)}
+  return argv[:1] + argv[i:i + words] + [
+      a for j, a in enumerate(argv) if j and j not in spans]
 
 
 def last_override_wins(argv):

@@ -315,6 +315,48 @@ def test_config_file_argument(tmp_path):
   assert config_files.load_config(f'{path}:bigger').name == 'bigger'
 
 
+def test_config_files_load_as_ml_collections_loads_them(tmp_path):
+  # The one-line pre-check refused configs ml_collections loads (a file
+  # without .py, a dataclass under `from __future__ import annotations`),
+  # split `file:argument` at the last ':' where ml_collections splits at
+  # the first, and checked the first of two --config flags, absl the last.
+  tiny = os.path.join('configs', 'tiny.py')  # Tests run from the root.
+  plain = tmp_path / 'myconfig'
+  plain.write_text(open(tiny).read())
+  classy = tmp_path / 'classy.py'
+  classy.write_text('from __future__ import annotations\n'
+                    'import dataclasses\n'
+                    'from kforcing_jax import defaults\n'
+                    '@dataclasses.dataclass\n'
+                    'class Size:\n'
+                    '  width: int = 64\n'
+                    'def get_config(name=""):\n'
+                    '  c = defaults.base_config()\n'
+                    '  c.model.d_model = Size().width\n'
+                    '  c.name = name\n'
+                    '  return c\n')
+  for path in (plain, classy):
+    assert config_files.check_file([f'--config={path}']) is None
+  assert config_files.load_config(str(plain)) == config_files.load_config(
+      tiny)
+  loaded = config_files.load_config(f'{classy}:a:b')
+  assert loaded.name == 'a:b' and loaded.model.d_model == 64
+  (tmp_path / 'run:1').mkdir()
+  colon = tmp_path / 'run:1' / 'tiny.py'
+  colon.write_text(open(tiny).read())
+  assert config_files.check_file([f'--config={colon}']) == (
+      f"--config={colon}: no such file {tmp_path}/run (the text after the "
+      "first ':' is get_config's argument)")
+  # Of two --config flags absl keeps the last: the one checked and kept.
+  assert config_files.config_first(
+      ['prog', '--config=a.py', '--config.x=1', '--config', 'b.py']) == [
+          'prog', '--config', 'b.py', '--config.x=1']
+  r = _cli('train-teacher', '--config=configs/tiny.py',
+           f'--config={tmp_path}/nope.py', f'--workdir={tmp_path}/w')
+  assert r.returncode == 2
+  assert r.stderr == f'error: --config={tmp_path}/nope.py: no such file\n'
+
+
 def test_report_subcommand_writes_the_report_of_a_workdir(tmp_path):
   # report.md used to be written only at the end of a pipeline.
   r = _cli('report', f'--workdir={tmp_path}')
