@@ -34,6 +34,8 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from kforcing_jax.kernels import _common
+
 # Vocabulary ids per block of the two-level CDF. 128 is one TPU lane row.
 _BLOCK = 128
 
@@ -66,19 +68,6 @@ def working_dtype(precision: str):
   if precision == 'float32':
     return jnp.float32
   return jnp.float64 if x64 else jnp.float32
-
-
-def _check_temperature(temperature) -> None:
-  """Raises if a concrete temperature is not > 0; traced values pass."""
-  try:
-    t = np.asarray(temperature)
-  except (jax.errors.TracerArrayConversionError,
-          jax.errors.ConcretizationTypeError):
-    return  # Under jit: the caller is responsible.
-  if not np.all(t > 0):
-    raise ValueError(
-        f'temperature must be > 0, got {temperature!r} (use argmax for greedy '
-        'decoding)')
 
 
 def _split(a):
@@ -371,7 +360,7 @@ def inverse_cdf(logits, u, *, temperature=1.0, precision='auto'):
     int32 token ids, shape broadcast(logits.shape[:-1], u.shape).
   """
   dtype = working_dtype(precision)
-  _check_temperature(temperature)
+  _common.check_temperature(temperature)
   return _inverse_cdf_jit(logits, u, temperature, dtype)
 
 
@@ -392,7 +381,7 @@ def uniform_interval(logits, tokens, *, temperature=1.0, precision='auto'):
     for zero-probability tokens.
   """
   dtype = working_dtype(precision)
-  _check_temperature(temperature)
+  _common.check_temperature(temperature)
   return _interval_jit(logits, tokens, temperature, dtype)
 
 
@@ -420,7 +409,7 @@ def sample_u_in_interval(rng, logits, tokens, *, temperature=1.0,
     u of the working dtype in [0, 1), shape broadcast(batch, tokens.shape).
   """
   dtype = working_dtype(precision)
-  _check_temperature(temperature)
+  _common.check_temperature(temperature)
   return _sample_u_jit(rng, logits, tokens, temperature, dtype)
 
 

@@ -461,6 +461,24 @@ def test_bad_impl_and_shapes_raise(fn):
       call(rows=3)
 
 
+@pytest.mark.parametrize('impl', ['reference', 'chunked', 'pallas'])
+def test_a_concrete_non_positive_temperature_is_refused(impl):
+  # Only Python scalars were checked: np.float32(0) sampled token 0 on
+  # every row and a negative numpy temperature inverted the distribution.
+  h, w = _random_hw(0, 3, 20, d=8)
+  u = jnp.asarray([0.1, 0.5, 0.9])
+  for bad in (0.0, -1, np.float32(0), np.float32(-1), jnp.asarray(-1.0)):
+    with pytest.raises(ValueError, match='temperature must be > 0'):
+      kernels.projected_inverse_cdf(h, w, u, temperature=bad, impl=impl)
+  # A traced temperature is the caller's to check; a good one samples as
+  # the Python scalar does.
+  sample = jax.jit(lambda t: kernels.projected_inverse_cdf(
+      h, w, u, temperature=t, impl=impl))
+  np.testing.assert_array_equal(sample(np.float32(0.7)),
+                                kernels.projected_inverse_cdf(
+                                    h, w, u, temperature=0.7, impl=impl))
+
+
 def test_pallas_kernels_lower_for_tpu(monkeypatch):
   """Pallas -> Mosaic TPU lowering (no TPU needed; Mosaic compile not run).
 

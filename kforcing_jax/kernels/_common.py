@@ -10,6 +10,7 @@ from typing import Any, Callable, Literal, NamedTuple
 import jax
 from jax import lax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
@@ -119,6 +120,20 @@ def check_rows(fn_name: str, arg_name: str, x: jax.Array, shape: tuple[int,
     raise ValueError(
         f'{fn_name}: expected {arg_name} of shape {tuple(shape)}, got '
         f'{arg_name}.shape={tuple(x.shape)}.')
+
+
+def check_temperature(temperature, prefix: str = '') -> None:
+  """Raises if a concrete temperature (Python, numpy or JAX) is not > 0;
+  traced values pass, the caller's to check."""
+  try:
+    t = np.asarray(temperature)
+  except (jax.errors.TracerArrayConversionError,
+          jax.errors.ConcretizationTypeError):
+    return
+  if not np.all(t > 0):
+    raise ValueError(
+        f'{prefix}temperature must be > 0, got {temperature!r} (use argmax '
+        'for greedy decoding)')
 
 
 def round_up(x: int, multiple: int) -> int:

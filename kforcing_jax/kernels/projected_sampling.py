@@ -229,7 +229,7 @@ def projected_inverse_cdf(h_MxD: jax.Array,
     w_DxV: Unembedding matrix (no bias), float32 or bfloat16. Everything is
       computed in float32.
     u_M: Uniform numbers in [0, 1), one per row.
-    temperature: tau > 0 (Python scalar or traced f32 scalar).
+    temperature: tau > 0 (a scalar, concrete or traced).
     impl: 'auto' (Pallas on TPU, chunked elsewhere), 'pallas', 'reference' or
       'chunked'.
     block_m: Pallas row block (multiple of 8); ignored by other variants.
@@ -251,8 +251,7 @@ def projected_inverse_cdf(h_MxD: jax.Array,
   impl = _common.resolve_impl(impl, _NAME)
   m, _, _ = _common.check_projection(_NAME, h_MxD, w_DxV)
   _common.check_rows(_NAME, 'u', u_M, (m,))
-  if isinstance(temperature, (int, float)) and not temperature > 0:
-    raise ValueError(f'{_NAME}: temperature must be > 0, got {temperature}.')
+  _common.check_temperature(temperature, f'{_NAME}: ')
   u_M = jnp.asarray(u_M, jnp.float32)
   if impl == 'reference':
     return _inverse_cdf_reference(h_MxD, w_DxV, u_M, temperature)
