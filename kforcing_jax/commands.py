@@ -33,6 +33,7 @@ def _require_config(flags_obj):
     raise ValueError('--config is required, e.g. --config=configs/demo.py')
   config = flags_obj.config
   defaults.validate(config)
+  defaults.check_kernel_backend(config)
   return config
 
 
@@ -197,6 +198,7 @@ def generate(flags_obj):
   if flags_obj.config is not None:
     _note_ignored_model_fields(flags_obj.config, config, run)
     config = flags_obj.config
+  defaults.check_kernel_backend(config)
   # The run's shape decodes, whatever --config's model says.
   defaults.check_run_attention(defaults.attention_impl(config), cfg.d_model,
                                cfg.num_heads, run)

@@ -166,8 +166,9 @@ def base_config() -> ml_collections.ConfigDict:
   # --- Vocabulary projection kernels (kforcing_jax/kernels). ---
   c.kernels = kn = ml_collections.ConfigDict()
   kn.impl = 'auto'  # 'auto' (Pallas on TPU; elsewhere 'reference' to decode,
-  #                   'chunked' for the loss), 'pallas', 'chunked' or
-  #                   'reference' (full logits).
+  #                   'chunked' for the loss), 'pallas' (TPU; interpreted
+  #                   on CPU; refused on a GPU), 'chunked' or 'reference'
+  #                   (full logits).
   # Cached attention of the decodes generate and evaluate make: 'auto' (the
   # Pallas kernel for push-forward steps on a GPU, XLA elsewhere), 'xla' or
   # 'pallas' (decode.DecodeSpec.attention_impl); bench has its own field.
@@ -361,6 +362,19 @@ def check_batches(c, *, teacher: bool, distill: bool) -> None:
 def attention_impl(c) -> str:
   """`kernels.attention_impl`, or 'auto' for a config saved before it."""
   return str((c.get('kernels', None) or {}).get('attention_impl', 'auto'))
+
+
+def check_kernel_backend(c) -> None:
+  """Refuses kernels.impl='pallas' on a GPU, where its kernels have no
+  lowering, before any work (it failed at the first distillation step or
+  decode, after the teacher trained). Reads the backend, so the commands
+  call it once jax's distributed setup is done, not `validate`."""
+  from kforcing_jax.kernels import _common  # pylint: disable=g-import-not-at-top
+  if c.kernels.impl == 'pallas' and _common.backend() == 'gpu':
+    raise ValueError(
+        "kernels.impl='pallas': the vocabulary kernels target TPU and have "
+        "no GPU lowering; use 'auto' (on a GPU: full logits to decode, "
+        "chunked for the loss), 'chunked' or 'reference'")
 
 
 def check_attention_impl(c) -> None:

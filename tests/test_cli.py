@@ -581,3 +581,43 @@ def test_backend_failure_leaves_other_errors_alone():
   except AssertionError as e:
     assert sharding.backend_failure(e) is None
 
+
+
+@pytest.mark.parametrize('command', ['pipeline', 'generate'])
+def test_pallas_vocabulary_kernels_on_a_gpu_are_refused_up_front(
+    tmp_path, monkeypatch, command):
+  # They have no GPU lowering: the pipeline trained the teacher, then
+  # stopped at the first distillation step with a traceback.
+  from kforcing_jax import commands
+  from kforcing_jax import defaults
+  from kforcing_jax.kernels import _common
+  from kforcing_jax import pipeline
+  monkeypatch.setattr(_common, 'backend', lambda: 'gpu')
+  monkeypatch.setattr(pipeline, 'run_pipeline', _must_not_run)
+  config = defaults.base_config()
+  config.kernels.impl = 'pallas'
+  flags_obj = types.SimpleNamespace(
+      config=config, workdir=str(tmp_path), k=1, seed=None, model='',
+      prompt=None)
+  if command == 'generate':  # It refuses after loading the run's config.
+    monkeypatch.setattr(commands, 'pick_run', lambda *a: 'teacher')
+    monkeypatch.setattr(commands.checkpoints, 'load_params', lambda path: (
+        None, None, {'config': config.to_dict()}))
+    monkeypatch.setattr(commands.data_lib, 'get_tokenizer',
+                        lambda *a, **k: None)
+    monkeypatch.setattr(commands, '_note_ignored_model_fields',
+                        lambda *a: None)
+    (tmp_path / 'tokenizer.model').write_text('')
+  run = getattr(commands, f'{command}_cmd', None) or getattr(commands,
+                                                              command)
+  with pytest.raises(ValueError, match="kernels.impl='pallas': the "
+                     'vocabulary kernels target TPU'):
+    run(flags_obj)
+  assert sorted(os.listdir(tmp_path)) == (
+      ['tokenizer.model'] if command == 'generate' else [])
+  config.kernels.impl = 'auto'  # Resolved per backend: not refused.
+  defaults.check_kernel_backend(config)
+
+
+def _must_not_run(*args, **kwargs):
+  raise AssertionError('ran although it should have been refused')
