@@ -32,8 +32,8 @@ def load_models(config, workdir: str,
 
   k=1 is the teacher run; k>1 the smallest trained window >= k. Whatever
   is missing (or everything, with random_weights) gets random weights of
-  the same backbone: the trained teacher's shape if there is one, else
-  config.model.
+  the same backbone: the trained teacher's shape if there is one, else a
+  trained student's, else config.model.
   """
   loaded: dict[str, BenchModel] = {}
   base_cfg = None

@@ -155,10 +155,11 @@ class FlagsError(Exception):
 
 def parse_flags(flag_values, argv, unknown_hint: str = ''):
   """`flag_values(argv)` (absl's parse; returns the other arguments), with
-  the config file loaded first: a bad file, a misspelled --config.x.y
-  override or a bad override value raises FlagsError with one line
-  (`unknown_hint` follows the unknown fields). absl's own errors (an
-  unknown flag) pass through as flags.Error, for the caller's usage text.
+  the config file loaded first: a bad file or a misspelled --config.x.y
+  override raises FlagsError with one line (`unknown_hint` follows the
+  unknown fields). absl's own errors (an unknown flag, an override value
+  of the wrong type) pass through as flags.Error, for the caller's usage
+  text.
   """
   reordered = last_override_wins(config_first(argv))
   if argv is sys.argv:  # ml_collections reads its overrides from sys.argv.

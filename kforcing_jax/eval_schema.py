@@ -85,6 +85,8 @@ def _check_stat(stat, where: str):
   if not isinstance(stat, dict):
     raise ValueError(f'eval.json: {where!r} must be a stat object')
   n = _need(stat, 'n', int, where)
+  if n < 0:
+    raise ValueError(f'eval.json: {where!r} has n={n} < 0')
   vals = [_need(stat, key, (float, int, type(None)), where)
           for key in ('mean', 'lo', 'hi')]
   if (n == 0) != all(v is None for v in vals) or (

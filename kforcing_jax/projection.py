@@ -5,7 +5,9 @@ functions with hidden states and the unembedding matrix. `impl` is the
 `kernels.impl` config value:
   'reference'  full logits (the model's own projection) then argmax /
                inverse CDF / softmax cross-entropy;
-  'chunked'    XLA loop over vocabulary chunks, never the full logits;
+  'chunked'    XLA loop over vocabulary chunks, never the full logits
+               (argmax and the loss; inverse CDF keeps noise.py's full
+               high-precision tables, below);
   'pallas'     the Pallas kernels (interpret mode on CPU);
   'auto'       Pallas on TPU; elsewhere chunked for the training loss
                (its (M, V) logits are what costs memory) and reference for

@@ -13,4 +13,4 @@ def unigram_entropy(tokens) -> float:
     return math.nan
   _, counts = np.unique(tokens, return_counts=True)
   p = counts / counts.sum()
-  return float(-(p * np.log(p)).sum())
+  return float(-(p * np.log(p)).sum()) + 0.0  # One token: 0.0, not -0.0.

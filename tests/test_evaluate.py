@@ -38,6 +38,7 @@ _SETTINGS = eval_settings.settings_from_config(ml_collections.ConfigDict())
 def test_unigram_entropy_hand_values():
   assert token_stats.unigram_entropy([0, 0, 1, 1]) == pytest.approx(math.log(2))
   assert token_stats.unigram_entropy([5, 5, 5]) == 0.0
+  assert math.copysign(1, token_stats.unigram_entropy([5])) == 1  # Not -0.0.
   assert token_stats.unigram_entropy([3, 1, 2, 0]) == pytest.approx(math.log(4))
   # p = (1/2, 1/4, 1/4): H = 1.5 ln 2.
   assert token_stats.unigram_entropy([7, 7, 8, 9]) == pytest.approx(1.5 * math.log(2))
@@ -507,6 +508,10 @@ def test_missing_transformers_names_the_extra(monkeypatch, tmp_path):
     (lambda d: d['models']['teacher'].update(k='1'), 'models.teacher.k'),
     (lambda d: d['models']['teacher']['metrics']['teacher_ppl'].update(
         mean=None), 'models.teacher.metrics.teacher_ppl'),
+    # A negative n skipped every other check of the stat.
+    (lambda d: d['models']['teacher']['metrics']['teacher_ppl'].update(
+        n=-1, mean=math.nan, lo=5.0, hi=1.0),
+     'models.teacher.metrics.teacher_ppl.* has n=-1 < 0'),
 ])
 def test_validate_eval_json_names_the_bad_key(mutate, needle):
   d = helpers.minimal_eval_json()

@@ -11,7 +11,9 @@ dlogits = g * (softmax - onehot), dh = dlogits @ W^T, dW = h^T @ dlogits.
 * Chunked: XLA loops over vocab chunks (the CPU/GPU default).
 * Reference: full logits and plain autodiff.
 
-Targets must lie in [0, V).
+Targets must lie in [0, V); they are not checked (often traced), and the
+variants disagree on one outside it (reference: -1 indexes the last
+column; chunked: the target logit counts as 0).
 """
 
 import functools

@@ -10,7 +10,9 @@ like `jnp.argmax`, also across vocab blocks):
   reduction; the CPU (and GPU) default.
 * `_argmax_reference`: plain matmul + `jnp.argmax`.
 
-NaN logits are not supported (the blockwise variants ignore them).
+NaN logits are not supported: the reference returns the NaN's index, and
+the blockwise variants skip the NaN's whole vocabulary block, its largest
+logit included.
 """
 
 import functools
