@@ -11,7 +11,9 @@ functions with hidden states and the unembedding matrix. `impl` is the
   'pallas'     the Pallas kernels (interpret mode on CPU);
   'auto'       Pallas on TPU; elsewhere chunked for the training loss
                (its (M, V) logits are what costs memory) and reference for
-               decoding (a few rows of logits; one matmul is fastest on CPU:
+               the argmax of decoding and of the self-forcing targets (a
+               few rows of logits, or as many as the stage-1 inverse CDF
+               builds anyway; one matmul is fastest on CPU:
                chunked measured 626 vs 816 AR tokens/s at batch 1, demo size).
 Inverse-CDF sampling keeps the high-precision coupling of `noise.py`
 (docs/METHOD.md: the authors use float64) unless precision='float32' is asked
