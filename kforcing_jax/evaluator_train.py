@@ -267,9 +267,13 @@ def _train_loop(torch, model, train_windows, s: EvaluatorSettings, metrics):
 # --------------------------------------------------------------------------
 
 
-def check_output_dir(out: str) -> None:
-  """A folder that is there but unfinished is not ours: never delete it."""
-  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+def check_output_dir(config, out: str) -> None:
+  """Refuses `out` unless it is free or a finished evaluator of `config`'s
+  data. A folder that is there but unfinished is not ours: never delete
+  it."""
+  if is_complete(out):
+    _check_finished_data(config, out)
+  elif os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
     raise ValueError(
         f'{out} exists but is not a finished evaluator (no {INFO_FILE}); '
         'delete it or set evaluator_train.dir to another folder')
@@ -280,7 +284,7 @@ def _read_info(out: str) -> dict:
     return json.load(f)
 
 
-def check_finished_data(config, out: str) -> None:
+def _check_finished_data(config, out: str) -> None:
   """Refuses a finished evaluator trained on other data than `config`'s.
 
   The default folder sits in the workdir, whose data.json the commands
@@ -389,17 +393,17 @@ def train_evaluator(config, workdir: str) -> str:
     The folder, loadable by `hf_evaluator.load_evaluator` (`eval.evaluator`).
 
   Raises:
-    ValueError: A bad evaluator_train field or an unfinished folder in the
-      way (both before reading any data), or a split too short for one window.
+    ValueError: A bad evaluator_train field, an unfinished folder in the
+      way or a finished one trained on other data (all before reading any
+      data), or a split too short for one window.
     ImportError: torch or transformers missing (names the `eval` extra).
   """
   s = evaluator_settings(config)
   out = output_dir(config, workdir)
+  check_output_dir(config, out)
   if is_complete(out):
-    check_finished_data(config, out)
     _report_skip(out, s)
     return out
-  check_output_dir(out)
   # The workdir's data, as every data-reading command checks it.
   splits = data_lib.training_splits(config, held_out=True)
   documents.check_splits(config, splits)

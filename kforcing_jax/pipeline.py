@@ -109,11 +109,8 @@ def _check_plan(config, workdir: str) -> None:
       and not os.path.exists(os.path.join(workdir, 'eval.json'))
       and importlib.util.find_spec('transformers') is not None):
     from kforcing_jax import evaluator_train  # pylint: disable=g-import-not-at-top
-    out = evaluator_train.output_dir(config, workdir)
-    if evaluator_train.is_complete(out):
-      evaluator_train.check_finished_data(config, out)
-    else:
-      evaluator_train.check_output_dir(out)
+    evaluator_train.check_output_dir(
+        config, evaluator_train.output_dir(config, workdir))
   windows = tuple(config.distill.windows)
   too_big = [k for k in settings.ks if k > max(windows)]
   if too_big:
