@@ -21,10 +21,10 @@ teacher's one-token map (slot i > 1 also depends on u_1..u_(i-1)). Under
 self-forcing only the k=1 stage learns it from the AR teacher directly;
 later stages learn it from the previous stage's slot 1, so for them the
 sweep measures the whole chain against the teacher (noise inversion trains
-every stage on the teacher's data tokens). Counts are over the grid: as u varies continuously the
-teacher's map reaches every token of positive mass, so `distinct_*` grow
-with G. The frequency penalty does not enter (no tokens have been emitted at
-a swept slot).
+every stage on the teacher's data tokens). Counts are over the grid: as u
+varies continuously the teacher's map reaches every token of positive
+mass, so `distinct_*` grow with G. The frequency penalty does not enter (no
+tokens have been emitted at a swept slot).
 
 JSON form (eval.json `coupling.noise_sweep` of an unpenalised student row):
   {"grid": int, "contexts": int, "accuracy": STAT, "distinct_teacher": STAT,
