@@ -45,6 +45,7 @@ from kforcing_jax import projection
 from kforcing_jax import roofline
 from kforcing_jax import sharding
 from kforcing_jax import step_profile
+from kforcing_jax import torch_threads
 
 
 def machine_info() -> dict[str, Any]:
@@ -61,7 +62,7 @@ def machine_info() -> dict[str, Any]:
   return {
       'platform': platform.platform(), 'python': platform.python_version(),
       'cpu_model': cpu_model,
-      'cpu_count': bench_timing.usable_cpu_count(),
+      'cpu_count': torch_threads.usable_cpu_count(),
       'jax_version': jax.__version__, 'backend': jax.default_backend(),
       'device_kind': dev.device_kind, 'device_count': jax.device_count(),
       'load_avg_start': list(os.getloadavg())}

@@ -9,7 +9,6 @@ import jax
 import numpy as np
 
 from kforcing_jax import bench_settings
-from kforcing_jax import bench_timing
 from kforcing_jax import model as model_lib
 from kforcing_jax import torch_threads
 
@@ -25,7 +24,7 @@ def run_peer(cfg: model_lib.ModelConfig, prompts: dict[int, np.ndarray],
     return {'available': False, 'library': '', 'results': [],
             'note': f'peer skipped: {e.name} is not installed (pip install '
                     '".[eval]", i.e. torch and transformers)'}
-  threads = bench_timing.usable_cpu_count()
+  threads = torch_threads.usable_cpu_count()
   with torch_threads.torch_threads(torch, threads):
     return _run_peer(torch, transformers, threads, cfg, prompts, max_new, s,
                      log)

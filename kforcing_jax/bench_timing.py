@@ -18,14 +18,6 @@ from kforcing_jax import bench_settings
 from kforcing_jax import decode
 
 
-def usable_cpu_count() -> int:
-  """Cores this process may run on (its affinity mask, where the OS has
-  one), which a container or taskset can make fewer than the machine's."""
-  if hasattr(os, 'sched_getaffinity'):
-    return len(os.sched_getaffinity(0))
-  return os.cpu_count() or 1
-
-
 class _PeakRss:
   """Samples this process's RSS on a thread; `.peak` is the max seen."""
 

@@ -140,7 +140,7 @@ def base_config() -> ml_collections.ConfigDict:
   et.log_every = 50  # Steps between progress lines / metrics.jsonl rows.
   et.seed = 1  # torch seed (init, dropout, batch order); not config.seed, so
   #              the evaluator does not share the teacher's seed.
-  et.num_threads = 0  # torch CPU threads; 0 = os.cpu_count().
+  et.num_threads = 0  # torch CPU threads; 0 = the cores this process may use.
 
   # --- Decoding benchmark (bench subcommand). ---
   c.bench = b = ml_collections.ConfigDict()

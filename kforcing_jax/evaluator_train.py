@@ -358,11 +358,16 @@ def _prepare_data(config, s: EvaluatorSettings):
   return tok, train_windows, heldout[:s.eval_batches * s.batch_size]
 
 
+def thread_count(s: EvaluatorSettings) -> int:
+  """torch threads for training: num_threads, or (0) the cores this process
+  may use, which a container or taskset can make fewer than os.cpu_count()."""
+  return s.num_threads or torch_threads.usable_cpu_count()
+
+
 def _fit(torch, transformers, s: EvaluatorSettings, tok, train_windows,
          heldout, metrics):
   """Builds and trains the model. Returns (model, train_info fields)."""
-  threads = s.num_threads or os.cpu_count() or 1
-  with torch_threads.torch_threads(torch, threads):
+  with torch_threads.torch_threads(torch, thread_count(s)):
     torch.manual_seed(s.seed)
     model = build_model(transformers, s, tok.get_vocab_size(),
                         tok.token_to_id(EOS))

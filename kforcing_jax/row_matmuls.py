@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kforcing_jax import bench_timing
 from kforcing_jax import config_files
 from kforcing_jax import model as model_lib
 from kforcing_jax import roofline_cli
@@ -121,7 +120,7 @@ def measure(cfg: model_lib.ModelConfig, rows, steps: int = 100,
     import torch  # pylint: disable=g-import-not-at-top
     # As many threads as XLA's CPU client uses, like the bench's HF peer.
     libraries.append(('torch', torch_run, lambda: torch_threads.torch_threads(
-        torch, bench_timing.usable_cpu_count())))
+        torch, torch_threads.usable_cpu_count())))
   out = []
   for name, make, threads in libraries:
     with threads():
@@ -177,7 +176,7 @@ def main(argv=None) -> int:
   elif importlib.util.find_spec('torch') is None:
     print('torch not installed: XLA only (pip install -e ".[eval]")')
   else:
-    print(f'torch on {bench_timing.usable_cpu_count()} threads, as XLA')
+    print(f'torch on {torch_threads.usable_cpu_count()} threads, as XLA')
   print('library  rows  us/step   GFLOP/s  cost vs first')
   try:
     records = measure(cfg, args.rows, args.steps, args.repeats,

@@ -1,4 +1,5 @@
-"""torch's intra-op thread count, set for a block and given back after.
+"""Thread counts: the cores this process may use, and torch's intra-op
+count set for a block and given back after.
 
 torch keeps one process-wide count; the commands that run torch in-process
 (the bench's HF peer, the evaluator's training, row_matmuls) set their own,
@@ -8,6 +9,15 @@ torch's thread pool.
 """
 
 import contextlib
+import os
+
+
+def usable_cpu_count() -> int:
+  """Cores this process may run on (its affinity mask, where the OS has
+  one), which a container or taskset can make fewer than the machine's."""
+  if hasattr(os, 'sched_getaffinity'):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
 
 
 @contextlib.contextmanager

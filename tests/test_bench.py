@@ -29,6 +29,7 @@ from kforcing_jax import decode
 from kforcing_jax import model as model_lib
 from kforcing_jax import roofline
 from kforcing_jax import roofline_cli
+from kforcing_jax import torch_threads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -550,7 +551,7 @@ def test_peer_times_hf_gpt2_when_installed():
     assert torch.get_num_threads() == 1
   finally:
     torch.set_num_threads(before)
-  threads = bench_timing.usable_cpu_count()
+  threads = torch_threads.usable_cpu_count()
   assert out['library'].endswith(f', {threads} threads')
   assert out['available'] and out['library'].startswith('torch')
   assert [p['batch'] for p in out['results']] == [2]

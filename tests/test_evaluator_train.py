@@ -258,6 +258,17 @@ def test_batches_visit_every_window_once_per_epoch():
   assert np.array_equal(idx, et.batch_indices(10, 4, 5, seed=0))
 
 
+
+def test_default_threads_are_the_cores_this_process_may_use(monkeypatch):
+  # A container or taskset can leave fewer cores than the machine has.
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda _: {0, 1, 2},
+                      raising=False)
+  monkeypatch.setattr(os, 'cpu_count', lambda: 64)
+  config = defaults.base_config()
+  assert et.thread_count(et.evaluator_settings(config)) == 3
+  config.evaluator_train.num_threads = 5
+  assert et.thread_count(et.evaluator_settings(config)) == 5
+
 # --------------------------------------------------------------------------
 # Wiring: CLI and pipeline.
 # --------------------------------------------------------------------------
