@@ -479,6 +479,70 @@ def test_a_concrete_non_positive_temperature_is_refused(impl):
                                     h, w, u, temperature=0.7, impl=impl))
 
 
+@pytest.mark.parametrize('impl', ['reference', 'chunked', 'pallas'])
+def test_concrete_targets_and_uniforms_outside_their_range_are_refused(impl):
+  # Each variant read them its own way, none with an error: target V gave
+  # inf, nan or a finite loss; u = 1.5 the last token, NaN the first.
+  h, w = _random_hw(0, 3, 300, d=8)
+  blocks = _blocks(impl, 8, 128, 64)
+  for bad, shown in ((300, '300'), (-1, '-1'), (2**33, str(2**33))):
+    targets = np.array([0, bad, 5])
+    with pytest.raises(ValueError, match=rf'targets must be in \[0, V=300\)'
+                       rf', got {shown} at row 1'):
+      kernels.projected_cross_entropy(h, w, targets, impl=impl, **blocks)
+  for bad in (1.0, 1.5, -0.25, np.nan):
+    u = jnp.asarray([0.5, 0.5, bad])
+    with pytest.raises(ValueError, match=r'u must be finite and in \[0, 1\)'
+                       r', got .* at row 2'):
+      kernels.projected_inverse_cdf(h, w, u, impl=impl, **blocks)
+  # Under jit the values are the caller's: checked nowhere, and in range
+  # the results equal the eager ones.
+  u, targets = jnp.asarray([0.1, 0.5, 0.9]), jnp.asarray([0, 299, 5])
+  np.testing.assert_array_equal(
+      jax.jit(lambda u: kernels.projected_inverse_cdf(
+          h, w, u, impl=impl, **blocks))(u),
+      kernels.projected_inverse_cdf(h, w, u, impl=impl, **blocks))
+  np.testing.assert_allclose(
+      jax.jit(lambda t: kernels.projected_cross_entropy(
+          h, w, t, impl=impl, **blocks)[0])(targets),
+      kernels.projected_cross_entropy(h, w, targets, impl=impl,
+                                      **blocks)[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize('fn', ['argmax', 'inverse_cdf', 'cross_entropy'])
+def test_inputs_that_are_not_arrays_are_named(fn):
+  # A list failed with "AttributeError: 'list' object has no attribute
+  # 'ndim'"; interpret='no' was truthy and a string temperature a numpy
+  # UFuncTypeError.
+  h, w = _random_hw(0, 2, 20, d=4)
+  call = {
+      'argmax': lambda h, w, rows, **kw: kernels.projected_argmax(
+          h, w, counts_MxV=rows if kw.pop('as_rows', False) else None, **kw),
+      'inverse_cdf': lambda h, w, rows, **kw: kernels.projected_inverse_cdf(
+          h, w, rows, **kw),
+      'cross_entropy': lambda h, w, rows, **kw:
+          kernels.projected_cross_entropy(h, w, rows, **kw),
+  }[fn]
+  rows = {'argmax': [[0] * 20] * 2, 'inverse_cdf': [0.5, 0.5],
+          'cross_entropy': [1, 2]}[fn]
+  row_name = {'argmax': 'counts', 'inverse_cdf': 'u',
+              'cross_entropy': 'targets'}[fn]
+  good_rows = jnp.asarray(rows)
+  with pytest.raises(TypeError, match=r'h must be an array \(numpy or jax\)'
+                     ', got list'):
+    call(h.tolist(), w, good_rows)
+  with pytest.raises(TypeError, match='w must be an array'):
+    call(h, w.tolist(), good_rows)
+  with pytest.raises(TypeError, match=f'{row_name} must be an array'):
+    call(h, w, rows, as_rows=True) if fn == 'argmax' else call(h, w, rows)
+  with pytest.raises(ValueError, match="interpret must be a bool or None, "
+                     "got 'no'"):
+    call(h, w, good_rows, impl='pallas', interpret='no')
+  if fn == 'inverse_cdf':
+    with pytest.raises(ValueError, match="temperature must be > 0, got '1'"):
+      call(h, w, good_rows, temperature='1')
+
+
 def test_pallas_kernels_lower_for_tpu(monkeypatch):
   """Pallas -> Mosaic TPU lowering (no TPU needed; Mosaic compile not run).
 

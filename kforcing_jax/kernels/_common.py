@@ -83,6 +83,10 @@ def resolve_interpret(fn_name: str, interpret: bool | None) -> bool:
       tile sizes do not fit its copy / shared-memory rules), so rather than a
       deep lowering error this says what to use instead.
   """
+  if interpret is not None and not isinstance(interpret, (bool, np.bool_)):
+    # A string such as 'no' would be truthy.
+    raise ValueError(f'{fn_name}: interpret must be a bool or None, got '
+                     f'{interpret!r}.')
   platform = backend()
   if interpret is None:
     interpret = platform not in ('tpu', 'gpu')
@@ -93,8 +97,56 @@ def resolve_interpret(fn_name: str, interpret: bool | None) -> bool:
   return bool(interpret)
 
 
+def check_is_array(fn_name: str, arg_name: str, x) -> None:
+  """A list or a scalar would otherwise fail deep inside with an
+  AttributeError ('list' object has no attribute 'ndim')."""
+  if not (hasattr(x, 'shape') and hasattr(x, 'dtype')):
+    raise TypeError(
+        f'{fn_name}: {arg_name} must be an array (numpy or jax), got '
+        f'{type(x).__name__}; wrap it in jnp.asarray.')
+
+
+def readable(x) -> bool:
+  """Whether the host can read `x`'s values: not a tracer (under the
+  caller's jit, where values are the caller's to check) nor a shape-only
+  stand-in (jax.ShapeDtypeStruct)."""
+  return not isinstance(x, jax.core.Tracer) and (
+      isinstance(x, (int, float, np.number)) or hasattr(x, '__array__'))
+
+
+def check_ids(fn_name: str, arg_name: str, ids, v: int) -> None:
+  """Refuses concrete ids outside [0, V): the variants would each read
+  them differently (an inf, a NaN, a wrapped index), none an error."""
+  if not readable(ids):
+    return
+  arr = np.asarray(ids)
+  bad = (arr < 0) | (arr >= v)
+  if bad.any():
+    i = int(np.argmax(bad.reshape(-1)))
+    raise ValueError(
+        f'{fn_name}: {arg_name} must be in [0, V={v}), got '
+        f'{int(arr.reshape(-1)[i])} at row {i}.')
+
+
+def check_uniforms(fn_name: str, arg_name: str, u) -> None:
+  """Refuses concrete u outside [0, 1) or non-finite: every variant would
+  clamp it silently to the first or last token."""
+  if not readable(u):
+    return
+  arr = np.asarray(u, np.float64)
+  with np.errstate(invalid='ignore'):
+    bad = ~(np.isfinite(arr) & (arr >= 0) & (arr < 1))
+  if bad.any():
+    i = int(np.argmax(bad.reshape(-1)))
+    raise ValueError(
+        f'{fn_name}: {arg_name} must be finite and in [0, 1), got '
+        f'{float(arr.reshape(-1)[i])} at row {i}.')
+
+
 def check_projection(fn_name: str, h_MxD: jax.Array, w_DxV: jax.Array):
   """Validates `h (M, d) @ w (d, V)`; returns (M, d, V)."""
+  check_is_array(fn_name, 'h', h_MxD)
+  check_is_array(fn_name, 'w', w_DxV)
   if h_MxD.ndim != 2 or w_DxV.ndim != 2 or h_MxD.shape[1] != w_DxV.shape[0]:
     raise ValueError(
         f'{fn_name}: expected h of shape (M, d) and w of shape (d, V), got '
@@ -116,6 +168,7 @@ def check_projection(fn_name: str, h_MxD: jax.Array, w_DxV: jax.Array):
 def check_rows(fn_name: str, arg_name: str, x: jax.Array, shape: tuple[int,
                                                                         ...]):
   """Raises ValueError naming both shapes unless `x.shape == shape`."""
+  check_is_array(fn_name, arg_name, x)
   if tuple(x.shape) != tuple(shape):
     raise ValueError(
         f'{fn_name}: expected {arg_name} of shape {tuple(shape)}, got '
@@ -130,7 +183,7 @@ def check_temperature(temperature, prefix: str = '') -> None:
   except (jax.errors.TracerArrayConversionError,
           jax.errors.ConcretizationTypeError):
     return
-  if not np.all(t > 0):
+  if t.dtype.kind not in 'biuf' or not np.all(t > 0):
     raise ValueError(
         f'{prefix}temperature must be > 0, got {temperature!r} (use argmax '
         'for greedy decoding)')

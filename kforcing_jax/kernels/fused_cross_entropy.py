@@ -11,9 +11,10 @@ dlogits = g * (softmax - onehot), dh = dlogits @ W^T, dW = h^T @ dlogits.
 * Chunked: XLA loops over vocab chunks (the CPU/GPU default).
 * Reference: full logits and plain autodiff.
 
-Targets must lie in [0, V); they are not checked (often traced), and the
-variants disagree on one outside it (reference: -1 indexes the last
-column; chunked: the target logit counts as 0).
+Targets must lie in [0, V). Concrete ones are checked; traced ones (the
+usual case, under jit) are not, and the variants disagree on one outside
+it (reference: -1 indexes the last column; chunked: the target logit
+counts as 0).
 """
 
 import functools
@@ -337,15 +338,17 @@ def projected_cross_entropy(
 
   Raises:
     ValueError: On an unknown `impl`, inconsistent shapes, non-integer
-      targets or bad block sizes.
+      targets, concrete targets outside [0, V) or bad block sizes.
+    TypeError: An input that is not an array (a Python list).
     NotImplementedError: For impl='pallas' compiled (not interpreted) on GPU.
   """
   impl = _common.resolve_impl(impl, _NAME)
-  m, _, _ = _common.check_projection(_NAME, h_MxD, w_DxV)
+  m, _, v = _common.check_projection(_NAME, h_MxD, w_DxV)
   _common.check_rows(_NAME, 'targets', targets_M, (m,))
   if not jnp.issubdtype(targets_M.dtype, jnp.integer):
     raise ValueError(
         f'{_NAME}: targets must be integer, got dtype {targets_M.dtype}.')
+  _common.check_ids(_NAME, 'targets', targets_M, v)  # Where readable.
   targets_M = targets_M.astype(jnp.int32)
   if impl == 'reference':
     return _cross_entropy_reference(h_MxD, w_DxV, targets_M)

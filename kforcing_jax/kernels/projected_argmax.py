@@ -164,6 +164,7 @@ def projected_argmax(h_MxD: jax.Array,
 
   Raises:
     ValueError: On an unknown `impl`, inconsistent shapes or bad block sizes.
+    TypeError: An input that is not an array (a Python list).
     NotImplementedError: For impl='pallas' compiled (not interpreted) on GPU.
   """
   impl = _common.resolve_impl(impl, _NAME)

@@ -244,13 +244,16 @@ def projected_inverse_cdf(h_MxD: jax.Array,
     nonzero probability (see the module docstring for exact semantics).
 
   Raises:
-    ValueError: On an unknown `impl`, inconsistent shapes, a non-positive
-      concrete temperature or bad block sizes.
+    ValueError: On an unknown `impl`, inconsistent shapes, concrete u
+      outside [0, 1), a non-positive concrete temperature or bad block
+      sizes.
+    TypeError: An input that is not an array (a Python list).
     NotImplementedError: For impl='pallas' compiled (not interpreted) on GPU.
   """
   impl = _common.resolve_impl(impl, _NAME)
   m, _, _ = _common.check_projection(_NAME, h_MxD, w_DxV)
   _common.check_rows(_NAME, 'u', u_M, (m,))
+  _common.check_uniforms(_NAME, 'u', u_M)  # Where readable.
   _common.check_temperature(temperature, f'{_NAME}: ')
   u_M = jnp.asarray(u_M, jnp.float32)
   if impl == 'reference':
