@@ -22,7 +22,7 @@ Public step-level API (for callers that drive their own loop):
 """
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import flax.struct
 import jax
@@ -33,6 +33,7 @@ from kforcing_jax import layouts
 from kforcing_jax import model as model_lib
 from kforcing_jax import noise as noise_lib
 from kforcing_jax import projection
+from kforcing_jax.kernels import _common
 from kforcing_jax.kernels import decode_attention
 
 
@@ -286,8 +287,10 @@ def init_cache(spec: DecodeSpec, batch_size: int, size: int | None = None):
   `key_layout(spec)`; see `model.CACHE_LAYOUTS`.
   """
   cfg = spec.model
-  dims = {'n': batch_size * cfg.num_heads, 's': size or spec.cache_size,
-          'k': cfg.head_dim}
+  batch_size = model_lib.as_int(batch_size, 'batch_size', 1)
+  size = (spec.cache_size if size is None else
+          model_lib.as_int(size, 'cache size', 1))
+  dims = {'n': batch_size * cfg.num_heads, 's': size, 'k': cfg.head_dim}
 
   def zeros(name):
     shape = [dims[axis] for axis in model_lib.CACHE_LAYOUTS[name]]
@@ -519,7 +522,15 @@ def prefill(spec: DecodeSpec, params, prompts_BxP, pad_B, noise_BxK,
   _check_shape('pad', pad_B, (b,))
   _check_shape('noise', noise_BxK, (b, spec.k))
   check_pad(spec, pad_B)
+  check_values(spec, prompts_BxP, pad_B, noise_BxK, temperature)
   _check_noise_x(spec, noise_x, b)
+  if cache_size is not None:
+    written = spec.prompt_len + (spec.k if spec.is_student else 0)
+    if model_lib.as_int(cache_size, 'cache_size', 1) < written:
+      raise ValueError(
+          f'cache_size={cache_size} is smaller than the {written} slots the '
+          f'prefill writes (prompt_len={spec.prompt_len}'
+          f'{f" + k={spec.k} noise slots" if spec.is_student else ""})')
   model_lib.check_params(spec.model, params)  # Shapes only: trace time.
   check_penalty_tracked(spec, penalty)
   valid, prompts_BxP = _unpad(prompts_BxP, 0, pad_B)
@@ -541,16 +552,34 @@ def prefill(spec: DecodeSpec, params, prompts_BxP, pad_B, noise_BxK,
   return _record(spec, state, new)
 
 
+def _check_room(spec: DecodeSpec, state: DecodeState) -> None:
+  """decode_step's bounds, where state.step and state.index can be read."""
+  if not (_common.readable(state.step) and _common.readable(state.index)):
+    return
+  step, index = int(state.step), int(state.index)
+  if step >= spec.num_steps:
+    raise ValueError(f'state.step={step}: the spec has num_steps='
+                     f'{spec.num_steps} (prefill included), all done; '
+                     'another step would overwrite the last tokens')
+  need = index + spec.k * (2 if spec.is_student else 1)
+  if cache_slots(state.cache) < need:
+    raise ValueError(f'the cache has {cache_slots(state.cache)} slots; this '
+                     f'step writes up to slot {need} (grow_cache(state.cache, '
+                     f'{need}) or more)')
+
+
 def decode_step(spec: DecodeSpec, params, state: DecodeState, noise_BxK,
                 temperature=1.0, penalty=0.0, *, noise_x=None
                 ) -> DecodeState:
   """Feeds the pending k tokens (+ k noise slots) and emits k more tokens.
 
   Call it at most spec.num_steps - 1 times after `prefill`, on a cache with
-  at least state.index + 2k slots (`grow_cache` pads one). Both bounds are
-  the caller's to keep: they depend on traced values, and past them XLA
-  clamps the writes, so earlier tokens are overwritten without an error.
-  `decode_loop` keeps them. `noise_x`: as in `prefill`. The state must
+  at least state.index + 2k slots (a student's; state.index + k for the
+  AR teacher; `grow_cache` pads one). Past them XLA clamps the writes, so
+  earlier tokens are overwritten without an error: both bounds, and the
+  noise and temperature values, are checked where they can be read
+  (called outside jit); under jit they are the caller's to keep, as
+  `decode_loop` does. `noise_x`: as in `prefill`. The state must
   come from `prefill` with this spec; its shapes, key layout and penalty
   counts are checked against the spec at trace time.
   """
@@ -558,6 +587,8 @@ def decode_step(spec: DecodeSpec, params, state: DecodeState, noise_BxK,
   _check_array('noise', noise_BxK, jnp.floating, 'floats in [0, 1)')
   _check_shape('noise', noise_BxK, state.pending.shape)
   _check_noise_x(spec, noise_x, state.pending.shape[0])
+  check_values(spec, noise=noise_BxK, temperature=temperature)
+  _check_room(spec, state)
   model_lib.check_params(spec.model, params)  # Shapes only: trace time.
   check_penalty_tracked(spec, penalty)
   h, cache = _hidden(spec, params, state.pending, noise_BxK, state.cache,
@@ -579,6 +610,40 @@ def _check_array(name: str, x, kind, what: str):
                      f'got {type(x).__name__}')
   if not jnp.issubdtype(dtype, kind):
     raise ValueError(f'{name} must hold {what}; got dtype {dtype}')
+
+
+def check_values(spec: DecodeSpec, prompts_BxP=None, pad_B=None,
+                 noise=None, temperature=None) -> None:
+  """Refuses, where their values can be read, what would decode wrong
+  tokens without an error: a prompt id outside the vocabulary (NaN
+  embedding, or a wrapped index), noise outside [0, 1) (clamped to the
+  first or last token), a temperature that is not finite and >= 1e-30
+  (NaN logits, or the distribution flipped) unless the spec is greedy.
+  Traced values (under the caller's jit) pass; `generate` checks its
+  inputs on the host."""
+  readable = _common.readable
+  ids = (np.asarray(prompts_BxP) if prompts_BxP is not None and
+         readable(prompts_BxP) and readable(pad_B) else None)
+  pad = None if ids is None else np.asarray(pad_B)
+  # Other shapes and dtypes are refused by name at trace time.
+  if (ids is not None and ids.ndim == 2 and ids.dtype.kind in 'iu' and
+      pad.shape == ids.shape[:1]):
+    valid = np.arange(ids.shape[1])[None] >= pad[:, None]
+    bad = valid & ((ids < 0) | (ids >= spec.model.vocab_size))
+    if bad.any():
+      row, col = np.argwhere(bad)[0]
+      raise ValueError(f'prompts[{row}, {col}]: token id {int(ids[row, col])}'
+                       f' outside the vocabulary [0, '
+                       f'{spec.model.vocab_size})')
+  if noise is not None and readable(noise):
+    noise_lib.check_noise(noise)
+  if temperature is not None and not spec.greedy and readable(temperature):
+    t = np.asarray(temperature)
+    if t.dtype.kind not in 'biuf' or not np.all(
+        (t >= MIN_TEMPERATURE) & (t <= np.finfo(np.float32).max)):
+      raise ValueError(f'temperature={temperature!r} must be finite in '
+                       f'float32 and >= {MIN_TEMPERATURE:g} (greedy=True in '
+                       'the DecodeSpec for argmax)')
 
 
 def check_pad(spec: DecodeSpec, pad_B) -> None:
@@ -651,13 +716,14 @@ class _DecodeLoop:
 
   The whole decode (prefill + while_loop) as one jitted program (spec is
   static). noise_BxN must have num_steps * k columns, in [0, 1);
-  temperature > 0 for AR sampling. Benchmarks lower and compile it once
-  per spec; `generate` is the front end that validates values (shapes and
-  the spec are checked here too, at trace time). Calling it or `.lower`
-  first refuses a nonzero penalty for a spec without use_penalty, where
-  the value can be read, and a pad outside [0, prompt_len) where its values
-  can be read; other attributes (`.trace`, `.eval_shape`, ...)
-  are the jitted function's.
+  temperature finite and >= 1e-30 unless the spec is greedy. Benchmarks
+  lower and compile it once per spec; `generate` is the front end that
+  also pads prompts and draws noise (shapes and the spec are checked here
+  too, at trace time). Calling it or `.lower` first refuses, where the
+  values can be read, a nonzero penalty for a spec without use_penalty,
+  a pad outside [0, prompt_len) and what `check_values` refuses (prompt
+  ids, noise, temperature); other attributes (`.trace`, `.eval_shape`,
+  ...) are the jitted function's.
   """
 
   def __getattr__(self, name):
@@ -667,12 +733,15 @@ class _DecodeLoop:
                temperature=1.0, penalty=0.0):
     check_penalty_tracked(spec, penalty)
     check_pad(spec, pad_B)
+    check_values(spec, prompts_BxP, pad_B, noise_BxN, temperature)
     return _decode_loop_jit(spec, params, prompts_BxP, pad_B, noise_BxN,
                             temperature, penalty)
 
   def lower(self, spec, params, prompts_BxP, pad_B, noise_BxN,
             temperature=1.0, penalty=0.0):
     check_penalty_tracked(spec, penalty)
+    check_pad(spec, pad_B)
+    check_values(spec, prompts_BxP, pad_B, noise_BxN, temperature)
     return _decode_loop_jit.lower(spec, params, prompts_BxP, pad_B,
                                   noise_BxN, temperature, penalty)
 
@@ -698,6 +767,15 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0,
   if isinstance(prompts, (str, bytes)):
     raise ValueError(f'prompts must be token-id lists, not text: got '
                      f'{prompts[:40]!r} (tokenize it first)')
+  if not isinstance(prompts, Iterable):
+    raise ValueError('prompts must be a list of token-id lists; got '
+                     f'{prompts!r}')
+  if (isinstance(prompts, tuple) and len(prompts) == 2 and
+      all(isinstance(x, np.ndarray) for x in prompts) and
+      prompts[0].ndim == 2 and prompts[1].ndim == 1):
+    raise ValueError('prompts is a (prompts_BxP, pad_B) pair, as '
+                     'pad_prompts returns; pass the token-id lists themselves'
+                     ' (they are padded here), or the pair to decode_loop')
   pad_id = _as_int32(pad_id, 'pad_id')
   rows = []
   for i, p in enumerate(prompts):
@@ -816,8 +894,10 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
         f'cfg must be a ModelConfig, got {type(cfg).__name__}: generate '
         'takes (params, cfg, prompts); load_params returns (cfg, params, '
         'meta)')
-  traced = [name for name, value in (('prompts', prompts), ('noise', noise),
-                                     ('rng', rng))
+  traced = [name for name, value in (
+      ('prompts', prompts), ('noise', noise), ('rng', rng),
+      ('params', params), ('temperature', temperature),
+      ('frequency_penalty', frequency_penalty))
             if any(isinstance(leaf, jax.core.Tracer)
                    for leaf in jax.tree_util.tree_leaves(value))]
   if traced:

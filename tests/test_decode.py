@@ -202,6 +202,117 @@ def test_decode_loop_and_prefill_refuse_a_pad_outside_the_prompt(teacher):
   assert tokens.shape == (2, 2)
 
 
+def test_step_level_api_refuses_values_that_decode_wrong_tokens(teacher):
+  # decode_loop took temperature 0 or NaN (all token 0) and -1 (the
+  # distribution flipped), noise outside [0, 1) (first or last token) and
+  # an id outside the vocabulary (a NaN embedding), all without an error.
+  cfg, params = teacher
+  prompts, pad = decode.pad_prompts([[1, 2, 3], [4, 5]])
+  spec = decode.DecodeSpec(model=cfg, k=1, num_steps=2, prompt_len=3)
+  noise = jnp.full((2, 2), 0.5)
+  for bad in (0.0, float('nan'), -1.0, np.float32(1e-31)):
+    with pytest.raises(ValueError, match=r'temperature=.* must be finite in '
+                       r'float32 and >= 1e-30'):
+      decode.decode_loop(spec, params, prompts, pad, noise, bad)
+    with pytest.raises(ValueError, match='temperature'):
+      decode.prefill(spec, params, prompts, pad, noise[:, :1], bad)
+  for bad in (noise + 1, noise - 1, noise * np.nan):
+    with pytest.raises(ValueError, match=r'noise u must be finite and in '
+                       r'\[0, 1\)'):
+      decode.decode_loop(spec, params, prompts, pad, bad)
+    with pytest.raises(ValueError, match='noise u must be'):
+      decode.prefill(spec, params, prompts, pad, bad[:, :1])
+  state = decode.prefill(spec, params, prompts, pad, noise[:, :1])
+  with pytest.raises(ValueError, match='noise u must be'):
+    decode.decode_step(spec, params, state, noise[:, :1] + 1)
+  with pytest.raises(ValueError, match='temperature=0'):
+    decode.decode_step(spec, params, state, noise[:, :1], 0)
+  for bad in (cfg.vocab_size, -5):
+    ids = prompts.copy()
+    ids[1, 2] = bad
+    with pytest.raises(ValueError, match=rf'prompts\[1, 2\]: token id {bad} '
+                       rf'outside the vocabulary \[0, {cfg.vocab_size}\)'):
+      decode.decode_loop(spec, params, ids, pad, noise)
+    with pytest.raises(ValueError, match='outside the vocabulary'):
+      decode.prefill(spec, params, ids, pad, noise[:, :1])
+  # A padding slot's id is never read: any value is fine there. A greedy
+  # spec ignores the temperature: 0 is fine.
+  ids = prompts.copy()
+  ids[1, 0] = -5
+  want, _ = decode.decode_loop(spec, params, prompts, pad, noise)
+  np.testing.assert_array_equal(
+      decode.decode_loop(spec, params, ids, pad, noise)[0], want)
+  greedy = dataclasses.replace(spec, greedy=True)
+  decode.decode_loop(greedy, params, prompts, pad, noise, 0.0)
+  # Under the caller's jit the values are unknown: not checked, runs.
+  tokens, _ = jax.jit(decode.decode_loop, static_argnums=0)(
+      spec, params, prompts, pad, noise + 1)
+  assert tokens.shape == (2, 2)
+
+
+def test_decode_step_past_the_spec_or_its_cache_is_refused(teacher):
+  # Both ran: XLA clamped the writes, overwriting earlier tokens.
+  cfg, params = teacher
+  prompts, pad = decode.pad_prompts([[1, 2, 3], [4, 5]])
+  spec = decode.DecodeSpec(model=cfg, k=1, num_steps=2, prompt_len=3)
+  u = jnp.full((2, 1), 0.5)
+  state = decode.prefill(spec, params, prompts, pad, u, cache_size=3)
+  with pytest.raises(ValueError, match=r'the cache has 3 slots; this step '
+                     r'writes up to slot 4 \(grow_cache\(state.cache, 4\)'):
+    decode.decode_step(spec, params, state, u)
+  state = state.replace(cache=decode.grow_cache(state.cache, 4))
+  state = decode.decode_step(spec, params, state, u)
+  with pytest.raises(ValueError, match=r'state.step=2: the spec has '
+                     r'num_steps=2 \(prefill included\), all done'):
+    decode.decode_step(spec, params, state, u)
+  with pytest.raises(ValueError, match='cache_size=2 is smaller than the 3 '
+                     r'slots the prefill writes \(prompt_len=3\)'):
+    decode.prefill(spec, params, prompts, pad, u, cache_size=2)
+  student = dataclasses.replace(cfg, noise_window=2)
+  s_spec = decode.DecodeSpec(model=student, k=2, num_steps=2, prompt_len=3)
+  with pytest.raises(ValueError, match=r'the 5 slots the prefill writes '
+                     r'\(prompt_len=3 \+ k=2 noise slots\)'):
+    decode.prefill(s_spec, model_lib.init_params(student,
+                                                 jax.random.PRNGKey(0)),
+                   prompts, pad, jnp.full((2, 2), 0.5), cache_size=4)
+
+
+@pytest.mark.parametrize('kwargs, needle', [
+    (dict(batch_size=2, size=0), 'cache size=0 must be >= 1'),
+    (dict(batch_size=-1), 'batch_size=-1 must be >= 1'),
+    (dict(batch_size=2.0), 'batch_size must be an int, got 2.0'),
+])
+def test_init_cache_names_a_bad_size(small_cfg, kwargs, needle):
+  # size=0 gave a full-size cache; the others raw JAX shape errors.
+  spec = decode.DecodeSpec(model=small_cfg, k=1, num_steps=2, prompt_len=3)
+  with pytest.raises(ValueError, match=needle):
+    decode.init_cache(spec, **kwargs)
+
+
+def test_generate_names_a_traced_params_or_scalar_and_a_padded_pair(teacher):
+  cfg, params = teacher
+  # Traced params decoded the whole loop before a TracerArrayConversionError;
+  # a traced temperature was a ConcretizationTypeError.
+  for name, call in (
+      ('params', lambda p, t: decode.generate(p, cfg, [[1, 2]],
+                                              max_new_tokens=2).tokens),
+      ('temperature', lambda p, t: decode.generate(
+          params, cfg, [[1, 2]], max_new_tokens=2, temperature=t).tokens),
+      ('frequency_penalty', lambda p, t: decode.generate(
+          params, cfg, [[1, 2]], max_new_tokens=2,
+          frequency_penalty=t).tokens)):
+    with pytest.raises(TypeError, match=f'generate got a traced {name} '):
+      jax.jit(call)(params, jnp.float32(1))
+  # pad_prompts' pair was "prompt 0 must be a list of int token ids".
+  with pytest.raises(ValueError, match=r'prompts is a \(prompts_BxP, pad_B\)'
+                     ' pair, as pad_prompts returns'):
+    decode.generate(params, cfg, decode.pad_prompts([[1, 2], [3]]),
+                    max_new_tokens=2)
+  with pytest.raises(ValueError, match='prompts must be a list of token-id '
+                     'lists; got None'):
+    decode.generate(params, cfg, None, max_new_tokens=2)
+
+
 def test_tiny_temperatures_and_int_greedy_are_accepted(teacher):
   # Near 0 a temperature approaches greedy; it must not overflow before
   # MIN_TEMPERATURE.
