@@ -311,18 +311,60 @@ def load_params(run_dir: str, use_ema: bool = True):
   restores them onto its first local device, a multi-process run
   replicated over all devices.
   """
-  if not isinstance(use_ema, bool):  # A string such as "no" is truthy.
+  if not isinstance(use_ema, (bool, np.bool_)):  # "no" would be truthy.
     raise ValueError(f'use_ema={use_ema!r} must be a bool')
+  if not isinstance(run_dir, (str, os.PathLike)):
+    raise ValueError(f'run_dir={run_dir!r} must be a path (the folder '
+                     'holding checkpoints/)')
+  run_dir = os.path.expanduser(os.fspath(run_dir))
   manager = Manager(run_dir)
   step = manager.latest_step()
   if step is None:
-    raise CheckpointError(
-        f'no checkpoint found in {manager.directory}; train it first')
+    raise CheckpointError(f'no checkpoint found in {manager.directory}; '
+                          f'{_run_dir_hint(run_dir) or "train it first"}')
   meta = manager.read_meta(step)
-  cfg = model_lib.ModelConfig(**meta['model'])
+  cfg = _model_config(meta, f'{manager.directory}/{step}')
   state = manager.restore(
       step, state=ocp.args.StandardRestore(_local_target(manager, step))
   )['state']
   params = state['ema_params'] if use_ema and 'ema_params' in state else (
       state['params'])
+  try:
+    model_lib.check_params(cfg, params)
+  except ValueError as e:
+    raise CheckpointError(f'checkpoint {manager.directory}/{step}: its '
+                          f'parameters do not match its meta: {e}') from e
   return cfg, params, meta
+
+
+def _run_dir_hint(run_dir: str) -> str | None:
+  """Where a caller passed the checkpoints folder or a step folder instead
+  of the run folder, which one to pass."""
+  path = os.path.abspath(run_dir)
+  for up in (path, os.path.dirname(path)):
+    if (os.path.basename(up) == 'checkpoints' and
+        Manager(os.path.dirname(up)).latest_step() is not None):
+      return (f'{run_dir} is inside a run folder: pass the run folder, '
+              f'{os.path.dirname(up)}, which holds checkpoints/')
+  return None
+
+
+def _model_config(meta: dict[str, Any], where: str) -> model_lib.ModelConfig:
+  """The ModelConfig a checkpoint's meta records, or a CheckpointError
+  saying what is wrong with it (not a bare KeyError or TypeError)."""
+  saved = meta.get('model') if isinstance(meta, dict) else None
+  if not isinstance(saved, dict):
+    raise CheckpointError(f'checkpoint {where}: its meta has no model '
+                          'config; was it written by kforcing_jax?')
+  known = {f.name for f in dataclasses.fields(model_lib.ModelConfig)}
+  unknown = sorted(set(saved) - known)
+  if unknown:
+    raise CheckpointError(
+        f'checkpoint {where}: its model config has fields this kforcing_jax '
+        f'does not know ({", ".join(unknown)}); was it written by a newer '
+        'version?')
+  try:
+    return model_lib.ModelConfig(**saved)
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f'checkpoint {where}: its model config is not '
+                          f'valid: {e}') from e

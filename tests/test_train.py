@@ -298,6 +298,61 @@ def test_load_params_refuses_a_use_ema_that_is_not_a_bool(tmp_path):
     checkpoints.load_params(str(tmp_path), use_ema='no')
 
 
+@pytest.fixture(scope='module')
+def saved_run(tmp_path_factory):
+  """A teacher run folder holding one checkpoint (step 1)."""
+  out = tmp_path_factory.mktemp('saved')
+  config = _config()
+  train_lib.train(teacher_lib.teacher_task(config), config, str(out),
+                  helpers.ArrayIterator(_data(), 8), num_steps=1)
+  return out / 'teacher'
+
+
+@pytest.mark.parametrize('inside', ['checkpoints', 'checkpoints/1'])
+def test_load_params_names_the_run_folder_when_given_one_inside(
+    saved_run, inside):
+  # It said "no checkpoint found in .../checkpoints/checkpoints; train it
+  # first" of a folder one level below a trained run.
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=f'pass the run folder, {saved_run}, which holds '
+                     'checkpoints/'):
+    checkpoints.load_params(str(saved_run / inside))
+
+
+def test_load_params_expands_the_home_folder(saved_run, monkeypatch):
+  monkeypatch.setenv('HOME', str(saved_run.parent))
+  cfg, params, _ = checkpoints.load_params('~/teacher')
+  want = checkpoints.load_params(str(saved_run))
+  assert cfg == want[0]
+  assert jax.tree.all(jax.tree.map(np.array_equal, params, want[1]))
+
+
+@pytest.mark.parametrize('meta_model, message', [
+    (None, 'its meta has no model config'),
+    ({'new_field': 3}, r'fields this kforcing_jax does not know '
+                       r'\(new_field\)'),
+    ({'vocab_size': 256}, "parameters do not match its meta: params "
+                          "'embed/embedding' has shape"),
+])
+def test_load_params_refuses_a_meta_that_does_not_describe_its_params(
+    saved_run, monkeypatch, meta_model, message):
+  # An unknown field was a bare TypeError, no model a KeyError, and a
+  # config other than the params' loaded, to fail later in generate.
+  read_meta = checkpoints.Manager.read_meta
+
+  def altered(self, step=None):
+    meta = dict(read_meta(self, step))
+    if meta_model is None:
+      del meta['model']
+    else:
+      meta['model'] = dict(meta['model'], **meta_model)
+    return meta
+
+  monkeypatch.setattr(checkpoints.Manager, 'read_meta', altered)
+  with pytest.raises(checkpoints.CheckpointError, match=message):
+    checkpoints.load_params(str(saved_run))
+
+
 @pytest.mark.parametrize('damage', ['missing', 'garbled'])
 def test_corrupt_checkpoint_is_reported(tmp_path, damage):
   config = _config()
