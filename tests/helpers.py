@@ -44,8 +44,9 @@ def max_abs_diff(a, b) -> float:
 
 def sgd_update(task, mesh_config, batch, frozen):
   """(params delta, metrics) of one `train.make_step` step with SGD(lr=1)
-  on a mesh from `mesh_config`: the delta is minus the gradient, which no
-  Adam rescaling can hide (e.g. a sum where a mean belongs)."""
+  on a mesh from `mesh_config` (params split over it under fsdp): the
+  delta is minus the gradient, which no Adam rescaling can hide (e.g. a
+  sum where a mean belongs)."""
   # pylint: disable=g-import-not-at-top
   import jax
   import optax
@@ -54,6 +55,12 @@ def sgd_update(task, mesh_config, batch, frozen):
   mesh = sharding.make_mesh(mesh_config)
   opt = optax.sgd(1.0)
   state = train_lib.init_state(task, opt, jax.random.PRNGKey(0), ema=False)
+  # Placed as `train` places them: split over the mesh under fsdp.
+  state = state.replace(**{
+      name: jax.device_put(tree, sharding.state_shardings(
+          tree, mesh, mesh_config.fsdp))
+      for name, tree in (('params', state.params),
+                         ('opt_state', state.opt_state))})
   step = jax.jit(train_lib.make_step(task, opt, 0.0, mesh))
   with jax.set_mesh(mesh):
     new, metrics = step(state, sharding.global_batch(np.asarray(batch), mesh),

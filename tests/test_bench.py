@@ -622,18 +622,23 @@ def test_runnable_others_reads_the_running_count(tmp_path):
 
 @pytest.mark.parametrize('others,loadavg,warns', [
     (0.0, 9.0, False),  # A high average from our own earlier stage: quiet.
-    (5.0, 0.0, True),  # Other work runnable now.
+    (2.0, 0.0, False),  # Half the 4 cores: still quiet.
+    (3.0, 0.0, True),  # Other work runnable now, on more than half.
     (None, 9.0, True),  # No /proc: the 1-minute average decides.
+    (None, 2.0, False),
 ])
 def test_busy_warning_asks_what_else_runs_now(tmp_path, monkeypatch, others,
                                               loadavg, warns):
+  # 4 cores whatever this machine has (peer=False: no torch threads).
+  monkeypatch.setattr(bench.torch_threads, 'usable_cpu_count', lambda: 4)
   monkeypatch.setattr(bench, 'runnable_others', lambda: others)
   monkeypatch.setattr(bench.os, 'getloadavg',
                       lambda: (loadavg, loadavg, loadavg))
   lines = []
   bench.run_bench(_tiny_config(**dict(_FAST, batch_sizes=(1,), ks=(2,))),
                   str(tmp_path), log=lines.append)
-  assert any('WARNING' in l and 'busy' in l for l in lines) == warns
+  assert any('WARNING' in l and 'busy' in l and 'on 4 cores' in l
+             for l in lines) == warns
 
 
 def test_profile_traces_each_cell_once_more(tmp_path, tiny_run,

@@ -103,7 +103,7 @@ def test_tiny_temperature_is_greedy(teacher):
     (dict(prompts=[[1, 2]], max_new_tokens=4, k=2), 'k=2 not allowed'),
     (dict(prompts=[[]], max_new_tokens=4), 'at least one token'),
     (dict(prompts=[[1]], max_new_tokens=2, noise=np.array([[0.5, 1.0]])),
-     '1.0'),
+     r'noise u must be finite and in \[0, 1\).* first u\[0, 1\]=1.0'),
     (dict(prompts=[[1]], max_new_tokens=2, noise=np.zeros((1, 3))),
      'noise shape'),
     (dict(prompts=[[1]], max_new_tokens=2, temperature=0.0), 'temperature=0'),
@@ -146,13 +146,21 @@ def test_tiny_temperature_is_greedy(teacher):
     (dict(prompts=[[1]], max_new_tokens=2, frequency_penalty=3e38),
      r'frequency_penalty=3e\+38 must be in \[0, 3.54e\+36\]'),
     (dict(prompts=[[1]], max_new_tokens=2, greedy='no'), "greedy='no'"),
-    (dict(prompts=[[1]], max_new_tokens=2, pad_id=2**31), 'pad_id='),
+    (dict(prompts=[[1]], max_new_tokens=2, pad_id=2**31),
+     'pad_id=2147483648 is not an int32'),
     # rng was silently ignored next to noise.
     (dict(prompts=[[1]], max_new_tokens=2, noise=np.full((1, 2), 0.5),
           rng=jax.random.PRNGKey(0)), 'pass noise or rng, not both'),
 ])
-def test_bad_requests_fail_before_compute(teacher, kwargs, needle):
+def test_bad_requests_fail_before_compute(teacher, kwargs, needle,
+                                         monkeypatch):
   cfg, params = teacher
+
+  def must_not_run(*args, **kwargs):
+    raise AssertionError('decode_loop ran: the request was not refused '
+                         'before compute')
+
+  monkeypatch.setattr(decode, 'decode_loop', must_not_run)
   with pytest.raises(ValueError, match=needle):
     decode.generate(params, cfg, **kwargs)
 
@@ -194,7 +202,8 @@ def test_decode_loop_and_prefill_refuse_a_pad_outside_the_prompt(teacher):
     with pytest.raises(ValueError, match=r'pad (-1|3|4) outside \[0, '
                        r'prompt_len=3\)'):
       decode.decode_loop(spec, params, prompts, jnp.asarray(bad), noise)
-    with pytest.raises(ValueError, match='outside'):
+    with pytest.raises(ValueError, match=r'pad (-1|3|4) outside \[0, '
+                       r'prompt_len=3\)'):
       decode.prefill(spec, params, prompts, bad, noise[:, :1])
   # Under the caller's own jit the values are unknown: not checked, runs.
   tokens, _ = jax.jit(decode.decode_loop, static_argnums=0)(
@@ -214,7 +223,7 @@ def test_step_level_api_refuses_values_that_decode_wrong_tokens(teacher):
     with pytest.raises(ValueError, match=r'temperature=.* must be finite in '
                        r'float32 and >= 1e-30'):
       decode.decode_loop(spec, params, prompts, pad, noise, bad)
-    with pytest.raises(ValueError, match='temperature'):
+    with pytest.raises(ValueError, match=r'temperature=.* must be finite'):
       decode.prefill(spec, params, prompts, pad, noise[:, :1], bad)
   for bad in (noise + 1, noise - 1, noise * np.nan):
     with pytest.raises(ValueError, match=r'noise u must be finite and in '
@@ -243,7 +252,10 @@ def test_step_level_api_refuses_values_that_decode_wrong_tokens(teacher):
   np.testing.assert_array_equal(
       decode.decode_loop(spec, params, ids, pad, noise)[0], want)
   greedy = dataclasses.replace(spec, greedy=True)
-  decode.decode_loop(greedy, params, prompts, pad, noise, 0.0)
+  np.testing.assert_array_equal(
+      decode.decode_loop(greedy, params, prompts, pad, noise, 0.0)[0],
+      decode.generate(params, cfg, [[1, 2, 3], [4, 5]], max_new_tokens=2,
+                      greedy=True).tokens)
   # Under the caller's jit the values are unknown: not checked, runs.
   tokens, _ = jax.jit(decode.decode_loop, static_argnums=0)(
       spec, params, prompts, pad, noise + 1)
@@ -1010,7 +1022,8 @@ def test_decoding_runs_under_x64_with_the_same_student_tokens():
   # distill.precision='float64' needs jax_enable_x64; decoding in such a
   # process used to fail (an int64 literal next to int32 step indices).
   # The student's argmax tokens do not depend on the flag; the teacher's
-  # inverse CDF runs in float64 there, so it is only run.
+  # inverse CDF runs in float64 there, so only its greedy tokens must
+  # match.
   cfg = model_lib.ModelConfig(vocab_size=37, seq_len=64, num_layers=2,
                               d_model=32, num_heads=4, mlp_dim=64,
                               noise_window=4)
@@ -1029,13 +1042,19 @@ def test_decoding_runs_under_x64_with_the_same_student_tokens():
     np.testing.assert_array_equal(
         decode.generate(params, cfg, [[3, 5, 7], [2]], **seeded).tokens,
         plain_seeded.tokens)
-    ar = decode.generate(model_lib.init_params(teacher_cfg,
-                                               jax.random.PRNGKey(1)),
-                         teacher_cfg, [[3, 5, 7], [2]], max_new_tokens=7,
-                         noise=noise)
+    teacher = model_lib.init_params(teacher_cfg, jax.random.PRNGKey(1))
+    ar = decode.generate(teacher, teacher_cfg, [[3, 5, 7], [2]],
+                         max_new_tokens=7, noise=noise)
+    ar_greedy = decode.generate(teacher, teacher_cfg, [[3, 5, 7], [2]],
+                                max_new_tokens=7, greedy=True)
   np.testing.assert_array_equal(wide.tokens, plain.tokens)
   np.testing.assert_array_equal(wide.lengths, plain.lengths)
   assert ar.tokens.shape == (2, 7)
+  assert ((ar.tokens >= 0) & (ar.tokens < cfg.vocab_size)).all()
+  np.testing.assert_array_equal(
+      ar_greedy.tokens,
+      decode.generate(teacher, teacher_cfg, [[3, 5, 7], [2]],
+                      max_new_tokens=7, greedy=True).tokens)
 
 
 def test_forward_never_reads_the_padding_ids(teacher):

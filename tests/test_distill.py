@@ -269,7 +269,8 @@ def test_decoding_k_beyond_the_trained_window_is_refused(small_cfg):
 
 def test_noise_outside_unit_interval_is_refused(small_cfg):
   cfg, params = _student(small_cfg, 2)
-  with pytest.raises(ValueError, match='-0.5'):
+  with pytest.raises(ValueError, match=r'noise u must be finite and in '
+                     r'\[0, 1\).* first u\[0, 1\]=-0.5'):
     decode.generate(params, cfg, [[1, 2]], max_new_tokens=2, k=2,
                     noise=np.array([[0.1, -0.5]]))
 

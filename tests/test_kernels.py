@@ -371,7 +371,12 @@ def test_auto_on_other_backends(monkeypatch):
   with pytest.raises(NotImplementedError, match='chunked'):
     _common.resolve_interpret('f', None)
   h, w = _random_hw(14, 3, 50)
-  kernels.projected_cross_entropy(h, w, jnp.zeros((3,), jnp.int32))
+  targets = jnp.asarray([0, 7, 49])
+  # 'auto' on a GPU: the chunked variant, which runs here too.
+  np.testing.assert_allclose(
+      kernels.projected_cross_entropy(h, w, targets)[0],
+      kernels.projected_cross_entropy(h, w, targets, impl='reference')[0],
+      rtol=1e-5)
   with pytest.raises(NotImplementedError):
     kernels.projected_argmax(h, w, impl='pallas')
   monkeypatch.setattr(_common, 'backend', lambda: 'cpu')
@@ -428,6 +433,17 @@ def test_jit_with_traced_scalars():
   for impl in BLOCKWISE:
     np.testing.assert_array_equal(out[impl][0], out['reference'][0])
     np.testing.assert_array_equal(out[impl][1], out['reference'][1])
+  # The traced values are the ones used: equal to the concrete calls, and
+  # they matter (another penalty and temperature give other tokens).
+  eager = (kernels.projected_argmax(h, w, counts_MxV=counts, penalty=0.3,
+                                    impl='reference'),
+           kernels.projected_inverse_cdf(h, w, u, temperature=0.8,
+                                         impl='reference'))
+  np.testing.assert_array_equal(out['reference'][0], eager[0])
+  np.testing.assert_array_equal(out['reference'][1], eager[1])
+  other = run(h, w, 0.0, 5.0)['reference']
+  assert not np.array_equal(other[0], eager[0])
+  assert not np.array_equal(other[1], eager[1])
 
 
 @pytest.mark.parametrize('fn', ['argmax', 'inverse_cdf', 'cross_entropy'])

@@ -493,13 +493,16 @@ def test_local_runs_all_processes_with_prefixed_output(fake_python):
 
 
 def test_local_failure_stops_the_others(fake_python):
-  start = time.time()
   r = local('-n', '3', '--', 'distill', '--workdir=w',
             env={'PYTHON': str(fake_python), 'FAIL_ID': '1',
-                 'SLEEP_S': '60'})
+                 'SLEEP_S': '50'})
   assert r.returncode == 3
   assert 'process 1 failed with exit status 3' in r.stderr
-  assert time.time() - start < 30  # The sleeping ones were stopped.
+  # The sleeping ones were stopped: they never reached their last line
+  # (and waited for, local() would have timed out at 60 s).
+  for i in (0, 2):
+    assert f'[p{i}] id={i} of 3' in r.stdout
+    assert f'[p{i}] last line without newline' not in r.stdout
 
 
 def test_local_waits_for_the_others_after_one_stops_with_143(tmp_path):
@@ -527,7 +530,9 @@ def test_local_exits_143_on_its_own_sigterm(fake_python):
       ['bash', LOCAL_MP, '-n', '2', '-g', '2', '--', 'distill', '--workdir=w'],
       env=dict(os.environ, PYTHON=str(fake_python), SLEEP_S='60'),
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  time.sleep(2)  # Past the traps being set.
+  # The traps are set before any process starts: a process's first line
+  # means they are in place.
+  assert proc.stdout.readline().startswith(('[p0] id=', '[p1] id='))
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=60)
   assert proc.returncode == 143, err
@@ -541,14 +546,15 @@ def test_local_stops_the_others_a_grace_period_after_a_143(tmp_path):
   hung = _write_exe(tmp_path / 'python', """
       #!/usr/bin/env bash
       if [[ "$KFORCING_PROCESS_ID" == 1 ]]; then exit 143; fi
-      sleep 120
+      sleep 50
+      touch "$DONE"
       """)
-  start = time.time()
+  done = tmp_path / 'waited_for'
   r = local('-n', '2', '-g', '2', '--', 'evaluate', '--workdir=w',
-            timeout=60, env={'PYTHON': str(hung)})
+            timeout=60, env={'PYTHON': str(hung), 'DONE': str(done)})
   assert r.returncode == 143, r.stderr
   assert 'still running 2s after one was stopped by SIGTERM' in r.stderr
-  assert time.time() - start < 30
+  assert not done.exists()  # Stopped, not waited for.
 
 
 def test_local_failure_before_the_others_start_does_not_hang(fake_python):

@@ -215,7 +215,7 @@ def test_dropout_only_in_training_mode(small_cfg):
 
 @pytest.mark.parametrize('field,value,needle', [
     ('num_heads', 5, 'num_heads=5'),
-    ('d_model', 0, 'd_model'),
+    ('d_model', 0, 'model.d_model=0 must be >= 1'),
     ('dtype', 'float16', "dtype='float16'"),
     ('dropout_rate', 1.5, 'dropout_rate=1.5'),
 ])

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -53,6 +54,14 @@ def test_sharded_teacher_step_equals_one_device(tmp_path, fsdp):
   # Only the cross-device reduction order differs: f32 rounding, far below
   # the ~1e-3 per-step parameter change at lr 3e-3.
   assert helpers.max_abs_diff(params[0], params[1]) < 1e-5
+  _assert_placed(params[1], fsdp)
+
+
+def _assert_placed(tree, fsdp):
+  """On all 8 devices, and under fsdp some leaves split, not copied."""
+  leaves = jax.tree.leaves(tree)
+  assert all(len(x.sharding.device_set) == 8 for x in leaves)
+  assert any(not x.sharding.is_fully_replicated for x in leaves) == fsdp
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
@@ -314,8 +323,8 @@ def test_load_params_names_the_run_folder_when_given_one_inside(
   # It said "no checkpoint found in .../checkpoints/checkpoints; train it
   # first" of a folder one level below a trained run.
   with pytest.raises(checkpoints.CheckpointError,
-                     match=f'pass the run folder, {saved_run}, which holds '
-                     'checkpoints/'):
+                     match=f'pass the run folder, {re.escape(str(saved_run))}'
+                     ', which holds checkpoints/'):
     checkpoints.load_params(str(saved_run / inside))
 
 
@@ -384,8 +393,10 @@ def test_checkpoint_saved_on_8_devices_loads_on_1(tmp_path, fsdp):
   # often on another machine than training ran on. Without a restore
   # target orbax refused this as a topology mismatch.
   config = _config(8, fsdp=fsdp)
-  train_lib.train(teacher_lib.teacher_task(config), config, str(tmp_path),
-                  helpers.ArrayIterator(_data(), 8), num_steps=2)
+  r = train_lib.train(teacher_lib.teacher_task(config), config,
+                      str(tmp_path), helpers.ArrayIterator(_data(), 8),
+                      num_steps=2)
+  _assert_placed(r.state.params, fsdp)  # Saved from 8 devices, split or not.
   _, here, _ = checkpoints.load_params(str(tmp_path / 'teacher'))
   expected = float(sum(np.abs(np.asarray(x, np.float64)).sum()
                        for x in jax.tree.leaves(here)))
@@ -641,6 +652,8 @@ def test_sharded_teacher_gradient_equals_one_device():
     delta, _ = helpers.sgd_update(teacher_lib.teacher_task(config),
                                   config.mesh, _data()[:8], None)
     updates.append(delta)
+  _assert_placed(updates[1], fsdp=False)
+  _assert_placed(updates[2], fsdp=True)
   assert helpers.max_abs_diff(updates[0], updates[1]) < 1e-6
   assert helpers.max_abs_diff(updates[0], updates[2]) < 1e-6
   assert helpers.max_abs_diff(updates[0], jax.tree.map(
