@@ -94,7 +94,8 @@ def run_bench(config, workdir: str,
   Returns the bench.json dict (its schema: bench_schema.py).
   """
   s = bench_settings.settings_from_config(config)
-  os.makedirs(workdir, exist_ok=True)
+  files.check_writable(workdir, 'bench writes bench.json and bench.png '
+                       'there; pass another --workdir or make it writable')
   machine = machine_info()
   models = bench_models.load_models(config, workdir, s)
   seq_len = min(m.cfg.seq_len for m in models.values())

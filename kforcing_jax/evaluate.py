@@ -300,6 +300,12 @@ def run_evaluate(config, workdir: str) -> dict:
   Returns the eval.json dict (already validated).
   """
   s = eval_settings.settings_from_config(config)
+  # Before any decoding: its results go there.
+  for folder in (workdir, os.path.join(workdir, 'samples')):
+    if os.path.isdir(folder):  # A missing workdir: no teacher, below.
+      files.check_writable(folder, 'evaluate writes eval.json and samples/ '
+                           'there; pass another --workdir or make it '
+                           'writable')
   # Decoding's vocabulary projection (projection.py), as generate uses it.
   kernel_impl = projection.check_impl(str(
       (config.get('kernels', None) or {}).get('impl', 'auto')))

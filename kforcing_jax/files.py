@@ -28,3 +28,18 @@ def atomic_write(path: str, write_fn) -> None:
 
 def atomic_write_text(path: str, text: str) -> None:
   atomic_write(path, lambda f: f.write(text.encode('utf-8')))
+
+
+def check_writable(folder: str, purpose: str) -> None:
+  """Refuses a folder this process cannot write a file into (read-only
+  mount, permissions), before the work whose results go there: `purpose`
+  says what would be written. Creates the folder if missing. Tries a real
+  file, as os.access misses read-only mounts for root."""
+  try:
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-', suffix='.probe')
+    os.close(fd)
+    os.remove(tmp)
+  except OSError as e:
+    raise ValueError(f'{folder} is not writable ({e.strerror or e}): '
+                     f'{purpose}') from e

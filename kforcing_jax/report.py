@@ -196,6 +196,7 @@ def speed_section(workdir):
 
 
 def write_report(workdir: str) -> str:
+  files.check_writable(workdir, 'report writes report.md there')
   lines = ['# K-Forcing pipeline report', '',
            f'Work directory: `{os.path.abspath(workdir)}`.', '']
   for section, name, command in ((training_section, None, None),

@@ -511,11 +511,13 @@ def _truncate_metrics(path: str, step: int):
     return
   kept = []
   with open(path) as f:
-    for line in f:
-      try:
-        row = json.loads(line)
-      except ValueError:
-        continue
-      if isinstance(row, dict) and row.get('step', 0) <= step:
-        kept.append(line.rstrip('\n') + '\n')
-  files.atomic_write_text(path, ''.join(kept))
+    text = f.read()
+  for line in text.splitlines(keepends=True):
+    try:
+      row = json.loads(line)
+    except ValueError:
+      continue
+    if isinstance(row, dict) and row.get('step', 0) <= step:
+      kept.append(line.rstrip('\n') + '\n')
+  if ''.join(kept) != text:  # Untouched otherwise: a finished run in a
+    files.atomic_write_text(path, ''.join(kept))  # read-only workdir skips.

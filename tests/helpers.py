@@ -122,3 +122,24 @@ def decode_variants(small_cfg, k, variants, seed):
         spec, params, jnp.asarray(prompts), jnp.asarray(pad), noise,
         jnp.float32(1.0), jnp.float32(0.3))))
   return outs
+
+
+def read_only(monkeypatch, folder):
+  """Makes creating a file directly in `folder` fail as on a read-only
+  mount (chmod does not stop root, which the tests may run as)."""
+  # pylint: disable=g-import-not-at-top
+  import errno
+  import tempfile
+  real = tempfile.mkstemp
+  folder = os.path.abspath(folder)
+
+  def mkstemp(*args, dir=None, **kwargs):  # pylint: disable=redefined-builtin
+    if dir is not None and os.path.abspath(dir) == folder:
+      raise OSError(errno.EROFS, 'Read-only file system')
+    return real(*args, dir=dir, **kwargs)
+
+  monkeypatch.setattr(tempfile, 'mkstemp', mkstemp)
+
+
+def must_not_run(*args, **kwargs):
+  raise AssertionError('ran, but the input should have been refused first')

@@ -30,6 +30,7 @@ from kforcing_jax import model as model_lib
 from kforcing_jax import roofline
 from kforcing_jax import roofline_cli
 from kforcing_jax import torch_threads
+from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -639,6 +640,17 @@ def test_busy_warning_asks_what_else_runs_now(tmp_path, monkeypatch, others,
                   str(tmp_path), log=lines.append)
   assert any('WARNING' in l and 'busy' in l and 'on 4 cores' in l
              for l in lines) == warns
+
+
+def test_an_unwritable_workdir_is_refused_before_timing(tmp_path,
+                                                      monkeypatch):
+  # On a read-only mount bench timed every cell, then failed writing.
+  helpers.read_only(monkeypatch, tmp_path)
+  monkeypatch.setattr(bench.bench_models, 'load_models',
+                      helpers.must_not_run)
+  with pytest.raises(ValueError, match=f'{tmp_path} is not writable '
+                     r'\(Read-only file system\): bench writes bench.json'):
+    bench.run_bench(_tiny_config(**_FAST), str(tmp_path))
 
 
 def test_profile_traces_each_cell_once_more(tmp_path, tiny_run,

@@ -23,6 +23,7 @@ from kforcing_jax import eval_settings
 from kforcing_jax import evaluate as ev
 from kforcing_jax import hf_evaluator
 from kforcing_jax import model as model_lib
+from kforcing_jax import report
 from kforcing_jax import token_stats
 from tests import helpers
 
@@ -542,6 +543,24 @@ def _check_outputs(workdir, result, names):
       assert len(row['prefix_ids']) == on_disk['settings']['prefix_len']
       assert len(row['token_ids']) == on_disk['settings']['max_new_tokens']
   return on_disk
+
+
+@pytest.mark.parametrize('unwritable', ['', 'samples'])
+def test_an_unwritable_workdir_is_refused_before_any_work(
+    tmp_path, monkeypatch, unwritable):
+  # On a read-only mount evaluate decoded and scored every model, then
+  # failed writing samples/; report failed with a bare Errno 30.
+  folder = tmp_path / unwritable
+  folder.mkdir(exist_ok=True)
+  helpers.read_only(monkeypatch, folder)
+  monkeypatch.setattr(ev, '_load_teacher', helpers.must_not_run)
+  with pytest.raises(ValueError, match=f'{folder} is not writable '
+                     r'\(Read-only file system\): evaluate writes eval.json'
+                     ' and samples/ there'):
+    ev.run_evaluate(defaults.base_config(), str(tmp_path))
+  if not unwritable:
+    with pytest.raises(ValueError, match='report writes report.md there'):
+      report.write_report(str(tmp_path))
 
 
 def _fake_run(root, name):

@@ -259,6 +259,32 @@ def test_batches_visit_every_window_once_per_epoch():
 
 
 
+def test_an_evaluator_worse_on_held_out_text_than_at_init_is_flagged(
+    trained, tmp_path, capsys):
+  # configs/tiny.py with the base recipe (86 epochs of 186 windows) ended
+  # at held-out ppl 152480 against 4203 at init, without a word, and every
+  # later run said only "complete ... skipped training".
+  info = {'heldout_ppl': 152479.7, 'init_heldout_ppl': 4203.4, 'steps': 1000,
+          'train_windows': 186, 'recipe': {'batch_size': 16}}
+  assert et.overfit_warning(info) == (
+      '[evaluator] WARNING: held-out ppl 152479.7 is above its 4203.4 at '
+      'init: it overfit the train split, 86 epochs of its 186 train '
+      'windows. Its scores say little; train it with fewer '
+      'evaluator_train.num_steps or on more data')
+  assert et.overfit_warning(dict(info, heldout_ppl=4000.0)) is None
+  # Said again whenever the saved one is found.
+  config, _, out = trained
+  shutil.copytree(out, tmp_path / 'evaluator')
+  with open(tmp_path / 'evaluator' / et.INFO_FILE) as f:
+    saved = json.load(f)
+  saved['heldout_ppl'] = saved['init_heldout_ppl'] * 2
+  with open(tmp_path / 'evaluator' / et.INFO_FILE, 'w') as f:
+    json.dump(saved, f)
+  capsys.readouterr()
+  et.train_evaluator(config, str(tmp_path))
+  assert 'WARNING: held-out ppl' in capsys.readouterr().out
+
+
 def test_default_threads_are_the_cores_this_process_may_use(monkeypatch):
   # A container or taskset can leave fewer cores than the machine has.
   monkeypatch.setattr(os, 'sched_getaffinity', lambda _: {0, 1, 2},

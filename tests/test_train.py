@@ -317,6 +317,25 @@ def saved_run(tmp_path_factory):
   return out / 'teacher'
 
 
+def _files_state(folder):
+  """(path, inode, mtime_ns) of every file under `folder`."""
+  return sorted((str(p), p.stat().st_ino, p.stat().st_mtime_ns)
+                for p in folder.rglob('*') if p.is_file())
+
+
+def test_rerunning_a_finished_run_writes_nothing(saved_run):
+  # metrics.jsonl was rewritten on every re-entry: a finished run in a
+  # read-only workdir (a shared teacher) failed with Errno 30 after
+  # "skipped".
+  before = _files_state(saved_run)
+  config = _config()
+  r = train_lib.train(teacher_lib.teacher_task(config), config,
+                      str(saved_run.parent),
+                      helpers.ArrayIterator(_data(), 8), num_steps=1)
+  assert int(r.state.step) == 1
+  assert _files_state(saved_run) == before
+
+
 @pytest.mark.parametrize('inside', ['checkpoints', 'checkpoints/1'])
 def test_load_params_names_the_run_folder_when_given_one_inside(
     saved_run, inside):
