@@ -69,7 +69,9 @@ def run_teacher(config, workdir: str,
   if then_distill:
     _stage_eval_batches(config, tokenizer, workdir, 'distill', 1)
   if finished:
-    _print_main(f'[teacher] finished (step {done}): skipped')
+    past = (f', past train.num_steps={config.train.num_steps} (kept as '
+            'trained)' if done > config.train.num_steps else '')
+    _print_main(f'[teacher] finished (step {done}{past}): skipped')
   else:
     n = model_lib.count_params(
         jax.eval_shape(task.init_params, jax.random.PRNGKey(0)))
@@ -212,7 +214,10 @@ def generate(flags_obj):
   empty = [p for p, i in zip(prompts, ids) if not i]
   if empty:
     raise ValueError(f'prompt {empty[0]!r} encodes to no tokens')
-  max_new = pick(flags_obj.max_new_tokens, dc.max_new_tokens)
+  max_new = model_lib.as_int(
+      pick(flags_obj.max_new_tokens, dc.max_new_tokens),
+      'decode.max_new_tokens' if flags_obj.max_new_tokens is None else
+      '--max_new_tokens', 1)
   longest = max(len(i) for i in ids)
   room = cfg.seq_len - longest
   if room < 1:
@@ -238,6 +243,9 @@ def generate(flags_obj):
                   'tokens are the argmax of its noise slots (these set AR '
                   'sampling)', file=sys.stderr)
     temperature, greedy = 1.0, False
+  elif greedy and flags_obj.temperature is not None:
+    _print_main(f'NOTE: --temperature={flags_obj.temperature} ignored: '
+                'greedy decoding takes the argmax', file=sys.stderr)
   out = decode.generate(
       params, cfg, ids, max_new_tokens=max_new, k=flags_obj.k,
       rng=jax.random.PRNGKey(seed), temperature=temperature, greedy=greedy,
@@ -352,8 +360,10 @@ def run_distill(config, workdir: str,
                    f'student_k{source_cfg.noise_window}')
     finished = done is not None and done >= ds.steps_per_stage
     if finished:
-      _print_main(f'[{task.name}] stage k={window} finished (step {done}): '
-                  'skipped')
+      past = (f', past distill.steps_per_stage={ds.steps_per_stage} (kept '
+              'as trained)' if done > ds.steps_per_stage else '')
+      _print_main(f'[{task.name}] stage k={window} finished (step {done}'
+                  f'{past}): skipped')
     else:
       _print_main(
           f'[{task.name}] stage k={window} ({ds.method}) from {source_name}'

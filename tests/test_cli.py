@@ -262,6 +262,21 @@ def test_mesh_settings_are_said_and_generate_prints_once(tmp_path,
     record = json.loads(capsys.readouterr().out)
     assert (record['new_tokens'], record['stopped_at_eos']) == (n, stopped)
   monkeypatch.setattr(decode, 'generate', real_generate)
+  # --temperature next to --greedy was dropped without a word.
+  commands.generate(types.SimpleNamespace(**dict(
+      vars(flags_obj), greedy=True, temperature=0.5, max_new_tokens=2)))
+  assert ('NOTE: --temperature=0.5 ignored: greedy decoding takes the '
+          'argmax') in capsys.readouterr().err
+  # The config's bad value named as the config's, not as the flag.
+  config = types.SimpleNamespace(**vars(flags_obj))
+  config.max_new_tokens = None
+  config.config = config_files.load_config(os.path.join(
+      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
+      'tiny.py'))
+  config.config.decode.max_new_tokens = 0
+  with pytest.raises(ValueError, match='decode.max_new_tokens=0 must be '
+                     '>= 1'):
+    commands.generate(config)
   # A bad --seed was checked as decode.seed (the config's, not the flag's).
   bad = dict(vars(flags_obj), seed=2**32)
   with pytest.raises(ValueError, match=r'--seed=4294967296 must be an int'):

@@ -422,6 +422,16 @@ def test_students_take_the_configs_noise_encoder_fields(tmp_path, capsys):
                      match=r'model.noise_scale: checkpoint=77.0 vs '
                            r'config=5.0'):
     commands.run_distill(config, workdir)
+  # Fewer steps than were trained: skipped, and said to be past them.
+  config.model.noise_scale = 77.0
+  config.train.num_steps = config.distill.steps_per_stage = 1
+  commands.run_teacher(config, workdir)
+  commands.run_distill(config, workdir)
+  out = capsys.readouterr().out
+  assert ('[teacher] finished (step 2, past train.num_steps=1 (kept as '
+          'trained)): skipped') in out
+  assert ('stage k=2 finished (step 2, past distill.steps_per_stage=1 '
+          '(kept as trained)): skipped') in out
 
 
 @pytest.mark.parametrize('name', ['lm1b', 'owt'])
