@@ -361,7 +361,7 @@ def _model_config(meta: dict[str, Any], where: str) -> model_lib.ModelConfig:
   if unknown:
     raise CheckpointError(
         f'checkpoint {where}: its model config has fields this kforcing_jax '
-        f'does not know ({", ".join(unknown)}); was it written by a newer '
+        f'does not know ({", ".join(unknown)}); was it written by another '
         'version?')
   try:
     return model_lib.ModelConfig(**saved)

@@ -427,8 +427,9 @@ def check_penalty_tracked(spec: DecodeSpec, penalty) -> None:
   """Refuses a nonzero penalty for a spec without token counts, which
   would ignore it. Traced values (inside the caller's jit) cannot be read
   and pass unchecked."""
-  if spec.use_penalty or isinstance(penalty, jax.core.Tracer):
-    return
+  if spec.use_penalty or isinstance(penalty, (jax.core.Tracer,
+                                              jax.ShapeDtypeStruct)):
+    return  # A shape-only stand-in (to `.lower`) has no value either.
   if np.any(np.asarray(penalty) != 0):
     raise ValueError(f'penalty={penalty!r} but DecodeSpec.use_penalty=False,'
                      ' which would ignore it; build the spec with '
@@ -564,8 +565,8 @@ def _check_room(spec: DecodeSpec, state: DecodeState) -> None:
   need = index + spec.k * (2 if spec.is_student else 1)
   if cache_slots(state.cache) < need:
     raise ValueError(f'the cache has {cache_slots(state.cache)} slots; this '
-                     f'step writes up to slot {need} (grow_cache(state.cache, '
-                     f'{need}) or more)')
+                     f'step needs {need} (grow_cache(state.cache, {need}) or '
+                     'more)')
 
 
 def decode_step(spec: DecodeSpec, params, state: DecodeState, noise_BxK,
@@ -578,8 +579,8 @@ def decode_step(spec: DecodeSpec, params, state: DecodeState, noise_BxK,
   AR teacher; `grow_cache` pads one). Past them XLA clamps the writes, so
   earlier tokens are overwritten without an error: both bounds, and the
   noise and temperature values, are checked where they can be read
-  (called outside jit); under jit they are the caller's to keep, as
-  `decode_loop` does. `noise_x`: as in `prefill`. The state must
+  (called outside jit, where reading them waits for the device each
+  step); under jit they are the caller's to keep, as `decode_loop` does. `noise_x`: as in `prefill`. The state must
   come from `prefill` with this spec; its shapes, key layout and penalty
   counts are checked against the spec at trace time.
   """
@@ -617,8 +618,9 @@ def check_values(spec: DecodeSpec, prompts_BxP=None, pad_B=None,
   """Refuses, where their values can be read, what would decode wrong
   tokens without an error: a prompt id outside the vocabulary (NaN
   embedding, or a wrapped index), noise outside [0, 1) (clamped to the
-  first or last token), a temperature that is not finite and >= 1e-30
-  (NaN logits, or the distribution flipped) unless the spec is greedy.
+  first or last token), a temperature that is not a finite number >=
+  1e-30 (NaN logits, or the distribution flipped) unless the spec is
+  greedy.
   Traced values (under the caller's jit) pass; `generate` checks its
   inputs on the host."""
   readable = _common.readable
@@ -638,8 +640,8 @@ def check_values(spec: DecodeSpec, prompts_BxP=None, pad_B=None,
   if noise is not None and readable(noise):
     noise_lib.check_noise(noise)
   if temperature is not None and not spec.greedy and readable(temperature):
-    t = np.asarray(temperature)
-    if t.dtype.kind not in 'biuf' or not np.all(
+    t = _common.as_number_array(temperature)
+    if t is None or not np.all(
         (t >= MIN_TEMPERATURE) & (t <= np.finfo(np.float32).max)):
       raise ValueError(f'temperature={temperature!r} must be finite in '
                        f'float32 and >= {MIN_TEMPERATURE:g} (greedy=True in '
@@ -650,7 +652,7 @@ def check_pad(spec: DecodeSpec, pad_B) -> None:
   """Refuses a row padding outside [0, prompt_len) where its values can be
   read (not under a transform): such a row decodes from a shifted or empty
   prompt without an error."""
-  if isinstance(pad_B, jax.core.Tracer) or not hasattr(pad_B, '__array__'):
+  if not _common.readable(pad_B):
     return
   pad = np.asarray(pad_B)
   if pad.size and (pad.min() < 0 or pad.max() >= spec.prompt_len):

@@ -35,6 +35,8 @@ def check_writable(folder: str, purpose: str) -> None:
   mount, permissions), before the work whose results go there: `purpose`
   says what would be written. Creates the folder if missing. Tries a real
   file, as os.access misses read-only mounts for root."""
+  if os.path.exists(folder) and not os.path.isdir(folder):
+    raise ValueError(f'{folder} is a file, not a folder: {purpose}')
   try:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-', suffix='.probe')

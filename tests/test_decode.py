@@ -260,6 +260,15 @@ def test_step_level_api_refuses_values_that_decode_wrong_tokens(teacher):
   tokens, _ = jax.jit(decode.decode_loop, static_argnums=0)(
       spec, params, prompts, pad, noise + 1)
   assert tokens.shape == (2, 2)
+  # Nor in shape-only stand-ins to `.lower` (the penalty's included); a
+  # bfloat16 temperature is a number.
+  shapes = [jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype)
+            for x in (prompts, pad, noise, 1.0, 0.0)]
+  assert decode.decode_loop.lower(spec, params, *shapes).compile()
+  np.testing.assert_array_equal(
+      decode.decode_loop(spec, params, prompts, pad, noise,
+                         jnp.bfloat16(0.5))[0],
+      decode.decode_loop(spec, params, prompts, pad, noise, 0.5)[0])
 
 
 def test_decode_step_past_the_spec_or_its_cache_is_refused(teacher):
@@ -270,7 +279,7 @@ def test_decode_step_past_the_spec_or_its_cache_is_refused(teacher):
   u = jnp.full((2, 1), 0.5)
   state = decode.prefill(spec, params, prompts, pad, u, cache_size=3)
   with pytest.raises(ValueError, match=r'the cache has 3 slots; this step '
-                     r'writes up to slot 4 \(grow_cache\(state.cache, 4\)'):
+                     r'needs 4 \(grow_cache\(state.cache, 4\)'):
     decode.decode_step(spec, params, state, u)
   state = state.replace(cache=decode.grow_cache(state.cache, 4))
   state = decode.decode_step(spec, params, state, u)

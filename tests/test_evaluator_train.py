@@ -295,6 +295,7 @@ def test_default_threads_are_the_cores_this_process_may_use(monkeypatch):
   config.evaluator_train.num_threads = 5
   assert et.thread_count(et.evaluator_settings(config)) == 5
 
+
 # --------------------------------------------------------------------------
 # Wiring: CLI and pipeline.
 # --------------------------------------------------------------------------

@@ -493,6 +493,11 @@ def test_a_concrete_non_positive_temperature_is_refused(impl):
   np.testing.assert_array_equal(sample(np.float32(0.7)),
                                 kernels.projected_inverse_cdf(
                                     h, w, u, temperature=0.7, impl=impl))
+  # A bfloat16 temperature is a number (numpy calls its kind 'V').
+  np.testing.assert_array_equal(
+      kernels.projected_inverse_cdf(h, w, u, temperature=jnp.bfloat16(0.5),
+                                    impl=impl),
+      kernels.projected_inverse_cdf(h, w, u, temperature=0.5, impl=impl))
 
 
 @pytest.mark.parametrize('impl', ['reference', 'chunked', 'pallas'])
@@ -555,7 +560,8 @@ def test_inputs_that_are_not_arrays_are_named(fn):
                      "got 'no'"):
     call(h, w, good_rows, impl='pallas', interpret='no')
   if fn == 'inverse_cdf':
-    with pytest.raises(ValueError, match="temperature must be > 0, got '1'"):
+    with pytest.raises(ValueError, match="temperature must be a number > 0, "
+                       "got '1'"):
       call(h, w, good_rows, temperature='1')
 
 

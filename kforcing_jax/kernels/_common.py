@@ -108,10 +108,23 @@ def check_is_array(fn_name: str, arg_name: str, x) -> None:
 
 def readable(x) -> bool:
   """Whether the host can read `x`'s values: not a tracer (under the
-  caller's jit, where values are the caller's to check) nor a shape-only
-  stand-in (jax.ShapeDtypeStruct)."""
+  caller's jit, where values are the caller's to check), a shape-only
+  stand-in (jax.ShapeDtypeStruct) or a global array spread over other
+  processes."""
   return not isinstance(x, jax.core.Tracer) and (
-      isinstance(x, (int, float, np.number)) or hasattr(x, '__array__'))
+      isinstance(x, (int, float, np.number)) or hasattr(x, '__array__')
+  ) and getattr(x, 'is_fully_addressable', True)
+
+
+def as_number_array(x) -> np.ndarray | None:
+  """`x` as a float64 numpy array if it holds numbers (ints or floats,
+  bfloat16 included, not bools or strings), else None."""
+  t = np.asarray(x)
+  if jnp.issubdtype(t.dtype, jnp.bool_) or not (
+      jnp.issubdtype(t.dtype, jnp.integer) or
+      jnp.issubdtype(t.dtype, jnp.floating)):
+    return None
+  return t.astype(np.float64)
 
 
 def check_ids(fn_name: str, arg_name: str, ids, v: int) -> None:
@@ -183,7 +196,11 @@ def check_temperature(temperature, prefix: str = '') -> None:
   except (jax.errors.TracerArrayConversionError,
           jax.errors.ConcretizationTypeError):
     return
-  if t.dtype.kind not in 'biuf' or not np.all(t > 0):
+  t = as_number_array(t)
+  if t is None:
+    raise ValueError(f'{prefix}temperature must be a number > 0, got '
+                     f'{temperature!r}')
+  if not np.all(t > 0):
     raise ValueError(
         f'{prefix}temperature must be > 0, got {temperature!r} (use argmax '
         'for greedy decoding)')
