@@ -580,9 +580,10 @@ def decode_step(spec: DecodeSpec, params, state: DecodeState, noise_BxK,
   earlier tokens are overwritten without an error: both bounds, and the
   noise and temperature values, are checked where they can be read
   (called outside jit, where reading them waits for the device each
-  step); under jit they are the caller's to keep, as `decode_loop` does. `noise_x`: as in `prefill`. The state must
-  come from `prefill` with this spec; its shapes, key layout and penalty
-  counts are checked against the spec at trace time.
+  step); under jit they are the caller's to keep, as `decode_loop` does.
+  `noise_x`: as in `prefill`. The state must come from `prefill` with this
+  spec; its shapes, key layout and penalty counts are checked against the
+  spec at trace time.
   """
   _check_state(spec, state)
   _check_array('noise', noise_BxK, jnp.floating, 'floats in [0, 1)')
