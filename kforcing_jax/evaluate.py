@@ -14,7 +14,9 @@ smallest trained student window >= k, plus 'student_k<k>_penalty' where
 `eval.penalties[k]` > 0 (docs/METHOD.md's frequency penalty).
 
 Metrics (all on the generated tokens only, prefix excluded; per sample, then
-the mean over samples with a bootstrap CI):
+the mean over samples with a bootstrap CI over samples; the perplexities
+pool tokens instead: exp(total NLL / total tokens), each bootstrap draw
+recomputing that ratio):
   teacher_ppl     exp(mean NLL per generated token) under the AR teacher's
                   full causal forward over [prefix | generated].
   evaluator_ppl   the same under an independent HF causal LM
