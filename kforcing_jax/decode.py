@@ -621,9 +621,8 @@ def check_values(spec: DecodeSpec, prompts_BxP=None, pad_B=None,
   embedding, or a wrapped index), noise outside [0, 1) (clamped to the
   first or last token), a temperature that is not a finite number >=
   1e-30 (NaN logits, or the distribution flipped) unless the spec is
-  greedy.
-  Traced values (under the caller's jit) pass; `generate` checks its
-  inputs on the host."""
+  greedy. Traced values (under the caller's jit) pass; `generate` checks
+  its inputs on the host."""
   readable = _common.readable
   ids = (np.asarray(prompts_BxP) if prompts_BxP is not None and
          readable(prompts_BxP) and readable(pad_B) else None)
