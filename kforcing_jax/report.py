@@ -107,10 +107,16 @@ def _evaluator_lines(path):
   info = _read_json(os.path.join(path, 'train_info.json'))
   if info is None:
     return [f'Evaluator: `{path}`.', '']
+  # Lazily: the report needs no data or torch code otherwise.
+  # pylint: disable=g-import-not-at-top
+  from kforcing_jax import evaluator_train
+  warning = evaluator_train.overfit_warning(info)
   return [f"Evaluator: `{path}`, trained by train-evaluator on the train split "
           f"({info['params'] / 1e6:.2f}M parameters, {info['steps']} steps, "
           f"held-out ppl {info['heldout_ppl']:.1f}): independent in "
-          'architecture, tokenizer, framework and seed, not in data.', '']
+          'architecture, tokenizer, framework and seed, not in data.', '',
+          *([f"**{warning.replace('[evaluator] ', '')}**", '']
+            if warning else [])]
 
 
 def _ci_label(settings) -> str:

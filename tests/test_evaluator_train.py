@@ -378,7 +378,22 @@ def test_report_names_the_trained_evaluator(trained):
   lines = report._evaluator_lines(out)  # pylint: disable=protected-access
   assert 'trained by train-evaluator on the train split' in lines[0]
   assert 'not in data' in lines[0]
+  assert not any('WARNING' in line for line in lines)
   assert report._evaluator_lines('') == []  # pylint: disable=protected-access
+
+
+def test_report_flags_an_evaluator_worse_than_at_init(trained, tmp_path):
+  from kforcing_jax import report
+  _, _, out = trained
+  shutil.copytree(out, tmp_path / 'evaluator')
+  info = _info(out)
+  info['heldout_ppl'] = info['init_heldout_ppl'] * 2
+  with open(tmp_path / 'evaluator' / et.INFO_FILE, 'w') as f:
+    json.dump(info, f)
+  lines = report._evaluator_lines(  # pylint: disable=protected-access
+      str(tmp_path / 'evaluator'))
+  assert lines[2].startswith('**WARNING: held-out ppl ')
+  assert lines[2].endswith('or on more data**')
 
 
 def test_base_config_is_disabled_and_demo_enabled():
