@@ -5,8 +5,10 @@ Every step is a `gcloud compute tpus tpu-vm ...` command; the ones that touch
 the workers use `--worker=all`, so a multi-host slice (e.g. v5litepod-16, four
 hosts) gets the same code, the same install and the same command on every
 host: the plain CLI, `python -m kforcing_jax SUBCOMMAND ...`. On a multi-host
-slice pass `--env KFORCING_DISTRIBUTED=auto`: the CLI then calls
-`jax.distributed.initialize()`, which finds the coordinator on Cloud TPU.
+slice (more than 8 chips or cores) `create`/`all` add `--env
+KFORCING_DISTRIBUTED=auto` unless it is given (`=off` keeps the hosts
+apart): the CLI then calls `jax.distributed.initialize()`, which finds the
+coordinator on Cloud TPU, and process 0 alone writes the result files.
 
 Subcommands:
   create   create the TPU VM slice
@@ -435,20 +437,21 @@ def _parser() -> tuple[argparse.ArgumentParser,
 
 
 def _note_multi_host(args: argparse.Namespace, workdirs: Sequence[str]):
-  """Warns (stderr) on a slice of more than 8 chips or cores, which has
-  several hosts, about what a multi-host run needs and the command lacks:
-  the CLI learns of one only on the workers, after create, copy and
-  install."""
+  """On a slice of more than 8 chips or cores, which has several hosts:
+  joins them (KFORCING_DISTRIBUTED=auto, unless given; without it each
+  host would run alone and write the result files) and warns (stderr) of
+  a workdir local to each host, which the CLI learns of only on the
+  workers, after create, copy and install."""
   if int(_ACCELERATOR_RE.match(args.accelerator_type).group(2)) <= 8:
     return
   keys = {kv.split('=', 1)[0] for kv in args.env}
   if 'KFORCING_DISTRIBUTED' not in keys:
-    print(f'NOTE: {args.accelerator_type} has several hosts: pass --env '
-          'KFORCING_DISTRIBUTED=auto so that they join one JAX run (without '
-          'it the CLI joins them only if the workers list '
-          'TPU_WORKER_HOSTNAMES)', file=sys.stderr)
+    args.env.append('KFORCING_DISTRIBUTED=auto')
+    print(f'NOTE: {args.accelerator_type} has several hosts: added --env '
+          'KFORCING_DISTRIBUTED=auto so that they join one JAX run (--env '
+          'KFORCING_DISTRIBUTED=off keeps them apart)', file=sys.stderr)
   for value in workdirs:
-    if not value.startswith(('/', '~')):
+    if not value.startswith('/'):  # ~ is each host's own home.
       print(f'NOTE: --workdir={value} is relative: each host would write its '
             f'own ~/{args.remote_dir}/{value}, and a multi-host run needs one '
             'folder every host sees (an NFS or gcsfuse mount); the CLI '
@@ -504,6 +507,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                 if a == '--workdir' or a.startswith('--workdir=')]
     if not workdirs:
       error(f'the kforcing_jax command needs --workdir=W: {shlex.join(rest)}')
+    if not all(workdirs):
+      error('--workdir needs a value, e.g. --workdir=/mnt/shared/kf')
+    configs = [a.split('=', 1)[1] if a != '--config' else
+               rest[i + 1] if i + 1 < len(rest) else ''
+               for i, a in enumerate(rest)
+               if a == '--config' or a.startswith('--config=')]
+    for value in configs:
+      # The workers run from the copy of --source; ml_collections allows
+      # a PATH:ARG suffix.
+      path = value.split(':', 1)[0]
+      if (hasattr(args, 'source') and not os.path.isabs(path) and
+          not os.path.isfile(os.path.join(args.source, path))):
+        error(f'--config={value}: no {path} under --source={args.source}, '
+              'which is what the workers get')
     # Refused by the CLI too, but only on the workers, after create, copy
     # and install ran.
     for value in workdirs:
@@ -519,6 +536,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
       if '$' in kv:
         error(f'--env={kv!r}: the workers get the value as written, $ '
               'included; give it in full')
+      key, value = kv.split('=', 1)
+      if key == 'KFORCING_DISTRIBUTED' and value not in ('auto', 'off'):
+        error(f'--env={kv!r}: expected KFORCING_DISTRIBUTED=auto or off')
     # After `--` everything goes to kforcing_jax, which would refuse e.g.
     # --dry-run only on the workers, after create, copy and install ran.
     own = {s for a in subparsers[args.subcommand]._actions  # pylint: disable=protected-access

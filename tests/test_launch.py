@@ -378,32 +378,67 @@ def test_bad_input_exits_2_with_a_clear_message(args, message):
   assert r.stdout == ''
 
 
-def test_a_multi_host_slice_is_warned_of_what_it_needs():
-  # Accepted in silence: no distributed setting, a workdir local to each
-  # host. The CLI learns of both only on the workers.
+def test_a_multi_host_slice_joins_its_hosts_and_is_warned_of_the_rest():
+  # Accepted in silence: no distributed setting (each host ran alone,
+  # every one writing the result files), a workdir local to each host.
+  # The CLI learns of both only on the workers.
   kf = ['--', 'train-teacher', '--config=configs/lm1b.py',
         '--workdir=workdirs/kf']
   r = pod('all', '--dry-run', *POD, '--accelerator-type=v4-32', *kf)
   assert r.returncode == 0, r.stderr
   assert r.stderr == (
-      'NOTE: v4-32 has several hosts: pass --env KFORCING_DISTRIBUTED=auto '
-      'so that they join one JAX run (without it the CLI joins them only if '
-      'the workers list TPU_WORKER_HOSTNAMES)\n'
+      'NOTE: v4-32 has several hosts: added --env KFORCING_DISTRIBUTED=auto '
+      'so that they join one JAX run (--env KFORCING_DISTRIBUTED=off keeps '
+      'them apart)\n'
       'NOTE: --workdir=workdirs/kf is relative: each host would write its '
       'own ~/kforcing_jax/workdirs/kf, and a multi-host run needs one folder '
       'every host sees (an NFS or gcsfuse mount); the CLI refuses it on the '
       'workers\n')
-  r = pod('all', '--dry-run', *POD, '--accelerator-type=v4-32',
-          '--env=KFORCING_DISTRIBUTED=auto', *kf[:-1], '--workdir=/mnt/kf')
-  assert r.returncode == 0 and r.stderr == '', r.stderr
+  run_line = [l for l in r.stdout.splitlines() if 'nohup' in l]
+  assert run_line and 'KFORCING_DISTRIBUTED=auto' in run_line[0]
+  for given in ('auto', 'off'):
+    r = pod('all', '--dry-run', *POD, '--accelerator-type=v4-32',
+            f'--env=KFORCING_DISTRIBUTED={given}', *kf[:-1],
+            '--workdir=/mnt/kf')
+    assert r.returncode == 0 and r.stderr == '', r.stderr
+    assert (f'KFORCING_DISTRIBUTED={"off" if given == "auto" else "auto"}'
+            not in r.stdout)
   r = pod('all', '--dry-run', *POD, '--accelerator-type=v4-8', *kf)
   assert r.returncode == 0 and r.stderr == '', r.stderr  # One host.
+  assert 'KFORCING_DISTRIBUTED' not in r.stdout
+  r = pod('all', '--dry-run', *POD, '--accelerator-type=v4-32', *kf[:-1],
+          '--workdir=~/kf')  # Each host's own home.
+  assert 'NOTE: --workdir=~/kf is relative' in r.stderr
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--workdir='], '--workdir needs a value'),
+    (['--workdir'], '--workdir needs a value'),
+    (['--workdir=/mnt/kf', '--config=configs/nope.py'],
+     '--config=configs/nope.py: no configs/nope.py under --source='),
+    (['--workdir=/mnt/kf', '--config', 'configs/nope.py:arg'],
+     '--config=configs/nope.py:arg: no configs/nope.py under --source='),
+])
+def test_mistakes_the_workers_would_meet_are_refused_here(args, message):
+  # All passed the dry run; the CLI refused them only on the workers,
+  # after create, copy and install.
+  r = pod('all', '--dry-run', *POD, '--accelerator-type=v4-8', '--',
+          'train-teacher', *args)
+  assert r.returncode == 2, (r.stdout, r.stderr)
+  assert message in r.stderr
+  r = pod('all', '--dry-run', *POD, '--accelerator-type=v4-8',
+          '--env=KFORCING_DISTRIBUTED=yes', '--', 'train-teacher',
+          '--workdir=/mnt/kf', '--config=configs/tiny.py')
+  assert r.returncode == 2
+  assert ("--env='KFORCING_DISTRIBUTED=yes': expected KFORCING_DISTRIBUTED="
+          'auto or off') in r.stderr
 
 
 def test_runs_steps_and_stops_at_the_first_failure(tmp_path, fake_bin):
   # A small "repository" to stage and copy.
   source = tmp_path / 'repo'
-  for rel in ('kforcing_jax/__init__.py', 'configs/tiny.py', '.git/HEAD',
+  for rel in ('kforcing_jax/__init__.py', 'configs/tiny.py',
+              'configs/demo.py', '.git/HEAD',
               'kforcing_jax/__pycache__/x.pyc', 'workdirs/run/ckpt'):
     (source / rel).parent.mkdir(parents=True, exist_ok=True)
     (source / rel).write_text('x')
@@ -420,7 +455,8 @@ def test_runs_steps_and_stops_at_the_first_failure(tmp_path, fake_bin):
   (staged,) = tmp_path.glob('kforcing_pod_stage_*/kforcing_jax')
   files = sorted(str(p.relative_to(staged)) for p in staged.rglob('*')
                  if p.is_file())
-  assert files == ['configs/tiny.py', 'kforcing_jax/__init__.py']
+  assert files == ['configs/demo.py', 'configs/tiny.py',
+                   'kforcing_jax/__init__.py']
 
   env['FAIL_VERB'] = 'none'
   log.unlink()
