@@ -5,9 +5,9 @@ Every step is a `gcloud compute tpus tpu-vm ...` command; the ones that touch
 the workers use `--worker=all`, so a multi-host slice (e.g. v5litepod-16, four
 hosts) gets the same code, the same install and the same command on every
 host: the plain CLI, `python -m kforcing_jax SUBCOMMAND ...`. On a multi-host
-slice (more than 8 chips or cores) `create`/`all` add `--env
+slice (more than 8 chips or cores) `all` adds `--env
 KFORCING_DISTRIBUTED=auto` unless it is given (`=off` keeps the hosts
-apart): the CLI then calls `jax.distributed.initialize()`, which finds the
+apart; `run` on its own passes only what it is given): the CLI then calls `jax.distributed.initialize()`, which finds the
 coordinator on Cloud TPU, and process 0 alone writes the result files.
 
 Subcommands:
