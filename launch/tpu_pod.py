@@ -7,8 +7,9 @@ hosts) gets the same code, the same install and the same command on every
 host: the plain CLI, `python -m kforcing_jax SUBCOMMAND ...`. On a multi-host
 slice (more than 8 chips or cores) `all` adds `--env
 KFORCING_DISTRIBUTED=auto` unless it is given (`=off` keeps the hosts
-apart; `run` on its own passes only what it is given): the CLI then calls `jax.distributed.initialize()`, which finds the
-coordinator on Cloud TPU, and process 0 alone writes the result files.
+apart; `run` on its own passes only what it is given): the CLI then calls
+`jax.distributed.initialize()`, which finds the coordinator on Cloud TPU,
+and process 0 alone writes the result files.
 
 Subcommands:
   create   create the TPU VM slice
