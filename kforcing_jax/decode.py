@@ -49,6 +49,19 @@ ATTENTION_IMPLS = ('auto',) + model_lib.ATTENTION_IMPLS
 MIN_TEMPERATURE = 1e-30
 
 
+def check_sampling_temperature(temperature, argmax_hint: str) -> None:
+  """Refuses a sampling temperature that is not a finite float32 number
+  >= MIN_TEMPERATURE (elementwise for an array): logits / temperature
+  would be NaN, or the distribution flipped. `argmax_hint` says how to ask
+  for greedy decoding instead."""
+  t = _common.as_number_array(temperature)
+  if t is None or not np.all(
+      (t >= MIN_TEMPERATURE) & (t <= np.finfo(np.float32).max)):
+    raise ValueError(f'temperature={temperature!r} must be finite in '
+                     f'float32 and >= {MIN_TEMPERATURE:g} ({argmax_hint} '
+                     'for argmax)')
+
+
 def max_frequency_penalty(seq_len: int) -> float:
   """The largest frequency penalty whose lambda * count stays finite in
   float32, with room for the logits: a token's count reaches at most
@@ -522,7 +535,6 @@ def prefill(spec: DecodeSpec, params, prompts_BxP, pad_B, noise_BxK,
   _check_shape('prompts', prompts_BxP, (b, spec.prompt_len))
   _check_shape('pad', pad_B, (b,))
   _check_shape('noise', noise_BxK, (b, spec.k))
-  check_pad(spec, pad_B)
   check_values(spec, prompts_BxP, pad_B, noise_BxK, temperature)
   _check_noise_x(spec, noise_x, b)
   if cache_size is not None:
@@ -617,13 +629,15 @@ def _check_array(name: str, x, kind, what: str):
 def check_values(spec: DecodeSpec, prompts_BxP=None, pad_B=None,
                  noise=None, temperature=None) -> None:
   """Refuses, where their values can be read, what would decode wrong
-  tokens without an error: a prompt id outside the vocabulary (NaN
-  embedding, or a wrapped index), noise outside [0, 1) (clamped to the
-  first or last token), a temperature that is not a finite number >=
-  1e-30 (NaN logits, or the distribution flipped) unless the spec is
+  tokens without an error: a pad outside [0, prompt_len) (`check_pad`), a
+  prompt id outside the vocabulary (NaN embedding, or a wrapped index),
+  noise outside [0, 1) (clamped to the first or last token), a
+  temperature `check_sampling_temperature` refuses unless the spec is
   greedy. Traced values (under the caller's jit) pass; `generate` checks
   its inputs on the host."""
   readable = _common.readable
+  if pad_B is not None:
+    check_pad(spec, pad_B)
   ids = (np.asarray(prompts_BxP) if prompts_BxP is not None and
          readable(prompts_BxP) and readable(pad_B) else None)
   pad = None if ids is None else np.asarray(pad_B)
@@ -640,12 +654,7 @@ def check_values(spec: DecodeSpec, prompts_BxP=None, pad_B=None,
   if noise is not None and readable(noise):
     noise_lib.check_noise(noise)
   if temperature is not None and not spec.greedy and readable(temperature):
-    t = _common.as_number_array(temperature)
-    if t is None or not np.all(
-        (t >= MIN_TEMPERATURE) & (t <= np.finfo(np.float32).max)):
-      raise ValueError(f'temperature={temperature!r} must be finite in '
-                       f'float32 and >= {MIN_TEMPERATURE:g} (greedy=True in '
-                       'the DecodeSpec for argmax)')
+    check_sampling_temperature(temperature, 'greedy=True in the DecodeSpec')
 
 
 def check_pad(spec: DecodeSpec, pad_B) -> None:
@@ -734,7 +743,6 @@ class _DecodeLoop:
   def __call__(self, spec, params, prompts_BxP, pad_B, noise_BxN,
                temperature=1.0, penalty=0.0):
     check_penalty_tracked(spec, penalty)
-    check_pad(spec, pad_B)
     check_values(spec, prompts_BxP, pad_B, noise_BxN, temperature)
     return _decode_loop_jit(spec, params, prompts_BxP, pad_B, noise_BxN,
                             temperature, penalty)
@@ -742,7 +750,6 @@ class _DecodeLoop:
   def lower(self, spec, params, prompts_BxP, pad_B, noise_BxN,
             temperature=1.0, penalty=0.0):
     check_penalty_tracked(spec, penalty)
-    check_pad(spec, pad_B)
     check_values(spec, prompts_BxP, pad_B, noise_BxN, temperature)
     return _decode_loop_jit.lower(spec, params, prompts_BxP, pad_B,
                                   noise_BxN, temperature, penalty)
@@ -945,10 +952,8 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
   # is inf. Checked for students too, which ignore it: a nonsense value is
   # a caller's mistake either way. Not under greedy, where temperature=0
   # is a common way of saying argmax.
-  if not greedy and not (
-      MIN_TEMPERATURE <= temperature <= float(np.finfo(np.float32).max)):
-    raise ValueError(f'temperature={temperature} must be finite in float32 '
-                     f'and >= {MIN_TEMPERATURE:g} (greedy=True for argmax)')
+  if not greedy:
+    check_sampling_temperature(temperature, 'greedy=True')
   most = max_frequency_penalty(cfg.seq_len)
   if not 0 <= frequency_penalty <= most:
     raise ValueError(f'frequency_penalty={frequency_penalty} must be in '
@@ -983,10 +988,11 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
   # value is irrelevant.
   noise = np.pad(noise, ((0, 0), (0, steps * k - max_new_tokens)),
                  constant_values=0.5)
-  tokens, lengths = decode_loop(spec, params, jnp.asarray(prompts_BxP),
-                              jnp.asarray(pad_B), jnp.asarray(noise),
-                              jnp.float32(temperature),
-                              jnp.float32(frequency_penalty))
+  # Host arrays: decode_loop's value checks read them where they are (a
+  # device copy would be fetched back); jit uploads them.
+  tokens, lengths = decode_loop(spec, params, prompts_BxP, pad_B, noise,
+                                np.float32(temperature),
+                                np.float32(frequency_penalty))
   tokens = np.asarray(tokens)[:, :max_new_tokens]
   return GenerateOutput(tokens=tokens,
                         lengths=np.minimum(np.asarray(lengths),

@@ -305,9 +305,9 @@ def _check_finished_data(config, out: str) -> None:
 
 
 def overfit_warning(info: dict) -> str | None:
-  """A warning when training made held-out text less likely than the
-  untrained model found it: the evaluator learnt its train windows by
-  heart, and would score samples as such a model."""
+  """A warning (train_info.json `info`) when training made held-out text
+  less likely than the untrained model found it: the evaluator learnt its
+  train windows by heart, and would score samples as such a model."""
   ppl, init = info.get('heldout_ppl'), info.get('init_heldout_ppl')
   if ppl is None or init is None or not ppl > init:
     return None
@@ -316,10 +316,16 @@ def overfit_warning(info: dict) -> str | None:
       'batch_size', 0)
   epochs = (f', {rows / windows:.0f} epochs of its {windows} train windows'
             if windows and rows else '')
-  return (f'[evaluator] WARNING: held-out ppl {ppl:.1f} is above its '
-          f'{init:.1f} at init: it overfit the train split{epochs}. Its '
-          'scores say little; train it with fewer evaluator_train.num_steps '
-          'or on more data')
+  return (f'WARNING: held-out ppl {ppl:.1f} is above its {init:.1f} at '
+          f'init: it overfit the train split{epochs}. Its scores say '
+          'little; train it with fewer evaluator_train.num_steps or on more '
+          'data')
+
+
+def _show_overfit_warning(info: dict) -> None:
+  warning = overfit_warning(info)
+  if warning:
+    _show(f'[evaluator] {warning}', flush=True)
 
 
 def _report_skip(out: str, s: EvaluatorSettings) -> None:
@@ -327,9 +333,7 @@ def _report_skip(out: str, s: EvaluatorSettings) -> None:
   _show(f'[evaluator] {out} is complete (held-out ppl '
         f"{info.get('heldout_ppl', float('nan')):.1f}): skipped training",
         flush=True)
-  warning = overfit_warning(info)
-  if warning:
-    _show(warning, flush=True)
+  _show_overfit_warning(info)
   # eval_batches only sizes the held-out measurement, not the model; it
   # stays in recipe() (saved) but is not a reason to say "retrain".
   model_fields = lambda r: {k: v for k, v in (r or {}).items()
@@ -455,7 +459,5 @@ def train_evaluator(config, workdir: str) -> str:
   _show(f"[evaluator] held-out ppl {info['heldout_ppl']:.1f} (at init "
         f"{info['init_heldout_ppl']:.1f}), {info['seconds']:.0f} s; saved "
         f'{out}', flush=True)
-  warning = overfit_warning(info)
-  if warning:
-    _show(warning, flush=True)
+  _show_overfit_warning(info)
   return out

@@ -434,8 +434,7 @@ def check_noise(u) -> None:
   if arr.size == 0:
     return
   arr = arr.astype(np.float64) if arr.dtype.kind in 'biu' else arr
-  with np.errstate(invalid='ignore'):
-    bad = ~(np.isfinite(arr) & (arr >= 0) & (arr < 1))
+  bad = _common.outside_unit_interval(arr)
   if not bad.any():
     return
   idx = np.unravel_index(np.argmax(bad), arr.shape)

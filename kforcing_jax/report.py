@@ -115,8 +115,7 @@ def _evaluator_lines(path):
           f"({info['params'] / 1e6:.2f}M parameters, {info['steps']} steps, "
           f"held-out ppl {info['heldout_ppl']:.1f}): independent in "
           'architecture, tokenizer, framework and seed, not in data.', '',
-          *([f"**{warning.replace('[evaluator] ', '')}**", '']
-            if warning else [])]
+          *([f'**{warning}**', ''] if warning else [])]
 
 
 def _ci_label(settings) -> str:

@@ -519,5 +519,8 @@ def _truncate_metrics(path: str, step: int):
       continue
     if isinstance(row, dict) and row.get('step', 0) <= step:
       kept.append(line.rstrip('\n') + '\n')
-  if ''.join(kept) != text:  # Untouched otherwise: a finished run in a
-    files.atomic_write_text(path, ''.join(kept))  # read-only workdir skips.
+  kept_text = ''.join(kept)
+  # Written only if something goes: a finished run re-entered in a
+  # read-only workdir (a shared teacher) writes nothing.
+  if kept_text != text:
+    files.atomic_write_text(path, kept_text)

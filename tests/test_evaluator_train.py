@@ -267,7 +267,7 @@ def test_an_evaluator_worse_on_held_out_text_than_at_init_is_flagged(
   info = {'heldout_ppl': 152479.7, 'init_heldout_ppl': 4203.4, 'steps': 1000,
           'train_windows': 186, 'recipe': {'batch_size': 16}}
   assert et.overfit_warning(info) == (
-      '[evaluator] WARNING: held-out ppl 152479.7 is above its 4203.4 at '
+      'WARNING: held-out ppl 152479.7 is above its 4203.4 at '
       'init: it overfit the train split, 86 epochs of its 186 train '
       'windows. Its scores say little; train it with fewer '
       'evaluator_train.num_steps or on more data')
@@ -282,7 +282,7 @@ def test_an_evaluator_worse_on_held_out_text_than_at_init_is_flagged(
     json.dump(saved, f)
   capsys.readouterr()
   et.train_evaluator(config, str(tmp_path))
-  assert 'WARNING: held-out ppl' in capsys.readouterr().out
+  assert '[evaluator] WARNING: held-out ppl' in capsys.readouterr().out
 
 
 def test_default_threads_are_the_cores_this_process_may_use(monkeypatch):

@@ -141,14 +141,21 @@ def check_ids(fn_name: str, arg_name: str, ids, v: int) -> None:
         f'{int(arr.reshape(-1)[i])} at row {i}.')
 
 
+def outside_unit_interval(x) -> np.ndarray:
+  """Mask of the values of `x` (host numbers) that no uniform u may be:
+  not finite, or outside [0, 1)."""
+  arr = np.asarray(x, np.float64)
+  with np.errstate(invalid='ignore'):
+    return ~(np.isfinite(arr) & (arr >= 0) & (arr < 1))
+
+
 def check_uniforms(fn_name: str, arg_name: str, u) -> None:
   """Refuses concrete u outside [0, 1) or non-finite: every variant would
   clamp it silently to the first or last token."""
   if not readable(u):
     return
   arr = np.asarray(u, np.float64)
-  with np.errstate(invalid='ignore'):
-    bad = ~(np.isfinite(arr) & (arr >= 0) & (arr < 1))
+  bad = outside_unit_interval(arr)
   if bad.any():
     i = int(np.argmax(bad.reshape(-1)))
     raise ValueError(
