@@ -352,9 +352,12 @@ def _check_out(path: str) -> None:
   if os.path.isdir(path):
     raise app.UsageError(f'--out={path} is a directory; name a file, e.g. '
                          f'{os.path.join(path, "aot.json")}')
-  if not os.access(folder, os.W_OK) or (os.path.exists(path) and
-                                        not os.access(path, os.W_OK)):
-    raise app.UsageError(f'--out={path} is not writable')
+  # The result is written by a rename in that folder: the folder must take
+  # a new file (os.access misses read-only mounts for root).
+  try:
+    files.check_writable(folder, 'aot writes its result there')
+  except ValueError as e:
+    raise app.UsageError(f'--out={path}: {e}') from e
 
 
 def _write(result, path):

@@ -12,11 +12,14 @@ import os
 import subprocess
 import sys
 
+from absl import app
 import jax
 import pytest
 
 from kforcing_jax import aot
 from kforcing_jax import sharding
+
+from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES = 8
@@ -193,6 +196,19 @@ def test_bad_command_lines_are_one_line(args, message):
                         cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines() == [f'error: {message}']
+
+
+def test_out_on_a_read_only_folder_is_refused_before_compiling(
+    monkeypatch, tmp_path):
+  # As root on a read-only mount os.access says writable; the result
+  # (written by a rename in that folder) would be lost after the compiles.
+  helpers.read_only(monkeypatch, tmp_path)
+  out = str(tmp_path / 'aot.json')
+  with pytest.raises(app.UsageError,
+                     match=f'--out={out}: {tmp_path} is not writable'):
+    aot._check_out(out)  # pylint: disable=protected-access
+  (tmp_path / 'writable').mkdir()
+  aot._check_out(str(tmp_path / 'writable' / 'aot.json'))  # pylint: disable=protected-access
 
 
 def test_a_step_named_twice_compiles_once():
