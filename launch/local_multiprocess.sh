@@ -44,6 +44,13 @@
 # shellcheck disable=SC2317
 set -euo pipefail
 
+# mapfile and associative arrays are bash 4 (macOS ships 3.2 as /bin/bash).
+if ((BASH_VERSINFO[0] < 4)); then
+  echo "error: this script needs bash >= 4 (this is $BASH_VERSION); on" \
+    "macOS: brew install bash, then run it as 'bash $0 ...'" >&2
+  exit 2
+fi
+
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly ROOT
 PYTHON="${PYTHON:-python3}"
@@ -61,8 +68,9 @@ die_usage() {
 
 # check_int FLAG VALUE MIN MAX: exits 2 unless MIN <= VALUE <= MAX.
 check_int() {
-  # No leading zero: bash arithmetic would read 010 as octal (8).
-  if ! [[ "$2" =~ ^[1-9][0-9]*$|^0$ ]] || (($2 < $3 || $2 > $4)); then
+  # No leading zero: bash arithmetic would read 010 as octal (8); at most
+  # 18 digits: a longer number wraps in bash's 64-bit arithmetic.
+  if ! [[ "$2" =~ ^[1-9][0-9]{0,17}$|^0$ ]] || (($2 < $3 || $2 > $4)); then
     die_usage "$1 must be an integer in [$3, $4], got '$2'"
   fi
 }

@@ -642,6 +642,8 @@ def test_local_timeout_gives_processes_the_grace_period_to_save(tmp_path):
     ['-g', '-1', 'generate'], ['--grace', 'x', 'generate'],
     ['--bogus', 'generate'], [],
     ['-n', '010', 'generate'],  # Octal to bash arithmetic: refused.
+    # 2^64 + 1 wrapped to 1 in bash's arithmetic and was accepted.
+    ['-n', '18446744073709551617', 'generate'],
 ])
 def test_local_bad_input_exits_2(args):
   r = local(*args, '--dry-run')
