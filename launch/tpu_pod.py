@@ -57,6 +57,12 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # kforcing_jax.cli.SUBCOMMANDS).
 KFORCING_SUBCOMMANDS = ('pipeline', 'train-teacher', 'distill', 'generate',
                         'train-evaluator', 'evaluate', 'bench', 'report')
+# The kforcing_jax CLI's flags (kforcing_jax/cli.py; a test keeps the two
+# in step), to say where one given before `--` belongs.
+_KFORCING_FLAGS = frozenset(
+    '--' + name for name in (
+        'config', 'workdir', 'prompt', 'k', 'model', 'max_new_tokens',
+        'temperature', 'greedy', 'nogreedy', 'frequency_penalty', 'seed'))
 
 # TPU software (runtime) version for each accelerator family, following the
 # Cloud TPU "TPU software versions" guide for JAX. Override with --version.
@@ -462,8 +468,18 @@ def _note_multi_host(args: argparse.Namespace, workdirs: Sequence[str]):
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   """Parses and checks `argv`; bad input exits with code 2 via parser.error."""
   parser, subparsers = _parser()
-  args = parser.parse_args(argv)
+  args, unknown = parser.parse_known_args(argv)
   error = subparsers[args.subcommand].error  # Usage of the subcommand.
+  if unknown:
+    # kforcing_jax's own flags given before `--`: argparse only said
+    # "unrecognized arguments".
+    theirs = [a for a in unknown
+              if a.split('=', 1)[0].split('.', 1)[0] in _KFORCING_FLAGS]
+    if theirs and hasattr(args, 'kforcing_args'):
+      error(f'{theirs[0]} is a kforcing_jax flag: put it after `--` and the '
+            'subcommand, e.g. `-- train-teacher --config=configs/demo.py '
+            '--workdir=W`')
+    error(f'unrecognized arguments: {" ".join(unknown)}')
 
   if not _NAME_RE.match(args.name):
     error(f'--name={args.name!r}: use lowercase letters, digits and hyphens, '

@@ -365,6 +365,14 @@ def test_run_accepts_every_cli_subcommand():
      '--dry-run comes after `--`'),
     (['all', *POD, '--accelerator-type=v4-8', '--', 'distill', '--workdir=w',
       '--zone=us-east1-b'], '--zone=us-east1-b comes after'),
+    # kforcing_jax's flags before `--`: argparse said only "unrecognized".
+    (['run', *POD, '--workdir=/w', '--', 'train-teacher'],
+     '--workdir=/w is a kforcing_jax flag: put it after `--`'),
+    (['all', *POD, '--accelerator-type=v4-8', '--config.train.lr=1', '--',
+      'distill', '--workdir=/w'],
+     '--config.train.lr=1 is a kforcing_jax flag: put it after `--`'),
+    (['run', *POD, '--bogus', '--', 'distill', '--workdir=/w'],
+     'unrecognized arguments: --bogus'),
     (['stop', *POD, '--run-name=x', '--signal=INT'], 'invalid choice'),
     (['stop', *POD, '--run-name=x', '--wait=-1'], '--wait=-1'),
     (['logs', *POD], '--run-name is required'),
@@ -376,6 +384,20 @@ def test_bad_input_exits_2_with_a_clear_message(args, message):
   assert r.returncode == 2, (r.stdout, r.stderr)
   assert message in r.stderr
   assert r.stdout == ''
+
+
+def test_tpu_pod_knows_the_cli_flags():
+  # Its "is a kforcing_jax flag" message needs the CLI's flag names.
+  # pylint: disable=g-import-not-at-top
+  import importlib.util
+  from absl import flags
+  from kforcing_jax import cli
+  spec = importlib.util.spec_from_file_location('tpu_pod', TPU_POD)
+  tpu_pod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tpu_pod)
+  names = {'--' + f.name
+           for f in flags.FLAGS.flags_by_module_dict()[cli.__name__]}
+  assert tpu_pod._KFORCING_FLAGS == names | {'--nogreedy'}  # pylint: disable=protected-access
 
 
 def test_a_multi_host_slice_joins_its_hosts_and_is_warned_of_the_rest():
