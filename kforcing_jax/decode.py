@@ -19,12 +19,15 @@ Public step-level API (for callers that drive their own loop):
   jitted program and `generate` its validating front end. A bfloat16 model's
   own loop should pass `model.compute_params(cfg, params)`, made once, to
   every step, as `decode_loop` does: same tokens, no per-step weight casts.
+
+This file is the compute and `generate`; the spec, loop state and cache
+live in `decode_spec`, the input checks in `decode_checks`. Every public
+name of the three (`__all__`) is importable from here.
 """
 
 import dataclasses
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Iterable, Sequence
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,300 +36,70 @@ from kforcing_jax import layouts
 from kforcing_jax import model as model_lib
 from kforcing_jax import noise as noise_lib
 from kforcing_jax import projection
-from kforcing_jax.kernels import _common
-from kforcing_jax.kernels import decode_attention
+from kforcing_jax.decode_checks import MIN_TEMPERATURE
+from kforcing_jax.decode_checks import check_array
+from kforcing_jax.decode_checks import check_cache
+from kforcing_jax.decode_checks import check_inputs
+from kforcing_jax.decode_checks import check_int32
+from kforcing_jax.decode_checks import check_noise_x
+from kforcing_jax.decode_checks import check_pad
+from kforcing_jax.decode_checks import check_penalty_tracked
+from kforcing_jax.decode_checks import check_request
+from kforcing_jax.decode_checks import check_room
+from kforcing_jax.decode_checks import check_sampling_temperature
+from kforcing_jax.decode_checks import check_shape
+from kforcing_jax.decode_checks import check_state
+from kforcing_jax.decode_checks import check_values
+from kforcing_jax.decode_checks import max_frequency_penalty
+from kforcing_jax.decode_spec import ATTENTION_IMPLS
+from kforcing_jax.decode_spec import CACHE_BLOCK
+from kforcing_jax.decode_spec import DecodeSpec
+from kforcing_jax.decode_spec import DecodeState
+from kforcing_jax.decode_spec import KEY_LAYOUTS
+from kforcing_jax.decode_spec import as_int32
+from kforcing_jax.decode_spec import attention_impl
+from kforcing_jax.decode_spec import cache_segments
+from kforcing_jax.decode_spec import cache_slots
+from kforcing_jax.decode_spec import check_k
+from kforcing_jax.decode_spec import full_cache_size
+from kforcing_jax.decode_spec import grow_cache
+from kforcing_jax.decode_spec import init_cache
+from kforcing_jax.decode_spec import key_layout
+from kforcing_jax.decode_spec import pallas_misfit
 
-
-# DecodeSpec.key_layout values.
-KEY_LAYOUTS = ('auto', 'k', 'kt')
-# DecodeSpec.attention_impl values.
-ATTENTION_IMPLS = ('auto',) + model_lib.ATTENTION_IMPLS
-
-
-# The smallest AR temperature generate() accepts: logits / temperature
-# stays finite in float32 (max 3.4e38) for |logits| up to 1e8. Below it
-# use greedy=True, which is the limit anyway.
-MIN_TEMPERATURE = 1e-30
-
-
-def check_sampling_temperature(temperature, argmax_hint: str) -> None:
-  """Refuses a sampling temperature that is not a finite float32 number
-  >= MIN_TEMPERATURE (elementwise for an array): logits / temperature
-  would be NaN, or the distribution flipped. `argmax_hint` says how to ask
-  for greedy decoding instead."""
-  t = _common.as_number_array(temperature)
-  if t is None or not np.all(
-      (t >= MIN_TEMPERATURE) & (t <= np.finfo(np.float32).max)):
-    raise ValueError(f'temperature={temperature!r} must be finite in '
-                     f'float32 and >= {MIN_TEMPERATURE:g} ({argmax_hint} '
-                     'for argmax)')
-
-
-def max_frequency_penalty(seq_len: int) -> float:
-  """The largest frequency penalty whose lambda * count stays finite in
-  float32, with room for the logits: a token's count reaches at most
-  seq_len. Past it every seen token's logit became -inf, and once every
-  token had been seen the argmax fell back to token 0 at each step."""
-  return float(np.finfo(np.float32).max) / (2 * seq_len)
-
-
-def check_k(cfg: model_lib.ModelConfig, k, name: str = 'k') -> int:
-  """k as an int in [1, window] (1 for an AR teacher); raises ValueError."""
-  k = model_lib.as_int(k, name, 1)
-  window = max(cfg.noise_window, 1)
-  if k > window:
-    kind = (f'a student trained with window {cfg.noise_window}'
-            if cfg.noise_window else 'an AR teacher')
-    raise ValueError(f'k={k} not allowed for {kind}: k must be in '
-                     f'[1, {window}]')
-  return k
-
-
-def _as_int32(value, name: str) -> int:
-  """`value` as a Python int that fits int32 (a pad id: any such value)."""
-  value = model_lib.as_int(value, name, -2**31)
-  if value >= 2**31:
-    raise ValueError(f'{name}={value} is not an int32')
-  return value
-
-
-# DecodeSpec.cache_block's default: the cache grows in blocks of this many
-# slots (see `cache_segments`).
-CACHE_BLOCK = 32
-
-
-def cache_segments(prompt_len: int, k: int, num_steps: int,
-                   cache_block: int) -> list[tuple[int, int]]:
-  """(cache slots, first step that does not fit) of each loop segment.
-
-  Attention reads every slot of the cache, valid or not, and reading the
-  KV cache is most of a large-batch step. So the loop runs in segments
-  whose cache is only as large as their steps need, padded between
-  segments (one copy each); the prefill (step 0) uses the first segment's
-  cache. The step with `step` steps done writes slots
-  [P + (step - 1) k, P + (step + 1) k), so it fits a cache of S slots
-  while step < (S - P) // k. cache_block 0: one segment, the full cache.
-  """
-  full, p = full_cache_size(prompt_len, num_steps, k), prompt_len
-  sizes = []
-  if cache_block > 0:
-    size = -(-(p + 2 * k) // cache_block) * cache_block  # Prefill + step 1.
-    while size < full:
-      sizes.append(size)
-      size += cache_block
-  sizes.append(full)
-  out = []
-  for size in sizes:
-    out.append((size, min(num_steps, (size - p) // k)))
-    if out[-1][1] == num_steps:
-      break
-  return out
-
-
-def full_cache_size(prompt_len: int, num_steps: int, k: int) -> int:
-  """KV slots of a whole decode. Step s >= 1 (prefill is step 0) writes
-  its 2k inputs at [P + (s - 1) k, P + (s + 1) k), so the last step,
-  num_steps - 1, ends at P + num_steps * k."""
-  return prompt_len + num_steps * k
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodeSpec:
-  """Static (hashable) description of a decoding loop; a jit static arg."""
-  model: model_lib.ModelConfig
-  k: int  # Tokens per step: 1 for an AR teacher, <= noise_window for students.
-  num_steps: int  # Steps including prefill; emits num_steps * k tokens.
-  prompt_len: int  # Padded prompt length P.
-  greedy: bool = False  # AR only: argmax instead of inverse-CDF sampling.
-  # Track token counts for the frequency penalty. Without it the loop has
-  # no counts, so a nonzero penalty argument is refused where it is a
-  # concrete value (and ignored where it is traced).
-  use_penalty: bool = False
-  eos_id: int = -1  # Stop a row after this token (-1: never).
-  pad_id: int = 0  # Written after a row stops.
-  kernel_impl: str = 'auto'  # Vocabulary projection: see projection.py.
-  # The cache grows in blocks of this many slots (0: full size from the
-  # start), so early steps attend over fewer slots; see `segments`.
-  cache_block: int = CACHE_BLOCK
-  # Key-cache layout (model.CACHE_LAYOUTS): 'auto' is `key_layout(spec)`;
-  # 'k' or 'kt' forces one (the tokens are the same), e.g. to time both.
-  key_layout: str = 'auto'
-  # Cached attention (model.ATTENTION_IMPLS): 'auto' is
-  # `attention_impl(spec)`; 'xla' or 'pallas' forces one (the same
-  # attention to rounding; 'pallas' runs interpret mode off GPU).
-  attention_impl: str = 'auto'
-
-  def __post_init__(self):
-    # Checked here, not only in `generate`, because a bad spec handed to
-    # `decode_loop` would otherwise decode wrong tokens without an error.
-    if not isinstance(self.model, model_lib.ModelConfig):
-      raise TypeError(f'DecodeSpec.model must be a ModelConfig, got '
-                      f'{type(self.model).__name__}')
-    object.__setattr__(self, 'k', check_k(self.model, self.k, 'DecodeSpec.k'))
-    ints = (('num_steps', 1), ('prompt_len', 1), ('cache_block', 0),
-            ('eos_id', -1))
-    for name, minimum in ints:
-      object.__setattr__(self, name, model_lib.as_int(
-          getattr(self, name), f'DecodeSpec.{name}', minimum))
-    object.__setattr__(self, 'pad_id',
-                       _as_int32(self.pad_id, 'DecodeSpec.pad_id'))
-    for name in ('greedy', 'use_penalty'):
-      value = getattr(self, name)
-      if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f'DecodeSpec.{name} must be a Python bool, got '
-                         f'{value!r}')
-      object.__setattr__(self, name, bool(value))
-    if self.eos_id >= self.model.vocab_size:
-      raise ValueError(f'eos_id={self.eos_id} outside the vocabulary '
-                       f'[0, {self.model.vocab_size}) (-1: never stop)')
-    if self.key_layout not in KEY_LAYOUTS:
-      raise ValueError(f'DecodeSpec.key_layout={self.key_layout!r}: expected '
-                       f'one of {KEY_LAYOUTS}')
-    if self.attention_impl not in ATTENTION_IMPLS:
-      raise ValueError(f'DecodeSpec.attention_impl={self.attention_impl!r}: '
-                       f'expected one of {ATTENTION_IMPLS}')
-    if self.attention_impl == 'pallas' and (misfit := _pallas_misfit(self)):
-      raise ValueError(f"DecodeSpec: attention_impl='pallas' {misfit}")
-    projection.check_impl(self.kernel_impl)
-    # Rotary angles beyond the model's table would be clipped, not
-    # extrapolated: refuse a loop whose positions could reach them.
-    hi = model_lib.rope_span(self.model)[1]
-    if self.cache_size > hi:
-      raise ValueError(
-          f'DecodeSpec: prompt_len + num_steps * k = {self.cache_size} '
-          f'positions exceed what the model supports ({hi} for seq_len='
-          f'{self.model.seq_len}); generate() keeps prompt + new tokens '
-          '<= seq_len')
-
-  @property
-  def is_student(self) -> bool:
-    return self.model.noise_window > 0
-
-  @property
-  def cache_size(self) -> int:
-    return full_cache_size(self.prompt_len, self.num_steps, self.k)
-
-  def segments(self) -> list[tuple[int, int]]:
-    """(cache slots, first step that does not fit) of each loop segment:
-    `cache_segments` of this spec."""
-    return cache_segments(self.prompt_len, self.k, self.num_steps,
-                          self.cache_block)
-
-  @property
-  def max_new_tokens(self) -> int:
-    return self.num_steps * self.k
-
-
-@flax.struct.dataclass
-class DecodeState:
-  """Loop carry of the decoding while_loop."""
-  cache: Any  # Per-layer {'k' or 'kt', 'v'}: see init_cache.
-  index: jax.Array  # Slots [0, index) hold valid K/V (incl. left padding).
-  pad: jax.Array  # (B,) left-padding of each prompt.
-  pending: jax.Array  # (B, k) tokens emitted last step, not yet cached.
-  tokens: jax.Array  # (B, max_new) emitted tokens; pad_id after a stop.
-  step: jax.Array  # Steps done (prefill counts as one).
-  done: jax.Array  # (B,) row has emitted eos.
-  lengths: jax.Array  # (B,) tokens emitted up to and including eos.
-  counts: Any  # (B, V) int32 token counts (frequency penalty) or None.
-
-
-def key_layout(spec: DecodeSpec) -> str:
-  """The key-cache layout `spec` decodes with ('k' or 'kt').
-
-  'auto': on CPU 'kt' for push-forward steps (measured: their scores dot
-  about 2x faster) and 'k' for AR; elsewhere 'k' (measured on one H100 for
-  LM1B size, k=4 at batch 8 only: 0.75 vs 0.79 ms per step, 'kt' added 35
-  slicing kernels per step; not measured on a TPU). Both layouts give the
-  same numbers. Where the spec attends with the Pallas kernel
-  (`attention_impl`), 'auto' is 'k', on CPU too: the kernel reads that.
-  """
-  if spec.key_layout != 'auto':
-    return spec.key_layout
-  if attention_impl(spec) == 'pallas':
-    return 'k'
-  return 'kt' if spec.k > 1 and jax.default_backend() == 'cpu' else 'k'
-
-
-def attention_impl(spec: DecodeSpec) -> str:
-  """How `spec`'s cached steps attend ('xla' or 'pallas').
-
-  'auto': on a GPU 'pallas' for push-forward steps (one kernel per layer in
-  place of XLA's dots, softmax and transpose) where the head dim and key
-  layout allow it; 'xla' for AR steps (a single query: XLA already fuses
-  its attention into one kernel) and on every other backend. Measured on
-  one H100 for LM1B size with the kernel's first version (776d3dd, which
-  padded the queries): k=4 kernel time per step -6% at batch 8, -1% at
-  batch 1; AR steps +4% at batch 8. The current version is not timed yet
-  (README). A pass with more than MAX_QUERIES queries (a long prompt's
-  prefill) attends with XLA either way (model.Attention).
-  """
-  if spec.attention_impl != 'auto':
-    return spec.attention_impl
-  if (spec.k > 1 and jax.default_backend() == 'gpu'
-      and not _pallas_misfit(spec)):
-    return 'pallas'
-  return 'xla'
-
-
-def _pallas_misfit(spec: DecodeSpec) -> str | None:
-  """Why `spec` cannot attend with the Pallas kernel, or None: what a
-  forced 'pallas' is refused for, and what keeps 'auto' on XLA."""
-  return pallas_misfit(spec.model.d_model, spec.model.num_heads,
-                       spec.key_layout)
-
-
-def pallas_misfit(d_model: int, num_heads: int,
-                  key_layout: str = 'auto') -> str | None:
-  """Why a model of this width and head count, with this key layout,
-  cannot attend with the Pallas kernel, or None. Also for callers that
-  hold no DecodeSpec yet (the bench refuses a forced 'pallas' with it
-  before measuring anything)."""
-  if not decode_attention.available():
-    return (f"needs Pallas's Triton backend, which jax {jax.__version__} "
-            "lacks; use 'xla'")
-  if key_layout == 'kt':
-    return "reads keys in layout 'k'; key_layout='kt' cannot go with it"
-  head_dim = d_model // num_heads
-  if not decode_attention.supports_head_dim(head_dim):
-    return ('needs a head dim that is a power of two >= 16; this model has '
-            f'{head_dim} (d_model={d_model} / num_heads={num_heads})')
-  return None
-
-
-def init_cache(spec: DecodeSpec, batch_size: int, size: int | None = None):
-  """Zeroed per-layer KV cache for `spec` with `size` slots (default: all
-  of spec.cache_size; a smaller one is grown with `grow_cache`). Keys in
-  `key_layout(spec)`; see `model.CACHE_LAYOUTS`.
-  """
-  cfg = spec.model
-  batch_size = model_lib.as_int(batch_size, 'batch_size', 1)
-  size = (spec.cache_size if size is None else
-          model_lib.as_int(size, 'cache size', 1))
-  dims = {'n': batch_size * cfg.num_heads, 's': size, 'k': cfg.head_dim}
-
-  def zeros(name):
-    shape = [dims[axis] for axis in model_lib.CACHE_LAYOUTS[name]]
-    return jnp.zeros(shape, cfg.compute_dtype)
-
-  key_name = key_layout(spec)
-  return tuple({key_name: zeros(key_name), 'v': zeros('v')}
-               for _ in range(cfg.num_layers))
-
-
-def cache_slots(cache) -> int:
-  return cache[0]['v'].shape[model_lib.CACHE_LAYOUTS['v'].index('s')]
-
-
-def grow_cache(cache, size: int):
-  """Pads every layer's cache with empty slots up to `size` slots."""
-  def pad(name, x):
-    axis = model_lib.CACHE_LAYOUTS[name].index('s')
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, widths)
-  return tuple({name: pad(name, x) for name, x in layer.items()}
-               for layer in cache)
+# The public API, whichever of decode_spec, decode_checks and this file
+# holds it.
+__all__ = [
+    'ATTENTION_IMPLS',
+    'CACHE_BLOCK',
+    'DecodeSpec',
+    'DecodeState',
+    'GenerateOutput',
+    'KEY_LAYOUTS',
+    'MIN_TEMPERATURE',
+    'attention_impl',
+    'cache_segments',
+    'cache_slots',
+    'check_k',
+    'check_pad',
+    'check_penalty_tracked',
+    'check_request',
+    'check_sampling_temperature',
+    'check_values',
+    'decode_loop',
+    'decode_step',
+    'embed_noise',
+    'forward',
+    'full_cache_size',
+    'generate',
+    'grow_cache',
+    'init_cache',
+    'key_layout',
+    'max_frequency_penalty',
+    'pad_prompts',
+    'pallas_misfit',
+    'prefill',
+]
 
 
 def _select(spec, params, h_BxKxD, u_BxK, counts, temperature, penalty):
@@ -426,35 +199,14 @@ def forward(spec, params, tokens_BxT, u_BxK, cache, index, pad):
   `pad` are padding: their ids are never read.
   """
   b = tokens_BxT.shape[0]
-  _check_shape('pad', pad, (b,))
+  check_shape('pad', pad, (b,))
   if spec.is_student:
-    _check_shape('noise', u_BxK, (b, spec.k))
-  _check_cache(spec, cache, b)
+    check_shape('noise', u_BxK, (b, spec.k))
+  check_cache(spec, cache, b)
   model_lib.check_params(spec.model, params)  # Shapes only: trace time.
   _, tokens_BxT = _unpad(tokens_BxT, index, pad)
   h, cache = _hidden(spec, params, tokens_BxT, u_BxK, cache, index, pad)
   return projection.logits(h, params['unembed']['kernel']), cache
-
-
-def check_penalty_tracked(spec: DecodeSpec, penalty) -> None:
-  """Refuses a nonzero penalty for a spec without token counts, which
-  would ignore it. Traced values (inside the caller's jit) cannot be read
-  and pass unchecked."""
-  if spec.use_penalty or isinstance(penalty, (jax.core.Tracer,
-                                              jax.ShapeDtypeStruct)):
-    return  # A shape-only stand-in (to `.lower`) has no value either.
-  if np.any(np.asarray(penalty) != 0):
-    raise ValueError(f'penalty={penalty!r} but DecodeSpec.use_penalty=False,'
-                     ' which would ignore it; build the spec with '
-                     'use_penalty=True')
-
-
-def _check_shape(name: str, x, expected: tuple[int, ...]):
-  """Static shape check (free under jit): a wrong width would otherwise be
-  clamped by dynamic slicing into silently wrong tokens."""
-  if tuple(x.shape) != expected:
-    raise ValueError(f'{name} has shape {tuple(x.shape)}; expected '
-                     f'{expected}')
 
 
 def _unpad(tokens_BxT, index, pad_B):
@@ -465,57 +217,6 @@ def _unpad(tokens_BxT, index, pad_B):
   slots = index + jnp.arange(tokens_BxT.shape[1])[None]
   valid = slots >= pad_B[:, None]
   return valid, jnp.where(valid, tokens_BxT, 0)
-
-
-def _check_cache(spec: DecodeSpec, cache, b: int):
-  """The cache must be one `init_cache(spec, b, ...)` made: another spec's
-  (key layout, layer count, batch) would decode wrong tokens silently."""
-  key_name = key_layout(spec)
-  cfg = spec.model
-  if not isinstance(cache, (tuple, list)) or len(cache) != cfg.num_layers:
-    raise ValueError(f'cache must hold {cfg.num_layers} layers (init_cache('
-                     f'spec, ...)); got {type(cache).__name__} of '
-                     f'{len(cache) if hasattr(cache, "__len__") else "?"}')
-  want = {'n': b * cfg.num_heads, 'k': cfg.head_dim}
-  for layer in cache:
-    if not isinstance(layer, Mapping) or set(layer) != {key_name, 'v'}:
-      names = sorted(layer) if isinstance(layer, Mapping) else layer
-      raise ValueError(f'cache layers have {names!r}; this spec decodes '
-                       f"with keys {key_name!r} and 'v' (init_cache(spec, "
-                       '...) for this spec)')
-    for name, x in layer.items():
-      axes = model_lib.CACHE_LAYOUTS[name]
-      got = (None if x.ndim != len(axes) else
-             {axis: x.shape[i] for i, axis in enumerate(axes) if axis != 's'})
-      if got != want:
-        raise ValueError(f'cache {name!r} has shape {tuple(x.shape)} '
-                         f'(axes {axes}); batch {b} x {cfg.num_heads} heads '
-                         f'and head_dim {cfg.head_dim} expected')
-
-
-def _check_state(spec: DecodeSpec, state: DecodeState):
-  """A state from another spec (another k, another length) would write its
-  tokens at the wrong offsets without an error: refuse it at trace time.
-  Checks what the arrays show (shapes, key layout, penalty counts), not
-  the spec fields they do not (prompt_len, eos_id, pad_id, greedy)."""
-  b = state.pending.shape[0]
-  _check_shape('state.pending', state.pending, (b, spec.k))
-  _check_shape('state.tokens', state.tokens, (b, spec.max_new_tokens))
-  _check_shape('state.pad', state.pad, (b,))
-  _check_cache(spec, state.cache, b)
-  if spec.use_penalty != (state.counts is not None):
-    raise ValueError(f'DecodeSpec.use_penalty={spec.use_penalty} but the '
-                     'state was made by a spec with use_penalty='
-                     f'{state.counts is not None}')
-
-
-def _check_noise_x(spec: DecodeSpec, noise_x, b: int):
-  if noise_x is None:
-    return
-  if not spec.is_student:
-    raise ValueError('noise_x is for a student; this spec is an AR '
-                     "teacher's")
-  _check_shape('noise_x', noise_x, (b, spec.k, spec.model.d_model))
 
 
 def prefill(spec: DecodeSpec, params, prompts_BxP, pad_B, noise_BxK,
@@ -530,13 +231,13 @@ def prefill(spec: DecodeSpec, params, prompts_BxP, pad_B, noise_BxK,
   (student only): `embed_noise(spec, params, noise_BxK)` if the caller
   embedded its noise ahead (as `decode_loop` does); computed here if None.
   """
-  _check_inputs(prompts_BxP, pad_B, noise_BxK)
+  check_inputs(prompts_BxP, pad_B, noise_BxK)
   b = prompts_BxP.shape[0]
-  _check_shape('prompts', prompts_BxP, (b, spec.prompt_len))
-  _check_shape('pad', pad_B, (b,))
-  _check_shape('noise', noise_BxK, (b, spec.k))
+  check_shape('prompts', prompts_BxP, (b, spec.prompt_len))
+  check_shape('pad', pad_B, (b,))
+  check_shape('noise', noise_BxK, (b, spec.k))
   check_values(spec, prompts_BxP, pad_B, noise_BxK, temperature)
-  _check_noise_x(spec, noise_x, b)
+  check_noise_x(spec, noise_x, b)
   if cache_size is not None:
     written = spec.prompt_len + (spec.k if spec.is_student else 0)
     if model_lib.as_int(cache_size, 'cache_size', 1) < written:
@@ -565,22 +266,6 @@ def prefill(spec: DecodeSpec, params, prompts_BxP, pad_B, noise_BxK,
   return _record(spec, state, new)
 
 
-def _check_room(spec: DecodeSpec, state: DecodeState) -> None:
-  """decode_step's bounds, where state.step and state.index can be read."""
-  if not (_common.readable(state.step) and _common.readable(state.index)):
-    return
-  step, index = int(state.step), int(state.index)
-  if step >= spec.num_steps:
-    raise ValueError(f'state.step={step}: the spec has num_steps='
-                     f'{spec.num_steps} (prefill included), all done; '
-                     'another step would overwrite the last tokens')
-  need = index + spec.k * (2 if spec.is_student else 1)
-  if cache_slots(state.cache) < need:
-    raise ValueError(f'the cache has {cache_slots(state.cache)} slots; this '
-                     f'step needs {need} (grow_cache(state.cache, {need}) or '
-                     'more)')
-
-
 def decode_step(spec: DecodeSpec, params, state: DecodeState, noise_BxK,
                 temperature=1.0, penalty=0.0, *, noise_x=None
                 ) -> DecodeState:
@@ -597,12 +282,12 @@ def decode_step(spec: DecodeSpec, params, state: DecodeState, noise_BxK,
   spec; its shapes, key layout and penalty counts are checked against the
   spec at trace time.
   """
-  _check_state(spec, state)
-  _check_array('noise', noise_BxK, jnp.floating, 'floats in [0, 1)')
-  _check_shape('noise', noise_BxK, state.pending.shape)
-  _check_noise_x(spec, noise_x, state.pending.shape[0])
+  check_state(spec, state)
+  check_array('noise', noise_BxK, jnp.floating, 'floats in [0, 1)')
+  check_shape('noise', noise_BxK, state.pending.shape)
+  check_noise_x(spec, noise_x, state.pending.shape[0])
   check_values(spec, noise=noise_BxK, temperature=temperature)
-  _check_room(spec, state)
+  check_room(spec, state)
   model_lib.check_params(spec.model, params)  # Shapes only: trace time.
   check_penalty_tracked(spec, penalty)
   h, cache = _hidden(spec, params, state.pending, noise_BxK, state.cache,
@@ -614,73 +299,10 @@ def decode_step(spec: DecodeSpec, params, state: DecodeState, noise_BxK,
   return _record(spec, state, new)
 
 
-def _check_array(name: str, x, kind, what: str):
-  """Trace-time dtype check naming the argument: a list, float ids or a
-  float pad otherwise failed deep in flax or jax, and bool ids decoded as
-  tokens 0 and 1."""
-  dtype = getattr(x, 'dtype', None)
-  if dtype is None or not hasattr(x, 'shape'):
-    raise ValueError(f'{name} must be an array (numpy or jax) of {what}; '
-                     f'got {type(x).__name__}')
-  if not jnp.issubdtype(dtype, kind):
-    raise ValueError(f'{name} must hold {what}; got dtype {dtype}')
-
-
-def check_values(spec: DecodeSpec, prompts_BxP=None, pad_B=None,
-                 noise=None, temperature=None) -> None:
-  """Refuses, where their values can be read, what would decode wrong
-  tokens without an error: a pad outside [0, prompt_len) (`check_pad`), a
-  prompt id outside the vocabulary (NaN embedding, or a wrapped index),
-  noise outside [0, 1) (clamped to the first or last token), a
-  temperature `check_sampling_temperature` refuses unless the spec is
-  greedy. Traced values (under the caller's jit) pass; `generate` checks
-  its inputs on the host."""
-  readable = _common.readable
-  if pad_B is not None:
-    check_pad(spec, pad_B)
-  ids = (np.asarray(prompts_BxP) if prompts_BxP is not None and
-         readable(prompts_BxP) and readable(pad_B) else None)
-  pad = None if ids is None else np.asarray(pad_B)
-  # Other shapes and dtypes are refused by name at trace time.
-  if (ids is not None and ids.ndim == 2 and ids.dtype.kind in 'iu' and
-      pad.shape == ids.shape[:1]):
-    valid = np.arange(ids.shape[1])[None] >= pad[:, None]
-    bad = valid & ((ids < 0) | (ids >= spec.model.vocab_size))
-    if bad.any():
-      row, col = np.argwhere(bad)[0]
-      raise ValueError(f'prompts[{row}, {col}]: token id {int(ids[row, col])}'
-                       f' outside the vocabulary [0, '
-                       f'{spec.model.vocab_size})')
-  if noise is not None and readable(noise):
-    noise_lib.check_noise(noise)
-  if temperature is not None and not spec.greedy and readable(temperature):
-    check_sampling_temperature(temperature, 'greedy=True in the DecodeSpec')
-
-
-def check_pad(spec: DecodeSpec, pad_B) -> None:
-  """Refuses a row padding outside [0, prompt_len) where its values can be
-  read (not under a transform): such a row decodes from a shifted or empty
-  prompt without an error."""
-  if not _common.readable(pad_B):
-    return
-  pad = np.asarray(pad_B)
-  if pad.size and (pad.min() < 0 or pad.max() >= spec.prompt_len):
-    bad = int(pad.min() if pad.min() < 0 else pad.max())
-    raise ValueError(f'pad {bad} outside [0, prompt_len={spec.prompt_len}):'
-                     " pad_B is each row's count of left padding slots "
-                     '(pad_prompts makes it)')
-
-
-def _check_inputs(prompts_BxP, pad_B, noise):
-  _check_array('prompts', prompts_BxP, jnp.integer, 'integer token ids')
-  _check_array('pad', pad_B, jnp.integer, 'integer padding lengths')
-  _check_array('noise', noise, jnp.floating, 'floats in [0, 1)')
-
-
 def _loop(spec, params, prompts_BxP, pad_B, noise_BxN, temperature, penalty):
-  _check_inputs(prompts_BxP, pad_B, noise_BxN)
+  check_inputs(prompts_BxP, pad_B, noise_BxN)
   k = spec.k
-  _check_shape('noise', noise_BxN,
+  check_shape('noise', noise_BxN,
                (prompts_BxP.shape[0], spec.num_steps * k))
   segments = spec.segments()
   # Block weights in the compute dtype once, not cast again every step.
@@ -785,14 +407,14 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0,
     raise ValueError('prompts is a (prompts_BxP, pad_B) pair, as '
                      'pad_prompts returns; pass the token-id lists themselves'
                      ' (they are padded here), or the pair to decode_loop')
-  pad_id = _as_int32(pad_id, 'pad_id')
+  pad_id = as_int32(pad_id, 'pad_id')
   rows = []
   for i, p in enumerate(prompts):
     row = np.asarray(p)
     if row.ndim != 1 or (row.size and row.dtype.kind not in 'iu'):
       raise ValueError(f'prompt {i} must be a list of int token ids; got '
                        f'{p!r}')
-    _check_int32(row, f'prompt {i}')
+    check_int32(row, f'prompt {i}')
     rows.append(row)
   lens = [len(r) for r in rows]
   if not rows or min(lens) == 0:
@@ -808,34 +430,6 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0,
   for i, row in enumerate(rows):
     out[i, width - len(row):] = row
   return out, np.asarray([width - n for n in lens], np.int32)
-
-
-def _check_int32(ids, what: str):
-  """Before a cast to int32, which would wrap 2**32 + 5 into 5."""
-  info = np.iinfo(np.int32)
-  if ids.size and (ids.min() < info.min or ids.max() > info.max):
-    bad = ids.max() if ids.max() > info.max else ids.min()
-    raise ValueError(f'{what}: token id {int(bad)} outside the vocabulary')
-
-
-def check_request(cfg: model_lib.ModelConfig, prompts_BxP, pad_B,
-                  max_new_tokens: int, k: int):
-  """Validates a decode request before any compute; raises ValueError."""
-  check_k(cfg, k)
-  max_new_tokens = model_lib.as_int(max_new_tokens, 'max_new_tokens', 1)
-  if prompts_BxP.shape[0] == 0:
-    raise ValueError('prompts: the batch is empty')
-  bad = (prompts_BxP < 0) | (prompts_BxP >= cfg.vocab_size)
-  if bad.any():
-    raise ValueError(f'token id {int(prompts_BxP[bad][0])} outside the '
-                     f'vocabulary [0, {cfg.vocab_size})')
-  longest = int(prompts_BxP.shape[1] - pad_B.min())
-  # When k does not divide max_new_tokens the last step runs past it; those
-  # surplus tokens are dropped, so only the kept ones must fit in seq_len.
-  if longest + max_new_tokens > cfg.seq_len:
-    raise ValueError(
-        f'prompt length {longest} + {max_new_tokens} new tokens exceeds '
-        f'model.seq_len={cfg.seq_len}; shorten the prompt or max_new_tokens')
 
 
 def _widen(cfg, prompts_BxP, pad_B, width, max_new_tokens):
@@ -926,7 +520,7 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
         not prompts_BxP.shape[1]):
       raise ValueError('prompt array must be (B, P >= 1) int token ids; got '
                        f'{prompts_BxP.dtype} {prompts_BxP.shape}')
-    _check_int32(prompts_BxP, 'prompts')
+    check_int32(prompts_BxP, 'prompts')
     prompts_BxP = prompts_BxP.astype(np.int32)
     pad_B = np.zeros((prompts_BxP.shape[0],), np.int32)
   else:
