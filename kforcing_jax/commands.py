@@ -352,7 +352,8 @@ def run_distill(config, workdir: str,
     stage = distill_lib.Stage(
         window=window, method=ds.method, student_cfg=student_cfg,
         source_cfg=source_cfg, num_windows=ds.num_windows,
-        precision=ds.precision, kernel_impl=config.kernels.impl)
+        precision=ds.precision, kernel_impl=config.kernels.impl,
+        teacher_temperature=float(ds.teacher_temperature))
     task = distill_lib.stage_task(stage, init_from=prev_params, frozen=frozen,
                                   source=source)
     done = checkpoints.Manager(os.path.join(workdir, task.name)).latest_step()

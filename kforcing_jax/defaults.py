@@ -88,6 +88,11 @@ def base_config() -> ml_collections.ConfigDict:
   #   noise.py), 'float64', or 'float32' (that path, except on TPU: there the
   #   float32 Pallas kernel, less exact but without the (rows, vocabulary)
   #   logits the other paths hold; projection.py).
+  # Softmax temperature of the AR teacher behind stage 1's targets (ours;
+  # the paper's is 1). Above 1 the targets spread over more tokens, to
+  # offset a short distillation's pull towards likely ones; later stages
+  # inherit it through self-forcing. Self-forcing only.
+  ds.teacher_temperature = 1.0
   ds.checkpoint_every = 100  # Steps between checkpoints of a stage.
   ds.eval_every = 100  # Steps between held-out per-slot accuracy evals.
   ds.eval_batches = 4  # Held-out batches (distill.batch_size) per eval.
@@ -312,6 +317,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if ds.precision not in ('auto', 'float32', 'float64'):
     raise ValueError(f'distill.precision={ds.precision!r}; expected auto, '
                      'float32 or float64')
+  # The decoder's bounds: logits / temperature stays finite in float32.
+  if not 1e-30 <= ds.teacher_temperature <= 3.4e38:
+    raise ValueError(f'distill.teacher_temperature={ds.teacher_temperature}'
+                     ' must be finite and >= 1e-30')
+  if ds.method == 'noise_inversion' and ds.teacher_temperature != 1.0:
+    raise ValueError(f'distill.teacher_temperature={ds.teacher_temperature}'
+                     ' is for self-forcing; noise inversion targets the '
+                     'data itself')
   if c.kernels.impl not in ('auto', 'pallas', 'chunked', 'reference'):
     raise ValueError(f'kernels.impl={c.kernels.impl!r}; expected auto, '
                      'pallas, chunked or reference')

@@ -127,8 +127,9 @@ def _argmax_slots(params, h_BxMxKxD, impl):
 
 
 def ar_targets(teacher_cfg, teacher_params, tokens_BxN, windows_BxM, u_BxMx1,
-               precision='auto', impl='reference'):
-  """Stage k=1: the AR teacher's inverse-CDF token after each window t."""
+               precision='auto', impl='reference', temperature=1.0):
+  """Stage k=1: the AR teacher's inverse-CDF token after each window t,
+  from its softmax at `temperature`."""
   h = model_lib.Transformer(teacher_cfg).apply(
       {'params': teacher_params}, tokens_BxN,
       method=model_lib.Transformer.hidden)
@@ -136,7 +137,7 @@ def ar_targets(teacher_cfg, teacher_params, tokens_BxN, windows_BxM, u_BxMx1,
   b, m, d = h_at_t.shape
   tokens = projection.inverse_cdf(
       h_at_t.reshape(b * m, d), teacher_params['unembed']['kernel'],
-      u_BxMx1.reshape(b * m), impl, precision=precision)
+      u_BxMx1.reshape(b * m), impl, temperature, precision=precision)
   return tokens.reshape(b, m, 1)
 
 
@@ -190,6 +191,7 @@ class Stage:
   num_windows: int
   precision: str = 'auto'
   kernel_impl: str = 'auto'  # Vocabulary projection (projection.py).
+  teacher_temperature: float = 1.0  # Of an AR source (distill.*).
 
   def extras(self, rng, tokens_BxN, frozen):
     """Windows, noise and targets for a global batch (device-count free)."""
@@ -203,7 +205,8 @@ class Stage:
     u = jax.random.uniform(u_rng, windows.shape + (self.window,))
     if self.source_cfg.noise_window == 0:
       targets = ar_targets(self.source_cfg, frozen, tokens_BxN, windows, u,
-                           self.precision, self.kernel_impl)
+                           self.precision, self.kernel_impl,
+                           self.teacher_temperature)
     else:
       targets = self_forcing_targets(self.source_cfg, frozen, tokens_BxN,
                                      windows, u, self.kernel_impl)

@@ -254,7 +254,8 @@ TEACHER_RECIPE = ('seed', 'data.shuffle_seed') + tuple(f'train.{k}' for k in (
 STUDENT_RECIPE = ('seed', 'data.shuffle_seed', 'train.b1',
                   'train.grad_clip') + tuple(
     f'distill.{k}' for k in ('batch_size', 'ema_decay', 'lr', 'method',
-                             'num_windows', 'precision', 'warmup_steps'))
+                             'num_windows', 'precision', 'teacher_temperature',
+                             'warmup_steps'))
 
 
 def changed_recipe(task: Task, config, saved_meta: dict | None) -> list[str]:

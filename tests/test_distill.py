@@ -148,6 +148,48 @@ def test_ar_targets_are_inverse_cdf_samples_of_the_teacher(small_cfg):
       assert out.tokens[0, 0] == got[r, w, 0]
 
 
+def test_ar_targets_at_a_teacher_temperature(small_cfg, monkeypatch):
+  # distill.teacher_temperature: stage 1's targets are the teacher's
+  # inverse-CDF tokens at that temperature, as its own sampler draws them.
+  params = model_lib.init_params(small_cfg, jax.random.PRNGKey(0))
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 10), 0, 61)
+  stage = distill.Stage(window=1, method='self_forcing',
+                        student_cfg=distill.student_config(small_cfg, 1),
+                        source_cfg=small_cfg, num_windows=4,
+                        teacher_temperature=0.1)
+  seen = []
+  real = distill.ar_targets
+
+  def recording(*args):
+    seen.append(args)
+    return real(*args)
+
+  monkeypatch.setattr(distill, 'ar_targets', recording)
+  extras = stage.extras(jax.random.PRNGKey(5), tokens, params)
+  assert seen[-1][-1] == 0.1
+  # Sharpened tenfold, the teacher's CDF moves: the same u give other
+  # tokens than at temperature 1.
+  at_one = real(small_cfg, params, tokens, extras['windows'], extras['u'])
+  assert (np.asarray(at_one) != np.asarray(extras['targets'])).any()
+  for r in range(2):
+    for w in range(4):
+      t = int(extras['windows'][r, w])
+      out = decode.generate(params, small_cfg, [np.asarray(tokens[r, :t + 1])],
+                            max_new_tokens=1, prompt_width=10,
+                            temperature=0.1,
+                            noise=np.asarray(extras['u'][r:r + 1, w]))
+      assert out.tokens[0, 0] == extras['targets'][r, w, 0]
+
+
+def test_teacher_temperature_is_for_self_forcing_only():
+  config = defaults.base_config()
+  config.distill.method = 'noise_inversion'
+  config.distill.teacher_temperature = 1.2
+  with pytest.raises(ValueError, match='distill.teacher_temperature=1.2 is '
+                     'for self-forcing; noise inversion targets the data'):
+    defaults.validate(config)
+
+
 def test_noise_inversion_u_reproduces_the_data_tokens(small_cfg):
   params = model_lib.init_params(small_cfg, jax.random.PRNGKey(0))
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 10), 0, 61)
@@ -370,7 +412,8 @@ def test_sharded_step_draws_different_dropout_masks_per_device(small_cfg):
   assert helpers.max_abs_diff(grads(0.5, 1), grads(0.5, 8)) > 1e-3
 
 
-def test_students_take_the_configs_noise_encoder_fields(tmp_path, capsys):
+def test_students_take_the_configs_noise_encoder_fields(tmp_path, capsys,
+                                                       monkeypatch):
   # model.noise_* are student-only: distill used to copy them from the
   # teacher's checkpoint, silently ignoring the config. Now the students
   # take them, a student trained with other values is refused by name,
@@ -395,7 +438,13 @@ def test_students_take_the_configs_noise_encoder_fields(tmp_path, capsys):
   config.data.max_documents = 12
   config.model.noise_scale = 77.0
   config.model.noise_mlp_dim = 24
+  config.distill.teacher_temperature = 1.5
+  temperatures = []
+  real_targets = distill.ar_targets
+  monkeypatch.setattr(distill, 'ar_targets', lambda *a: (
+      temperatures.append(a[-1]), real_targets(*a))[1])
   commands.run_distill(config, workdir)
+  assert set(temperatures) == {1.5}  # Stage 1's targets, at the config's.
   for run in ('student_k1', 'student_k2'):
     cfg, params, _ = checkpoints.load_params(os.path.join(workdir, run))
     assert (cfg.noise_scale, cfg.noise_mlp_dim) == (77.0, 24)

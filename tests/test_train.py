@@ -103,6 +103,10 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
      '> 0'),
     ('model', 'noise_scale', 0.0, 'model.noise_scale=0.0 must be finite'),
     ('kernels', 'attention_impl', 'fast', "kernels.attention_impl='fast'"),
+    ('distill', 'teacher_temperature', 0.0,
+     'distill.teacher_temperature=0.0 must be finite and >= 1e-30'),
+    ('distill', 'teacher_temperature', math.inf,
+     'distill.teacher_temperature=inf must be finite'),
     # A head dim of 8, which the Pallas attention cannot take.
     ('kernels', 'attention_impl', 'pallas', "kernels.attention_impl='pallas' "
      "for the config's model: needs a head dim .* this model has 8"),
@@ -254,8 +258,10 @@ def test_a_students_recipe_is_its_distill_settings():
       noise_window=2))
   config.distill.lr, config.train.lr, config.distill.windows = 0.5, 0.5, (1,)
   config.seed, config.data.shuffle_seed = 7, 3
+  config.distill.teacher_temperature = 1.5
   assert train_lib.changed_recipe(student, config, saved) == [
-      'seed: 0 -> 7', 'data.shuffle_seed: 0 -> 3', 'distill.lr: 0.001 -> 0.5']
+      'seed: 0 -> 7', 'data.shuffle_seed: 0 -> 3', 'distill.lr: 0.001 -> 0.5',
+      'distill.teacher_temperature: 1.0 -> 1.5']
 
 
 def test_ema_warms_up_from_the_init(tmp_path):
