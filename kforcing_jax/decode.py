@@ -22,7 +22,8 @@ Public step-level API (for callers that drive their own loop):
 
 This file is the compute and `generate`; the spec, loop state and cache
 live in `decode_spec`, the input checks in `decode_checks`. Every public
-name of the three (`__all__`) is importable from here.
+name of the three (`__all__`) is importable from here (a test that
+patches one must patch the module that defines it).
 """
 
 import dataclasses

@@ -2,7 +2,8 @@
 tokens without an error or fail deep inside jax: shapes and dtypes at trace
 time, values where they can be read (called outside jit), and `generate`'s
 request on the host before any compute. `kforcing_jax.decode` re-exports
-the public ones (`check_values`, `check_pad`, ...)."""
+the API among them (its `__all__`: `check_values`, `check_pad`, ...); the
+rest are the decode modules' own helpers."""
 
 from typing import Mapping
 

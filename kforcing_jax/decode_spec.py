@@ -1,7 +1,7 @@
 """What a decode is, before any compute: the static `DecodeSpec` (a jit
 static argument), the loop's carry `DecodeState`, and the KV cache: its key
 layout, its size, and its growth in segments. `kforcing_jax.decode`
-re-exports every public name here; import them from there."""
+re-exports the API among them (its `__all__`); import them from there."""
 
 import dataclasses
 from typing import Any

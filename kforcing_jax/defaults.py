@@ -317,10 +317,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if ds.precision not in ('auto', 'float32', 'float64'):
     raise ValueError(f'distill.precision={ds.precision!r}; expected auto, '
                      'float32 or float64')
-  # The decoder's bounds: logits / temperature stays finite in float32.
-  if not 1e-30 <= ds.teacher_temperature <= 3.4e38:
+  from kforcing_jax import decode_checks  # pylint: disable=g-import-not-at-top
+  try:  # The decoder's bounds: logits / temperature finite in float32.
+    decode_checks.check_sampling_temperature(ds.teacher_temperature, '')
+  except ValueError:
     raise ValueError(f'distill.teacher_temperature={ds.teacher_temperature}'
-                     ' must be finite and >= 1e-30')
+                     ' must be finite in float32 and >= '
+                     f'{decode_checks.MIN_TEMPERATURE:g}') from None
   if ds.method == 'noise_inversion' and ds.teacher_temperature != 1.0:
     raise ValueError(f'distill.teacher_temperature={ds.teacher_temperature}'
                      ' is for self-forcing; noise inversion targets the '

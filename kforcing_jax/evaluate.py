@@ -54,7 +54,9 @@ recomputing that ratio):
                   `noise_sweep` (unpenalised students
                   with eval.sweep_contexts > 0): slot 1's map against the
                   teacher's over a u grid at held-out contexts, see
-                  noise_sweep.py.
+                  noise_sweep.py. Both compare with the teacher at
+                  temperature 1, also for students distilled at another
+                  distill.teacher_temperature (a note says so).
 Perplexity CIs resample samples and recompute exp(total NLL / total tokens).
 
 Its parts: `eval_settings` (the config section), `eval_metrics` (the
@@ -296,6 +298,20 @@ def _stale_source(workdir: str, run: str, meta: dict) -> str | None:
           'distill)')
 
 
+def _temperature_note(run: str, meta: dict) -> str | None:
+  """Says that `run` learnt from the teacher at another temperature
+  (distill.teacher_temperature, from its saved config; its later stages
+  inherit it), or None: its coupling and noise sweep compare it with the
+  teacher this evaluation samples, at temperature 1."""
+  saved = ((meta.get('config') or {}).get('distill') or {})
+  temperature = saved.get('teacher_temperature', 1.0)
+  if temperature == 1.0:
+    return None
+  return (f'{run} was distilled with distill.teacher_temperature='
+          f'{temperature}: its coupling and noise sweep compare it with the '
+          'teacher at temperature 1, the teacher evaluated here')
+
+
 def run_evaluate(config, workdir: str) -> dict:
   """Evaluates teacher and students in `workdir`; writes eval.json + samples.
 
@@ -360,6 +376,9 @@ def run_evaluate(config, workdir: str) -> dict:
         notes.append(stale)
         said.append(stale)
         _show(f'[eval] WARNING: {stale}', flush=True)
+      hotter = _temperature_note(entry.run, meta)
+      if hotter:
+        notes.append(hotter)
   attention = defaults.attention_impl(config)
   for run, (cfg, _) in loaded.items():  # Their own shapes, before decoding.
     defaults.check_run_attention(attention, cfg.d_model, cfg.num_heads, run)

@@ -80,8 +80,9 @@ def pick_contexts(num_rows: int, seq_len: int, first_t: int, count: int,
 def _teacher_fn(cfg):
   def tokens(params, tokens_1xN, t, u_G):
     # One forward and one row of logits; every u reuses that row's CDF
-    # tables (noise.inverse_cdf at the default precision, 'auto', as the
-    # stage-1 targets use unless distill.precision says otherwise).
+    # tables (noise.inverse_cdf at the default precision, 'auto', and
+    # temperature 1, as the stage-1 targets use unless distill.precision
+    # or distill.teacher_temperature says otherwise).
     h = model_lib.Transformer(cfg).apply(
         {'params': params}, tokens_1xN, method=model_lib.Transformer.hidden)
     logits_1x1xV = projection.logits(h[:, t], params['unembed']['kernel'])

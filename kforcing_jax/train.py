@@ -265,6 +265,9 @@ def changed_recipe(task: Task, config, saved_meta: dict | None) -> list[str]:
   changed = []
   for field in STUDENT_RECIPE if task.model_cfg.noise_window else \
       TEACHER_RECIPE:
+    if field == 'distill.teacher_temperature' and \
+        task.model_cfg.noise_window > 1:
+      continue  # Only stage 1 learns from the AR teacher.
     was, now, present = saved, config, True
     for part in field.split('.'):
       present = present and isinstance(was, dict) and part in was

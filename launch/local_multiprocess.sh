@@ -40,16 +40,18 @@
 #   launch/local_multiprocess.sh -n 2 -- train-teacher \
 #       --config=configs/tiny.py --workdir=/tmp/kf_mp
 
-# The cleanup functions run from traps, which shellcheck cannot see.
-# shellcheck disable=SC2317
-set -euo pipefail
-
 # mapfile and associative arrays are bash 4 (macOS ships 3.2 as /bin/bash).
-if ((BASH_VERSINFO[0] < 4)); then
-  echo "error: this script needs bash >= 4 (this is $BASH_VERSION); on" \
+# POSIX syntax, before `set`: under sh, dash or zsh it must still refuse.
+if [ "${BASH_VERSINFO:-0}" -lt 4 ] 2>/dev/null; then
+  shell_version="${BASH_VERSION:-not bash}"
+  echo "error: this script needs bash >= 4 (this shell: $shell_version); on" \
     "macOS: brew install bash, then run it as 'bash $0 ...'" >&2
   exit 2
 fi
+
+# The cleanup functions run from traps, which shellcheck cannot see.
+# shellcheck disable=SC2317
+set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly ROOT

@@ -827,6 +827,25 @@ def test_a_student_whose_source_trained_on_is_noted_stale(trained_workdir):
   assert ev._stale_source(trained_workdir, 'student_k2', old) is None
 
 
+def test_a_student_distilled_at_another_temperature_is_noted(
+    trained_workdir):
+  # Its coupling and noise sweep compare it with the teacher at
+  # temperature 1, which is not the one it learnt from: said in eval.json.
+  from kforcing_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  _, _, meta = checkpoints.load_params(os.path.join(trained_workdir,
+                                                    'student_k2'))
+  assert meta['config']['distill']['teacher_temperature'] == 1.0
+  assert ev._temperature_note('student_k2', meta) is None
+  hotter = json.loads(json.dumps(meta))
+  hotter['config']['distill']['teacher_temperature'] = 1.5
+  assert ev._temperature_note('student_k2', hotter) == (
+      'student_k2 was distilled with distill.teacher_temperature=1.5: its '
+      'coupling and noise sweep compare it with the teacher at temperature '
+      '1, the teacher evaluated here')
+  del hotter['config']['distill']['teacher_temperature']  # Older runs.
+  assert ev._temperature_note('student_k2', hotter) is None
+
+
 def test_only_process_0_writes_results(hf_dir, tmp_path, monkeypatch):
   # Every process of a multi-process run evaluates; one writes.
   config, workdir = _untrained_setup(hf_dir, tmp_path, monkeypatch)

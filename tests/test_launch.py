@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -671,6 +672,23 @@ def test_local_bad_input_exits_2(args):
   r = local(*args, '--dry-run')
   assert r.returncode == 2
   assert r.stderr.startswith('error: ')
+
+
+def test_local_script_refuses_a_shell_other_than_bash_4():
+  # mapfile and associative arrays need bash >= 4; a POSIX shell (or
+  # macOS's bash 3.2) used to fail part-way with a syntax error.
+  sh = shutil.which('dash') or shutil.which('sh')
+  if sh is None or subprocess.run(
+      [sh, '-c', 'echo "${BASH_VERSION:-}"'], capture_output=True,
+      text=True, check=True).stdout.strip():
+    pytest.skip('no POSIX shell other than bash here')
+  r = subprocess.run([sh, LOCAL_MP, '-n', '2', '--dry-run', '--',
+                      'generate'], capture_output=True, text=True,
+                     timeout=60, check=False)
+  assert r.returncode == 2
+  assert r.stderr.startswith('error: this script needs bash >= 4 (this '
+                             'shell: not bash)')
+  assert r.stdout == ''
 
 
 @pytest.mark.slow
