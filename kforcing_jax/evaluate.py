@@ -376,9 +376,9 @@ def run_evaluate(config, workdir: str) -> dict:
         notes.append(stale)
         said.append(stale)
         _show(f'[eval] WARNING: {stale}', flush=True)
-      hotter = _temperature_note(entry.run, meta)
-      if hotter:
-        notes.append(hotter)
+      temperature_note = _temperature_note(entry.run, meta)
+      if temperature_note:
+        notes.append(temperature_note)
   attention = defaults.attention_impl(config)
   for run, (cfg, _) in loaded.items():  # Their own shapes, before decoding.
     defaults.check_run_attention(attention, cfg.d_model, cfg.num_heads, run)

@@ -465,6 +465,15 @@ def _note_multi_host(args: argparse.Namespace, workdirs: Sequence[str]):
             'refuses it on the workers', file=sys.stderr)
 
 
+def _flag_values(args: Sequence[str], flag: str) -> list[str]:
+  """The values given to `flag` in `args`, as `flag=V` or `flag V` ('' for
+  a bare flag at the end)."""
+  return [a.split('=', 1)[1] if a != flag else
+          args[i + 1] if i + 1 < len(args) else ''
+          for i, a in enumerate(args)
+          if a == flag or a.startswith(flag + '=')]
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   """Parses and checks `argv`; bad input exits with code 2 via parser.error."""
   parser, subparsers = _parser()
@@ -518,19 +527,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
       error(f'expected a kforcing_jax command after the flags, e.g. '
             f'`-- train-teacher --config=configs/demo.py --workdir=W`; got '
             f'{got!r} (subcommands: {", ".join(KFORCING_SUBCOMMANDS)})')
-    workdirs = [a.split('=', 1)[1] if a != '--workdir' else
-                rest[i + 1] if i + 1 < len(rest) else ''
-                for i, a in enumerate(rest)
-                if a == '--workdir' or a.startswith('--workdir=')]
+    workdirs = _flag_values(rest, '--workdir')
     if not workdirs:
       error(f'the kforcing_jax command needs --workdir=W: {shlex.join(rest)}')
     if not all(workdirs):
       error('--workdir needs a value, e.g. --workdir=/mnt/shared/kf')
-    configs = [a.split('=', 1)[1] if a != '--config' else
-               rest[i + 1] if i + 1 < len(rest) else ''
-               for i, a in enumerate(rest)
-               if a == '--config' or a.startswith('--config=')]
-    for value in configs:
+    for value in _flag_values(rest, '--config'):
       # The workers run from the copy of --source; ml_collections allows
       # a PATH:ARG suffix.
       path = value.split(':', 1)[0]
