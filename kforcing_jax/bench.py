@@ -5,7 +5,8 @@
 smallest trained student window >= k, else random weights: speed does not
 depend on the weights) at every batch size in `bench.batch_sizes`, from the
 same `bench.prefix_len`-token prompts to `model.seq_len` tokens. Decoding is
-greedy with no eos, so every run does the full work. Compile time is
+greedy (argmax students; `bench.readout='sample'`: inverse-CDF sampling and
+sampled students) with no eos, so every run does the full work. Compile time is
 excluded and reported apart; each cell is the median of `bench.repeats`
 runs after `bench.warmup` warm-up runs (plus one untimed run once every k of
 the batch has compiled), and at each batch size the repeats of all k are
@@ -206,7 +207,7 @@ def run_bench(config, workdir: str,
           'random_weights': s.random_weights, 'peer': s.peer,
           'roofline': s.roofline, 'seed': s.seed,
           'key_layout': s.key_layout, 'attention_impl': s.attention_impl,
-          'profile': s.profile,
+          'profile': s.profile, 'readout': s.readout,
           'kernel_impl': s.kernel_impl,
           'kernel_impl_resolved': projection.resolved(s.kernel_impl)},
       'models': _model_entries(models),

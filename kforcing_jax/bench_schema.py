@@ -14,8 +14,9 @@ bench.json, as `bench.run_bench` writes it (schema_version 1;
                    (bool), kernel_impl (kernels.impl of the decode loop's
                    vocabulary projection) and kernel_impl_resolved (what
                    'auto' stood for on this backend), attention_impl (as
-                   asked: 'auto', 'xla' or 'pallas') (these five optional:
-                   files written before them lack them)}.
+                   asked: 'auto', 'xla' or 'pallas'), readout ('argmax' or
+                   'sample': bench.readout) (these six optional: files
+                   written before them lack them)}.
   models          [{name, weights ('trained'|'random'), noise_window,
                    num_params, serves_k [int]}].
   roofline        {peak_flops (FLOP/s), peak_flops_dtype, matmul_size,
@@ -114,7 +115,8 @@ _SETTINGS = {'batch_sizes': list, 'ks': list, 'prefix_len': int,
              'roofline': str, 'seed': int}
 # Added after schema_version 1 files were written: checked when present.
 _SETTINGS_OPTIONAL = {'key_layout': str, 'profile': bool, 'kernel_impl': str,
-                      'kernel_impl_resolved': str, 'attention_impl': str}
+                      'kernel_impl_resolved': str, 'attention_impl': str,
+                      'readout': str}
 _MODEL = {'name': str, 'weights': str, 'noise_window': int,
           'num_params': int, 'serves_k': list}
 _ROOFLINE = {'peak_flops': _NUM, 'peak_flops_dtype': str, 'matmul_size': int,
@@ -211,6 +213,10 @@ def validate_bench_json(d: dict[str, Any]) -> None:
   if layout not in decode.KEY_LAYOUTS:
     raise ValueError(f'bench.json: settings.key_layout={layout!r} not in '
                      f'{decode.KEY_LAYOUTS}')
+  readout = d['settings'].get('readout', 'argmax')
+  if readout not in decode.READOUTS:
+    raise ValueError(f'bench.json: settings.readout={readout!r} not in '
+                     f'{decode.READOUTS}')
   attention = d['settings'].get('attention_impl', 'auto')
   if attention not in decode.ATTENTION_IMPLS:
     raise ValueError(f'bench.json: settings.attention_impl={attention!r} not '

@@ -27,6 +27,10 @@ class BenchSettings:
   seed: int = 0  # Prompts, noise and random weights.
   key_layout: str = 'auto'  # KV-cache key layout: decode.DecodeSpec.
   attention_impl: str = 'auto'  # Cached attention: decode.DecodeSpec.
+  # 'argmax': a greedy AR teacher and argmax students; 'sample': the
+  # teacher samples by inverse CDF and the students read out by sampling
+  # (decode.DecodeSpec.readout), both at temperature 1.
+  readout: str = 'argmax'
   # One more run of every cell under the profiler: ops per step, kept
   # traces under WORKDIR/profile (step_profile.py).
   profile: bool = False
@@ -108,6 +112,9 @@ def check_settings(s: BenchSettings, seq_len: int) -> None:
   if s.key_layout not in decode.KEY_LAYOUTS:
     raise ValueError(f'bench.key_layout={s.key_layout!r}; expected one of '
                      f'{decode.KEY_LAYOUTS}')
+  if s.readout not in decode.READOUTS:
+    raise ValueError(f'bench.readout={s.readout!r}; expected one of '
+                     f'{decode.READOUTS}')
   if s.attention_impl not in decode.ATTENTION_IMPLS:
     raise ValueError(f'bench.attention_impl={s.attention_impl!r}; expected '
                      f'one of {decode.ATTENTION_IMPLS}')

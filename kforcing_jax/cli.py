@@ -46,6 +46,10 @@ flags.DEFINE_float('temperature', None, 'generate: AR sampling temperature '
                    '(default: config decode.temperature).')
 flags.DEFINE_bool('greedy', None, 'generate: AR argmax decoding (default: '
                   'config decode.greedy).')
+flags.DEFINE_enum('readout', None, ['argmax', 'sample'], "generate: a "
+                  "student's tokens: argmax of its slots, or sampled from "
+                  'its softmax at --temperature (default: config '
+                  'decode.readout).')
 flags.DEFINE_float('frequency_penalty', None, 'generate: frequency penalty '
                    'lambda, students and the AR teacher alike (default: '
                    'config decode.frequency_penalty).')

@@ -233,19 +233,35 @@ def generate(flags_obj):
                       seed)
   temperature = pick(flags_obj.temperature, dc.temperature)
   greedy = pick(flags_obj.greedy, dc.greedy)
+  # Runs saved before decode.readout have none: the argmax, as then.
+  readout = pick(flags_obj.readout, dc.get('readout', 'argmax'))
+  if readout not in decode.READOUTS:
+    raise ValueError(f'decode.readout={readout!r}: expected one of '
+                     f'{decode.READOUTS}')
   if cfg.noise_window:
-    # AR sampling settings mean nothing to a student: not passed on (so not
-    # checked either), and a flag that sets one is said to be ignored.
+    # AR sampling settings mean nothing to an argmax student: not passed on
+    # (so not checked either), and a flag that sets one is said to be
+    # ignored. A sampled readout takes the temperature.
     ignored = (['--greedy'] if flags_obj.greedy else []) + (
-        ['--temperature'] if flags_obj.temperature is not None else [])
+        ['--temperature'] if flags_obj.temperature is not None and
+        readout == 'argmax' else [])
     if ignored:
       _print_main(f"NOTE: {' and '.join(ignored)} ignored: a student's "
-                  'tokens are the argmax of its noise slots (these set AR '
-                  'sampling)', file=sys.stderr)
-    temperature, greedy = 1.0, False
-  elif greedy and flags_obj.temperature is not None:
-    _print_main(f'NOTE: --temperature={flags_obj.temperature} ignored: '
-                'greedy decoding takes the argmax', file=sys.stderr)
+                  f'tokens are its readout of its noise slots ({readout}; '
+                  '--readout=sample draws them from its softmax at '
+                  '--temperature)', file=sys.stderr)
+    greedy = False
+    if readout == 'argmax':
+      temperature = 1.0
+  else:
+    if flags_obj.readout == 'sample':
+      _print_main('NOTE: --readout=sample ignored: it is a student\'s; the '
+                  'AR teacher samples by inverse CDF of its noise already',
+                  file=sys.stderr)
+    readout = 'argmax'
+    if greedy and flags_obj.temperature is not None:
+      _print_main(f'NOTE: --temperature={flags_obj.temperature} ignored: '
+                  'greedy decoding takes the argmax', file=sys.stderr)
   out = decode.generate(
       params, cfg, ids, max_new_tokens=max_new, k=flags_obj.k,
       rng=jax.random.PRNGKey(seed), temperature=temperature, greedy=greedy,
@@ -253,7 +269,7 @@ def generate(flags_obj):
                              dc.frequency_penalty),
       eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
       kernel_impl=config.get('kernels', {}).get('impl', 'auto'),
-      attention_impl=defaults.attention_impl(config))
+      attention_impl=defaults.attention_impl(config), readout=readout)
   for prompt, prompt_ids, row, n in zip(prompts, ids, out.tokens,
                                        out.lengths):
     # Decode prompt and continuation together so word boundaries survive.
@@ -353,12 +369,17 @@ def run_distill(config, workdir: str,
         window=window, method=ds.method, student_cfg=student_cfg,
         source_cfg=source_cfg, num_windows=ds.num_windows,
         precision=ds.precision, kernel_impl=config.kernels.impl,
-        teacher_temperature=float(ds.teacher_temperature))
+        teacher_temperature=float(ds.teacher_temperature),
+        readout=ds.readout,
+        readout_temperature=float(ds.readout_temperature))
     task = distill_lib.stage_task(stage, init_from=prev_params, frozen=frozen,
                                   source=source)
     done = checkpoints.Manager(os.path.join(workdir, task.name)).latest_step()
     source_name = ('the AR teacher' if source_cfg.noise_window == 0 else
                    f'student_k{source_cfg.noise_window}')
+    if source_cfg.noise_window and ds.readout != 'argmax':
+      source_name += (f' (its {ds.readout} readout at temperature '
+                      f'{ds.readout_temperature:g})')
     finished = done is not None and done >= ds.steps_per_stage
     if finished:
       past = (f', past distill.steps_per_stage={ds.steps_per_stage} (kept '

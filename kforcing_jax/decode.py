@@ -10,8 +10,10 @@ step's tokens (see `Transformer.cached_step`).
 
 Noise: one uniform u per generated token, an array (B, max_new_tokens). The
 AR teacher samples token n by inverse CDF of u[:, n]; a student emits token n
-from the noise slot fed u[:, n]. The same noise therefore couples teacher and
-student: a perfect student reproduces the teacher's tokens exactly.
+from the noise slot fed u[:, n], as the argmax of its logits (readout
+'argmax') or drawn from its softmax with the low bits of u (readout
+'sample', `DecodeSpec.readout`). The same noise therefore couples teacher
+and student: a perfect argmax student reproduces the teacher's tokens.
 
 Public step-level API (for callers that drive their own loop):
   `pad_prompts`, `init_cache`, `prefill`, `decode_step` (and `forward`, the
@@ -57,6 +59,7 @@ from kforcing_jax.decode_spec import CACHE_BLOCK
 from kforcing_jax.decode_spec import DecodeSpec
 from kforcing_jax.decode_spec import DecodeState
 from kforcing_jax.decode_spec import KEY_LAYOUTS
+from kforcing_jax.decode_spec import READOUTS
 from kforcing_jax.decode_spec import as_int32
 from kforcing_jax.decode_spec import attention_impl
 from kforcing_jax.decode_spec import cache_segments
@@ -78,6 +81,7 @@ __all__ = [
     'GenerateOutput',
     'KEY_LAYOUTS',
     'MIN_TEMPERATURE',
+    'READOUTS',
     'attention_impl',
     'cache_segments',
     'cache_slots',
@@ -106,7 +110,9 @@ __all__ = [
 def _select(spec, params, h_BxKxD, u_BxK, counts, temperature, penalty):
   """Turns the k emitting hidden states into k tokens.
 
-  Student: argmax (its output is a deterministic function of the noise).
+  Student: argmax (its output is a deterministic function of the noise),
+  or with readout 'sample' the inverse CDF of its softmax at `temperature`
+  at `noise.fine_uniform(u)` (still a function of the noise).
   Teacher: inverse CDF of u, or argmax when greedy. The frequency penalty
   subtracts penalty * count from the logits; counts include earlier slots of
   the same step, so penalised slots are chosen one after another, but the
@@ -121,6 +127,9 @@ def _select(spec, params, h_BxKxD, u_BxK, counts, temperature, penalty):
                                  spec.kernel_impl, temperature, counts,
                                  penalty)
     return tok[:, None], _count(counts, tok)
+  if spec.readout == 'sample':
+    return _sample_slots(spec, w_DxV, h_BxKxD, u_BxK, counts, temperature,
+                         penalty)
   if counts is None:
     tok = projection.argmax(h_BxKxD.reshape(b * k, d), w_DxV,
                             spec.kernel_impl)
@@ -135,6 +144,27 @@ def _select(spec, params, h_BxKxD, u_BxK, counts, temperature, penalty):
     else:  # Kernels apply the penalty inside their vocabulary loop.
       tok = projection.argmax(h_BxKxD[:, i], w_DxV, spec.kernel_impl, counts,
                               penalty)
+    counts = _count(counts, tok)
+    tokens.append(tok)
+  return jnp.stack(tokens, axis=1), counts
+
+
+def _sample_slots(spec, w_DxV, h_BxKxD, u_BxK, counts, temperature,
+                  penalty):
+  """A student's sampled readout (DecodeSpec.readout): one projection for
+  all k slots without a penalty, slot by slot with one (as `_select`)."""
+  b, k, d = h_BxKxD.shape
+  u2_BxK = noise_lib.fine_uniform(u_BxK)
+  if counts is None:
+    tok = projection.inverse_cdf(h_BxKxD.reshape(b * k, d), w_DxV,
+                                 u2_BxK.reshape(b * k), spec.kernel_impl,
+                                 temperature)
+    return tok.reshape(b, k), None
+  tokens = []
+  for i in range(k):
+    tok = projection.inverse_cdf(h_BxKxD[:, i], w_DxV, u2_BxK[:, i],
+                                 spec.kernel_impl, temperature, counts,
+                                 penalty)
     counts = _count(counts, tok)
     tokens.append(tok)
   return jnp.stack(tokens, axis=1), counts
@@ -453,7 +483,8 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
              frequency_penalty: float = 0.0, eos_id: int | None = None,
              pad_id: int = 0, kernel_impl: str = 'auto',
              prompt_width: int | None = None,
-             attention_impl: str = 'auto') -> GenerateOutput:
+             attention_impl: str = 'auto',
+             readout: str = 'argmax') -> GenerateOutput:
   """Decodes `max_new_tokens` per prompt, k tokens per forward pass.
 
   Args:
@@ -467,10 +498,11 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
     noise: (B, max_new_tokens) uniforms in [0, 1): token n uses noise[:, n].
       If None, drawn from `rng` (default PRNGKey(0)) in float32, with or
       without jax_enable_x64. Pass noise or rng, not both.
-    temperature: AR sampling temperature, >= 1e-30 and finite in float32
-      (near 0 it approaches greedy); ignored by students, whose noise
-      encoder is fed tau = 1, but checked for them too; ignored and not
-      checked under greedy=True (where 0 is fine).
+    temperature: sampling temperature, >= 1e-30 and finite in float32
+      (near 0 it approaches greedy): the AR teacher's, and a student's
+      with readout='sample'; an argmax student ignores it (its noise
+      encoder is fed tau = 1) but it is checked for it too; ignored and
+      not checked under greedy=True (where 0 is fine).
     greedy: AR argmax decoding.
     frequency_penalty: lambda >= 0 of docs/METHOD.md (logit - lambda * count
       of the token so far, prompt included, slot by slot); 0 disables. At
@@ -490,6 +522,9 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
     attention_impl: cached attention, 'auto' | 'xla' | 'pallas' (see
       `attention_impl`); the same attention up to rounding, so bfloat16
       tokens can differ at near-ties.
+    readout: a student's tokens, 'argmax' (the paper's) or 'sample' (its
+      softmax at `temperature`, drawn with the low bits of each u; see
+      `DecodeSpec.readout`). Only 'argmax' for an AR teacher.
   Returns:
     GenerateOutput(tokens (B, max_new_tokens), lengths (B,)).
   """
@@ -544,8 +579,8 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
   temperature, frequency_penalty = float(temperature), float(frequency_penalty)
   # The loop computes in float32: a smaller temperature overflows
   # logits / temperature into NaN (all-zero tokens), and one beyond float32
-  # is inf. Checked for students too, which ignore it: a nonsense value is
-  # a caller's mistake either way. Not under greedy, where temperature=0
+  # is inf. Checked for argmax students too, which ignore it: a nonsense
+  # value is a caller's mistake either way. Not under greedy, where temperature=0
   # is a common way of saying argmax.
   if not greedy:
     check_sampling_temperature(temperature, 'greedy=True')
@@ -561,7 +596,8 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
                     prompt_len=prompts_BxP.shape[1], greedy=greedy,
                     use_penalty=frequency_penalty != 0.0,
                     eos_id=-1 if eos_id is None else eos_id, pad_id=pad_id,
-                    kernel_impl=kernel_impl, attention_impl=attention_impl)
+                    kernel_impl=kernel_impl, attention_impl=attention_impl,
+                    readout=readout)
   if noise is None:
     rng = jax.random.PRNGKey(0) if rng is None else rng
     try:

@@ -24,6 +24,11 @@ KEY_LAYOUTS = ('auto', 'k', 'kt')
 ATTENTION_IMPLS = ('auto',) + model_lib.ATTENTION_IMPLS
 
 
+# DecodeSpec.readout values: how a student turns a slot's logits into its
+# token.
+READOUTS = ('argmax', 'sample')
+
+
 def check_k(cfg: model_lib.ModelConfig, k, name: str = 'k') -> int:
   """k as an int in [1, window] (1 for an AR teacher); raises ValueError."""
   k = model_lib.as_int(k, name, 1)
@@ -109,6 +114,11 @@ class DecodeSpec:
   # `attention_impl(spec)`; 'xla' or 'pallas' forces one (the same
   # attention to rounding; 'pallas' runs interpret mode off GPU).
   attention_impl: str = 'auto'
+  # Students only. 'argmax' (the paper's): the slot's most likely token.
+  # 'sample' (ours): inverse CDF of the slot's softmax at the loop's
+  # temperature, drawn with `noise.fine_uniform` of the slot's u, the bits
+  # its noise encoder cannot resolve; still a function of the noise.
+  readout: str = 'argmax'
 
   def __post_init__(self):
     # Checked here, not only in `generate`, because a bad spec handed to
@@ -141,6 +151,16 @@ class DecodeSpec:
                        f'expected one of {ATTENTION_IMPLS}')
     if self.attention_impl == 'pallas' and (misfit := _pallas_misfit(self)):
       raise ValueError(f"DecodeSpec: attention_impl='pallas' {misfit}")
+    if self.readout not in READOUTS:
+      raise ValueError(f'DecodeSpec.readout={self.readout!r}: expected one '
+                       f'of {READOUTS}')
+    if self.readout != 'argmax' and not self.is_student:
+      raise ValueError(f'DecodeSpec.readout={self.readout!r} is for '
+                       'students; an AR teacher samples by inverse CDF of '
+                       'its u already (greedy=True for argmax)')
+    if self.readout != 'argmax' and self.greedy:
+      raise ValueError(f'DecodeSpec.readout={self.readout!r} with '
+                       'greedy=True: a greedy decode takes the argmax')
     projection.check_impl(self.kernel_impl)
     # Rotary angles beyond the model's table would be clipped, not
     # extrapolated: refuse a loop whose positions could reach them.

@@ -93,6 +93,14 @@ def base_config() -> ml_collections.ConfigDict:
   # Self-forcing only. Above 1 the targets spread over more tokens; on the
   # demo 1.3 did not lift the students' entropy (README, Results).
   ds.teacher_temperature = 1.0
+  # How the frozen student of stages 2, 4, ... emits the tokens its
+  # successor learns (decode.READOUTS): 'argmax' (the paper's) or 'sample'
+  # (ours: its softmax at distill.readout_temperature, drawn with the low
+  # bits of u, as decode's readout 'sample'), which hands on a spread of
+  # tokens rather than the mode. Self-forcing only. On the demo neither
+  # helped (README, Results).
+  ds.readout = 'argmax'
+  ds.readout_temperature = 1.0
   ds.checkpoint_every = 100  # Steps between checkpoints of a stage.
   ds.eval_every = 100  # Steps between held-out per-slot accuracy evals.
   ds.eval_batches = 4  # Held-out batches (distill.batch_size) per eval.
@@ -107,6 +115,10 @@ def base_config() -> ml_collections.ConfigDict:
   e.ks = ()  # Student k values to evaluate; () = 1..largest trained window.
   e.penalties = {'k2': 0.2, 'k3': 0.4, 'k4': 0.5}  # Frequency-penalty lambda
   #   per k (docs/METHOD.md); each such k also gets an unpenalised row.
+  # > 0: each student k also gets a row 'student_k<k>_sample', read out by
+  # sampling its softmax at this temperature (decode readout 'sample'); 0:
+  # argmax rows only (the paper's readout).
+  e.sample_temperature = 0.0
   e.evaluator = ''  # Local save_pretrained dir of an HF causal LM (paper:
   #                   GPT-2 Large); '' skips the evaluator perplexity.
   e.evaluator_batch_size = 8  # Texts per evaluator forward pass.
@@ -166,6 +178,8 @@ def base_config() -> ml_collections.ConfigDict:
   b.seed = 0  # Prompts, noise and random weights.
   b.key_layout = 'auto'  # KV-cache key layout: 'auto' (per backend), 'k', 'kt'.
   b.attention_impl = 'auto'  # Cached attention: 'auto', 'xla', 'pallas' (GPU).
+  b.readout = 'argmax'  # 'argmax' (greedy AR, argmax students) or 'sample'
+  #                       (inverse-CDF AR, sampled students; temperature 1).
   b.profile = False  # Also trace each cell once: ops per step (W/profile).
 
   # --- Vocabulary projection kernels (kforcing_jax/kernels). ---
@@ -191,6 +205,10 @@ def base_config() -> ml_collections.ConfigDict:
   dc.max_new_tokens = 64  # New tokens per prompt (capped by model.seq_len).
   dc.temperature = 1.0  # Softmax temperature for AR sampling.
   dc.greedy = False  # Argmax instead of inverse-CDF sampling (AR only).
+  # A student's tokens (decode.READOUTS): 'argmax' of its noise slots (the
+  # paper's), or 'sample' from its softmax at decode.temperature, drawn
+  # with the low bits of each slot's u.
+  dc.readout = 'argmax'
   dc.frequency_penalty = 0.0  # Frequency penalty lambda (teacher too); a
   #                             token's count includes the prompt's.
   dc.seed = 0  # Seed of the uniform decoding noise.
@@ -328,6 +346,25 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise ValueError(f'distill.teacher_temperature={ds.teacher_temperature}'
                      ' is for self-forcing; noise inversion targets the '
                      'data itself')
+  from kforcing_jax import decode_spec  # pylint: disable=g-import-not-at-top
+  if ds.readout not in decode_spec.READOUTS:
+    raise ValueError(f'distill.readout={ds.readout!r}: expected one of '
+                     f'{decode_spec.READOUTS}')
+  if c.decode.readout not in decode_spec.READOUTS:
+    raise ValueError(f'decode.readout={c.decode.readout!r}: expected one of '
+                     f'{decode_spec.READOUTS}')
+  try:
+    decode_checks.check_sampling_temperature(ds.readout_temperature, '')
+  except ValueError:
+    raise ValueError(f'distill.readout_temperature={ds.readout_temperature}'
+                     ' must be finite in float32 and >= '
+                     f'{decode_checks.MIN_TEMPERATURE:g}') from None
+  if ds.readout == 'argmax' and ds.readout_temperature != 1.0:
+    raise ValueError(f'distill.readout_temperature={ds.readout_temperature} '
+                     "is for distill.readout='sample'; the argmax has none")
+  if ds.method == 'noise_inversion' and ds.readout != 'argmax':
+    raise ValueError(f'distill.readout={ds.readout!r} is for self-forcing; '
+                     'noise inversion targets the data itself')
   if c.kernels.impl not in ('auto', 'pallas', 'chunked', 'reference'):
     raise ValueError(f'kernels.impl={c.kernels.impl!r}; expected auto, '
                      'pallas, chunked or reference')

@@ -5,6 +5,9 @@ Stage k=1: targets are the frozen AR teacher's inverse-CDF tokens
 Stage k=2m: targets are the frozen window-m student's own rollout, the
   double forward: pass 1 emits y_1..y_m from (x_<=t, u_1..u_m); pass 2 feeds
   y_1..y_m back as tokens at t+1..t+m with noise u_(m+1)..u_2m after them.
+  The student emits with its readout (distill.readout, decode.READOUTS):
+  argmax (the paper's) or a draw from its softmax at
+  distill.readout_temperature with the low bits of u.
 Noise inversion (baseline): targets are the real data tokens, each u drawn
   inside its token's CDF interval under the AR teacher.
 Contexts are real training sequences; each sampled window t of a sequence
@@ -22,6 +25,7 @@ from kforcing_jax import model as model_lib
 from kforcing_jax import noise as noise_lib
 from kforcing_jax import projection
 from kforcing_jax import train as train_lib
+from kforcing_jax.decode_spec import READOUTS
 
 _BACKBONE_FIELDS = ('vocab_size', 'seq_len', 'num_layers', 'd_model',
                     'num_heads', 'mlp_dim', 'rope_base')
@@ -119,10 +123,19 @@ def pf_slot_logits(cfg, params, tokens_BxN, windows_BxM, u_BxMxK,
   return projection.logits(h, params['unembed']['kernel'])
 
 
-def _argmax_slots(params, h_BxMxKxD, impl):
+def _readout_slots(params, h_BxMxKxD, u_BxMxK, impl, readout, precision,
+                   temperature):
+  """The slots' tokens as the decoder's readout emits them (argmax, or the
+  inverse CDF of the softmax at `temperature` at `noise.fine_uniform(u)`)."""
   *lead, d = h_BxMxKxD.shape
-  tokens = projection.argmax(h_BxMxKxD.reshape(-1, d),
-                             params['unembed']['kernel'], impl)
+  h_MxD = h_BxMxKxD.reshape(-1, d)
+  w_DxV = params['unembed']['kernel']
+  if readout == 'argmax':
+    tokens = projection.argmax(h_MxD, w_DxV, impl)
+  else:
+    tokens = projection.inverse_cdf(
+        h_MxD, w_DxV, noise_lib.fine_uniform(u_BxMxK).reshape(-1), impl,
+        temperature, precision=precision)
   return tokens.reshape(lead)
 
 
@@ -142,17 +155,25 @@ def ar_targets(teacher_cfg, teacher_params, tokens_BxN, windows_BxM, u_BxMx1,
 
 
 def self_forcing_targets(prev_cfg, prev_params, tokens_BxN, windows_BxM,
-                         u_BxMxK, impl='reference'):
-  """Stage 2m: the window-m student's double forward, 2m tokens per window."""
+                         u_BxMxK, impl='reference', readout='argmax',
+                         precision='auto', temperature=1.0):
+  """Stage 2m: the window-m student's double forward, 2m tokens per window,
+  each emitted by `readout` ('argmax' or 'sample'; `precision` and
+  `temperature` are the sampled readout's, as ar_targets')."""
   m = prev_cfg.noise_window
   if u_BxMxK.shape[-1] != 2 * m:
     raise ValueError(f'double forward of a window-{m} model needs {2 * m} '
                      f'noise values per window, got {u_BxMxK.shape[-1]}')
-  first = _argmax_slots(prev_params, pf_slot_hidden(
-      prev_cfg, prev_params, tokens_BxN, windows_BxM, u_BxMxK[..., :m]), impl)
-  second = _argmax_slots(prev_params, pf_slot_hidden(
-      prev_cfg, prev_params, tokens_BxN, windows_BxM, u_BxMxK[..., m:],
-      slot_tokens_BxMxT=first), impl)
+  if readout not in READOUTS:
+    raise ValueError(f'readout={readout!r}: expected one of {READOUTS}')
+  u_first, u_second = u_BxMxK[..., :m], u_BxMxK[..., m:]
+  first = _readout_slots(prev_params, pf_slot_hidden(
+      prev_cfg, prev_params, tokens_BxN, windows_BxM, u_first), u_first,
+                         impl, readout, precision, temperature)
+  second = _readout_slots(prev_params, pf_slot_hidden(
+      prev_cfg, prev_params, tokens_BxN, windows_BxM, u_second,
+      slot_tokens_BxMxT=first), u_second, impl, readout, precision,
+                          temperature)
   return jnp.concatenate([first, second], -1)
 
 
@@ -192,6 +213,8 @@ class Stage:
   precision: str = 'auto'
   kernel_impl: str = 'auto'  # Vocabulary projection (projection.py).
   teacher_temperature: float = 1.0  # Of an AR source (distill.*).
+  readout: str = 'argmax'  # Of a student source (distill.*),
+  readout_temperature: float = 1.0  # and its sampled readout's.
 
   def extras(self, rng, tokens_BxN, frozen):
     """Windows, noise and targets for a global batch (device-count free)."""
@@ -209,7 +232,9 @@ class Stage:
                            self.teacher_temperature)
     else:
       targets = self_forcing_targets(self.source_cfg, frozen, tokens_BxN,
-                                     windows, u, self.kernel_impl)
+                                     windows, u, self.kernel_impl,
+                                     self.readout, self.precision,
+                                     self.readout_temperature)
     return {'windows': windows, 'u': u, 'targets': targets}
 
   def loss(self, params, tokens_BxN, extras, rng, frozen):

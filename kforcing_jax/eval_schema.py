@@ -19,6 +19,9 @@ checks it):
         "kind": "data" | "teacher" | "student",
         "run": str | null,             # run directory name, e.g. student_k4
         "k": int, "penalty": float,
+        "readout": "argmax" | "sample",  # students only, optional (not
+        "temperature": float,            # in older files: argmax); the
+                                         # sampled readout's temperature
         "samples_file": str,           # relative: samples/NAME.jsonl
         "decode": null | {"seconds": float, "tokens_per_s": float,
                           "includes_compile": bool},
@@ -37,7 +40,8 @@ checks it):
           "n": int}   # n samples contributing; null values when n == 0.
   SWEEP = noise_sweep.py's JSON form (STATs over contexts, not samples).
 
-Each samples/NAME.jsonl line: {"index", "model", "k", "penalty", "prefix"
+Each samples/NAME.jsonl line: {"index", "model", "k", "penalty", "readout"
+and "temperature" (students only), "prefix"
 (text), "text" (prefix + continuation, decoded together by the data
 tokenizer, which drops eos: the evaluator scores the same ids with each eos
 written as its own eos token), "prefix_ids",
@@ -51,6 +55,7 @@ rows whose evaluator_nll is null), "entropy"}.
 import math
 
 from kforcing_jax import checkpoints
+from kforcing_jax import decode_spec
 from kforcing_jax import eval_metrics
 from kforcing_jax import noise_sweep
 
@@ -114,6 +119,14 @@ def _check_model(entry, where: str):
   _need(entry, 'run', (str, type(None)), where)
   k = _need(entry, 'k', int, where)
   _need(entry, 'penalty', (float, int), where)
+  if 'readout' in entry:  # Absent in eval.json files from before it.
+    readout = _need(entry, 'readout', str, where)
+    if readout not in decode_spec.READOUTS:
+      raise ValueError(f'eval.json: {where}.readout={readout!r} unknown')
+    temperature = _need(entry, 'temperature', (float, int), where)
+    if not 0 < temperature < math.inf:
+      raise ValueError(f'eval.json: {where}.temperature={temperature} must '
+                       'be finite and > 0')
   _need(entry, 'samples_file', str, where)
   dec = _need(entry, 'decode', (dict, type(None)), where)
   if dec is not None:

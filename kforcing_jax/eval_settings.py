@@ -24,6 +24,7 @@ _DEFAULTS = {
     'split': '',
     'sweep_contexts': 32,
     'sweep_grid': 1024,
+    'sample_temperature': 0.0,
 }
 
 
@@ -43,6 +44,9 @@ class EvalSettings:
   split: str  # '' means data.eval_split.
   sweep_contexts: int  # Held-out contexts of the noise sweep; 0: none.
   sweep_grid: int  # u grid points per swept context.
+  # > 0: every student k also gets a row decoded with readout 'sample' at
+  # this temperature (decode.DecodeSpec.readout); 0: none.
+  sample_temperature: float = 0.0
 
   def penalty(self, k: int) -> float:
     return dict(self.penalties).get(k, 0.0)
@@ -92,7 +96,8 @@ def settings_from_config(config) -> EvalSettings:
       evaluator_batch_size=int(raw['evaluator_batch_size']),
       bootstrap=int(raw['bootstrap']), ci_level=float(raw['ci_level']),
       split=str(raw['split']), sweep_contexts=int(raw['sweep_contexts']),
-      sweep_grid=int(raw['sweep_grid']))
+      sweep_grid=int(raw['sweep_grid']),
+      sample_temperature=float(raw['sample_temperature']))
   for name in ('num_samples', 'prefix_len', 'batch_size',
                'evaluator_batch_size', 'sweep_grid'):
     if getattr(s, name) < 1:
@@ -104,6 +109,13 @@ def settings_from_config(config) -> EvalSettings:
                      '(0 skips the noise sweep)')
   if not 0 < s.ci_level < 1:
     raise ValueError(f'eval.ci_level={s.ci_level} not in (0, 1)')
+  if s.sample_temperature != 0:
+    try:  # The decoder's bounds: logits / temperature finite in float32.
+      decode.check_sampling_temperature(s.sample_temperature, '')
+    except ValueError:
+      raise ValueError(f'eval.sample_temperature={s.sample_temperature} must '
+                       'be 0 (no sampled-readout rows) or finite in float32 '
+                       f'and >= {decode.MIN_TEMPERATURE:g}') from None
   if any(k < 1 for k in s.ks):
     raise ValueError(f'eval.ks={s.ks}: every k must be >= 1')
   if len(set(s.ks)) != len(s.ks):

@@ -11,7 +11,10 @@ Models, in order: 'data' (the held-out continuations themselves, a
 reference row with no decoding), 'teacher' (k=1), and 'student_k<k>' for
 k in `eval.ks` (default 1..the largest trained window), each decoded by the
 smallest trained student window >= k, plus 'student_k<k>_penalty' where
-`eval.penalties[k]` > 0 (docs/METHOD.md's frequency penalty).
+`eval.penalties[k]` > 0 (docs/METHOD.md's frequency penalty) and
+'student_k<k>_sample' where `eval.sample_temperature` > 0 (the student's
+sampled readout at that temperature, decode.DecodeSpec.readout; argmax
+everywhere else).
 
 Metrics (all on the generated tokens only, prefix excluded; per sample, then
 the mean over samples with a bootstrap CI over samples; the perplexities
@@ -98,6 +101,8 @@ class ModelEntry:
   run: str | None  # Run directory name under the workdir.
   k: int
   penalty: float = 0.0
+  readout: str = 'argmax'  # A student's (decode.READOUTS).
+  temperature: float = 1.0  # Of a student's sampled readout.
 
 
 def plan_models(windows: Sequence[int],
@@ -116,13 +121,18 @@ def plan_models(windows: Sequence[int],
     if s.penalty(k) > 0:
       plan.append(ModelEntry(f'student_k{k}_penalty', 'student', run, k,
                              s.penalty(k)))
+    if s.sample_temperature > 0:
+      plan.append(ModelEntry(f'student_k{k}_sample', 'student', run, k,
+                             readout='sample',
+                             temperature=s.sample_temperature))
   return plan
 
 
 def generate_fixed(cfg, params, prefixes_BxP, noise_BxT, k: int,
                    penalty: float = 0.0,
                    kernel_impl: str = 'auto',
-                   attention_impl: str = 'auto') -> np.ndarray:
+                   attention_impl: str = 'auto', readout: str = 'argmax',
+                   temperature: float = 1.0) -> np.ndarray:
   """Exactly T = noise.shape[1] new tokens, k per pass, within seq_len.
 
   When k does not divide T, the last r = T % k tokens come from one more
@@ -133,19 +143,18 @@ def generate_fixed(cfg, params, prefixes_BxP, noise_BxT, k: int,
   max_new = noise_BxT.shape[1]
   main = max_new // k * k
   parts = []
+  same = dict(frequency_penalty=penalty, eos_id=None, kernel_impl=kernel_impl,
+              attention_impl=attention_impl, readout=readout,
+              temperature=temperature)
   if main:
     parts.append(decode.generate(
         params, cfg, prefixes_BxP, max_new_tokens=main, k=k,
-        noise=noise_BxT[:, :main], frequency_penalty=penalty,
-        eos_id=None, kernel_impl=kernel_impl,
-        attention_impl=attention_impl).tokens)
+        noise=noise_BxT[:, :main], **same).tokens)
   if main < max_new:
     context = np.concatenate([prefixes_BxP] + parts, axis=1)
     parts.append(decode.generate(
         params, cfg, context, max_new_tokens=max_new - main,
-        k=max_new - main, noise=noise_BxT[:, main:],
-        frequency_penalty=penalty, eos_id=None,
-        kernel_impl=kernel_impl, attention_impl=attention_impl).tokens)
+        k=max_new - main, noise=noise_BxT[:, main:], **same).tokens)
   return np.concatenate(parts, axis=1)
 
 
@@ -168,7 +177,8 @@ def decode_all(cfg, params, entry: ModelEntry, prefixes_NxP, noise_NxT,
         cfg, params,
         eval_metrics.pad_rows(prefixes_NxP[lo:lo + rows], batch_size),
         eval_metrics.pad_rows(noise_NxT[lo:lo + rows], batch_size), entry.k,
-        entry.penalty, kernel_impl, attention_impl)
+        entry.penalty, kernel_impl, attention_impl, entry.readout,
+        entry.temperature)
     times.append((time.perf_counter() - t0, batch_size * max_new))
     outs.append(tokens[:rows])
   steady = times[1:] or times
@@ -248,9 +258,17 @@ def _model_row(entry, tokens_NxT, teacher_nll, evaluator_nll, teacher_tokens,
       coupling['forced_agreement'] = boot(c['forced_agreement'])
       coupling['forced_per_slot'] = slots('forced_per_slot')
   return {'kind': entry.kind, 'run': entry.run, 'k': entry.k,
-          'penalty': float(entry.penalty),
+          'penalty': float(entry.penalty), **_readout(entry),
           'samples_file': f'samples/{entry.name}.jsonl',
           'decode': timing, 'metrics': metrics, 'coupling': coupling}, stats
+
+
+def _readout(entry) -> dict:
+  """A student's readout and its temperature; nothing for the teacher,
+  which samples its u itself, or the data."""
+  if entry.kind != 'student':
+    return {}
+  return {'readout': entry.readout, 'temperature': float(entry.temperature)}
 
 
 def _sample_lines(entry, prefixes, tokens, prefix_texts, texts, teacher_nll,
@@ -261,7 +279,8 @@ def _sample_lines(entry, prefixes, tokens, prefix_texts, texts, teacher_nll,
           _mean_or_none(evaluator_nll[0][i], evaluator_nll[1][i]))
     lines.append(json.dumps({
         'index': i, 'model': entry.name, 'k': entry.k,
-        'penalty': float(entry.penalty), 'prefix': prefix_texts[i],
+        'penalty': float(entry.penalty), **_readout(entry),
+        'prefix': prefix_texts[i],
         'text': texts[i], 'prefix_ids': prefixes[i].tolist(),
         'token_ids': tokens[i].tolist(),
         'teacher_nll': _mean_or_none(teacher_nll[0][i], teacher_nll[1][i]),
@@ -474,8 +493,9 @@ class _Sweeper:
     self._runs = {}
 
   def per_context(self, entry):
+    # The sweep maps u to slot 1's argmax: the unpenalised argmax rows'.
     if (entry.kind != 'student' or entry.penalty > 0 or
-        self._s.sweep_contexts == 0):
+        entry.readout != 'argmax' or self._s.sweep_contexts == 0):
       return None
     if entry.run not in self._runs:
       if self._contexts is None:

@@ -449,6 +449,24 @@ def check_noise(u) -> None:
       f'{span}; {n_nonfinite} non-finite')
 
 
+# The student's sampled readout (DecodeSpec.readout='sample') draws its
+# token with the bits of u below 1 / FINE_NOISE_SCALE. Its noise encoder's
+# fastest feature has period 1 / model.noise_scale (1/1000 by default), but
+# trained students resolve u far more coarsely (on the demo, slot 1 emits
+# about 14 distinct tokens over a 1024-point u grid where the teacher's
+# map has 304), so these bits are fresh randomness to them: the draw
+# follows the student's own softmax. jax.random.uniform's float32 u
+# carries 23 random bits, which leaves 13 for it.
+FINE_NOISE_SCALE = 1024.0
+
+
+def fine_uniform(u):
+  """frac(u * FINE_NOISE_SCALE): a second uniform in [0, 1) made from the
+  low bits of u, exact in float32 (the scale is a power of two)."""
+  x = jnp.asarray(u, jnp.float32) * FINE_NOISE_SCALE
+  return x - jnp.floor(x)
+
+
 # --------------------------------------------------------------------------
 # Noise features and encoder.
 # --------------------------------------------------------------------------

@@ -137,15 +137,15 @@ def quality_section(workdir):
            f"prefixes completed to {s['seq_len']} tokens, one shared noise "
            f"array (seed {s['seed']}); {_ci_label(s)}.", '',
            *_evaluator_lines(s.get('evaluator', '')),
-           '| model | k | penalty | gen. ppl (teacher) | gen. ppl '
+           '| model | k | penalty | readout | gen. ppl (teacher) | gen. ppl '
            '(evaluator) | entropy | distinct-4 | rep-4 | agreement with '
            'teacher | agreement per slot | teacher-forced per slot |',
-           '|---|---|---|---|---|---|---|---|---|---|---|']
+           '|---|---|---|---|---|---|---|---|---|---|---|---|']
   for name, m in ev['models'].items():
     x = m['metrics']
     coupling = m.get('coupling') or {}
     lines.append(
-        f"| {name} | {m['k']} | {m['penalty']:g} | "
+        f"| {name} | {m['k']} | {m['penalty']:g} | {_readout(m)} | "
         f"{_stat(x['teacher_ppl'])} | {_stat(x.get('evaluator_ppl'))} | "
         f"{_stat(x['entropy'], 3)} | {_stat(x['distinct_4'], 3)} | "
         f"{_stat(x['repetition_4'], 3)} | "
@@ -155,6 +155,16 @@ def quality_section(workdir):
   lines += _sweep_lines(ev['models'])
   lines += [''] + [f'- {n}' for n in ev.get('notes', [])]
   return lines
+
+
+def _readout(model) -> str:
+  """A student's readout ('argmax', or 'sample' with its temperature);
+  '-' for the teacher and the data."""
+  if model['kind'] != 'student':
+    return '-'
+  if model.get('readout', 'argmax') == 'argmax':
+    return 'argmax'
+  return f"sample, T={model['temperature']:g}"
 
 
 def _per_slot(stats) -> str:

@@ -254,8 +254,13 @@ TEACHER_RECIPE = ('seed', 'data.shuffle_seed') + tuple(f'train.{k}' for k in (
 STUDENT_RECIPE = ('seed', 'data.shuffle_seed', 'train.b1',
                   'train.grad_clip') + tuple(
     f'distill.{k}' for k in ('batch_size', 'ema_decay', 'lr', 'method',
-                             'num_windows', 'precision', 'teacher_temperature',
+                             'num_windows', 'precision', 'readout',
+                             'readout_temperature', 'teacher_temperature',
                              'warmup_steps'))
+# Recipe fields of one kind of stage only: stage 1 (window 1) learns from
+# the AR teacher, later stages from the previous student.
+_FIRST_STAGE_ONLY = ('distill.teacher_temperature',)
+_LATER_STAGES_ONLY = ('distill.readout', 'distill.readout_temperature')
 
 
 def changed_recipe(task: Task, config, saved_meta: dict | None) -> list[str]:
@@ -263,11 +268,11 @@ def changed_recipe(task: Task, config, saved_meta: dict | None) -> list[str]:
   that `config` sets otherwise (fields a saved config lacks are skipped)."""
   saved = (saved_meta or {}).get('config') or {}
   changed = []
-  for field in STUDENT_RECIPE if task.model_cfg.noise_window else \
-      TEACHER_RECIPE:
-    if field == 'distill.teacher_temperature' and \
-        task.model_cfg.noise_window > 1:
-      continue  # Only stage 1 learns from the AR teacher.
+  window = task.model_cfg.noise_window
+  skipped = _LATER_STAGES_ONLY if window == 1 else _FIRST_STAGE_ONLY
+  for field in STUDENT_RECIPE if window else TEACHER_RECIPE:
+    if field in skipped:
+      continue
     was, now, present = saved, config, True
     for part in field.split('.'):
       present = present and isinstance(was, dict) and part in was

@@ -62,7 +62,8 @@ KFORCING_SUBCOMMANDS = ('pipeline', 'train-teacher', 'distill', 'generate',
 _KFORCING_FLAGS = frozenset(
     '--' + name for name in (
         'config', 'workdir', 'prompt', 'k', 'model', 'max_new_tokens',
-        'temperature', 'greedy', 'nogreedy', 'frequency_penalty', 'seed'))
+        'temperature', 'greedy', 'nogreedy', 'readout', 'frequency_penalty',
+        'seed'))
 
 # TPU software (runtime) version for each accelerator family, following the
 # Cloud TPU "TPU software versions" guide for JAX. Override with --version.

@@ -94,10 +94,14 @@ def minimal_eval_json():
   from kforcing_jax import eval_schema  # pylint: disable=g-import-not-at-top
   settings = {key: (0.95 if typ is float else '' if typ is str else 1)
               for key, typ in eval_schema.SETTINGS_TYPES.items()}
+  # The student with the optional readout keys, the teacher without (as
+  # files from before them).
+  student = _eval_entry('student', 2) | {'readout': 'argmax',
+                                         'temperature': 1.0}
   return {'schema_version': eval_schema.SCHEMA_VERSION, 'name': 'x',
           'settings': settings, 'notes': [],
           'models': {'teacher': _eval_entry('teacher'),
-                     'student_k2': _eval_entry('student', 2)}}
+                     'student_k2': student}}
 
 
 def decode_variants(small_cfg, k, variants, seed):

@@ -521,6 +521,32 @@ def test_bench_decodes_with_the_configured_projection(tmp_path,
     bench_settings.settings_from_config(_tiny_config(kernel_impl='chunked'))
 
 
+def test_bench_readout_samples_the_teacher_and_the_students(tmp_path,
+                                                              monkeypatch):
+  # bench.readout='sample': the AR teacher samples by inverse CDF (not
+  # greedy) and the students read out by sampling, so both pay for it.
+  config = _tiny_config(**dict(_FAST, batch_sizes=(1,), ks=(2,),
+                               readout='sample'))
+  specs = []
+  real_spec = bench_timing.decode.DecodeSpec
+
+  def spec(**kwargs):
+    made = real_spec(**kwargs)
+    specs.append((made.k, made.greedy, made.readout))
+    return made
+
+  monkeypatch.setattr(bench_timing.decode, 'DecodeSpec', spec)
+  out = bench.run_bench(config, str(tmp_path), log=lambda _: None)
+  assert sorted(specs) == [(1, False, 'argmax'), (2, False, 'sample')]
+  assert out['settings']['readout'] == 'sample'
+  bench_schema.validate_bench_json(out)
+  out['settings']['readout'] = 'nucleus'
+  with pytest.raises(ValueError, match="settings.readout='nucleus' not in"):
+    bench_schema.validate_bench_json(out)
+  with pytest.raises(ValueError, match="bench.readout='top_k'; expected one"):
+    bench_settings.settings_from_config(_tiny_config(readout='top_k'))
+
+
 def test_random_weight_fallback_is_announced(tmp_path):
   # No trained runs in the workdir: every model falls back to random
   # weights, which the log must say (the rows alone say '(random)').

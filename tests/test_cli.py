@@ -244,7 +244,7 @@ def test_mesh_settings_are_said_and_generate_prints_once(tmp_path,
   flags_obj = types.SimpleNamespace(
       workdir=str(tmp_path), k=1, seed=None, model='', prompt=['the'],
       config=None, max_new_tokens=40, temperature=None, greedy=None,
-      frequency_penalty=None)
+      readout=None, frequency_penalty=None)
   commands.generate(flags_obj)
   shown = capsys.readouterr()
   assert json.loads(shown.out)['model'] == 'teacher'
@@ -460,7 +460,7 @@ def test_generate_applies_config_decode_overrides(tmp_path, monkeypatch):
   flags_obj = types.SimpleNamespace(
       workdir=str(tmp_path), config=config, prompt=['the'], k=1, model=None,
       seed=None, max_new_tokens=2, temperature=None, greedy=None,
-      frequency_penalty=None)
+      readout=None, frequency_penalty=None)
   monkeypatch.setattr(decode, 'generate', generate)
   commands.generate(flags_obj)
   assert seen == ['xla']

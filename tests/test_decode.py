@@ -580,6 +580,9 @@ def test_float64_noise_just_below_one_is_accepted(teacher):
     (0, dict(pad_id=2**31), 'pad_id=2147483648 is not an int32'),
     (0, dict(greedy='no'), "greedy must be a Python bool, got 'no'"),
     (0, dict(use_penalty=jnp.bool_(True)), 'use_penalty must be a Python'),
+    (4, dict(readout='top_p'), "readout='top_p': expected one of"),
+    (0, dict(readout='sample'), "readout='sample' is for students"),
+    (4, dict(readout='sample', greedy=True), 'greedy decode takes the argmax'),
 ])
 def test_bad_decode_spec_is_rejected(small_cfg, window, overrides, needle):
   # decode_loop trusts its spec, so a bad one must fail when it is built.
@@ -728,6 +731,47 @@ def test_student_penalty_is_applied_slot_by_slot(small_cfg, impl):
   plain = decode.generate(params, cfg, [prompt], max_new_tokens=k * steps,
                           k=k, noise=noise).tokens[0]
   assert not np.array_equal(plain, got)
+
+
+@pytest.mark.parametrize('penalty,impl', [(0.0, 'reference'),
+                                          (0.7, 'reference'),
+                                          (0.7, 'chunked')])
+def test_sampled_readout_is_the_inverse_cdf_at_the_fine_bits(small_cfg,
+                                                            penalty, impl):
+  # Reference as above: one uncached pass per step, then slot by slot the
+  # inverse CDF of the (penalised) logits at temperature 0.8, drawn with
+  # the low bits of the slot's u.
+  cfg = dataclasses.replace(small_cfg, noise_window=4)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(3))
+  k, steps, temperature = 4, 3, 0.8
+  prompt = [5, 9, 2, 33, 7]
+  noise = np.asarray(jax.random.uniform(jax.random.PRNGKey(4),
+                                        (1, k * steps)), np.float32)
+  got = decode.generate(params, cfg, [prompt], max_new_tokens=k * steps, k=k,
+                        noise=noise, frequency_penalty=penalty,
+                        temperature=temperature, readout='sample',
+                        kernel_impl=impl).tokens[0]
+  seq = list(prompt)
+  counts = np.bincount(prompt, minlength=cfg.vocab_size).astype(np.float32)
+  u2 = np.asarray(noise_lib.fine_uniform(noise[0]))
+  for step in range(steps):
+    spec = decode.DecodeSpec(model=cfg, k=k, num_steps=1, prompt_len=len(seq))
+    logits, _ = _forward(
+        spec, params, jnp.asarray([seq]),
+        jnp.asarray(noise[:, step * k:(step + 1) * k]),
+        decode.init_cache(spec, 1), 0, jnp.zeros((1,), jnp.int32))
+    for i in range(k):
+      tok = int(noise_lib.inverse_cdf(
+          logits[0, i] - penalty * counts, u2[step * k + i],
+          temperature=temperature))
+      counts[tok] += 1
+      seq.append(tok)
+  np.testing.assert_array_equal(got, seq[len(prompt):])
+  # The readout must matter here, or this test checks nothing.
+  argmax = decode.generate(params, cfg, [prompt], max_new_tokens=k * steps,
+                           k=k, noise=noise, frequency_penalty=penalty,
+                           kernel_impl=impl).tokens[0]
+  assert not np.array_equal(argmax, got)
 
 
 @pytest.mark.parametrize('k', [1, 3])

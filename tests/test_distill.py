@@ -113,23 +113,56 @@ def test_slots_ignore_context_after_their_window(small_cfg):
   assert float(jnp.abs(a[:, 1] - b[:, 1]).max()) > 1e-3  # t=7 sees it.
 
 
-def test_double_forward_equals_two_decoding_steps(small_cfg):
+_self_forcing_targets = jax.jit(distill.self_forcing_targets,
+                                static_argnums=(0, 5, 6, 7))
+
+
+@pytest.mark.parametrize('readout,temperature', [('argmax', 1.0),
+                                                 ('sample', 0.7)])
+def test_double_forward_equals_two_decoding_steps(small_cfg, readout,
+                                                  temperature):
+  # distill.readout: the previous student's tokens are the ones its decoder
+  # emits with that readout, sampled ones included (at its temperature).
   m = 2
   cfg, params = _student(small_cfg, m, seed=3)
   b, n = 2, 16
   tokens = jax.random.randint(jax.random.PRNGKey(1), (b, n), 0, 61)
   windows = jnp.array([[2, 6, 11], [0, 9, 5]])
   u = jax.random.uniform(jax.random.PRNGKey(6), (b, 3, 2 * m))
-  targets = np.asarray(jax.jit(distill.self_forcing_targets, static_argnums=0)(
-      cfg, params, tokens, windows, u))
+  targets = np.asarray(_self_forcing_targets(
+      cfg, params, tokens, windows, u, 'reference', readout, 'auto',
+      temperature))
   for r in range(b):
     for w in range(3):
       t = int(windows[r, w])
       # One prompt width: one compiled decode for every window.
       out = decode.generate(params, cfg, [np.asarray(tokens[r, :t + 1])],
                             max_new_tokens=2 * m, k=m, prompt_width=n,
-                            noise=np.asarray(u[r:r + 1, w]))
+                            noise=np.asarray(u[r:r + 1, w]), readout=readout,
+                            temperature=temperature)
       np.testing.assert_array_equal(out.tokens[0], targets[r, w])
+  if readout == 'sample':  # Else this checked argmax twice,
+    for other in (('argmax', 'auto', 1.0), ('sample', 'auto', 1.0)):
+      again = _self_forcing_targets(cfg, params, tokens, windows, u,
+                                    'reference', *other)
+      assert (np.asarray(again) != targets).any()  # or ignored it.
+
+
+def test_a_stage_rolls_its_source_out_with_the_configured_readout(small_cfg):
+  cfg, params = _student(small_cfg, 1, seed=3)
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, 61)
+  stage = distill.Stage(window=2, method='self_forcing',
+                        student_cfg=distill.student_config(small_cfg, 2),
+                        source_cfg=cfg, num_windows=4, readout='sample',
+                        readout_temperature=0.7)
+  extras = stage.extras(jax.random.PRNGKey(5), tokens, params)
+  expected = _self_forcing_targets(cfg, params, tokens, extras['windows'],
+                                   extras['u'], stage.kernel_impl, 'sample',
+                                   'auto', 0.7)
+  np.testing.assert_array_equal(extras['targets'], expected)
+  with pytest.raises(ValueError, match="readout='mode': expected one of"):
+    distill.self_forcing_targets(cfg, params, tokens, extras['windows'],
+                                 extras['u'], readout='mode')
 
 
 def test_ar_targets_are_inverse_cdf_samples_of_the_teacher(small_cfg):
@@ -181,12 +214,23 @@ def test_ar_targets_at_a_teacher_temperature(small_cfg, monkeypatch):
       assert out.tokens[0, 0] == extras['targets'][r, w, 0]
 
 
-def test_teacher_temperature_is_for_self_forcing_only():
+def test_teacher_temperature_and_readout_are_for_self_forcing_only():
   config = defaults.base_config()
   config.distill.method = 'noise_inversion'
   config.distill.teacher_temperature = 1.2
   with pytest.raises(ValueError, match='distill.teacher_temperature=1.2 is '
                      'for self-forcing; noise inversion targets the data'):
+    defaults.validate(config)
+  config.distill.teacher_temperature = 1.0
+  config.distill.readout = 'sample'
+  with pytest.raises(ValueError, match="distill.readout='sample' is for "
+                     'self-forcing; noise inversion targets the data'):
+    defaults.validate(config)
+  config.distill.method = 'self_forcing'
+  config.distill.readout = 'argmax'
+  config.distill.readout_temperature = 0.8
+  with pytest.raises(ValueError, match='distill.readout_temperature=0.8 is '
+                     "for distill.readout='sample'; the argmax has none"):
     defaults.validate(config)
 
 
@@ -439,17 +483,26 @@ def test_students_take_the_configs_noise_encoder_fields(tmp_path, capsys,
   config.model.noise_scale = 77.0
   config.model.noise_mlp_dim = 24
   config.distill.teacher_temperature = 1.5
-  temperatures = []
+  config.distill.readout = 'sample'
+  config.distill.readout_temperature = 0.9
+  temperatures, readouts = [], []
   real_targets = distill.ar_targets
   monkeypatch.setattr(distill, 'ar_targets', lambda *a: (
       temperatures.append(a[-1]), real_targets(*a))[1])
+  real_rollout = distill.self_forcing_targets
+  monkeypatch.setattr(distill, 'self_forcing_targets', lambda *a: (
+      readouts.append((a[6], a[8])), real_rollout(*a))[1])
   commands.run_distill(config, workdir)
   assert set(temperatures) == {1.5}  # Stage 1's targets, at the config's.
+  # Stage 2's, read out as configured, and said so.
+  assert set(readouts) == {('sample', 0.9)}
+  assert ('[student_k2] stage k=2 (self_forcing) from student_k1 (its '
+          'sample readout at temperature 0.9)') in capsys.readouterr().out
   for run in ('student_k1', 'student_k2'):
-    cfg, params, _ = checkpoints.load_params(os.path.join(workdir, run))
+    cfg, params, meta = checkpoints.load_params(os.path.join(workdir, run))
     assert (cfg.noise_scale, cfg.noise_mlp_dim) == (77.0, 24)
     assert params['noise_encoder']['mlp_in']['kernel'].shape[1] == 24
-  capsys.readouterr()
+    assert meta['config']['distill']['readout'] == 'sample'
   config.model.dtype = 'bfloat16'  # Not the teacher's: said, before the
   with pytest.raises(checkpoints.CheckpointError, match='model.dtype'):
     commands.run_distill(config, workdir)  # finished student refuses it.

@@ -248,7 +248,11 @@ def test_settings_defaults_and_overrides():
   assert s.penalty(4) == 0.5
   for bad, needle in (({'prefix_len': 0}, 'eval.prefix_len=0'),
                       ({'penalties': {'x': 1.0}}, "key 'x'"),
-                      ({'ci_level': 1.5}, 'eval.ci_level')):
+                      ({'ci_level': 1.5}, 'eval.ci_level'),
+                      ({'sample_temperature': -1.0},
+                       r'eval.sample_temperature=-1.0 must be 0 \(no '
+                       'sampled-readout rows\) or finite in float32 and '
+                       '>= 1e-30')):
     with pytest.raises(ValueError, match=needle):
       eval_settings.settings_from_config(
           ml_collections.ConfigDict({'eval': bad}))
@@ -276,6 +280,16 @@ def test_plan_models_picks_smallest_window():
   s = dataclasses.replace(_SETTINGS, ks=(8,))
   with pytest.raises(ValueError, match='k=8'):
     ev.plan_models([1, 2, 4], s)
+  # eval.sample_temperature: a sampled-readout row after each k's others.
+  s = dataclasses.replace(_SETTINGS, ks=(1, 2), sample_temperature=0.8)
+  plan = ev.plan_models([1, 2], s)
+  assert [e.name for e in plan][2:] == [
+      'student_k1', 'student_k1_sample', 'student_k2', 'student_k2_penalty',
+      'student_k2_sample']
+  sampled = plan[-1]
+  assert (sampled.run, sampled.k, sampled.penalty, sampled.readout,
+          sampled.temperature) == ('student_k2', 2, 0.0, 'sample', 0.8)
+  assert {e.readout for e in plan if 'sample' not in e.name} == {'argmax'}
 
 
 # --------------------------------------------------------------------------
@@ -507,6 +521,12 @@ def test_missing_transformers_names_the_extra(monkeypatch, tmp_path):
     (lambda d: d['models']['student_k2']['coupling'].pop('forced_per_slot'),
      'one of forced_agreement and forced_per_slot without the other'),
     (lambda d: d['models']['teacher'].update(k='1'), 'models.teacher.k'),
+    (lambda d: d['models']['student_k2'].update(readout='top_k'),
+     "models.student_k2.readout='top_k' unknown"),
+    (lambda d: d['models']['student_k2'].update(temperature=0.0),
+     'models.student_k2.temperature=0.0 must be finite and > 0'),
+    (lambda d: d['models']['student_k2'].pop('temperature'),
+     "missing key 'models.student_k2.temperature'"),
     (lambda d: d['models']['teacher']['metrics']['teacher_ppl'].update(
         mean=None), 'models.teacher.metrics.teacher_ppl'),
     # A negative n skipped every other check of the stat.
@@ -656,12 +676,37 @@ def test_run_evaluate_untrained_models(hf_dir, tmp_path, monkeypatch, capsys):
         ev.noise_sweep, name,
         lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
   config.eval.penalties = {'k2': 0.3}  # A penalised row of the same run.
+  config.eval.sample_temperature = 0.8  # And a sampled-readout row.
   result = ev.run_evaluate(config, workdir)
   d = _check_outputs(workdir, result, ['data', 'teacher', 'student_k2',
-                                       'student_k2_penalty'])
-  # The teacher is swept once, the run once; its penalised row gets none.
+                                       'student_k2_penalty',
+                                       'student_k2_sample'])
+  # The teacher is swept once, the run once; its penalised and sampled
+  # rows get none (the sweep maps u to the argmax).
   assert calls == ['teacher_grids', 'sweep_student']
-  assert d['models']['student_k2_penalty']['coupling']['noise_sweep'] is None
+  for name in ('student_k2_penalty', 'student_k2_sample'):
+    assert d['models'][name]['coupling']['noise_sweep'] is None
+  # The sampled row is the student's sampled readout of the shared noise.
+  rows = {}
+  for name in ('student_k2', 'student_k2_sample'):
+    with open(os.path.join(workdir, 'samples', f'{name}.jsonl')) as f:
+      rows[name] = [json.loads(line) for line in f]
+    entry = d['models'][name]
+    assert (entry['readout'], entry['temperature']) == (
+        (rows[name][0]['readout'], rows[name][0]['temperature']))
+  assert (d['models']['student_k2_sample']['readout'],
+          d['models']['student_k2_sample']['temperature']) == ('sample', 0.8)
+  assert d['models']['student_k2']['readout'] == 'argmax'
+  cfg, params, _ = ev.checkpoints.load_params(
+      os.path.join(workdir, 'student_k2'))
+  noise = np.asarray(jax.random.uniform(jax.random.PRNGKey(0), (5, 8)))
+  prefixes = np.array([r['prefix_ids'] for r in rows['student_k2_sample']])
+  want = ev.generate_fixed(cfg, params, prefixes, noise, 2,
+                           readout='sample', temperature=0.8)
+  got = np.array([r['token_ids'] for r in rows['student_k2_sample']])
+  np.testing.assert_array_equal(got, want)
+  assert (got != np.array([r['token_ids'] for r in rows['student_k2']])
+          ).any()
   out = capsys.readouterr().out
   assert '[eval] noise sweep: the teacher' in out
   assert d['settings']['max_new_tokens'] == 8
@@ -949,11 +994,56 @@ def test_generate_command_refuses_a_prompt_longer_than_seq_len(
                       lambda d: (cfg, params, {'config': config.to_dict()}))
   flags = types.SimpleNamespace(
       workdir=workdir, k=1, model='', config=None, max_new_tokens=None,
-      seed=None, temperature=None, greedy=None, frequency_penalty=None,
+      seed=None, temperature=None, greedy=None, readout=None,
+      frequency_penalty=None,
       prompt=['the cat sat on a mat while dogs ran far away from home'])
   with pytest.raises(ValueError, match=r'a prompt is \d+ tokens but '
                      r'model.seq_len is 14: no room to generate'):
     commands.generate(flags)
+
+
+def test_generate_command_reads_a_student_out_as_asked(
+    hf_dir, tmp_path, monkeypatch, capsys):
+  # --readout (decode.readout): a sampled student takes --temperature; an
+  # argmax student and the teacher say what they ignore.
+  import types  # pylint: disable=g-import-not-at-top
+  from kforcing_jax import commands  # pylint: disable=g-import-not-at-top
+  config, workdir = _untrained_setup(hf_dir, tmp_path, monkeypatch)
+  teacher_cfg = model_lib.ModelConfig.from_config(config.model)
+  runs = {'teacher': teacher_cfg,
+          'student_k2': dataclasses.replace(teacher_cfg, noise_window=2)}
+  monkeypatch.setattr(
+      commands.checkpoints, 'load_params',
+      lambda d: (runs[os.path.basename(d)], model_lib.init_params(
+          runs[os.path.basename(d)], jax.random.PRNGKey(0)),
+                 {'config': config.to_dict()}))
+  seen, real = [], decode.generate
+
+  def generate(*args, **kwargs):
+    seen.append((kwargs['readout'], kwargs['temperature']))
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(decode, 'generate', generate)
+  flags = types.SimpleNamespace(
+      workdir=workdir, k=2, model='', config=None, max_new_tokens=4,
+      seed=None, temperature=0.7, greedy=None, readout='sample',
+      frequency_penalty=None, prompt=['the cat'])
+  shown = []
+  for readout in ('sample', 'argmax'):
+    commands.generate(types.SimpleNamespace(**dict(vars(flags),
+                                                   readout=readout)))
+    shown.append(capsys.readouterr())
+  assert seen == [('sample', 0.7), ('argmax', 1.0)]
+  texts = [json.loads(out.out)['text'] for out in shown]
+  assert texts[0] != texts[1]
+  assert 'NOTE' not in shown[0].err
+  assert ("NOTE: --temperature ignored: a student's tokens are its readout "
+          'of its noise slots (argmax; --readout=sample draws them'
+          ) in shown[1].err
+  commands.generate(types.SimpleNamespace(**dict(vars(flags), k=1)))
+  assert seen[-1] == ('argmax', 0.7)  # The teacher samples at 0.7 anyway.
+  assert 'NOTE: --readout=sample ignored: it is a student' in (
+      capsys.readouterr().err)
 
 
 def test_report_names_the_ci_level_and_resamples(tmp_path):
@@ -985,3 +1075,10 @@ def test_report_shows_agreement_per_slot(tmp_path):
           report.quality_section(str(tmp_path)) if line.startswith('| ')}
   assert rows['| student_k2'].endswith('| 0.250 / 0.125 | 1.000 / 1.000 |')
   assert rows['| teacher'].endswith('| n/a | n/a |')
+  # The readout column: argmax, a sampled readout's temperature, or '-'.
+  assert rows['| student_k2'].startswith('| student_k2 | 2 | 0 | argmax | ')
+  assert rows['| teacher'].startswith('| teacher | 1 | 0 | - | ')
+  d['models']['student_k2'].update(readout='sample', temperature=0.8)
+  (tmp_path / 'eval.json').write_text(json.dumps(d))
+  assert any(line.startswith('| student_k2 | 2 | 0 | sample, T=0.8 | ')
+             for line in report.quality_section(str(tmp_path)))

@@ -336,3 +336,18 @@ def test_paper_configs_build_the_papers_noise_encoder():
     params = jax.eval_shape(lambda r, c=cfg: model_lib.init_params(c, r),
                             jax.random.PRNGKey(0))
     assert model_lib.count_params(params['noise_encoder']) == 5904384, name
+
+
+def test_fine_uniform_is_the_exact_fraction_of_the_scaled_u():
+  u = np.asarray(jax.random.uniform(jax.random.PRNGKey(0), (4096,)))
+  u = np.concatenate([u, [0.0, 1 / 1024, np.nextafter(np.float32(1), 0)]])
+  u = u.astype(np.float32)
+  got = np.asarray(noise.fine_uniform(u))
+  scaled = u.astype(np.float64) * noise.FINE_NOISE_SCALE
+  np.testing.assert_array_equal(got, scaled - np.floor(scaled))
+  assert got.min() >= 0 and got.max() < 1
+  # Uniform and nearly independent of the coarse bits the student sees:
+  # its mean in each of 4 coarse quarters of u is about 1/2.
+  for q in range(4):
+    part = got[(u >= q / 4) & (u < (q + 1) / 4)]
+    assert abs(part.mean() - 0.5) < 0.03, (q, part.mean())

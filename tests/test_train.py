@@ -108,6 +108,11 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
      '1e-30'),
     ('distill', 'teacher_temperature', math.inf,
      'distill.teacher_temperature=inf must be finite'),
+    ('distill', 'readout', 'mode', "distill.readout='mode': expected one of"),
+    ('distill', 'readout_temperature', 0.0,
+     'distill.readout_temperature=0.0 must be finite in float32 and >= '
+     '1e-30'),
+    ('decode', 'readout', 'top_k', "decode.readout='top_k': expected one of"),
     # A head dim of 8, which the Pallas attention cannot take.
     ('kernels', 'attention_impl', 'pallas', "kernels.attention_impl='pallas' "
      "for the config's model: needs a head dim .* this model has 8"),
@@ -260,12 +265,17 @@ def test_a_students_recipe_is_its_distill_settings():
   config.distill.lr, config.train.lr, config.distill.windows = 0.5, 0.5, (1,)
   config.seed, config.data.shuffle_seed = 7, 3
   config.distill.teacher_temperature = 1.5
-  # Only stage 1 learns from the AR teacher: later stages are not told.
+  config.distill.readout = 'sample'
+  config.distill.readout_temperature = 0.8
+  # Only stage 1 learns from the AR teacher, and only later stages from a
+  # student's readout: each stage is told of its own fields alone.
   assert train_lib.changed_recipe(student, config, saved) == [
-      'seed: 0 -> 7', 'data.shuffle_seed: 0 -> 3', 'distill.lr: 0.001 -> 0.5']
+      'seed: 0 -> 7', 'data.shuffle_seed: 0 -> 3', 'distill.lr: 0.001 -> 0.5',
+      "distill.readout: 'argmax' -> 'sample'",
+      'distill.readout_temperature: 1.0 -> 0.8']
   student.model_cfg.noise_window = 1
-  assert train_lib.changed_recipe(student, config, saved)[-1] == (
-      'distill.teacher_temperature: 1.0 -> 1.5')
+  assert train_lib.changed_recipe(student, config, saved)[-2:] == [
+      'distill.lr: 0.001 -> 0.5', 'distill.teacher_temperature: 1.0 -> 1.5']
 
 
 def test_ema_warms_up_from_the_init(tmp_path):
