@@ -75,7 +75,12 @@ def _distill_stage(config):
                 student_cfg=distill_lib.student_config(teacher_cfg, 4),
                 source_cfg=distill_lib.student_config(teacher_cfg, 2),
                 num_windows=config.distill.num_windows,
-                precision=config.distill.precision)
+                precision=config.distill.precision,
+                # A sampled rollout projects through other code than the
+                # argmax (full logits): compile the one distill runs.
+                readout=config.distill.get('readout', 'argmax'),
+                readout_temperature=float(
+                    config.distill.get('readout_temperature', 1.0)))
   if 'kernels' in config:  # Configs with projection kernels pick one.
     kwargs['kernel_impl'] = config.kernels.impl
   return distill_lib.Stage(**kwargs)

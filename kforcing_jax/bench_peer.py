@@ -50,6 +50,9 @@ def _run_peer(torch, transformers, threads, cfg, prompts, max_new, s, log):
   model = transformers.GPT2LMHeadModel(hf_cfg).eval().to(device)
   if cfg.dtype == 'bfloat16':
     model = model.to(torch.bfloat16)
+  sample = s.readout == 'sample'
+  sampling = (dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
+              if sample else dict(do_sample=False))
   results = []
   with torch.inference_mode():
     for batch, prompt in sorted(prompts.items()):
@@ -58,8 +61,10 @@ def _run_peer(torch, transformers, threads, cfg, prompts, max_new, s, log):
       def gen(ids=ids):
         return model.generate(
             ids, attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
-            use_cache=True)
+            max_new_tokens=max_new, min_new_tokens=max_new,
+            # Like for like with our AR: sampling (full softmax, T=1)
+            # under bench.readout='sample', else greedy.
+            use_cache=True, **sampling)
 
       out = gen()  # Warm-up.
       if out.shape != (batch, prompt.shape[1] + max_new):
@@ -84,4 +89,5 @@ def _run_peer(torch, transformers, threads, cfg, prompts, max_new, s, log):
                          torch.cuda.get_device_name() if device == 'cuda'
                          else f'{threads} threads'),
           'note': 'GPT2LMHeadModel, same layers/width/heads/MLP/vocab, random '
-                  'weights, greedy generate with use_cache, no eos'}
+                  f"weights, {'sampling' if sample else 'greedy'} generate "
+                  'with use_cache, no eos'}

@@ -42,7 +42,8 @@ flags.DEFINE_string('model', '', "generate: 'teacher' or 'student_kN'; "
                     'window >= k.')
 flags.DEFINE_integer('max_new_tokens', None, 'generate: new tokens per prompt '
                      '(default: config decode.max_new_tokens).')
-flags.DEFINE_float('temperature', None, 'generate: AR sampling temperature '
+flags.DEFINE_float('temperature', None, 'generate: sampling temperature of '
+                   'the AR teacher and of a --readout=sample student '
                    '(default: config decode.temperature).')
 flags.DEFINE_bool('greedy', None, 'generate: AR argmax decoding (default: '
                   'config decode.greedy).')

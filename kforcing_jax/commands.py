@@ -246,10 +246,12 @@ def generate(flags_obj):
         ['--temperature'] if flags_obj.temperature is not None and
         readout == 'argmax' else [])
     if ignored:
+      how = ('argmax; --readout=sample draws them from its softmax at '
+             '--temperature' if readout == 'argmax' else
+             'sampled from its softmax at --temperature')
       _print_main(f"NOTE: {' and '.join(ignored)} ignored: a student's "
-                  f'tokens are its readout of its noise slots ({readout}; '
-                  '--readout=sample draws them from its softmax at '
-                  '--temperature)', file=sys.stderr)
+                  f'tokens are its readout of its noise slots ({how})',
+                  file=sys.stderr)
     greedy = False
     if readout == 'argmax':
       temperature = 1.0

@@ -580,10 +580,11 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
   # The loop computes in float32: a smaller temperature overflows
   # logits / temperature into NaN (all-zero tokens), and one beyond float32
   # is inf. Checked for argmax students too, which ignore it: a nonsense
-  # value is a caller's mistake either way. Not under greedy, where temperature=0
-  # is a common way of saying argmax.
+  # value is a caller's mistake either way. Not under greedy, where
+  # temperature=0 is a common way of saying argmax.
   if not greedy:
-    check_sampling_temperature(temperature, 'greedy=True')
+    check_sampling_temperature(temperature, "readout='argmax'"
+                               if cfg.noise_window else 'greedy=True')
   most = max_frequency_penalty(cfg.seq_len)
   if not 0 <= frequency_penalty <= most:
     raise ValueError(f'frequency_penalty={frequency_penalty} must be in '

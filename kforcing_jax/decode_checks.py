@@ -21,9 +21,10 @@ from kforcing_jax.decode_spec import key_layout
 from kforcing_jax.kernels import _common
 
 
-# The smallest AR temperature generate() accepts: logits / temperature
-# stays finite in float32 (max 3.4e38) for |logits| up to 1e8. Below it
-# use greedy=True, which is the limit anyway.
+# The smallest sampling temperature generate() accepts (the AR teacher's,
+# a sampled student's): logits / temperature stays finite in float32 (max
+# 3.4e38) for |logits| up to 1e8. Below it use greedy=True (or a student's
+# readout='argmax'), which is the limit anyway.
 MIN_TEMPERATURE = 1e-30
 
 
@@ -129,7 +130,9 @@ def check_values(spec: DecodeSpec, prompts_BxP=None, pad_B=None,
   if noise is not None and readable(noise):
     noise_lib.check_noise(noise)
   if temperature is not None and not spec.greedy and readable(temperature):
-    check_sampling_temperature(temperature, 'greedy=True in the DecodeSpec')
+    check_sampling_temperature(
+        temperature, "readout='argmax' in the DecodeSpec" if spec.is_student
+        else 'greedy=True in the DecodeSpec')
 
 
 def check_cache(spec: DecodeSpec, cache, b: int):

@@ -97,8 +97,8 @@ def base_config() -> ml_collections.ConfigDict:
   # successor learns (decode.READOUTS): 'argmax' (the paper's) or 'sample'
   # (ours: its softmax at distill.readout_temperature, drawn with the low
   # bits of u, as decode's readout 'sample'), which hands on a spread of
-  # tokens rather than the mode. Self-forcing only. On the demo neither
-  # helped (README, Results).
+  # tokens rather than the mode. Self-forcing only. On the demo, rollouts
+  # sampled at 0.8 or 1 gave worse students (README, Results).
   ds.readout = 'argmax'
   ds.readout_temperature = 1.0
   ds.checkpoint_every = 100  # Steps between checkpoints of a stage.
@@ -115,7 +115,8 @@ def base_config() -> ml_collections.ConfigDict:
   e.ks = ()  # Student k values to evaluate; () = 1..largest trained window.
   e.penalties = {'k2': 0.2, 'k3': 0.4, 'k4': 0.5}  # Frequency-penalty lambda
   #   per k (docs/METHOD.md); each such k also gets an unpenalised row.
-  # > 0: each student k also gets a row 'student_k<k>_sample', read out by
+  # > 0: each student k also gets a row 'student_k<k>_sample' (and
+  # 'student_k<k>_penalty_sample' where it has a penalty), read out by
   # sampling its softmax at this temperature (decode readout 'sample'); 0:
   # argmax rows only (the paper's readout).
   e.sample_temperature = 0.0
@@ -203,7 +204,7 @@ def base_config() -> ml_collections.ConfigDict:
   # --- Decoding defaults (generate subcommand). ---
   c.decode = dc = ml_collections.ConfigDict()
   dc.max_new_tokens = 64  # New tokens per prompt (capped by model.seq_len).
-  dc.temperature = 1.0  # Softmax temperature for AR sampling.
+  dc.temperature = 1.0  # Softmax temperature: AR and sampled-student readout.
   dc.greedy = False  # Argmax instead of inverse-CDF sampling (AR only).
   # A student's tokens (decode.READOUTS): 'argmax' of its noise slots (the
   # paper's), or 'sample' from its softmax at decode.temperature, drawn

@@ -119,7 +119,10 @@ def _check_model(entry, where: str):
   _need(entry, 'run', (str, type(None)), where)
   k = _need(entry, 'k', int, where)
   _need(entry, 'penalty', (float, int), where)
-  if 'readout' in entry:  # Absent in eval.json files from before it.
+  if 'readout' in entry or 'temperature' in entry:  # Not in older files.
+    if kind != 'student':
+      raise ValueError(f'eval.json: {where} is a {kind} row: readout and '
+                       'temperature are for students only')
     readout = _need(entry, 'readout', str, where)
     if readout not in decode_spec.READOUTS:
       raise ValueError(f'eval.json: {where}.readout={readout!r} unknown')
@@ -127,6 +130,9 @@ def _check_model(entry, where: str):
     if not 0 < temperature < math.inf:
       raise ValueError(f'eval.json: {where}.temperature={temperature} must '
                        'be finite and > 0')
+    if readout == 'argmax' and temperature != 1:
+      raise ValueError(f'eval.json: {where}.temperature={temperature} with '
+                       "readout 'argmax', which has none (1)")
   _need(entry, 'samples_file', str, where)
   dec = _need(entry, 'decode', (dict, type(None)), where)
   if dec is not None:

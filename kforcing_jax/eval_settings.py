@@ -44,8 +44,8 @@ class EvalSettings:
   split: str  # '' means data.eval_split.
   sweep_contexts: int  # Held-out contexts of the noise sweep; 0: none.
   sweep_grid: int  # u grid points per swept context.
-  # > 0: every student k also gets a row decoded with readout 'sample' at
-  # this temperature (decode.DecodeSpec.readout); 0: none.
+  # > 0: every student row is also decoded with readout 'sample' at this
+  # temperature (decode.DecodeSpec.readout); 0: none.
   sample_temperature: float = 0.0
 
   def penalty(self, k: int) -> float:

@@ -11,9 +11,10 @@ Models, in order: 'data' (the held-out continuations themselves, a
 reference row with no decoding), 'teacher' (k=1), and 'student_k<k>' for
 k in `eval.ks` (default 1..the largest trained window), each decoded by the
 smallest trained student window >= k, plus 'student_k<k>_penalty' where
-`eval.penalties[k]` > 0 (docs/METHOD.md's frequency penalty) and
-'student_k<k>_sample' where `eval.sample_temperature` > 0 (the student's
-sampled readout at that temperature, decode.DecodeSpec.readout; argmax
+`eval.penalties[k]` > 0 (docs/METHOD.md's frequency penalty), and where
+`eval.sample_temperature` > 0 the same one or two again with the student's
+sampled readout at that temperature ('student_k<k>_sample',
+'student_k<k>_penalty_sample'; decode.DecodeSpec.readout; argmax
 everywhere else).
 
 Metrics (all on the generated tokens only, prefix excluded; per sample, then
@@ -54,7 +55,7 @@ recomputing that ratio):
                   ceiling when the teacher, forced on its own rollout,
                   does not reproduce all of it: a little in float32,
                   more in bfloat16);
-                  `noise_sweep` (unpenalised students
+                  `noise_sweep` (unpenalised argmax-readout students
                   with eval.sweep_contexts > 0): slot 1's map against the
                   teacher's over a u grid at held-out contexts, see
                   noise_sweep.py. Both compare with the teacher at
@@ -125,6 +126,10 @@ def plan_models(windows: Sequence[int],
       plan.append(ModelEntry(f'student_k{k}_sample', 'student', run, k,
                              readout='sample',
                              temperature=s.sample_temperature))
+      if s.penalty(k) > 0:
+        plan.append(ModelEntry(f'student_k{k}_penalty_sample', 'student',
+                               run, k, s.penalty(k), readout='sample',
+                               temperature=s.sample_temperature))
   return plan
 
 
@@ -331,6 +336,20 @@ def _temperature_note(run: str, meta: dict) -> str | None:
           'teacher at temperature 1, the teacher evaluated here')
 
 
+def _readout_note(run: str, window: int, meta: dict) -> str | None:
+  """Says that `run` (a student of `window` > 1) learnt from sampled
+  rollouts of the previous student (distill.readout, from its saved
+  config), or None: nothing in its rows tells it from one distilled the
+  paper's way."""
+  saved = ((meta.get('config') or {}).get('distill') or {})
+  if window < 2 or saved.get('readout', 'argmax') == 'argmax':
+    return None
+  return (f"{run} was distilled with distill.readout={saved['readout']!r} "
+          'at distill.readout_temperature='
+          f"{saved.get('readout_temperature', 1.0)}: it learnt "
+          f'student_k{window // 2}\'s sampled rollouts, not its argmax')
+
+
 def run_evaluate(config, workdir: str) -> dict:
   """Evaluates teacher and students in `workdir`; writes eval.json + samples.
 
@@ -395,9 +414,10 @@ def run_evaluate(config, workdir: str) -> dict:
         notes.append(stale)
         said.append(stale)
         _show(f'[eval] WARNING: {stale}', flush=True)
-      temperature_note = _temperature_note(entry.run, meta)
-      if temperature_note:
-        notes.append(temperature_note)
+      for note in (_temperature_note(entry.run, meta),
+                   _readout_note(entry.run, cfg.noise_window, meta)):
+        if note:
+          notes.append(note)
   attention = defaults.attention_impl(config)
   for run, (cfg, _) in loaded.items():  # Their own shapes, before decoding.
     defaults.check_run_attention(attention, cfg.d_model, cfg.num_heads, run)

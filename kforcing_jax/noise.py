@@ -455,8 +455,10 @@ def check_noise(u) -> None:
 # trained students resolve u far more coarsely (on the demo, slot 1 emits
 # about 14 distinct tokens over a 1024-point u grid where the teacher's
 # map has 304), so these bits are fresh randomness to them: the draw
-# follows the student's own softmax. jax.random.uniform's float32 u
-# carries 23 random bits, which leaves 13 for it.
+# follows the student's own softmax (an assumption, not checked: a
+# student that resolved u to ~1/1024 would partly see its own draw).
+# jax.random.uniform's float32 u carries 23 random bits, which leaves 13
+# for it.
 FINE_NOISE_SCALE = 1024.0
 
 

@@ -92,6 +92,17 @@ def test_distill_step_compiles_as_training_runs_it():
   assert abs(row['argument_size_in_bytes'] - expected) < 0.05 * expected
 
 
+def test_distill_step_is_compiled_with_the_configs_readout():
+  # A sampled rollout projects through full logits, not the argmax's
+  # kernels: the step compiled must be the one distill runs.
+  config = _lm1b()
+  config.distill.readout = 'sample'
+  config.distill.readout_temperature = 0.8
+  stage = aot._distill_stage(config)  # pylint: disable=protected-access
+  assert (stage.readout, stage.readout_temperature) == ('sample', 0.8)
+  assert aot._distill_stage(_lm1b()).readout == 'argmax'  # pylint: disable=protected-access
+
+
 def test_mesh_needs_enough_devices():
   with pytest.raises(ValueError, match='xla_force_host_platform_device_count'):
     aot.cpu_mesh(jax.device_count('cpu') + 1)

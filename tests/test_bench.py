@@ -540,6 +540,11 @@ def test_bench_readout_samples_the_teacher_and_the_students(tmp_path,
   assert sorted(specs) == [(1, False, 'argmax'), (2, False, 'sample')]
   assert out['settings']['readout'] == 'sample'
   bench_schema.validate_bench_json(out)
+  assert '(bench.readout=sample: the AR teacher samples' in (
+      bench_report.format_tables(out))
+  del out['settings']['readout']  # Files from before it: argmax, unsaid.
+  assert 'bench.readout' not in bench_report.format_tables(out)
+  out['settings']['readout'] = 'sample'
   out['settings']['readout'] = 'nucleus'
   with pytest.raises(ValueError, match="settings.readout='nucleus' not in"):
     bench_schema.validate_bench_json(out)
@@ -583,6 +588,23 @@ def test_peer_times_hf_gpt2_when_installed():
   assert out['available'] and out['library'].startswith('torch')
   assert [p['batch'] for p in out['results']] == [2]
   assert out['results'][0]['tokens_per_s'] > 0
+  assert 'greedy generate' in out['note']
+  # bench.readout='sample': the peer samples too, like for like with AR.
+  calls = []
+  import transformers  # pylint: disable=g-import-not-at-top
+  real = transformers.GPT2LMHeadModel.generate
+
+  def generate(self, *args, **kwargs):
+    calls.append(kwargs.get('do_sample'))
+    return real(self, *args, **kwargs)
+
+  transformers.GPT2LMHeadModel.generate = generate
+  try:
+    out = bench_peer.run_peer(cfg, prompts, 12, dataclasses.replace(
+        s, readout='sample'), log=lambda _: None)
+  finally:
+    transformers.GPT2LMHeadModel.generate = real
+  assert set(calls) == {True} and 'sampling generate' in out['note']
 
 
 def test_time_batch_rewarms_every_cell_then_interleaves(monkeypatch):

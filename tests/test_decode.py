@@ -767,11 +767,16 @@ def test_sampled_readout_is_the_inverse_cdf_at_the_fine_bits(small_cfg,
       counts[tok] += 1
       seq.append(tok)
   np.testing.assert_array_equal(got, seq[len(prompt):])
-  # The readout must matter here, or this test checks nothing.
+  # The readout and its temperature must matter here, or this test checks
+  # nothing.
   argmax = decode.generate(params, cfg, [prompt], max_new_tokens=k * steps,
                            k=k, noise=noise, frequency_penalty=penalty,
                            kernel_impl=impl).tokens[0]
   assert not np.array_equal(argmax, got)
+  at_one = decode.generate(params, cfg, [prompt], max_new_tokens=k * steps,
+                           k=k, noise=noise, frequency_penalty=penalty,
+                           readout='sample', kernel_impl=impl).tokens[0]
+  assert not np.array_equal(at_one, got)
 
 
 @pytest.mark.parametrize('k', [1, 3])
@@ -1168,12 +1173,22 @@ def test_pad_prompts_refuses_text_and_bad_pad_ids(kwargs, needle):
 
 
 def test_students_refuse_a_nonsense_temperature(small_cfg):
-  # Students ignore the temperature, but -5 is a caller's mistake.
+  # Argmax students ignore the temperature, but -5 is a caller's mistake;
+  # a sampled student's 0 is pointed to the argmax readout, not to greedy
+  # (which a sampled readout refuses).
   cfg = dataclasses.replace(small_cfg, noise_window=2)
   params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match='temperature=-5.0'):
     decode.generate(params, cfg, [[1]], max_new_tokens=2, k=2,
                     temperature=-5.0)
+  with pytest.raises(ValueError, match=r"temperature=0.0 must be finite .*"
+                     r"\(readout='argmax' for argmax\)"):
+    decode.generate(params, cfg, [[1]], max_new_tokens=2, k=2,
+                    temperature=0.0, readout='sample')
+  spec = decode.DecodeSpec(model=cfg, k=2, num_steps=1, prompt_len=1,
+                           readout='sample')
+  with pytest.raises(ValueError, match="readout='argmax' in the DecodeSpec"):
+    decode.check_values(spec, temperature=np.float32(0))
 
 
 def test_the_readme_decoder_snippet_runs_as_written(small_cfg, monkeypatch):

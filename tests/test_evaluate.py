@@ -285,10 +285,12 @@ def test_plan_models_picks_smallest_window():
   plan = ev.plan_models([1, 2], s)
   assert [e.name for e in plan][2:] == [
       'student_k1', 'student_k1_sample', 'student_k2', 'student_k2_penalty',
-      'student_k2_sample']
-  sampled = plan[-1]
+      'student_k2_sample', 'student_k2_penalty_sample']
+  sampled, both = plan[-2:]
   assert (sampled.run, sampled.k, sampled.penalty, sampled.readout,
           sampled.temperature) == ('student_k2', 2, 0.0, 'sample', 0.8)
+  assert (both.run, both.k, both.penalty, both.readout,
+          both.temperature) == ('student_k2', 2, 0.2, 'sample', 0.8)
   assert {e.readout for e in plan if 'sample' not in e.name} == {'argmax'}
 
 
@@ -527,6 +529,16 @@ def test_missing_transformers_names_the_extra(monkeypatch, tmp_path):
      'models.student_k2.temperature=0.0 must be finite and > 0'),
     (lambda d: d['models']['student_k2'].pop('temperature'),
      "missing key 'models.student_k2.temperature'"),
+    (lambda d: d['models']['student_k2'].pop('readout'),
+     "missing key 'models.student_k2.readout'"),
+    (lambda d: d['models']['student_k2'].update(temperature=True),
+     "'models.student_k2.temperature' is bool"),
+    (lambda d: d['models']['student_k2'].update(temperature=0.8),
+     "temperature=0.8 with readout 'argmax', which has none"),
+    (lambda d: d['models']['teacher'].update(readout='argmax',
+                                             temperature=1.0),
+     'models.teacher is a teacher row: readout and temperature are for '
+     'students only'),
     (lambda d: d['models']['teacher']['metrics']['teacher_ppl'].update(
         mean=None), 'models.teacher.metrics.teacher_ppl'),
     # A negative n skipped every other check of the stat.
@@ -680,11 +692,13 @@ def test_run_evaluate_untrained_models(hf_dir, tmp_path, monkeypatch, capsys):
   result = ev.run_evaluate(config, workdir)
   d = _check_outputs(workdir, result, ['data', 'teacher', 'student_k2',
                                        'student_k2_penalty',
-                                       'student_k2_sample'])
+                                       'student_k2_sample',
+                                       'student_k2_penalty_sample'])
   # The teacher is swept once, the run once; its penalised and sampled
   # rows get none (the sweep maps u to the argmax).
   assert calls == ['teacher_grids', 'sweep_student']
-  for name in ('student_k2_penalty', 'student_k2_sample'):
+  for name in ('student_k2_penalty', 'student_k2_sample',
+               'student_k2_penalty_sample'):
     assert d['models'][name]['coupling']['noise_sweep'] is None
   # The sampled row is the student's sampled readout of the shared noise.
   rows = {}
@@ -707,6 +721,12 @@ def test_run_evaluate_untrained_models(hf_dir, tmp_path, monkeypatch, capsys):
   np.testing.assert_array_equal(got, want)
   assert (got != np.array([r['token_ids'] for r in rows['student_k2']])
           ).any()
+  with open(os.path.join(workdir, 'samples',
+                         'student_k2_penalty_sample.jsonl')) as f:
+    both = np.array([json.loads(line)['token_ids'] for line in f])
+  np.testing.assert_array_equal(both, ev.generate_fixed(
+      cfg, params, prefixes, noise, 2, penalty=0.3, readout='sample',
+      temperature=0.8))
   out = capsys.readouterr().out
   assert '[eval] noise sweep: the teacher' in out
   assert d['settings']['max_new_tokens'] == 8
@@ -889,6 +909,19 @@ def test_a_student_distilled_at_another_temperature_is_noted(
       '1, the teacher evaluated here')
   del hotter['config']['distill']['teacher_temperature']  # Older runs.
   assert ev._temperature_note('student_k2', hotter) is None
+
+
+def test_a_student_distilled_from_sampled_rollouts_is_noted():
+  meta = {'config': {'distill': {'readout': 'sample',
+                                 'readout_temperature': 0.8}}}
+  assert ev._readout_note('student_k4', 4, meta) == (
+      "student_k4 was distilled with distill.readout='sample' at "
+      "distill.readout_temperature=0.8: it learnt student_k2's sampled "
+      'rollouts, not its argmax')
+  assert ev._readout_note('student_k1', 1, meta) is None  # The teacher's.
+  meta['config']['distill']['readout'] = 'argmax'
+  assert ev._readout_note('student_k4', 4, meta) is None
+  assert ev._readout_note('student_k4', 4, {'config': {}}) is None  # Older.
 
 
 def test_only_process_0_writes_results(hf_dir, tmp_path, monkeypatch):
