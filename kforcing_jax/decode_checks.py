@@ -41,6 +41,20 @@ def check_sampling_temperature(temperature, argmax_hint: str) -> None:
                      'for argmax)')
 
 
+def check_config_temperature(name: str, value, zero_means: str = '') -> None:
+  """A config field's temperature, refused by name within the decoder's
+  bounds (`check_sampling_temperature`); `zero_means` (e.g. 'no rows')
+  also allows 0 and says what it means."""
+  if zero_means and value == 0:
+    return
+  try:
+    check_sampling_temperature(value, '')
+  except ValueError:
+    zero = f'0 ({zero_means}) or ' if zero_means else ''
+    raise ValueError(f'{name}={value} must be {zero}finite in float32 and '
+                     f'>= {MIN_TEMPERATURE:g}') from None
+
+
 def max_frequency_penalty(seq_len: int) -> float:
   """The largest frequency penalty whose lambda * count stays finite in
   float32, with room for the logits: a token's count reaches at most

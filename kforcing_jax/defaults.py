@@ -337,12 +337,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise ValueError(f'distill.precision={ds.precision!r}; expected auto, '
                      'float32 or float64')
   from kforcing_jax import decode_checks  # pylint: disable=g-import-not-at-top
-  try:  # The decoder's bounds: logits / temperature finite in float32.
-    decode_checks.check_sampling_temperature(ds.teacher_temperature, '')
-  except ValueError:
-    raise ValueError(f'distill.teacher_temperature={ds.teacher_temperature}'
-                     ' must be finite in float32 and >= '
-                     f'{decode_checks.MIN_TEMPERATURE:g}') from None
+  decode_checks.check_config_temperature('distill.teacher_temperature',
+                                         ds.teacher_temperature)
   if ds.method == 'noise_inversion' and ds.teacher_temperature != 1.0:
     raise ValueError(f'distill.teacher_temperature={ds.teacher_temperature}'
                      ' is for self-forcing; noise inversion targets the '
@@ -354,12 +350,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.decode.readout not in decode_spec.READOUTS:
     raise ValueError(f'decode.readout={c.decode.readout!r}: expected one of '
                      f'{decode_spec.READOUTS}')
-  try:
-    decode_checks.check_sampling_temperature(ds.readout_temperature, '')
-  except ValueError:
-    raise ValueError(f'distill.readout_temperature={ds.readout_temperature}'
-                     ' must be finite in float32 and >= '
-                     f'{decode_checks.MIN_TEMPERATURE:g}') from None
+  decode_checks.check_config_temperature('distill.readout_temperature',
+                                         ds.readout_temperature)
   if ds.readout == 'argmax' and ds.readout_temperature != 1.0:
     raise ValueError(f'distill.readout_temperature={ds.readout_temperature} '
                      "is for distill.readout='sample'; the argmax has none")

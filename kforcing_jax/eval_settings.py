@@ -8,6 +8,7 @@ import math
 import os
 
 from kforcing_jax import decode
+from kforcing_jax import decode_checks
 
 # Defaults of the `eval` config section, used for fields a config lacks.
 _DEFAULTS = {
@@ -109,13 +110,9 @@ def settings_from_config(config) -> EvalSettings:
                      '(0 skips the noise sweep)')
   if not 0 < s.ci_level < 1:
     raise ValueError(f'eval.ci_level={s.ci_level} not in (0, 1)')
-  if s.sample_temperature != 0:
-    try:  # The decoder's bounds: logits / temperature finite in float32.
-      decode.check_sampling_temperature(s.sample_temperature, '')
-    except ValueError:
-      raise ValueError(f'eval.sample_temperature={s.sample_temperature} must '
-                       'be 0 (no sampled-readout rows) or finite in float32 '
-                       f'and >= {decode.MIN_TEMPERATURE:g}') from None
+  decode_checks.check_config_temperature(
+      'eval.sample_temperature', s.sample_temperature,
+      zero_means='no sampled-readout rows')
   if any(k < 1 for k in s.ks):
     raise ValueError(f'eval.ks={s.ks}: every k must be >= 1')
   if len(set(s.ks)) != len(s.ks):

@@ -453,7 +453,7 @@ def check_noise(u) -> None:
 # token with the bits of u below 1 / FINE_NOISE_SCALE. Its noise encoder's
 # fastest feature has period 1 / model.noise_scale (1/1000 by default), but
 # trained students resolve u far more coarsely (on the demo, slot 1 emits
-# about 14 distinct tokens over a 1024-point u grid where the teacher's
+# about 11 distinct tokens over a 1024-point u grid where the teacher's
 # map has 304), so these bits are fresh randomness to them: the draw
 # follows the student's own softmax (an assumption, not checked: a
 # student that resolved u to ~1/1024 would partly see its own draw).

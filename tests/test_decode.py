@@ -699,22 +699,22 @@ def test_decode_loop_embeds_the_noise_outside_its_steps(small_cfg):
       cfg, jax.random.PRNGKey(0))) == dots
 
 
-@pytest.mark.parametrize('impl', ['reference', 'chunked'])
-def test_student_penalty_is_applied_slot_by_slot(small_cfg, impl):
-  # Reference: one uncached pass over [context | k noise slots] per step,
-  # then the penalised argmax slot by slot, counting the prompt and every
-  # earlier token (earlier slots of the same step included).
+def _window4_case(small_cfg):
+  """A window-4 student, a prompt and noise for 3 steps of k=4."""
   cfg = dataclasses.replace(small_cfg, noise_window=4)
-  params = model_lib.init_params(cfg, jax.random.PRNGKey(3))
-  k, steps, penalty = 4, 3, 0.7
-  prompt = [5, 9, 2, 33, 7]
-  noise = np.asarray(jax.random.uniform(jax.random.PRNGKey(4),
-                                        (1, k * steps)), np.float32)
-  got = decode.generate(params, cfg, [prompt], max_new_tokens=k * steps, k=k,
-                        noise=noise, frequency_penalty=penalty,
-                        kernel_impl=impl).tokens[0]
+  noise = np.asarray(jax.random.uniform(jax.random.PRNGKey(4), (1, 12)),
+                     np.float32)
+  return (cfg, model_lib.init_params(cfg, jax.random.PRNGKey(3)),
+          [5, 9, 2, 33, 7], noise)
+
+
+def _uncached_student_reference(cfg, params, prompt, noise, k, steps, pick):
+  """Tokens of an uncached reference decode: one pass over [context | k
+  noise slots] per step, then slot by slot `pick(logits, counts, n)` for
+  token n, with counts of the prompt and every earlier token (earlier slots
+  of the same step included)."""
   seq = list(prompt)
-  counts = np.bincount(prompt, minlength=cfg.vocab_size).astype(np.float64)
+  counts = np.bincount(prompt, minlength=cfg.vocab_size).astype(np.float32)
   for step in range(steps):
     spec = decode.DecodeSpec(model=cfg, k=k, num_steps=1, prompt_len=len(seq))
     logits, _ = _forward(
@@ -722,11 +722,25 @@ def test_student_penalty_is_applied_slot_by_slot(small_cfg, impl):
         jnp.asarray(noise[:, step * k:(step + 1) * k]),
         decode.init_cache(spec, 1), 0, jnp.zeros((1,), jnp.int32))
     for i in range(k):
-      tok = int(np.argmax(np.asarray(logits[0, i], np.float64)
-                          - penalty * counts))
+      tok = pick(np.asarray(logits[0, i]), counts, step * k + i)
       counts[tok] += 1
       seq.append(tok)
-  np.testing.assert_array_equal(got, seq[len(prompt):])
+  return seq[len(prompt):]
+
+
+@pytest.mark.parametrize('impl', ['reference', 'chunked'])
+def test_student_penalty_is_applied_slot_by_slot(small_cfg, impl):
+  # The penalised argmax slot by slot, against the uncached reference.
+  cfg, params, prompt, noise = _window4_case(small_cfg)
+  k, steps, penalty = 4, 3, 0.7
+  got = decode.generate(params, cfg, [prompt], max_new_tokens=k * steps, k=k,
+                        noise=noise, frequency_penalty=penalty,
+                        kernel_impl=impl).tokens[0]
+  want = _uncached_student_reference(
+      cfg, params, prompt, noise, k, steps,
+      lambda logits, counts, _: int(np.argmax(
+          logits.astype(np.float64) - penalty * counts.astype(np.float64))))
+  np.testing.assert_array_equal(got, want)
   # The penalty must matter here, or this test checks nothing.
   plain = decode.generate(params, cfg, [prompt], max_new_tokens=k * steps,
                           k=k, noise=noise).tokens[0]
@@ -738,35 +752,21 @@ def test_student_penalty_is_applied_slot_by_slot(small_cfg, impl):
                                           (0.7, 'chunked')])
 def test_sampled_readout_is_the_inverse_cdf_at_the_fine_bits(small_cfg,
                                                             penalty, impl):
-  # Reference as above: one uncached pass per step, then slot by slot the
-  # inverse CDF of the (penalised) logits at temperature 0.8, drawn with
-  # the low bits of the slot's u.
-  cfg = dataclasses.replace(small_cfg, noise_window=4)
-  params = model_lib.init_params(cfg, jax.random.PRNGKey(3))
+  # Against the uncached reference: slot by slot the inverse CDF of the
+  # (penalised) logits at temperature 0.8, drawn with the low bits of the
+  # slot's u.
+  cfg, params, prompt, noise = _window4_case(small_cfg)
   k, steps, temperature = 4, 3, 0.8
-  prompt = [5, 9, 2, 33, 7]
-  noise = np.asarray(jax.random.uniform(jax.random.PRNGKey(4),
-                                        (1, k * steps)), np.float32)
   got = decode.generate(params, cfg, [prompt], max_new_tokens=k * steps, k=k,
                         noise=noise, frequency_penalty=penalty,
                         temperature=temperature, readout='sample',
                         kernel_impl=impl).tokens[0]
-  seq = list(prompt)
-  counts = np.bincount(prompt, minlength=cfg.vocab_size).astype(np.float32)
   u2 = np.asarray(noise_lib.fine_uniform(noise[0]))
-  for step in range(steps):
-    spec = decode.DecodeSpec(model=cfg, k=k, num_steps=1, prompt_len=len(seq))
-    logits, _ = _forward(
-        spec, params, jnp.asarray([seq]),
-        jnp.asarray(noise[:, step * k:(step + 1) * k]),
-        decode.init_cache(spec, 1), 0, jnp.zeros((1,), jnp.int32))
-    for i in range(k):
-      tok = int(noise_lib.inverse_cdf(
-          logits[0, i] - penalty * counts, u2[step * k + i],
-          temperature=temperature))
-      counts[tok] += 1
-      seq.append(tok)
-  np.testing.assert_array_equal(got, seq[len(prompt):])
+  want = _uncached_student_reference(
+      cfg, params, prompt, noise, k, steps,
+      lambda logits, counts, n: int(noise_lib.inverse_cdf(
+          logits - penalty * counts, u2[n], temperature=temperature)))
+  np.testing.assert_array_equal(got, want)
   # The readout and its temperature must matter here, or this test checks
   # nothing.
   argmax = decode.generate(params, cfg, [prompt], max_new_tokens=k * steps,
