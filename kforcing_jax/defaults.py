@@ -344,12 +344,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
                      ' is for self-forcing; noise inversion targets the '
                      'data itself')
   from kforcing_jax import decode_spec  # pylint: disable=g-import-not-at-top
-  if ds.readout not in decode_spec.READOUTS:
-    raise ValueError(f'distill.readout={ds.readout!r}: expected one of '
-                     f'{decode_spec.READOUTS}')
-  if c.decode.readout not in decode_spec.READOUTS:
-    raise ValueError(f'decode.readout={c.decode.readout!r}: expected one of '
-                     f'{decode_spec.READOUTS}')
+  for name, readout in (('distill.readout', ds.readout),
+                        ('decode.readout', c.decode.readout)):
+    if readout not in decode_spec.READOUTS:
+      raise ValueError(f'{name}={readout!r}: expected one of '
+                       f'{decode_spec.READOUTS}')
   decode_checks.check_config_temperature('distill.readout_temperature',
                                          ds.readout_temperature)
   if ds.readout == 'argmax' and ds.readout_temperature != 1.0:

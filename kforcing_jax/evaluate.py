@@ -112,24 +112,21 @@ def plan_models(windows: Sequence[int],
   plan = [ModelEntry('data', 'data', None, 1),
           ModelEntry('teacher', 'teacher', 'teacher', 1)]
   ks = s.ks or tuple(range(1, max(windows, default=0) + 1))
+  readouts = [('argmax', 1.0, '')]
+  if s.sample_temperature > 0:
+    readouts.append(('sample', s.sample_temperature, '_sample'))
   for k in ks:
     fits = [w for w in windows if w >= k]
     if not fits:
       raise ValueError(f'eval.ks asks for k={k} but no student was trained '
                        f'with a window >= {k} (found {list(windows)})')
     run = f'student_k{fits[0]}'
-    plan.append(ModelEntry(f'student_k{k}', 'student', run, k))
-    if s.penalty(k) > 0:
-      plan.append(ModelEntry(f'student_k{k}_penalty', 'student', run, k,
-                             s.penalty(k)))
-    if s.sample_temperature > 0:
-      plan.append(ModelEntry(f'student_k{k}_sample', 'student', run, k,
-                             readout='sample',
-                             temperature=s.sample_temperature))
-      if s.penalty(k) > 0:
-        plan.append(ModelEntry(f'student_k{k}_penalty_sample', 'student',
-                               run, k, s.penalty(k), readout='sample',
-                               temperature=s.sample_temperature))
+    penalties = (0.0, s.penalty(k)) if s.penalty(k) > 0 else (0.0,)
+    for readout, temperature, suffix in readouts:
+      for penalty in penalties:
+        name = f'student_k{k}' + ('_penalty' if penalty else '') + suffix
+        plan.append(ModelEntry(name, 'student', run, k, penalty, readout,
+                               temperature))
   return plan
 
 
