@@ -76,8 +76,9 @@ def _distill_stage(config):
                 source_cfg=distill_lib.student_config(teacher_cfg, 2),
                 num_windows=config.distill.num_windows,
                 precision=config.distill.precision,
-                # A sampled rollout projects through other code than the
-                # argmax (full logits): compile the one distill runs.
+                # A sampled or median rollout projects through other code
+                # than the argmax (full logits): compile the one distill
+                # runs.
                 readout=config.distill.get('readout', 'argmax'),
                 readout_temperature=float(
                     config.distill.get('readout_temperature', 1.0)))

@@ -5,12 +5,13 @@
 smallest trained student window >= k, else random weights: speed does not
 depend on the weights) at every batch size in `bench.batch_sizes`, from the
 same `bench.prefix_len`-token prompts to `model.seq_len` tokens. Decoding is
-greedy (argmax students; `bench.readout='sample'`: inverse-CDF sampling and
-sampled students) with no eos, so every run does the full work. Compile time is
-excluded and reported apart; each cell is the median of `bench.repeats`
-runs after `bench.warmup` warm-up runs (plus one untimed run once every k of
-the batch has compiled), and at each batch size the repeats of all k are
-interleaved, so load drift on a shared machine biases no k.
+greedy (argmax students; `bench.readout='sample'` or `'median'`:
+inverse-CDF sampling and students read out that way) with no eos, so every
+run does the full work. Compile time is excluded and reported apart; each
+cell is the median of `bench.repeats` runs after `bench.warmup` warm-up
+runs (plus one untimed run once every k of the batch has compiled), and at
+each batch size the repeats of all k are interleaved, so load drift on a
+shared machine biases no k.
 It also measures this machine's matmul peak and memory bandwidth, predicts
 each speedup with a roofline model of a decode step, optionally times a
 Hugging Face GPT-2 of the same shape as a peer, and writes

@@ -50,7 +50,7 @@ def _run_peer(torch, transformers, threads, cfg, prompts, max_new, s, log):
   model = transformers.GPT2LMHeadModel(hf_cfg).eval().to(device)
   if cfg.dtype == 'bfloat16':
     model = model.to(torch.bfloat16)
-  sample = s.readout == 'sample'
+  sample = s.readout != 'argmax'  # Our AR teacher samples then.
   sampling = (dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
               if sample else dict(do_sample=False))
   results = []
@@ -63,7 +63,7 @@ def _run_peer(torch, transformers, threads, cfg, prompts, max_new, s, log):
             ids, attention_mask=torch.ones_like(ids),
             max_new_tokens=max_new, min_new_tokens=max_new,
             # Like for like with our AR: sampling (full softmax, T=1)
-            # under bench.readout='sample', else greedy.
+            # under bench.readout='sample' or 'median', else greedy.
             use_cache=True, **sampling)
 
       out = gen()  # Warm-up.

@@ -52,10 +52,12 @@ def format_tables(d: dict[str, Any]) -> str:
                f'of each decode over its median time; {ceilings}; peak MiB: '
                f'the compiled decode\'s arguments + outputs - aliased + '
                f'temporaries)')
-  if d['settings'].get('readout', 'argmax') == 'sample':  # Older: argmax.
-    lines.append('(bench.readout=sample: the AR teacher samples by inverse '
-                 'CDF and the students read out by sampling; the roofline '
-                 'counts no sampler work)')
+  readout = d['settings'].get('readout', 'argmax')  # Older: argmax.
+  if readout != 'argmax':
+    how = 'sampling' if readout == 'sample' else "their softmax's median"
+    lines.append(f'(bench.readout={readout}: the AR teacher samples by '
+                 f'inverse CDF and the students read out by {how}; the '
+                 'roofline counts no sampler work)')
   peer = d['peer']
   if peer['available']:
     pf_k = peer['results'][0]['pf_k'] if peer['results'] else '?'

@@ -14,9 +14,9 @@ bench.json, as `bench.run_bench` writes it (schema_version 1;
                    (bool), kernel_impl (kernels.impl of the decode loop's
                    vocabulary projection) and kernel_impl_resolved (what
                    'auto' stood for on this backend), attention_impl (as
-                   asked: 'auto', 'xla' or 'pallas'), readout ('argmax' or
-                   'sample': bench.readout) (these six optional: files
-                   written before them lack them)}.
+                   asked: 'auto', 'xla' or 'pallas'), readout ('argmax',
+                   'sample' or 'median': bench.readout) (these six
+                   optional: files written before them lack them)}.
   models          [{name, weights ('trained'|'random'), noise_window,
                    num_params, serves_k [int]}].
   roofline        {peak_flops (FLOP/s), peak_flops_dtype, matmul_size,

@@ -27,9 +27,9 @@ class BenchSettings:
   seed: int = 0  # Prompts, noise and random weights.
   key_layout: str = 'auto'  # KV-cache key layout: decode.DecodeSpec.
   attention_impl: str = 'auto'  # Cached attention: decode.DecodeSpec.
-  # 'argmax': a greedy AR teacher and argmax students; 'sample': the
-  # teacher samples by inverse CDF and the students read out by sampling
-  # (decode.DecodeSpec.readout), both at temperature 1.
+  # 'argmax': a greedy AR teacher and argmax students; 'sample' or
+  # 'median': the teacher samples by inverse CDF and the students read out
+  # that way (decode.DecodeSpec.readout), all at temperature 1.
   readout: str = 'argmax'
   # One more run of every cell under the profiler: ops per step, kept
   # traces under WORKDIR/profile (step_profile.py).

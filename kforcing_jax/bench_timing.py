@@ -128,12 +128,12 @@ def prepare_cell(m: bench_models.BenchModel, k: int, prompts_BxP: np.ndarray,
   """Lowers, compiles and warms up decode_loop for one (model, k, batch)."""
   batch, prompt_len = prompts_BxP.shape
   steps = -(-max_new // k)
-  sample = s.readout == 'sample'
+  sample = s.readout != 'argmax'
   spec = decode.DecodeSpec(model=m.cfg, k=k, num_steps=steps,
                            prompt_len=prompt_len, greedy=not sample,
                            key_layout=s.key_layout, kernel_impl=s.kernel_impl,
                            attention_impl=s.attention_impl,
-                           readout=('sample' if sample and m.cfg.noise_window
+                           readout=(s.readout if m.cfg.noise_window
                                     else 'argmax'))
   rng = np.random.default_rng(s.seed + k)
   args = (m.params, jnp.asarray(prompts_BxP),

@@ -43,14 +43,14 @@ flags.DEFINE_string('model', '', "generate: 'teacher' or 'student_kN'; "
 flags.DEFINE_integer('max_new_tokens', None, 'generate: new tokens per prompt '
                      '(default: config decode.max_new_tokens).')
 flags.DEFINE_float('temperature', None, 'generate: sampling temperature of '
-                   'the AR teacher and of a --readout=sample student '
-                   '(default: config decode.temperature).')
+                   'the AR teacher and of a --readout=sample or =median '
+                   'student (default: config decode.temperature).')
 flags.DEFINE_bool('greedy', None, 'generate: AR argmax decoding (default: '
                   'config decode.greedy).')
-flags.DEFINE_enum('readout', None, ['argmax', 'sample'], "generate: a "
-                  "student's tokens: argmax of its slots, or sampled from "
-                  'its softmax at --temperature (default: config '
-                  'decode.readout).')
+flags.DEFINE_enum('readout', None, ['argmax', 'sample', 'median'],
+                  "generate: a student's tokens: argmax of its slots, "
+                  'sampled from its softmax at --temperature, or the median '
+                  'of that softmax (default: config decode.readout).')
 flags.DEFINE_float('frequency_penalty', None, 'generate: frequency penalty '
                    'lambda, students and the AR teacher alike (default: '
                    'config decode.frequency_penalty).')

@@ -241,14 +241,15 @@ def generate(flags_obj):
   if cfg.noise_window:
     # AR sampling settings mean nothing to an argmax student: not passed on
     # (so not checked either), and a flag that sets one is said to be
-    # ignored. A sampled readout takes the temperature.
+    # ignored. A sampled or median readout takes the temperature.
     ignored = (['--greedy'] if flags_obj.greedy else []) + (
         ['--temperature'] if flags_obj.temperature is not None and
         readout == 'argmax' else [])
     if ignored:
-      how = ('argmax; --readout=sample draws them from its softmax at '
+      how = ('argmax; --readout=sample or =median reads its softmax at '
              '--temperature' if readout == 'argmax' else
-             'sampled from its softmax at --temperature')
+             'sampled from its softmax at --temperature' if readout ==
+             'sample' else 'the median of its softmax at --temperature')
       _print_main(f"NOTE: {' and '.join(ignored)} ignored: a student's "
                   f'tokens are its readout of its noise slots ({how})',
                   file=sys.stderr)
@@ -256,10 +257,10 @@ def generate(flags_obj):
     if readout == 'argmax':
       temperature = 1.0
   else:
-    if flags_obj.readout == 'sample':
-      _print_main('NOTE: --readout=sample ignored: it is a student\'s; the '
-                  'AR teacher samples by inverse CDF of its noise already',
-                  file=sys.stderr)
+    if flags_obj.readout not in (None, 'argmax'):
+      _print_main(f'NOTE: --readout={flags_obj.readout} ignored: it is a '
+                  "student's; the AR teacher samples by inverse CDF of its "
+                  'noise already', file=sys.stderr)
     readout = 'argmax'
     if greedy and flags_obj.temperature is not None:
       _print_main(f'NOTE: --temperature={flags_obj.temperature} ignored: '

@@ -11,8 +11,9 @@ step's tokens (see `Transformer.cached_step`).
 Noise: one uniform u per generated token, an array (B, max_new_tokens). The
 AR teacher samples token n by inverse CDF of u[:, n]; a student emits token n
 from the noise slot fed u[:, n], as the argmax of its logits (readout
-'argmax') or drawn from its softmax with the low bits of u (readout
-'sample', `DecodeSpec.readout`). The same noise therefore couples teacher
+'argmax'), drawn from its softmax with the low bits of u (readout
+'sample') or as the median of its softmax in vocabulary order (readout
+'median'; `DecodeSpec.readout`). The same noise therefore couples teacher
 and student: a perfect argmax student reproduces the teacher's tokens.
 
 Public step-level API (for callers that drive their own loop):
@@ -111,8 +112,9 @@ def _select(spec, params, h_BxKxD, u_BxK, counts, temperature, penalty):
   """Turns the k emitting hidden states into k tokens.
 
   Student: argmax (its output is a deterministic function of the noise),
-  or with readout 'sample' the inverse CDF of its softmax at `temperature`
-  at `noise.fine_uniform(u)` (still a function of the noise).
+  or with readout 'sample' / 'median' the inverse CDF of its softmax at
+  `temperature` at `noise.fine_uniform(u)` / 0.5 (still a function of the
+  noise).
   Teacher: inverse CDF of u, or argmax when greedy. The frequency penalty
   subtracts penalty * count from the logits; counts include earlier slots of
   the same step, so penalised slots are chosen one after another, but the
@@ -127,7 +129,7 @@ def _select(spec, params, h_BxKxD, u_BxK, counts, temperature, penalty):
                                  spec.kernel_impl, temperature, counts,
                                  penalty)
     return tok[:, None], _count(counts, tok)
-  if spec.readout == 'sample':
+  if spec.readout != 'argmax':
     return _sample_slots(spec, w_DxV, h_BxKxD, u_BxK, counts, temperature,
                          penalty)
   if counts is None:
@@ -151,10 +153,11 @@ def _select(spec, params, h_BxKxD, u_BxK, counts, temperature, penalty):
 
 def _sample_slots(spec, w_DxV, h_BxKxD, u_BxK, counts, temperature,
                   penalty):
-  """A student's sampled readout (DecodeSpec.readout): one projection for
-  all k slots without a penalty, slot by slot with one (as `_select`)."""
+  """A student's sampled or median readout (DecodeSpec.readout): one
+  projection for all k slots without a penalty, slot by slot with one (as
+  `_select`)."""
   b, k, d = h_BxKxD.shape
-  u2_BxK = noise_lib.fine_uniform(u_BxK)
+  u2_BxK = noise_lib.readout_uniform(spec.readout, u_BxK)
   if counts is None:
     tok = projection.inverse_cdf(h_BxKxD.reshape(b * k, d), w_DxV,
                                  u2_BxK.reshape(b * k), spec.kernel_impl,
@@ -500,9 +503,9 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
       without jax_enable_x64. Pass noise or rng, not both.
     temperature: sampling temperature, >= 1e-30 and finite in float32
       (near 0 it approaches greedy): the AR teacher's, and a student's
-      with readout='sample'; an argmax student ignores it (its noise
-      encoder is fed tau = 1) but it is checked for it too; ignored and
-      not checked under greedy=True (where 0 is fine).
+      with readout='sample' or 'median'; an argmax student ignores it
+      (its noise encoder is fed tau = 1) but it is checked for it too;
+      ignored and not checked under greedy=True (where 0 is fine).
     greedy: AR argmax decoding.
     frequency_penalty: lambda >= 0 of docs/METHOD.md (logit - lambda * count
       of the token so far, prompt included, slot by slot); 0 disables. At
@@ -522,9 +525,10 @@ def generate(params, cfg: model_lib.ModelConfig, prompts, *,
     attention_impl: cached attention, 'auto' | 'xla' | 'pallas' (see
       `attention_impl`); the same attention up to rounding, so bfloat16
       tokens can differ at near-ties.
-    readout: a student's tokens, 'argmax' (the paper's) or 'sample' (its
-      softmax at `temperature`, drawn with the low bits of each u; see
-      `DecodeSpec.readout`). Only 'argmax' for an AR teacher.
+    readout: a student's tokens, 'argmax' (the paper's), 'sample' (its
+      softmax at `temperature`, drawn with the low bits of each u) or
+      'median' (the median of that softmax in vocabulary order); see
+      `DecodeSpec.readout`. Only 'argmax' for an AR teacher.
   Returns:
     GenerateOutput(tokens (B, max_new_tokens), lengths (B,)).
   """

@@ -22,9 +22,9 @@ from kforcing_jax.kernels import _common
 
 
 # The smallest sampling temperature generate() accepts (the AR teacher's,
-# a sampled student's): logits / temperature stays finite in float32 (max
-# 3.4e38) for |logits| up to 1e8. Below it use greedy=True (or a student's
-# readout='argmax'), which is the limit anyway.
+# a sampling or median student's): logits / temperature stays finite in
+# float32 (max 3.4e38) for |logits| up to 1e8. Below it use greedy=True (or
+# a student's readout='argmax'), which is the limit anyway.
 MIN_TEMPERATURE = 1e-30
 
 

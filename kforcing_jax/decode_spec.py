@@ -26,7 +26,7 @@ ATTENTION_IMPLS = ('auto',) + model_lib.ATTENTION_IMPLS
 
 # DecodeSpec.readout values: how a student turns a slot's logits into its
 # token.
-READOUTS = ('argmax', 'sample')
+READOUTS = ('argmax', 'sample', 'median')
 
 
 def check_k(cfg: model_lib.ModelConfig, k, name: str = 'k') -> int:
@@ -118,6 +118,11 @@ class DecodeSpec:
   # 'sample' (ours): inverse CDF of the slot's softmax at the loop's
   # temperature, drawn with `noise.fine_uniform` of the slot's u, the bits
   # its noise encoder cannot resolve; still a function of the noise.
+  # 'median' (ours): the token at the median of that softmax in vocabulary
+  # order (its inverse CDF at 0.5; `noise.readout_uniform`): where the
+  # student cannot resolve which CDF interval holds u, its softmax spreads
+  # over the intervals around u, and their median is near u's own token,
+  # where the argmax picks the likeliest one.
   readout: str = 'argmax'
 
   def __post_init__(self):

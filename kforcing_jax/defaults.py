@@ -94,11 +94,13 @@ def base_config() -> ml_collections.ConfigDict:
   # demo 1.3 did not lift the students' entropy (README, Results).
   ds.teacher_temperature = 1.0
   # How the frozen student of stages 2, 4, ... emits the tokens its
-  # successor learns (decode.READOUTS): 'argmax' (the paper's) or 'sample'
+  # successor learns (decode.READOUTS): 'argmax' (the paper's), 'sample'
   # (ours: its softmax at distill.readout_temperature, drawn with the low
   # bits of u, as decode's readout 'sample'), which hands on a spread of
-  # tokens rather than the mode. Self-forcing only. On the demo, rollouts
-  # sampled at 0.8 or 1 gave worse students (README, Results).
+  # tokens rather than the mode, or 'median' (ours: the median of that
+  # softmax, as decode's readout 'median'). Self-forcing only. On the
+  # demo, rollouts sampled at 0.8 or 1, or their medians at 0.85, gave
+  # worse students (README, Results).
   ds.readout = 'argmax'
   ds.readout_temperature = 1.0
   ds.checkpoint_every = 100  # Steps between checkpoints of a stage.
@@ -118,8 +120,12 @@ def base_config() -> ml_collections.ConfigDict:
   # > 0: each student k also gets a row 'student_k<k>_sample' (and
   # 'student_k<k>_penalty_sample' where it has a penalty), read out by
   # sampling its softmax at this temperature (decode readout 'sample'); 0:
-  # argmax rows only (the paper's readout).
+  # no sampled rows.
   e.sample_temperature = 0.0
+  # > 0: likewise rows 'student_k<k>_median' (and '..._penalty_median'),
+  # read out as the median of its softmax at this temperature (decode
+  # readout 'median'); 0: none.
+  e.median_temperature = 0.0
   e.evaluator = ''  # Local save_pretrained dir of an HF causal LM (paper:
   #                   GPT-2 Large); '' skips the evaluator perplexity.
   e.evaluator_batch_size = 8  # Texts per evaluator forward pass.
@@ -179,8 +185,9 @@ def base_config() -> ml_collections.ConfigDict:
   b.seed = 0  # Prompts, noise and random weights.
   b.key_layout = 'auto'  # KV-cache key layout: 'auto' (per backend), 'k', 'kt'.
   b.attention_impl = 'auto'  # Cached attention: 'auto', 'xla', 'pallas' (GPU).
-  b.readout = 'argmax'  # 'argmax' (greedy AR, argmax students) or 'sample'
-  #                       (inverse-CDF AR, sampled students; temperature 1).
+  b.readout = 'argmax'  # 'argmax' (greedy AR, argmax students), 'sample'
+  #                       or 'median' (inverse-CDF AR, students read out so;
+  #                       temperature 1).
   b.profile = False  # Also trace each cell once: ops per step (W/profile).
 
   # --- Vocabulary projection kernels (kforcing_jax/kernels). ---
@@ -204,11 +211,11 @@ def base_config() -> ml_collections.ConfigDict:
   # --- Decoding defaults (generate subcommand). ---
   c.decode = dc = ml_collections.ConfigDict()
   dc.max_new_tokens = 64  # New tokens per prompt (capped by model.seq_len).
-  dc.temperature = 1.0  # Softmax temperature: AR and sampled-student readout.
+  dc.temperature = 1.0  # Softmax temperature: AR; sample/median readouts.
   dc.greedy = False  # Argmax instead of inverse-CDF sampling (AR only).
   # A student's tokens (decode.READOUTS): 'argmax' of its noise slots (the
-  # paper's), or 'sample' from its softmax at decode.temperature, drawn
-  # with the low bits of each slot's u.
+  # paper's), 'sample' from its softmax at decode.temperature, drawn with
+  # the low bits of each slot's u, or 'median' of that softmax.
   dc.readout = 'argmax'
   dc.frequency_penalty = 0.0  # Frequency penalty lambda (teacher too); a
   #                             token's count includes the prompt's.
@@ -353,7 +360,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
                                          ds.readout_temperature)
   if ds.readout == 'argmax' and ds.readout_temperature != 1.0:
     raise ValueError(f'distill.readout_temperature={ds.readout_temperature} '
-                     "is for distill.readout='sample'; the argmax has none")
+                     "is for distill.readout='sample' or 'median'; the "
+                     'argmax has none')
   if ds.method == 'noise_inversion' and ds.readout != 'argmax':
     raise ValueError(f'distill.readout={ds.readout!r} is for self-forcing; '
                      'noise inversion targets the data itself')

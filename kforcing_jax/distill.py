@@ -6,8 +6,9 @@ Stage k=2m: targets are the frozen window-m student's own rollout, the
   double forward: pass 1 emits y_1..y_m from (x_<=t, u_1..u_m); pass 2 feeds
   y_1..y_m back as tokens at t+1..t+m with noise u_(m+1)..u_2m after them.
   The student emits with its readout (distill.readout, decode.READOUTS):
-  argmax (the paper's) or a draw from its softmax at
-  distill.readout_temperature with the low bits of u.
+  argmax (the paper's), a draw from its softmax at
+  distill.readout_temperature with the low bits of u, or the median of
+  that softmax.
 Noise inversion (baseline): targets are the real data tokens, each u drawn
   inside its token's CDF interval under the AR teacher.
 Contexts are real training sequences; each sampled window t of a sequence
@@ -126,7 +127,7 @@ def pf_slot_logits(cfg, params, tokens_BxN, windows_BxM, u_BxMxK,
 def _readout_slots(params, h_BxMxKxD, u_BxMxK, impl, readout, precision,
                    temperature):
   """The slots' tokens as the decoder's readout emits them (argmax, or the
-  inverse CDF of the softmax at `temperature` at `noise.fine_uniform(u)`)."""
+  inverse CDF of the softmax at `temperature` at `noise.readout_uniform`)."""
   *lead, d = h_BxMxKxD.shape
   h_MxD = h_BxMxKxD.reshape(-1, d)
   w_DxV = params['unembed']['kernel']
@@ -134,7 +135,8 @@ def _readout_slots(params, h_BxMxKxD, u_BxMxK, impl, readout, precision,
     tokens = projection.argmax(h_MxD, w_DxV, impl)
   else:
     tokens = projection.inverse_cdf(
-        h_MxD, w_DxV, noise_lib.fine_uniform(u_BxMxK).reshape(-1), impl,
+        h_MxD, w_DxV,
+        noise_lib.readout_uniform(readout, u_BxMxK).reshape(-1), impl,
         temperature, precision=precision)
   return tokens.reshape(lead)
 
@@ -158,8 +160,8 @@ def self_forcing_targets(prev_cfg, prev_params, tokens_BxN, windows_BxM,
                          u_BxMxK, impl='reference', readout='argmax',
                          precision='auto', temperature=1.0):
   """Stage 2m: the window-m student's double forward, 2m tokens per window,
-  each emitted by `readout` ('argmax' or 'sample'; `precision` and
-  `temperature` are the sampled readout's, as ar_targets')."""
+  each emitted by `readout` (decode.READOUTS; `precision` and
+  `temperature` are a sampled or median readout's, as ar_targets')."""
   m = prev_cfg.noise_window
   if u_BxMxK.shape[-1] != 2 * m:
     raise ValueError(f'double forward of a window-{m} model needs {2 * m} '
@@ -214,7 +216,7 @@ class Stage:
   kernel_impl: str = 'auto'  # Vocabulary projection (projection.py).
   teacher_temperature: float = 1.0  # Of an AR source (distill.*).
   readout: str = 'argmax'  # Of a student source (distill.*),
-  readout_temperature: float = 1.0  # and its sampled readout's.
+  readout_temperature: float = 1.0  # and its non-argmax readout's.
 
   def extras(self, rng, tokens_BxN, frozen):
     """Windows, noise and targets for a global batch (device-count free)."""

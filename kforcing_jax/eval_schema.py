@@ -19,9 +19,9 @@ checks it):
         "kind": "data" | "teacher" | "student",
         "run": str | null,             # run directory name, e.g. student_k4
         "k": int, "penalty": float,
-        "readout": "argmax" | "sample",  # students only, optional (not
-        "temperature": float,            # in older files: argmax); the
-                                         # sampled readout's temperature
+        "readout": "argmax" | "sample" | "median",  # students only,
+        "temperature": float,  # optional (not in older files: argmax);
+                               # a sampled or median readout's temperature
         "samples_file": str,           # relative: samples/NAME.jsonl
         "decode": null | {"seconds": float, "tokens_per_s": float,
                           "includes_compile": bool},

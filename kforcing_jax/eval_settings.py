@@ -26,6 +26,7 @@ _DEFAULTS = {
     'sweep_contexts': 32,
     'sweep_grid': 1024,
     'sample_temperature': 0.0,
+    'median_temperature': 0.0,
 }
 
 
@@ -48,6 +49,7 @@ class EvalSettings:
   # > 0: every student row is also decoded with readout 'sample' at this
   # temperature (decode.DecodeSpec.readout); 0: none.
   sample_temperature: float = 0.0
+  median_temperature: float = 0.0  # Likewise with readout 'median'.
 
   def penalty(self, k: int) -> float:
     return dict(self.penalties).get(k, 0.0)
@@ -98,7 +100,8 @@ def settings_from_config(config) -> EvalSettings:
       bootstrap=int(raw['bootstrap']), ci_level=float(raw['ci_level']),
       split=str(raw['split']), sweep_contexts=int(raw['sweep_contexts']),
       sweep_grid=int(raw['sweep_grid']),
-      sample_temperature=float(raw['sample_temperature']))
+      sample_temperature=float(raw['sample_temperature']),
+      median_temperature=float(raw['median_temperature']))
   for name in ('num_samples', 'prefix_len', 'batch_size',
                'evaluator_batch_size', 'sweep_grid'):
     if getattr(s, name) < 1:
@@ -113,6 +116,9 @@ def settings_from_config(config) -> EvalSettings:
   decode_checks.check_config_temperature(
       'eval.sample_temperature', s.sample_temperature,
       zero_means='no sampled-readout rows')
+  decode_checks.check_config_temperature(
+      'eval.median_temperature', s.median_temperature,
+      zero_means='no median-readout rows')
   if any(k < 1 for k in s.ks):
     raise ValueError(f'eval.ks={s.ks}: every k must be >= 1')
   if len(set(s.ks)) != len(s.ks):

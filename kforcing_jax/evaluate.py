@@ -15,7 +15,8 @@ smallest trained student window >= k, plus 'student_k<k>_penalty' where
 `eval.sample_temperature` > 0 the same one or two again with the student's
 sampled readout at that temperature ('student_k<k>_sample',
 'student_k<k>_penalty_sample'; decode.DecodeSpec.readout; argmax
-everywhere else).
+everywhere else), and where `eval.median_temperature` > 0 again with its
+median readout ('student_k<k>_median', 'student_k<k>_penalty_median').
 
 Metrics (all on the generated tokens only, prefix excluded; per sample, then
 the mean over samples with a bootstrap CI over samples; the perplexities
@@ -55,11 +56,11 @@ recomputing that ratio):
                   ceiling when the teacher, forced on its own rollout,
                   does not reproduce all of it: a little in float32,
                   more in bfloat16);
-                  `noise_sweep` (unpenalised argmax-readout students
-                  with eval.sweep_contexts > 0): slot 1's map against the
-                  teacher's over a u grid at held-out contexts, see
-                  noise_sweep.py. Both compare with the teacher at
-                  temperature 1, also for students distilled at another
+                  `noise_sweep` (unpenalised argmax- and median-readout
+                  rows with eval.sweep_contexts > 0): slot 1's map, by
+                  the row's readout, against the teacher's over a u grid
+                  at held-out contexts, see noise_sweep.py. Both compare
+                  with the teacher at temperature 1, also for students distilled at another
                   distill.teacher_temperature (a note says so).
 Perplexity CIs resample samples and recompute exp(total NLL / total tokens).
 
@@ -103,7 +104,7 @@ class ModelEntry:
   k: int
   penalty: float = 0.0
   readout: str = 'argmax'  # A student's (decode.READOUTS).
-  temperature: float = 1.0  # Of a student's sampled readout.
+  temperature: float = 1.0  # Of a student's sampled or median readout.
 
 
 def plan_models(windows: Sequence[int],
@@ -113,8 +114,10 @@ def plan_models(windows: Sequence[int],
           ModelEntry('teacher', 'teacher', 'teacher', 1)]
   ks = s.ks or tuple(range(1, max(windows, default=0) + 1))
   readouts = [('argmax', 1.0, '')]
-  if s.sample_temperature > 0:
-    readouts.append(('sample', s.sample_temperature, '_sample'))
+  for readout, temperature in (('sample', s.sample_temperature),
+                               ('median', s.median_temperature)):
+    if temperature > 0:
+      readouts.append((readout, temperature, f'_{readout}'))
   for k in ks:
     fits = [w for w in windows if w >= k]
     if not fits:
@@ -334,17 +337,18 @@ def _temperature_note(run: str, meta: dict) -> str | None:
 
 
 def _readout_note(run: str, window: int, meta: dict) -> str | None:
-  """Says that `run` (a student of `window` > 1) learnt from sampled
-  rollouts of the previous student (distill.readout, from its saved
+  """Says that `run` (a student of `window` > 1) learnt from sampled or
+  median rollouts of the previous student (distill.readout, from its saved
   config), or None: nothing in its rows tells it from one distilled the
   paper's way."""
   saved = ((meta.get('config') or {}).get('distill') or {})
   if window < 2 or saved.get('readout', 'argmax') == 'argmax':
     return None
+  rollouts = {'sample': 'sampled'}.get(saved['readout'], saved['readout'])
   return (f"{run} was distilled with distill.readout={saved['readout']!r} "
           'at distill.readout_temperature='
           f"{saved.get('readout_temperature', 1.0)}: it learnt "
-          f'student_k{window // 2}\'s sampled rollouts, not its argmax')
+          f"student_k{window // 2}'s {rollouts} rollouts, not its argmax")
 
 
 def run_evaluate(config, workdir: str) -> dict:
@@ -495,7 +499,8 @@ def run_evaluate(config, workdir: str) -> dict:
 
 
 class _Sweeper:
-  """Noise sweeps of the plan's students (noise_sweep.py), one per run.
+  """Noise sweeps of the plan's students (noise_sweep.py), one per run
+  and readout.
 
   Contexts are held-out sequences cut at t >= prefix_len - 1 (seed
   eval.seed); the teacher's grids are swept once and shared.
@@ -510,11 +515,13 @@ class _Sweeper:
     self._runs = {}
 
   def per_context(self, entry):
-    # The sweep maps u to slot 1's argmax: the unpenalised argmax rows'.
+    # The sweep maps u to slot 1's token by the row's readout, without the
+    # penalty, and not by sampling (noise_sweep.py says why).
     if (entry.kind != 'student' or entry.penalty > 0 or
-        entry.readout != 'argmax' or self._s.sweep_contexts == 0):
+        entry.readout == 'sample' or self._s.sweep_contexts == 0):
       return None
-    if entry.run not in self._runs:
+    key = entry.run, entry.readout, entry.temperature
+    if key not in self._runs:
       if self._contexts is None:
         self._contexts = noise_sweep.pick_contexts(
             len(self._seqs), self._seqs.shape[1], self._s.prefix_len - 1,
@@ -530,10 +537,10 @@ class _Sweeper:
               f'than eval.sweep_contexts={self._s.sweep_contexts}')
         self._teacher_grids = noise_sweep.teacher_grids(
             *self._teacher, self._seqs, *self._contexts, self._u)
-      self._runs[entry.run] = noise_sweep.sweep_student(
+      self._runs[key] = noise_sweep.sweep_student(
           *self._loaded[entry.run], self._seqs, *self._contexts, self._u,
-          self._teacher_grids)
-    return self._runs[entry.run]
+          self._teacher_grids, entry.readout, entry.temperature)
+    return self._runs[key]
 
 
 def _note_other_samples(workdir: str, written: set[str]) -> None:

@@ -469,6 +469,23 @@ def fine_uniform(u):
   return x - jnp.floor(x)
 
 
+# The median readout (DecodeSpec.readout='median') takes the inverse CDF of
+# the student's softmax at this point: the token at its median.
+MEDIAN_UNIFORM = 0.5
+
+
+def readout_uniform(readout: str, u):
+  """Where a student's non-argmax readout (decode.READOUTS) evaluates the
+  inverse CDF of its softmax: `fine_uniform(u)` for 'sample', 0.5 for
+  'median'; float32, u's shape."""
+  if readout == 'sample':
+    return fine_uniform(u)
+  if readout == 'median':
+    return jnp.full(jnp.shape(u), MEDIAN_UNIFORM, jnp.float32)
+  raise ValueError(f"readout={readout!r} has no uniform: 'sample' or "
+                   "'median'")
+
+
 # --------------------------------------------------------------------------
 # Noise features and encoder.
 # --------------------------------------------------------------------------

@@ -7,7 +7,10 @@ token. The same sweep through a student's first noise slot shows the
 distribution its map pushes U(0, 1) to at that context; a student computing
 the map exactly would give the teacher's tokens at every grid point. Sample
 metrics (eval.json `metrics`) mix this with everything later in a rollout;
-the sweep isolates it, per context:
+the sweep isolates it, per context (the student's token read out as its
+row's readout does, argmax or median; not the sampled readout, whose
+uniform frac(1024 u) is constant over the grid's midpoints when G divides
+1024, e.g. the default 1024):
 
   accuracy          fraction of grid points where student token == teacher's
   distinct_teacher  distinct tokens over the grid: the teacher's map, and
@@ -23,8 +26,8 @@ later stages learn it from the previous stage's slot 1, so for them the
 sweep measures the whole chain against the teacher (noise inversion trains
 every stage on the teacher's data tokens). Counts are over the grid: as u
 varies continuously the teacher's map reaches every token of positive
-mass, so `distinct_*` grow with G. The frequency penalty does not enter (no
-tokens have been emitted at a swept slot).
+mass, so `distinct_*` grow with G. The sweep does not apply the frequency
+penalty (which counts the context's tokens too): penalised rows get none.
 
 JSON form (eval.json `coupling.noise_sweep` of an unpenalised student row):
   {"grid": int, "contexts": int, "accuracy": STAT, "distinct_teacher": STAT,
@@ -91,11 +94,20 @@ def _teacher_fn(cfg):
 
 
 @functools.lru_cache(maxsize=None)
-def _student_fn(cfg):
+def _student_fn(cfg, readout: str, temperature: float):
+  if readout not in ('argmax', 'median'):
+    raise ValueError(f"noise sweep of readout={readout!r}: 'argmax' or "
+                     "'median' (a sampled readout's uniform frac(1024 u) "
+                     'follows the grid, not the noise)')
+
   def tokens(params, tokens_1xN, windows_1xG, u_1xGx1):
-    logits = distill.pf_slot_logits(cfg, params, tokens_1xN, windows_1xG,
-                                    u_1xGx1)
-    return jnp.argmax(logits[0, :, 0], axis=-1)
+    logits_GxV = distill.pf_slot_logits(cfg, params, tokens_1xN,
+                                        windows_1xG, u_1xGx1)[0, :, 0]
+    if readout == 'argmax':
+      return jnp.argmax(logits_GxV, axis=-1)
+    return noise_lib.inverse_cdf(
+        logits_GxV, noise_lib.readout_uniform(readout, u_1xGx1[0, :, 0]),
+        temperature=temperature)
   return jax.jit(tokens)
 
 
@@ -120,9 +132,12 @@ def teacher_tokens(cfg, params, tokens_N, t: int, u_G) -> np.ndarray:
       jnp.asarray(u_G)))
 
 
-def student_tokens(cfg, params, tokens_N, t: int, u_G) -> np.ndarray:
-  """A student's slot-1 argmax token after x_<=t, at each u: (G,)."""
-  return _student_sweep(_student_fn(cfg), params, tokens_N, t, u_G)
+def student_tokens(cfg, params, tokens_N, t: int, u_G, readout='argmax',
+                   temperature=1.0) -> np.ndarray:
+  """A student's slot-1 token after x_<=t by `readout` (at `temperature`
+  unless argmax), at each u: (G,)."""
+  return _student_sweep(_student_fn(cfg, readout, float(temperature)),
+                        params, tokens_N, t, u_G)
 
 
 def grid_stats(student_G, teacher_G) -> dict[str, float]:
@@ -145,11 +160,12 @@ def teacher_grids(cfg, params, seqs_NxL, rows, ts, u_G) -> list[np.ndarray]:
           for r, t in zip(rows, ts)]
 
 
-def sweep_student(cfg, params, seqs_NxL, rows, ts, u_G,
-                  teacher_G_list) -> dict[str, np.ndarray]:
-  """Per-context metrics (each an array over contexts) of one student."""
-  per = [grid_stats(student_tokens(cfg, params, seqs_NxL[r], int(t), u_G),
-                    teacher_G)
+def sweep_student(cfg, params, seqs_NxL, rows, ts, u_G, teacher_G_list,
+                  readout='argmax', temperature=1.0) -> dict[str, np.ndarray]:
+  """Per-context metrics (each an array over contexts) of one student read
+  out by `readout` at `temperature`."""
+  per = [grid_stats(student_tokens(cfg, params, seqs_NxL[r], int(t), u_G,
+                                   readout, temperature), teacher_G)
          for r, t, teacher_G in zip(rows, ts, teacher_G_list)]
   return {key: np.array([p[key] for p in per]) for key in STAT_KEYS}
 

@@ -158,13 +158,14 @@ def quality_section(workdir):
 
 
 def _readout(model) -> str:
-  """A student's readout ('argmax', or 'sample' with its temperature);
-  '-' for the teacher and the data."""
+  """A student's readout ('argmax', or 'sample' / 'median' with its
+  temperature); '-' for the teacher and the data."""
   if model['kind'] != 'student':
     return '-'
-  if model.get('readout', 'argmax') == 'argmax':
+  readout = model.get('readout', 'argmax')
+  if readout == 'argmax':
     return 'argmax'
-  return f"sample, T={model['temperature']:g}"
+  return f"{readout}, T={model['temperature']:g}"
 
 
 def _per_slot(stats) -> str:

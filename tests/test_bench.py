@@ -521,12 +521,14 @@ def test_bench_decodes_with_the_configured_projection(tmp_path,
     bench_settings.settings_from_config(_tiny_config(kernel_impl='chunked'))
 
 
+@pytest.mark.parametrize('readout', ['sample', 'median'])
 def test_bench_readout_samples_the_teacher_and_the_students(tmp_path,
-                                                              monkeypatch):
-  # bench.readout='sample': the AR teacher samples by inverse CDF (not
-  # greedy) and the students read out by sampling, so both pay for it.
+                                                              monkeypatch,
+                                                              readout):
+  # bench.readout='sample' or 'median': the AR teacher samples by inverse
+  # CDF (not greedy) and the students read out that way, so both pay for it.
   config = _tiny_config(**dict(_FAST, batch_sizes=(1,), ks=(2,),
-                               readout='sample'))
+                               readout=readout))
   specs = []
   real_spec = bench_timing.decode.DecodeSpec
 
@@ -537,14 +539,13 @@ def test_bench_readout_samples_the_teacher_and_the_students(tmp_path,
 
   monkeypatch.setattr(bench_timing.decode, 'DecodeSpec', spec)
   out = bench.run_bench(config, str(tmp_path), log=lambda _: None)
-  assert sorted(specs) == [(1, False, 'argmax'), (2, False, 'sample')]
-  assert out['settings']['readout'] == 'sample'
+  assert sorted(specs) == [(1, False, 'argmax'), (2, False, readout)]
+  assert out['settings']['readout'] == readout
   bench_schema.validate_bench_json(out)
-  assert '(bench.readout=sample: the AR teacher samples' in (
+  assert f'(bench.readout={readout}: the AR teacher samples' in (
       bench_report.format_tables(out))
   del out['settings']['readout']  # Files from before it: argmax, unsaid.
   assert 'bench.readout' not in bench_report.format_tables(out)
-  out['settings']['readout'] = 'sample'
   out['settings']['readout'] = 'nucleus'
   with pytest.raises(ValueError, match="settings.readout='nucleus' not in"):
     bench_schema.validate_bench_json(out)

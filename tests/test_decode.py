@@ -583,6 +583,7 @@ def test_float64_noise_just_below_one_is_accepted(teacher):
     (4, dict(readout='top_p'), "readout='top_p': expected one of"),
     (0, dict(readout='sample'), "readout='sample' is for students"),
     (4, dict(readout='sample', greedy=True), 'greedy decode takes the argmax'),
+    (0, dict(readout='median'), "readout='median' is for students"),
 ])
 def test_bad_decode_spec_is_rejected(small_cfg, window, overrides, needle):
   # decode_loop trusts its spec, so a bad one must fail when it is built.
@@ -747,21 +748,23 @@ def test_student_penalty_is_applied_slot_by_slot(small_cfg, impl):
   assert not np.array_equal(plain, got)
 
 
+@pytest.mark.parametrize('readout', ['sample', 'median'])
 @pytest.mark.parametrize('penalty,impl', [(0.0, 'reference'),
                                           (0.7, 'reference'),
                                           (0.7, 'chunked')])
-def test_sampled_readout_is_the_inverse_cdf_at_the_fine_bits(small_cfg,
-                                                            penalty, impl):
+def test_sampled_and_median_readouts_are_the_inverse_cdf(small_cfg, penalty,
+                                                         impl, readout):
   # Against the uncached reference: slot by slot the inverse CDF of the
-  # (penalised) logits at temperature 0.8, drawn with the low bits of the
-  # slot's u.
+  # (penalised) logits at temperature 0.8, at the low bits of the slot's u
+  # ('sample') or at 0.5 ('median').
   cfg, params, prompt, noise = _window4_case(small_cfg)
   k, steps, temperature = 4, 3, 0.8
   got = decode.generate(params, cfg, [prompt], max_new_tokens=k * steps, k=k,
                         noise=noise, frequency_penalty=penalty,
-                        temperature=temperature, readout='sample',
+                        temperature=temperature, readout=readout,
                         kernel_impl=impl).tokens[0]
-  u2 = np.asarray(noise_lib.fine_uniform(noise[0]))
+  u2 = (np.asarray(noise_lib.fine_uniform(noise[0])) if readout == 'sample'
+        else np.full(noise.shape[1], 0.5, np.float32))
   want = _uncached_student_reference(
       cfg, params, prompt, noise, k, steps,
       lambda logits, counts, n: int(noise_lib.inverse_cdf(
@@ -775,7 +778,7 @@ def test_sampled_readout_is_the_inverse_cdf_at_the_fine_bits(small_cfg,
   assert not np.array_equal(argmax, got)
   at_one = decode.generate(params, cfg, [prompt], max_new_tokens=k * steps,
                            k=k, noise=noise, frequency_penalty=penalty,
-                           readout='sample', kernel_impl=impl).tokens[0]
+                           readout=readout, kernel_impl=impl).tokens[0]
   assert not np.array_equal(at_one, got)
 
 

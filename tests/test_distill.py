@@ -118,7 +118,8 @@ _self_forcing_targets = jax.jit(distill.self_forcing_targets,
 
 
 @pytest.mark.parametrize('readout,temperature', [('argmax', 1.0),
-                                                 ('sample', 0.7)])
+                                                 ('sample', 0.7),
+                                                 ('median', 0.7)])
 def test_double_forward_equals_two_decoding_steps(small_cfg, readout,
                                                   temperature):
   # distill.readout: the previous student's tokens are the ones its decoder
@@ -141,8 +142,10 @@ def test_double_forward_equals_two_decoding_steps(small_cfg, readout,
                             noise=np.asarray(u[r:r + 1, w]), readout=readout,
                             temperature=temperature)
       np.testing.assert_array_equal(out.tokens[0], targets[r, w])
-  if readout == 'sample':  # Else this checked argmax twice,
-    for other in (('argmax', 'auto', 1.0), ('sample', 'auto', 1.0)):
+  if readout != 'argmax':  # Else this checked argmax twice,
+    for other in (('argmax', 'auto', 1.0), (readout, 'auto', 1.0),
+                  ({'sample': 'median', 'median': 'sample'}[readout],
+                   'auto', temperature)):
       again = _self_forcing_targets(cfg, params, tokens, windows, u,
                                     'reference', *other)
       assert (np.asarray(again) != targets).any()  # or ignored it.
@@ -230,7 +233,8 @@ def test_teacher_temperature_and_readout_are_for_self_forcing_only():
   config.distill.readout = 'argmax'
   config.distill.readout_temperature = 0.8
   with pytest.raises(ValueError, match='distill.readout_temperature=0.8 is '
-                     "for distill.readout='sample'; the argmax has none"):
+                     "for distill.readout='sample' or 'median'; the argmax "
+                     'has none'):
     defaults.validate(config)
 
 

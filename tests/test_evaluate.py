@@ -252,7 +252,10 @@ def test_settings_defaults_and_overrides():
                       ({'sample_temperature': -1.0},
                        r'eval.sample_temperature=-1.0 must be 0 \(no '
                        'sampled-readout rows\) or finite in float32 and '
-                       '>= 1e-30')):
+                       '>= 1e-30'),
+                      ({'median_temperature': float('nan')},
+                       r'eval.median_temperature=nan must be 0 \(no '
+                       'median-readout rows\)')):
     with pytest.raises(ValueError, match=needle):
       eval_settings.settings_from_config(
           ml_collections.ConfigDict({'eval': bad}))
@@ -292,6 +295,15 @@ def test_plan_models_picks_smallest_window():
   assert (both.run, both.k, both.penalty, both.readout,
           both.temperature) == ('student_k2', 2, 0.2, 'sample', 0.8)
   assert {e.readout for e in plan if 'sample' not in e.name} == {'argmax'}
+  # eval.median_temperature: median-readout rows after the sampled ones.
+  s = dataclasses.replace(s, ks=(2,), median_temperature=0.7)
+  plan = ev.plan_models([1, 2], s)
+  assert [e.name for e in plan][2:] == [
+      'student_k2', 'student_k2_penalty', 'student_k2_sample',
+      'student_k2_penalty_sample', 'student_k2_median',
+      'student_k2_penalty_median']
+  assert [(e.readout, e.temperature, e.penalty) for e in plan[-2:]] == [
+      ('median', 0.7, 0.0), ('median', 0.7, 0.2)]
 
 
 # --------------------------------------------------------------------------
@@ -688,18 +700,23 @@ def test_run_evaluate_untrained_models(hf_dir, tmp_path, monkeypatch, capsys):
         ev.noise_sweep, name,
         lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
   config.eval.penalties = {'k2': 0.3}  # A penalised row of the same run.
-  config.eval.sample_temperature = 0.8  # And a sampled-readout row.
+  config.eval.sample_temperature = 0.8  # And a sampled-readout row,
+  config.eval.median_temperature = 0.6  # and a median-readout one.
   result = ev.run_evaluate(config, workdir)
   d = _check_outputs(workdir, result, ['data', 'teacher', 'student_k2',
                                        'student_k2_penalty',
                                        'student_k2_sample',
-                                       'student_k2_penalty_sample'])
-  # The teacher is swept once, the run once; its penalised and sampled
-  # rows get none (the sweep maps u to the argmax).
-  assert calls == ['teacher_grids', 'sweep_student']
+                                       'student_k2_penalty_sample',
+                                       'student_k2_median',
+                                       'student_k2_penalty_median'])
+  # The teacher is swept once, the run once per readout (argmax, median);
+  # penalised and sampled rows get none (noise_sweep.py says why).
+  assert calls == ['teacher_grids'] + ['sweep_student'] * 2
   for name in ('student_k2_penalty', 'student_k2_sample',
-               'student_k2_penalty_sample'):
+               'student_k2_penalty_sample', 'student_k2_penalty_median'):
     assert d['models'][name]['coupling']['noise_sweep'] is None
+  assert (d['models']['student_k2']['coupling']['noise_sweep'] !=
+          d['models']['student_k2_median']['coupling']['noise_sweep'])
   # The sampled row is the student's sampled readout of the shared noise.
   rows = {}
   for name in ('student_k2', 'student_k2_sample'):
@@ -727,6 +744,16 @@ def test_run_evaluate_untrained_models(hf_dir, tmp_path, monkeypatch, capsys):
   np.testing.assert_array_equal(both, ev.generate_fixed(
       cfg, params, prefixes, noise, 2, penalty=0.3, readout='sample',
       temperature=0.8))
+  # The median rows likewise, with their own readout and temperature.
+  for name, penalty in (('student_k2_median', 0.0),
+                        ('student_k2_penalty_median', 0.3)):
+    assert (d['models'][name]['readout'],
+            d['models'][name]['temperature']) == ('median', 0.6)
+    with open(os.path.join(workdir, 'samples', f'{name}.jsonl')) as f:
+      median = np.array([json.loads(line)['token_ids'] for line in f])
+    np.testing.assert_array_equal(median, ev.generate_fixed(
+        cfg, params, prefixes, noise, 2, penalty=penalty, readout='median',
+        temperature=0.6))
   out = capsys.readouterr().out
   assert '[eval] noise sweep: the teacher' in out
   assert d['settings']['max_new_tokens'] == 8
@@ -919,6 +946,9 @@ def test_a_student_distilled_from_sampled_rollouts_is_noted():
       "distill.readout_temperature=0.8: it learnt student_k2's sampled "
       'rollouts, not its argmax')
   assert ev._readout_note('student_k1', 1, meta) is None  # The teacher's.
+  meta['config']['distill']['readout'] = 'median'
+  assert ev._readout_note('student_k2', 2, meta).endswith(
+      "=0.8: it learnt student_k1's median rollouts, not its argmax")
   meta['config']['distill']['readout'] = 'argmax'
   assert ev._readout_note('student_k4', 4, meta) is None
   assert ev._readout_note('student_k4', 4, {'config': {}}) is None  # Older.
@@ -1062,21 +1092,24 @@ def test_generate_command_reads_a_student_out_as_asked(
       seed=None, temperature=0.7, greedy=None, readout='sample',
       frequency_penalty=None, prompt=['the cat'])
   shown = []
-  for readout in ('sample', 'argmax'):
+  for readout in ('sample', 'argmax', 'median'):
     commands.generate(types.SimpleNamespace(**dict(vars(flags),
                                                    readout=readout)))
     shown.append(capsys.readouterr())
-  assert seen == [('sample', 0.7), ('argmax', 1.0)]
+  assert seen == [('sample', 0.7), ('argmax', 1.0), ('median', 0.7)]
   texts = [json.loads(out.out)['text'] for out in shown]
-  assert texts[0] != texts[1]
-  assert 'NOTE' not in shown[0].err
+  assert len(set(texts)) == 3
+  assert 'NOTE' not in shown[0].err + shown[2].err
   assert ("NOTE: --temperature ignored: a student's tokens are its readout "
-          'of its noise slots (argmax; --readout=sample draws them'
+          'of its noise slots (argmax; --readout=sample or =median reads '
+          'its softmax'
           ) in shown[1].err
-  commands.generate(types.SimpleNamespace(**dict(vars(flags), k=1)))
-  assert seen[-1] == ('argmax', 0.7)  # The teacher samples at 0.7 anyway.
-  assert 'NOTE: --readout=sample ignored: it is a student' in (
-      capsys.readouterr().err)
+  for readout in ('sample', 'median'):
+    commands.generate(types.SimpleNamespace(**dict(vars(flags), k=1,
+                                                   readout=readout)))
+    assert seen[-1] == ('argmax', 0.7)  # The teacher samples at 0.7 anyway.
+    assert f'NOTE: --readout={readout} ignored: it is a student' in (
+        capsys.readouterr().err)
 
 
 def test_report_names_the_ci_level_and_resamples(tmp_path):
@@ -1114,4 +1147,8 @@ def test_report_shows_agreement_per_slot(tmp_path):
   d['models']['student_k2'].update(readout='sample', temperature=0.8)
   (tmp_path / 'eval.json').write_text(json.dumps(d))
   assert any(line.startswith('| student_k2 | 2 | 0 | sample, T=0.8 | ')
+             for line in report.quality_section(str(tmp_path)))
+  d['models']['student_k2'].update(readout='median', temperature=0.9)
+  (tmp_path / 'eval.json').write_text(json.dumps(d))
+  assert any(line.startswith('| student_k2 | 2 | 0 | median, T=0.9 | ')
              for line in report.quality_section(str(tmp_path)))

@@ -351,3 +351,14 @@ def test_fine_uniform_is_the_exact_fraction_of_the_scaled_u():
   for q in range(4):
     part = got[(u >= q / 4) & (u < (q + 1) / 4)]
     assert abs(part.mean() - 0.5) < 0.03, (q, part.mean())
+
+
+def test_readout_uniform_is_the_fine_bits_or_the_median():
+  u = jax.random.uniform(jax.random.PRNGKey(1), (3, 5))
+  np.testing.assert_array_equal(noise.readout_uniform('sample', u),
+                                noise.fine_uniform(u))
+  median = noise.readout_uniform('median', u)
+  assert median.dtype == jnp.float32 and median.shape == (3, 5)
+  np.testing.assert_array_equal(median, np.full((3, 5), 0.5, np.float32))
+  with pytest.raises(ValueError, match="readout='argmax' has no uniform"):
+    noise.readout_uniform('argmax', u)

@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from kforcing_jax import decode
 from kforcing_jax import distill
 from kforcing_jax import eval_schema
 from kforcing_jax import eval_settings
@@ -98,6 +99,27 @@ def test_student_sweep_equals_single_points(small_cfg):
         cfg, params, jnp.asarray(tokens[None]), jnp.array([[t]]),
         jnp.asarray(u[g]).reshape(1, 1, 1))
     assert got[g] == int(jnp.argmax(alone[0, 0, 0])), g
+
+
+def test_median_sweep_reads_out_as_the_decoder(small_cfg):
+  # A median row's sweep maps u to the token the decoder's median readout
+  # emits in slot 1 from that u; a sampled row's is refused (its uniform,
+  # frac(1024 u), would follow the grid).
+  cfg = dataclasses.replace(small_cfg, noise_window=2)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(5))
+  tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(6),
+                                         (cfg.seq_len,), 0, cfg.vocab_size))
+  u, t = ns.grid(64), 30
+  got = ns.student_tokens(cfg, params, tokens, t, u, 'median', 0.7)
+  assert len(set(got.tolist())) > 1  # The map depends on u at all.
+  for g in (0, 21, 63):
+    out = decode.generate(params, cfg, [tokens[:t + 1]], max_new_tokens=1,
+                          k=1, noise=u[g].reshape(1, 1), readout='median',
+                          temperature=0.7)
+    assert got[g] == out.tokens[0, 0], g
+  assert (got != ns.student_tokens(cfg, params, tokens, t, u)).any()
+  with pytest.raises(ValueError, match="readout='sample': 'argmax' or"):
+    ns.student_tokens(cfg, params, tokens, t, u, 'sample', 0.7)
 
 
 def _sweep_json():
