@@ -60,8 +60,9 @@ recomputing that ratio):
                   rows with eval.sweep_contexts > 0): slot 1's map, by
                   the row's readout, against the teacher's over a u grid
                   at held-out contexts, see noise_sweep.py. Both compare
-                  with the teacher at temperature 1, also for students distilled at another
-                  distill.teacher_temperature (a note says so).
+                  with the teacher at temperature 1, also for students
+                  distilled at another distill.teacher_temperature (a
+                  note says so).
 Perplexity CIs resample samples and recompute exp(total NLL / total tokens).
 
 Its parts: `eval_settings` (the config section), `eval_metrics` (the
