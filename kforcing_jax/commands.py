@@ -246,10 +246,10 @@ def generate(flags_obj):
         ['--temperature'] if flags_obj.temperature is not None and
         readout == 'argmax' else [])
     if ignored:
-      how = ('argmax; --readout=sample or =median reads its softmax at '
-             '--temperature' if readout == 'argmax' else
-             'sampled from its softmax at --temperature' if readout ==
-             'sample' else 'the median of its softmax at --temperature')
+      how = {'argmax': 'argmax; --readout=sample or =median reads its '
+                       'softmax at --temperature',
+             'sample': 'sampled from its softmax at --temperature',
+             'median': 'the median of its softmax at --temperature'}[readout]
       _print_main(f"NOTE: {' and '.join(ignored)} ignored: a student's "
                   f'tokens are its readout of its noise slots ({how})',
                   file=sys.stderr)

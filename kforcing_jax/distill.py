@@ -124,8 +124,8 @@ def pf_slot_logits(cfg, params, tokens_BxN, windows_BxM, u_BxMxK,
   return projection.logits(h, params['unembed']['kernel'])
 
 
-def _readout_slots(params, h_BxMxKxD, u_BxMxK, impl, readout, precision,
-                   temperature):
+def readout_slots(params, h_BxMxKxD, u_BxMxK, impl, readout, precision,
+                  temperature):
   """The slots' tokens as the decoder's readout emits them (argmax, or the
   inverse CDF of the softmax at `temperature` at `noise.readout_uniform`)."""
   *lead, d = h_BxMxKxD.shape
@@ -169,13 +169,13 @@ def self_forcing_targets(prev_cfg, prev_params, tokens_BxN, windows_BxM,
   if readout not in READOUTS:
     raise ValueError(f'readout={readout!r}: expected one of {READOUTS}')
   u_first, u_second = u_BxMxK[..., :m], u_BxMxK[..., m:]
-  first = _readout_slots(prev_params, pf_slot_hidden(
+  first = readout_slots(prev_params, pf_slot_hidden(
       prev_cfg, prev_params, tokens_BxN, windows_BxM, u_first), u_first,
-                         impl, readout, precision, temperature)
-  second = _readout_slots(prev_params, pf_slot_hidden(
+                        impl, readout, precision, temperature)
+  second = readout_slots(prev_params, pf_slot_hidden(
       prev_cfg, prev_params, tokens_BxN, windows_BxM, u_second,
       slot_tokens_BxMxT=first), u_second, impl, readout, precision,
-                          temperature)
+                         temperature)
   return jnp.concatenate([first, second], -1)
 
 

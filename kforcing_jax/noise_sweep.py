@@ -101,13 +101,11 @@ def _student_fn(cfg, readout: str, temperature: float):
                      'follows the grid, not the noise)')
 
   def tokens(params, tokens_1xN, windows_1xG, u_1xGx1):
-    logits_GxV = distill.pf_slot_logits(cfg, params, tokens_1xN,
-                                        windows_1xG, u_1xGx1)[0, :, 0]
-    if readout == 'argmax':
-      return jnp.argmax(logits_GxV, axis=-1)
-    return noise_lib.inverse_cdf(
-        logits_GxV, noise_lib.readout_uniform(readout, u_1xGx1[0, :, 0]),
-        temperature=temperature)
+    # Full logits ('reference') at the default precision, on any backend.
+    h = distill.pf_slot_hidden(cfg, params, tokens_1xN, windows_1xG,
+                               u_1xGx1)
+    return distill.readout_slots(params, h, u_1xGx1, 'reference', readout,
+                                 'auto', temperature)[0, :, 0]
   return jax.jit(tokens)
 
 
