@@ -101,7 +101,7 @@ def compile_step(config, which: str, mesh, *, fsdp: bool,
       raise ValueError('the distillation step runs with replicated state '
                        '(mesh.fsdp is not supported there): compile it with '
                        'fsdp=False')
-    tc = commands.stage_config(config).train
+    tc = commands.stage_config(config, 4).train  # _distill_stage's.
     stage = _distill_stage(config)
     rng0 = jax.ShapeDtypeStruct((2,), jnp.uint32)
     source = jax.eval_shape(

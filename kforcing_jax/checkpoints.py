@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from kforcing_jax import defaults
 from kforcing_jax import model as model_lib
 
 
@@ -129,12 +130,12 @@ def check_records(records, where: str) -> None:
 def unfinished_runs(records: dict[str, dict], config) -> list[str]:
   """'RUN is at step S of FIELD=N (unfinished)' for each recorded run short
   of the step count `config` gives it (the teacher: train.num_steps; a
-  student: distill.steps_per_stage)."""
+  student_k<w>: its stage's, defaults.stage_steps)."""
   out = []
   for run, record in records.items():
     field, target = (('train.num_steps', config.train.num_steps)
                      if run == 'teacher' else
-                     ('distill.steps_per_stage', config.distill.steps_per_stage))
+                     defaults.stage_steps(config.distill, _window_of(run)))
     if record['step'] < target:
       out.append(f"{run} is at step {record['step']} of {field}={target} "
                  '(unfinished)')
@@ -268,6 +269,12 @@ class Manager:
   def wait(self):
     if self._manager is not None:
       self._manager.wait_until_finished()
+
+
+def _window_of(run: str) -> int:
+  """w of a `student_k<w>` run name; 0 for any other name."""
+  m = re.fullmatch(r'student_k(\d+)', run)
+  return int(m.group(1)) if m else 0
 
 
 def trained_windows(workdir: str) -> list[int]:

@@ -285,13 +285,14 @@ def generate(flags_obj):
                             'text': text}))
 
 
-def stage_config(config):
-  """A copy of `config` whose `train` section is the distillation recipe."""
+def stage_config(config, window: int):
+  """A copy of `config` whose `train` section is the distillation recipe of
+  the stage of `window`."""
   out = config.copy_and_resolve_references()
   out.unlock()
   ds, tc = out.distill, out.train
   tc.batch_size = ds.batch_size
-  tc.num_steps = ds.steps_per_stage
+  tc.num_steps = defaults.stage_steps(ds, window)[1]
   tc.lr = ds.lr
   tc.warmup_steps = ds.warmup_steps
   tc.schedule = 'constant'  # Paper: constant schedule, Adam (0.9, 0.999).
@@ -345,7 +346,6 @@ def run_distill(config, workdir: str,
   if unlike:
     _print_main(f"[distill] NOTE: the students take {', '.join(unlike)} "
                 'from --config; pass the teacher\'s values to match it')
-  sconfig = stage_config(config)
   tokenizer = data_lib.get_tokenizer(
       config, workdir,
       splits=data_lib.training_splits(config, config.distill.eval_every))
@@ -383,10 +383,11 @@ def run_distill(config, workdir: str,
     if source_cfg.noise_window and ds.readout != 'argmax':
       source_name += (f' (its {ds.readout} readout at temperature '
                       f'{ds.readout_temperature:g})')
-    finished = done is not None and done >= ds.steps_per_stage
+    steps_field, steps = defaults.stage_steps(ds, window)
+    finished = done is not None and done >= steps
     if finished:
-      past = (f', past distill.steps_per_stage={ds.steps_per_stage} (kept '
-              'as trained)' if done > ds.steps_per_stage else '')
+      past = (f', past {steps_field}={steps} (kept as trained)'
+              if done > steps else '')
       _print_main(f'[{task.name}] stage k={window} finished (step {done}'
                   f'{past}): skipped')
     else:
@@ -398,6 +399,7 @@ def run_distill(config, workdir: str,
         _print_main('[distill] NOTE: mesh.fsdp=True applies to the teacher '
                     'only: the distillation step keeps the student and its '
                     'frozen source replicated on every device')
+    sconfig = stage_config(config, window)
     train_iter = _train_iterator(sconfig, tokenizer, workdir, finished)
     result = train_lib.train(task, sconfig, workdir, train_iter, eval_batches)
     results.append(result)

@@ -76,6 +76,10 @@ def base_config() -> ml_collections.ConfigDict:
   ds.windows = (1, 2, 4)  # Stage windows; each stage 2m learns from stage m.
   ds.method = 'self_forcing'  # 'self_forcing' or 'noise_inversion' (baseline).
   ds.steps_per_stage = 300  # Optimizer steps per stage.
+  # Steps of each stage, one per window, in place of steps_per_stage (ours),
+  # e.g. (300, 900, 900) to train the stages that learn a student's
+  # rollouts for longer; () = steps_per_stage for every stage.
+  ds.stage_steps = ()
   ds.batch_size = 16  # Sequences per step (contexts come from real data).
   ds.num_windows = 16  # Windows (context positions t) sampled per sequence;
   #                      0 = every valid t. Memory grows with windows * k.
@@ -246,6 +250,17 @@ def paper_distill_recipe(c: ml_collections.ConfigDict) -> None:
   ds.eval_every = 5000
 
 
+def stage_steps(distill, window: int) -> tuple[str, int]:
+  """(the field that sets it, the optimizer steps) of the distillation stage
+  of `window`: its entry of distill.stage_steps if that is given and names
+  the window, else distill.steps_per_stage (so too for runs of windows the
+  config does not list, and for configs saved before stage_steps)."""
+  per_stage = dict(zip(distill.windows, distill.get('stage_steps', ()) or ()))
+  if window in per_stage:
+    return f'distill.stage_steps (k={window})', per_stage[window]
+  return 'distill.steps_per_stage', distill.steps_per_stage
+
+
 def _check_eval_batches(section: str, settings) -> None:
   """A training stage that evaluates needs at least one held-out batch."""
   if settings.eval_every and settings.eval_batches < 1:
@@ -333,6 +348,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for name in ('steps_per_stage', 'batch_size', 'checkpoint_every'):
     if ds[name] < 1:
       raise ValueError(f'distill.{name}={ds[name]} must be >= 1')
+  per_stage = tuple(ds.get('stage_steps', ()))
+  if per_stage and (len(per_stage) != len(windows) or any(
+      isinstance(n, bool) or not isinstance(n, int) or n < 1
+      for n in per_stage)):
+    raise ValueError(f'distill.stage_steps={per_stage}: need one int >= 1 '
+                     f'per window of distill.windows={windows}, or () for '
+                     f'distill.steps_per_stage={ds.steps_per_stage} each')
   for name in ('num_windows', 'warmup_steps', 'eval_every', 'eval_batches'):
     if ds[name] < 0:
       raise ValueError(f'distill.{name}={ds[name]} must be >= 0')

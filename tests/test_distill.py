@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -540,6 +541,54 @@ def test_students_take_the_configs_noise_encoder_fields(tmp_path, capsys,
           '(kept as trained)): skipped') in out
 
 
+@pytest.mark.parametrize('stage_steps', [(3, 0, 3), (3, True, 3), (3, 2.0, 3),
+                                         (3, 3, 3, 3)])
+def test_stage_steps_must_give_each_window_a_positive_int(stage_steps):
+  config = defaults.base_config()
+  config.distill.stage_steps = stage_steps
+  with pytest.raises(ValueError, match=re.escape(
+      f'distill.stage_steps={stage_steps}: need one int >= 1 per window')):
+    defaults.validate(config)
+
+
+def test_stage_steps_give_each_stage_its_own_length(tmp_path, capsys):
+  # distill.stage_steps sets each stage's steps (the later stages, which
+  # learn a student's rollouts, may want more); steps_per_stage is then
+  # unused. Resuming, skipping and the unfinished-run notes follow it.
+  from kforcing_jax import commands  # pylint: disable=g-import-not-at-top
+  from kforcing_jax import config_files  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  config = config_files.load_config(os.path.join(root, 'configs', 'tiny.py'))
+  config.train.num_steps = config.train.eval_every = 1
+  config.distill.windows = (1, 2)
+  config.distill.steps_per_stage = 5
+  config.distill.stage_steps = (1, 2)
+  workdir = str(tmp_path)
+  commands.run_teacher(config, workdir)
+  results = commands.run_distill(config, workdir)
+  assert [int(r.state.step) for r in results] == [1, 2]
+  config.distill.stage_steps = (1, 3)
+  records = checkpoints.workdir_records(workdir)
+  assert checkpoints.unfinished_runs(records, config) == [
+      'student_k2 is at step 2 of distill.stage_steps (k=2)=3 (unfinished)']
+  capsys.readouterr()
+  results = commands.run_distill(config, workdir)
+  assert [int(r.state.step) for r in results] == [1, 3]
+  out = capsys.readouterr().out
+  assert 'stage k=1 finished (step 1): skipped' in out
+  assert '[student_k2] resuming from the checkpoint at step 2 of 3' in out
+  config.distill.stage_steps = (1, 2)
+  commands.run_distill(config, workdir)
+  assert ('stage k=2 finished (step 3, past distill.stage_steps (k=2)=2 '
+          '(kept as trained)): skipped') in capsys.readouterr().out
+  # Without stage_steps, every stage has steps_per_stage again.
+  config.distill.stage_steps = ()
+  records = checkpoints.workdir_records(workdir)
+  assert checkpoints.unfinished_runs(records, config) == [
+      f'student_k{k} is at step {n} of distill.steps_per_stage=5 '
+      '(unfinished)' for k, n in ((1, 1), (2, 3))]
+
+
 @pytest.mark.parametrize('name', ['lm1b', 'owt'])
 def test_paper_configs_distill_with_the_authors_recipe(name):
   # docs/METHOD.md: batch 512, lr 1e-4, grad clip 1.0, EMA 0.999 (Adam
@@ -554,7 +603,7 @@ def test_paper_configs_distill_with_the_authors_recipe(name):
   spec.loader.exec_module(module)
   config = module.get_config()
   defaults.validate(config)
-  tc = commands.stage_config(config).train  # What each stage trains with.
+  tc = commands.stage_config(config, 4).train  # What stage 4 trains with.
   assert (tc.batch_size, tc.lr, tc.ema_decay) == (512, 1e-4, 0.999)
   assert tc.grad_clip == 1.0
   assert tc.num_steps == config.distill.steps_per_stage >= 10_000

@@ -468,6 +468,9 @@ def _cli(args, workdir, **kw):
     ('--config.distill.windows=(1,3)', 'distill.windows=(1, 3)'),
     ('--config.distill.lr=-1', 'distill.lr=-1'),
     ('--config.distill.ema_decay=1.5', 'distill.ema_decay=1.5'),
+    ('--config.distill.stage_steps=(300,900)',
+     'distill.stage_steps=(300, 900): need one int >= 1 per window of '
+     'distill.windows=(1, 2, 4)'),
     # Later stages' fields too, so a pipeline never trains and then stops.
     ('--config.eval.num_samples=0', 'eval.num_samples=0'),
     ('--config.bench.batch_sizes=(0,)', 'bench.batch_sizes=(0,)'),
