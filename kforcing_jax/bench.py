@@ -118,7 +118,8 @@ def run_bench(config, workdir: str,
   records = checkpoints.workdir_records(workdir)
   timed = {m.name for m in models.values() if m.weights == 'trained'}
   for note in checkpoints.unfinished_runs(
-      {run: records[run] for run in sorted(timed) if run in records}, config):
+      {run: records[run] for run in sorted(timed) if run in records}, config,
+      workdir):
     log(f'[bench] NOTE: {note}')
   log(f'[bench] {config.get("name", "?")}: {machine["cpu_count"]} cores '
       f'({machine["cpu_model"]}), backend {machine["backend"]} '

@@ -127,18 +127,31 @@ def check_records(records, where: str) -> None:
                        f'"run_id": str}} (run_id optional), not {record!r}')
 
 
-def unfinished_runs(records: dict[str, dict], config) -> list[str]:
+def unfinished_runs(records: dict[str, dict], config,
+                    workdir: str | None = None) -> list[str]:
   """'RUN is at step S of FIELD=N (unfinished)' for each recorded run short
   of the step count `config` gives it (the teacher: train.num_steps; a
-  student_k<w>: its stage's, defaults.stage_steps)."""
+  student_k<w>: its stage's, defaults.stage_steps), and, given the runs'
+  `workdir`, for each run short of the steps its own last run was started
+  with (a run stopped early, read with a config that asks fewer)."""
   out = []
   for run, record in records.items():
     field, target = (('train.num_steps', config.train.num_steps)
                      if run == 'teacher' else
                      defaults.stage_steps(config.distill, _window_of(run)))
-    if record['step'] < target:
-      out.append(f"{run} is at step {record['step']} of {field}={target} "
-                 '(unfinished)')
+    step = record['step']
+    if step < target:
+      out.append(f'{run} is at step {step} of {field}={target} (unfinished)')
+      continue
+    if workdir is None:
+      continue
+    # A stage's saved config holds its own step count in train.num_steps.
+    meta = Manager(os.path.join(workdir, run)).read_meta(step)
+    planned = ((meta.get('config') or {}).get('train') or {}).get('num_steps')
+    if isinstance(planned, int) and step < planned:
+      out.append(f'{run} is at step {step} of the {planned} its last run '
+                 'was started with (unfinished: a re-run of that command '
+                 'resumes it)')
   return out
 
 

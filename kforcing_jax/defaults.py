@@ -77,8 +77,8 @@ def base_config() -> ml_collections.ConfigDict:
   ds.method = 'self_forcing'  # 'self_forcing' or 'noise_inversion' (baseline).
   ds.steps_per_stage = 300  # Optimizer steps per stage.
   # Steps of each stage, one per window, in place of steps_per_stage (ours),
-  # e.g. (300, 900, 900) to train the stages that learn a student's
-  # rollouts for longer; () = steps_per_stage for every stage.
+  # e.g. (300, 900, 900) to train stages 2 and 4 for longer (README,
+  # Results); () = steps_per_stage for every stage.
   ds.stage_steps = ()
   ds.batch_size = 16  # Sequences per step (contexts come from real data).
   ds.num_windows = 16  # Windows (context positions t) sampled per sequence;
@@ -255,9 +255,11 @@ def stage_steps(distill, window: int) -> tuple[str, int]:
   of `window`: its entry of distill.stage_steps if that is given and names
   the window, else distill.steps_per_stage (so too for runs of windows the
   config does not list, and for configs saved before stage_steps)."""
-  per_stage = dict(zip(distill.windows, distill.get('stage_steps', ()) or ()))
-  if window in per_stage:
-    return f'distill.stage_steps (k={window})', per_stage[window]
+  windows = tuple(distill.windows)
+  per_stage = tuple(distill.get('stage_steps', ()) or ())
+  if per_stage and window in windows:
+    i = windows.index(window)
+    return f'distill.stage_steps[{i}]', per_stage[i]
   return 'distill.steps_per_stage', distill.steps_per_stage
 
 
@@ -337,6 +339,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   windows = tuple(ds.windows)
   if not windows or any(not isinstance(w, int) or w < 1 for w in windows):
     raise ValueError(f'distill.windows={windows}: need positive ints')
+  if len(set(windows)) != len(windows):  # noise_inversion's could repeat.
+    raise ValueError(f'distill.windows={windows}: each window once')
   if ds.method == 'self_forcing':
     chain = (1,) + tuple(2 * w for w in windows[:-1])
     if windows != chain:

@@ -427,7 +427,8 @@ def run_evaluate(config, workdir: str) -> dict:
   # models by these, not by file times (a copied workdir has new ones).
   records = checkpoints.workdir_records(workdir)
   notes += checkpoints.unfinished_runs(
-      {run: records[run] for run in loaded if run in records}, config)
+      {run: records[run] for run in loaded if run in records}, config,
+      workdir)
   models, teacher_tokens, sample_files = {}, None, {}
   sweeper = _Sweeper(s, teacher_cfg, teacher_params, seqs, loaded, notes)
   for entry in plan:

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -552,9 +553,9 @@ def test_stage_steps_must_give_each_window_a_positive_int(stage_steps):
 
 
 def test_stage_steps_give_each_stage_its_own_length(tmp_path, capsys):
-  # distill.stage_steps sets each stage's steps (the later stages, which
-  # learn a student's rollouts, may want more); steps_per_stage is then
-  # unused. Resuming, skipping and the unfinished-run notes follow it.
+  # distill.stage_steps sets each stage's steps (stages 2 and 4 may want
+  # more); steps_per_stage is then unused. Resuming, skipping and the
+  # unfinished-run notes follow it.
   from kforcing_jax import commands  # pylint: disable=g-import-not-at-top
   from kforcing_jax import config_files  # pylint: disable=g-import-not-at-top
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -562,31 +563,56 @@ def test_stage_steps_give_each_stage_its_own_length(tmp_path, capsys):
   config.train.num_steps = config.train.eval_every = 1
   config.distill.windows = (1, 2)
   config.distill.steps_per_stage = 5
-  config.distill.stage_steps = (1, 2)
+  config.distill.stage_steps = (1, 4)
+  config.distill.checkpoint_every = 2
   workdir = str(tmp_path)
   commands.run_teacher(config, workdir)
   results = commands.run_distill(config, workdir)
-  assert [int(r.state.step) for r in results] == [1, 2]
+  assert [int(r.state.step) for r in results] == [1, 4]
   config.distill.stage_steps = (1, 3)
-  records = checkpoints.workdir_records(workdir)
-  assert checkpoints.unfinished_runs(records, config) == [
-      'student_k2 is at step 2 of distill.stage_steps (k=2)=3 (unfinished)']
   capsys.readouterr()
+  commands.run_distill(config, workdir)
+  assert ('stage k=2 finished (step 4, past distill.stage_steps[1]=3 '
+          '(kept as trained)): skipped') in capsys.readouterr().out
+  config.distill.stage_steps = (1, 5)
+  records = checkpoints.workdir_records(workdir)
+  assert checkpoints.unfinished_runs(records, config, workdir) == [
+      'student_k2 is at step 4 of distill.stage_steps[1]=5 (unfinished)']
+  # A stage stopped after its step-2 checkpoint, read with a config that
+  # asks fewer steps: short of its own run's 4, said only given the workdir.
+  shutil.rmtree(os.path.join(workdir, 'student_k2', 'checkpoints', '4'))
+  config.distill.stage_steps = (1, 1)
+  records = checkpoints.workdir_records(workdir)
+  assert checkpoints.unfinished_runs(records, config) == []
+  assert checkpoints.unfinished_runs(records, config, workdir) == [
+      'student_k2 is at step 2 of the 4 its last run was started with '
+      '(unfinished: a re-run of that command resumes it)']
+  config.distill.stage_steps = (1, 5)
   results = commands.run_distill(config, workdir)
-  assert [int(r.state.step) for r in results] == [1, 3]
+  assert [int(r.state.step) for r in results] == [1, 5]
   out = capsys.readouterr().out
   assert 'stage k=1 finished (step 1): skipped' in out
-  assert '[student_k2] resuming from the checkpoint at step 2 of 3' in out
-  config.distill.stage_steps = (1, 2)
-  commands.run_distill(config, workdir)
-  assert ('stage k=2 finished (step 3, past distill.stage_steps (k=2)=2 '
-          '(kept as trained)): skipped') in capsys.readouterr().out
+  assert '[student_k2] resuming from the checkpoint at step 2 of 5' in out
   # Without stage_steps, every stage has steps_per_stage again.
   config.distill.stage_steps = ()
   records = checkpoints.workdir_records(workdir)
-  assert checkpoints.unfinished_runs(records, config) == [
-      f'student_k{k} is at step {n} of distill.steps_per_stage=5 '
-      '(unfinished)' for k, n in ((1, 1), (2, 3))]
+  assert checkpoints.unfinished_runs(records, config, workdir) == [
+      'student_k1 is at step 1 of distill.steps_per_stage=5 (unfinished)']
+
+
+def test_stage_steps_map_to_windows_in_order():
+  config = defaults.base_config()
+  config.distill.stage_steps = (7, 8, 9)
+  assert [defaults.stage_steps(config.distill, w) for w in (1, 2, 4, 8)] == [
+      ('distill.stage_steps[0]', 7), ('distill.stage_steps[1]', 8),
+      ('distill.stage_steps[2]', 9), ('distill.steps_per_stage', 300)]
+  config.distill.method = 'noise_inversion'
+  config.distill.windows = (2, 2)
+  config.distill.stage_steps = (1, 2)  # Would give one window two counts.
+  with pytest.raises(ValueError,
+                     match=re.escape('distill.windows=(2, 2): each window '
+                                     'once')):
+    defaults.validate(config)
 
 
 @pytest.mark.parametrize('name', ['lm1b', 'owt'])
