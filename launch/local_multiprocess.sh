@@ -206,12 +206,24 @@ cleanup() {
   rm -rf "$tmp"
 }
 trap cleanup EXIT
-trap 'echo "[launch] interrupted; stopping all processes" >&2
-      stop_grace=$grace_s; exit 130' INT
+on_int() {
+  echo "[launch] interrupted; stopping all processes" >&2
+  stop_grace=$grace_s
+  exit 130
+}
 # 143 (128 + SIGTERM), as kforcing_jax exits on SIGTERM: a scheduler that
 # restarts failed jobs restarts this one.
-trap 'echo "[launch] terminated (SIGTERM); stopping all processes" >&2
-      stop_grace=$grace_s; exit 143' TERM
+on_term() {
+  echo "[launch] terminated (SIGTERM); stopping all processes" >&2
+  stop_grace=$grace_s
+  exit 143
+}
+# While the processes start, a signal waits until every pid is recorded: a
+# process can print before this shell has stored its pid, and one stopped
+# then was never signalled (the launcher hung until it ended).
+pending=''
+trap 'pending=int' INT
+trap 'pending=term' TERM
 
 # Copies stdin to stdout with "[pI] " before every line.
 prefix_lines() {
@@ -232,6 +244,9 @@ for ((i = 0; i < num_processes; i++)); do
   pids+=("$!")
 done
 set +m  # Groups are set; no job-status notices from here on.
+trap on_int INT
+trap on_term TERM
+if [[ -n "$pending" ]]; then "on_$pending"; fi
 echo "[launch] started $num_processes processes (coordinator 127.0.0.1:$port," \
   "$devices CPU devices each, timeout ${timeout_s}s)" >&2
 

@@ -251,11 +251,11 @@ def test_settings_defaults_and_overrides():
                       ({'ci_level': 1.5}, 'eval.ci_level'),
                       ({'sample_temperature': -1.0},
                        r'eval.sample_temperature=-1.0 must be 0 \(no '
-                       'sampled-readout rows\) or finite in float32 and '
+                       r'sampled-readout rows\) or finite in float32 and '
                        '>= 1e-30'),
                       ({'median_temperature': float('nan')},
                        r'eval.median_temperature=nan must be 0 \(no '
-                       'median-readout rows\)')):
+                       r'median-readout rows\)')):
     with pytest.raises(ValueError, match=needle):
       eval_settings.settings_from_config(
           ml_collections.ConfigDict({'eval': bad}))
