@@ -294,12 +294,9 @@ def trained_windows(workdir: str) -> list[int]:
   """Windows w of the `student_k<w>` runs in workdir that have checkpoints."""
   if not os.path.isdir(workdir):
     return []
-  out = []
-  for d in os.listdir(workdir):
-    m = re.fullmatch(r'student_k(\d+)', d)
-    if m and os.path.isdir(os.path.join(workdir, d, 'checkpoints')):
-      out.append(int(m.group(1)))
-  return sorted(out)
+  return sorted(
+      _window_of(d) for d in os.listdir(workdir)
+      if _window_of(d) and os.path.isdir(os.path.join(workdir, d, 'checkpoints')))
 
 
 def _local_target(manager: 'Manager', step: int):

@@ -367,6 +367,18 @@ def test_load_params_names_the_run_folder_when_given_one_inside(
     checkpoints.load_params(str(saved_run / inside))
 
 
+def test_trained_windows_lists_student_runs_with_checkpoints(tmp_path):
+  # Only `student_k<w>` folders with w >= 1 that hold checkpoints/ count:
+  # a run that never saved, another model's folder or a file are not students.
+  for d in ('student_k4/checkpoints', 'student_k1/checkpoints',
+            'student_k12/checkpoints', 'student_k2', 'student_k0/checkpoints',
+            'student_kx/checkpoints', 'teacher/checkpoints'):
+    (tmp_path / d).mkdir(parents=True)
+  (tmp_path / 'student_k3').write_text('')
+  assert checkpoints.trained_windows(str(tmp_path)) == [1, 4, 12]
+  assert checkpoints.trained_windows(str(tmp_path / 'missing')) == []
+
+
 def test_load_params_expands_the_home_folder(saved_run, monkeypatch):
   monkeypatch.setenv('HOME', str(saved_run.parent))
   cfg, params, _ = checkpoints.load_params('~/teacher')
