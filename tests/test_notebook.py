@@ -71,6 +71,8 @@ def test_colab_demo_runs_on_cpu(tmp_path, monkeypatch):
 
   assert 'nothing to install' in printed[0]  # The install cell was skipped.
   assert "config 'tiny'" in everything
+  # DISTILL_STEPS sets every stage, whatever distill.stage_steps held.
+  assert 'distill steps by window {1: 8, 2: 8, 4: 8}' in everything
   # The side-by-side decode: both k values, for every prompt.
   decode_text = next(p for p in printed if 'Prompt:' in p)
   assert decode_text.count('  k=1 (teacher') == 2, decode_text
