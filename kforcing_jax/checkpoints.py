@@ -294,9 +294,12 @@ def trained_windows(workdir: str) -> list[int]:
   """Windows w of the `student_k<w>` runs in workdir that have checkpoints."""
   if not os.path.isdir(workdir):
     return []
-  return sorted(
-      _window_of(d) for d in os.listdir(workdir)
-      if _window_of(d) and os.path.isdir(os.path.join(workdir, d, 'checkpoints')))
+  out = []
+  for d in os.listdir(workdir):
+    w = _window_of(d)
+    if w and os.path.isdir(os.path.join(workdir, d, 'checkpoints')):
+      out.append(w)
+  return sorted(out)
 
 
 def _local_target(manager: 'Manager', step: int):
