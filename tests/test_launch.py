@@ -634,7 +634,8 @@ def test_local_sigterm_while_processes_start_stops_every_one(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 143, err
-    assert 'SIGKILL' not in err  # Each stopped at its TERM.
+    # No "SIGKILL not in err": a TERM that reaches a process between its
+    # fork and its exec is lost (CI saw one), and the grace's SIGKILL ends it.
     for _ in range(50):  # Init reaps them once the launcher is gone.
       if not _processes_running('sleep', sleep_for):
         break
